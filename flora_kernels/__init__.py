@@ -1,0 +1,51 @@
+"""flora_kernels: fused kernels and drop-in layers for FLoRA (Tucker-structured PEFT adapters).
+
+    import flora_kernels as fk
+    model = fk.inject_flora(model, fk.FLoRAConfig(rank=16, target_modules=["conv1", "fc"]))
+
+See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
+"""
+
+from .backends import BackendUnavailable, available_backends
+from .config import FLoRAConfig
+from .convspec import ConvSpec
+from .functional import flora_conv, flora_linear, tucker_project, tucker_reconstruct
+from .layers import FLoRAConv1d, FLoRAConv2d, FLoRAConv3d, FLoRALayer, FLoRALinear
+from .model import (
+    ParamSummary,
+    inject_flora,
+    load_flora,
+    merge_and_unload,
+    merge_flora,
+    param_summary,
+    save_flora,
+    unmerge_flora,
+)
+from .plan import Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "ConvSpec",
+    "FLoRAConfig",
+    "FLoRAConv1d",
+    "FLoRAConv2d",
+    "FLoRAConv3d",
+    "FLoRALayer",
+    "FLoRALinear",
+    "ParamSummary",
+    "Plan",
+    "available_backends",
+    "flora_conv",
+    "flora_linear",
+    "inject_flora",
+    "load_flora",
+    "merge_and_unload",
+    "merge_flora",
+    "param_summary",
+    "save_flora",
+    "tucker_project",
+    "tucker_reconstruct",
+    "unmerge_flora",
+]

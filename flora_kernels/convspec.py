@@ -1,0 +1,119 @@
+"""Normalized convolution options, shared by every path (reference, Triton, C++)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+IntOrTuple = int | Sequence[int]
+
+
+def _tuple(v: IntOrTuple, d: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * d
+    t = tuple(int(x) for x in v)
+    if len(t) == 1:
+        return t * d
+    if len(t) != d:
+        raise ValueError(f"{name}: expected an int or {d} ints for a {d}-D conv, got {tuple(v)}")
+    return t
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A ConvNd's geometry with padding resolved to explicit amounts per side.
+
+    ``pads`` holds (before, after) per spatial dim, in dim order. ``padding_mode`` is one of
+    ``PADDING_MODES``.
+    """
+
+    stride: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+
+    @property
+    def dims(self) -> int:
+        return len(self.stride)
+
+    @property
+    def symmetric_zero_padding(self) -> tuple[int, ...] | None:
+        """The per-dim padding if it can be handed to F.convNd directly, else None."""
+        if self.padding_mode != "zeros" or any(lo != hi for lo, hi in self.pads):
+            return None
+        return tuple(lo for lo, _ in self.pads)
+
+    @staticmethod
+    def make(
+        kernel_size: Sequence[int],
+        stride: IntOrTuple = 1,
+        padding: IntOrTuple | str = 0,
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> "ConvSpec":
+        d = len(kernel_size)
+        stride_t, dil_t = _tuple(stride, d, "stride"), _tuple(dilation, d, "dilation")
+        if any(s < 1 for s in stride_t) or any(x < 1 for x in dil_t):
+            raise ValueError(f"stride and dilation must be >= 1, got stride={stride_t}, dilation={dil_t}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode: expected one of {PADDING_MODES}, got {padding_mode!r}")
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = tuple((0, 0) for _ in range(d))
+            elif padding == "same":
+                if any(s != 1 for s in stride_t):
+                    raise ValueError(f"padding='same' needs stride 1, got stride={stride_t}")
+                pads = tuple(
+                    ((dl * (k - 1)) // 2, dl * (k - 1) - (dl * (k - 1)) // 2)
+                    for k, dl in zip(kernel_size, dil_t)
+                )
+            else:
+                raise ValueError(f"padding: expected an int, a tuple, 'same' or 'valid', got {padding!r}")
+        else:
+            p = _tuple(padding, d, "padding")
+            if any(x < 0 for x in p):
+                raise ValueError(f"padding must be >= 0, got {p}")
+            pads = tuple((x, x) for x in p)
+        return ConvSpec(stride_t, pads, dil_t, groups, padding_mode)
+
+    @staticmethod
+    def of(conv: torch.nn.modules.conv._ConvNd) -> "ConvSpec":
+        """The spec of an existing ``nn.ConvNd`` module."""
+        return ConvSpec.make(
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+        )
+
+    def output_size(self, in_size: Sequence[int], kernel_size: Sequence[int]) -> tuple[int, ...]:
+        return tuple(
+            (i + lo + hi - dl * (k - 1) - 1) // s + 1
+            for i, (lo, hi), dl, k, s in zip(in_size, self.pads, self.dilation, kernel_size, self.stride)
+        )
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+    """``F.convNd`` with the spec's stride, padding (any mode, asymmetric too), dilation, groups.
+
+    Args:
+        x: (N, C_in, *spatial).
+        weight: (C_out, C_in / groups, *kernel).
+    """
+    sym = spec.symmetric_zero_padding
+    if sym is not None:
+        return _CONV[spec.dims](x, weight, bias, spec.stride, sym, spec.dilation, spec.groups)
+    flat = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)  # F.pad wants last dim first
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    x = F.pad(x, flat, mode=mode)
+    return _CONV[spec.dims](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)

@@ -1,0 +1,146 @@
+"""Cost model behind ``strategy="auto"``: factorized (input path) or merged (weight path).
+
+Both paths share the base op (``op(x, W)`` or ``op(x, W + dW)`` cost the same), so only the
+*extra* work of each is compared. Every extra op is costed on a roofline with a per-device
+profile:
+
+    t(op) = max(flops / (peak * eff), bytes / bandwidth) + launch,  eff = min(1, m / m_full)
+
+where ``m`` is the op's smallest matrix dimension (a rank, or channels per group): skinny ops
+run far below peak, on CPUs especially (DESIGN section 6 measured rank-16 ops at several
+times their FLOP share). Counted per call, for the actual input shape:
+
+factorized, forward: shrink x -> S (T x r_in), [core conv], expand + accumulate into y;
+  backward (when the adapter or x needs grads): each op's grad-input and grad-weight.
+merged, forward: reconstruct dW and add it to W (about 4 weight-sized passes);
+  backward: the full weight-gradient op dW_eff = dy^T x (same FLOPs as the forward op),
+  then its projection onto the factors. With active dropout the merged path needs a second
+  full op, since op(x, W) + op(dropout(x), dW) cannot fold.
+
+The choice is inspectable: ``plan_linear``/``plan_conv`` return a ``Plan`` with both costs,
+and every layer exposes ``layer.plan(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .convspec import ConvSpec
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Roofline constants of one device class (seconds, FLOP/s, B/s)."""
+
+    peak_flops: float
+    bandwidth: float
+    launch: float
+    m_full: int
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    # 2-core x86 CPU, fp32: ~60 GFLOP/s big-GEMM, ~10 GB/s streaming, op dispatch ~15 us.
+    "cpu": DeviceProfile(peak_flops=6e10, bandwidth=1e10, launch=1.5e-5, m_full=64),
+    # H100, bf16 tensor cores (measured ~800 TFLOP/s dense), ~3 TB/s copy, ~5 us launch.
+    "cuda": DeviceProfile(peak_flops=6e14, bandwidth=2.8e12, launch=5e-6, m_full=16),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cost model's verdict for one call."""
+
+    strategy: str
+    factorized_s: float
+    merged_s: float
+    device: str
+    detail: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (
+            f"Plan({self.strategy}: factorized ~{self.factorized_s * 1e6:.1f} us, "
+            f"merged ~{self.merged_s * 1e6:.1f} us extra on {self.device})"
+        )
+
+
+class _Costs:
+    def __init__(self, device: str) -> None:
+        self.p = PROFILES.get(device, PROFILES["cuda"] if device != "cpu" else PROFILES["cpu"])
+        self.total = 0.0
+
+    def op(self, flops: float, nbytes: float, m: int) -> None:
+        eff = min(1.0, max(m, 1) / self.p.m_full)
+        self.total += max(flops / (self.p.peak_flops * eff), nbytes / self.p.bandwidth) + self.p.launch
+
+
+def _device_of(t: torch.Tensor) -> str:
+    return "cpu" if t.device.type == "cpu" else "cuda"
+
+
+def _pick(fact: _Costs, merged: _Costs, device: str) -> Plan:
+    strategy = "factorized" if fact.total <= merged.total else "merged"
+    return Plan(strategy, fact.total, merged.total, device)
+
+
+def plan_linear(
+    tokens: int, in_features: int, out_features: int, ranks: tuple[int, int], elt: int,
+    device: str, needs_grad: bool, x_needs_grad: bool, dropout: bool,
+) -> Plan:
+    """Costs for a Linear adapter on ``tokens`` rows of width ``in_features``."""
+    t, i, o = tokens, in_features, out_features
+    r_out, r_in = ranks
+    f, m = _Costs(device), _Costs(device)
+    f.op(2 * t * i * r_in, elt * t * (i + r_in), r_in)  # S = x U_in
+    f.op(2 * t * r_in * o, elt * t * (r_in + 2 * o), r_in)  # y += S B^T
+    if needs_grad:
+        f.op(2 * t * o * r_in, elt * t * (o + r_in), r_in)  # dS = dy B
+        f.op(2 * t * o * r_in, elt * t * (o + r_in), r_in)  # dB = dy^T S
+        f.op(2 * t * i * r_in, elt * t * (i + r_in), r_in)  # dU_in = x^T dS
+        if x_needs_grad:
+            f.op(2 * t * r_in * i, elt * t * (r_in + 2 * i), r_in)  # dx += dS U_in^T
+    m.op(2 * o * i * r_out, 4 * elt * o * i, min(r_out, r_in))  # W + s dW
+    if dropout:
+        m.op(2 * t * i * o, elt * (t * (i + 2 * o) + o * i), min(i, o))
+    if needs_grad:
+        m.op(2 * t * o * i, elt * (t * (o + i) + o * i), min(i, o))  # dW_eff = dy^T x
+        m.op(4 * o * i * max(r_out, r_in), 2 * elt * o * i, min(r_out, r_in))  # project
+        if dropout and x_needs_grad:
+            m.op(2 * t * o * i, elt * (t * (o + 2 * i) + o * i), min(i, o))
+    return _pick(f, m, device)
+
+
+def plan_conv(
+    x_shape: tuple[int, ...], weight_shape: tuple[int, ...], ranks: tuple[int, ...],
+    spec: ConvSpec, elt: int, device: str, needs_grad: bool, x_needs_grad: bool, dropout: bool,
+) -> Plan:
+    """Costs for a ConvNd adapter; ``x_shape`` is (N, C_in, *spatial)."""
+    g = spec.groups
+    c_out, cg_in, *kernel = weight_shape
+    c_in = cg_in * g
+    r_out, r_in = ranks[0], ranks[1]
+    kk = math.prod(kernel)
+    t_in = x_shape[0] * math.prod(x_shape[2:])
+    t_out = x_shape[0] * math.prod(spec.output_size(x_shape[2:], kernel))
+    cg_out = c_out // g
+    f, m = _Costs(device), _Costs(device)
+    passes = 3 if needs_grad else 1  # forward, grad-input, grad-weight
+    for _ in range(passes):
+        f.op(2 * t_in * c_in * r_in, elt * t_in * (c_in + g * r_in), min(r_in, cg_in))  # projection
+        f.op(2 * t_out * g * r_out * r_in * kk, elt * (t_in * g * r_in + t_out * g * r_out), min(r_in * kk, r_out))
+        f.op(2 * t_out * c_out * r_out, elt * t_out * (g * r_out + 2 * c_out), min(r_out, cg_out))  # expansion
+    w_numel = c_out * cg_in * kk
+    m.op(2 * w_numel * max(ranks), 4 * elt * w_numel, min(ranks))  # W + s dW
+    full_flops = 2 * t_out * c_out * cg_in * kk
+    full_bytes = elt * (t_in * c_in + t_out * c_out + w_numel)
+    m_full = min(cg_in * kk, cg_out)
+    if dropout:
+        m.op(full_flops, full_bytes + elt * t_out * c_out, m_full)
+    if needs_grad:
+        m.op(full_flops, full_bytes, m_full)  # dW_eff
+        m.op(4 * w_numel * max(ranks), 2 * elt * w_numel, min(ranks))  # project
+        if dropout and x_needs_grad:
+            m.op(full_flops, full_bytes + elt * t_in * c_in, m_full)
+    return _pick(f, m, device)

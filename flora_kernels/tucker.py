@@ -1,0 +1,155 @@
+"""Tucker algebra for FLoRA: mode-n products, reconstruct and its adjoint, init.
+
+Conventions (DESIGN.md section 2): for an N-mode weight of shape (I_0, ..., I_{N-1}),
+``core`` has shape ``ranks = (r_0, ..., r_{N-1})`` and ``factors[n]`` has shape
+``(I_n, r_n)``. ``tucker_reconstruct`` returns ``scale * core x_0 U_0 ... x_{N-1} U_{N-1}``
+(shape ``(I_0, ..., I_{N-1})``); ``tucker_project`` is its adjoint,
+``t x_0 U_0^T ... x_{N-1} U_{N-1}^T`` (shape ``ranks``).
+
+Everything here is plain differentiable PyTorch: it is the reference the kernels are
+tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+MIN_MODES = 2
+MAX_MODES = 5
+
+
+def mode_n_product(t: Tensor, m: Tensor, n: int) -> Tensor:
+    """``t x_n m``: contract dim ``n`` of ``t`` (size ``m.shape[1]``) with ``m`` (J, r).
+
+    The result has dim ``n`` of size J and every other dim unchanged.
+    """
+    return torch.movedim(torch.tensordot(t, m, dims=([n], [1])), -1, n)
+
+
+@functools.lru_cache(maxsize=1024)
+def contraction_order(sizes_from: tuple[int, ...], sizes_to: tuple[int, ...]) -> tuple[int, ...]:
+    """Cheapest order of mode products turning a tensor of ``sizes_from`` into ``sizes_to``.
+
+    Applying mode n to a tensor of current size S costs S * sizes_to[n] multiply-adds
+    (S / from[n] output fibres times from[n] * to[n]). N <= 5, so all N! orders are tried.
+    """
+    best, best_cost = tuple(range(len(sizes_from))), math.inf
+    for order in itertools.permutations(range(len(sizes_from))):
+        cur, cost = list(sizes_from), 0
+        for n in order:
+            cost += math.prod(cur) * sizes_to[n]
+            cur[n] = sizes_to[n]
+        if cost < best_cost:
+            best, best_cost = order, cost
+    return best
+
+
+def check_tucker(core: Tensor, factors: Sequence[Tensor], what: str = "core") -> None:
+    """Raise ``ValueError`` unless ``core`` and ``factors`` form a valid Tucker pair."""
+    if not isinstance(core, Tensor):
+        raise TypeError(f"{what}: expected a Tensor, got {type(core).__name__}")
+    n = core.dim()
+    if not MIN_MODES <= n <= MAX_MODES:
+        raise ValueError(
+            f"{what}: expected {MIN_MODES} to {MAX_MODES} modes, got a {n}-D tensor of shape "
+            f"{tuple(core.shape)}"
+        )
+    if len(factors) != n:
+        raise ValueError(
+            f"expected one factor per mode of the {what} ({n} for shape {tuple(core.shape)}), "
+            f"got {len(factors)}"
+        )
+    for i, f in enumerate(factors):
+        if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[1] != core.shape[i]:
+            got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(
+                f"factors[{i}]: expected shape (I_{i}, {core.shape[i]}) to match mode {i} of the "
+                f"{what} of shape {tuple(core.shape)}, got {got}"
+            )
+
+
+def check_projection(t: Tensor, factors: Sequence[Tensor]) -> tuple[int, ...]:
+    """Raise ``ValueError`` unless ``factors`` can project ``t``; return the ranks."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t: expected a Tensor, got {type(t).__name__}")
+    if not MIN_MODES <= t.dim() <= MAX_MODES or t.dim() != len(factors):
+        raise ValueError(
+            f"t: expected {MIN_MODES} to {MAX_MODES} modes and one factor per mode, got shape "
+            f"{tuple(t.shape)} and {len(factors)} factors"
+        )
+    ranks = []
+    for i, f in enumerate(factors):
+        if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[0] != t.shape[i]:
+            got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(
+                f"factors[{i}]: expected shape ({t.shape[i]}, r_{i}) to match mode {i} of t of shape "
+                f"{tuple(t.shape)}, got {got}"
+            )
+        ranks.append(f.shape[1])
+    return tuple(ranks)
+
+
+def tucker_reconstruct(
+    core: Tensor, factors: Sequence[Tensor], scale: float = 1.0, base: Tensor | None = None
+) -> Tensor:
+    """``base + scale * core x_0 U_0 ... x_{N-1} U_{N-1}``.
+
+    Args:
+        core: (r_0, ..., r_{N-1}).
+        factors: N tensors, ``factors[n]`` of shape (I_n, r_n).
+        scale: s.
+        base: optional (I_0, ..., I_{N-1}); the sum is returned in ``base.dtype``.
+
+    Returns:
+        (I_0, ..., I_{N-1}) in the core's dtype, or ``base.dtype`` when ``base`` is given.
+    """
+    check_tucker(core, factors)
+    out_shape = tuple(f.shape[0] for f in factors)
+    if base is not None and tuple(base.shape) != out_shape:
+        raise ValueError(f"base: expected shape {out_shape} (from the factors), got {tuple(base.shape)}")
+    t = core
+    for n in contraction_order(tuple(core.shape), out_shape):
+        t = mode_n_product(t, factors[n], n)
+    if scale != 1.0:
+        t = t * scale
+    if base is None:
+        return t
+    return base + t.to(base.dtype)
+
+
+def tucker_project(t: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """Adjoint of reconstruct: ``t x_0 U_0^T ... x_{N-1} U_{N-1}^T``.
+
+    Args:
+        t: (I_0, ..., I_{N-1}).
+        factors: N tensors, ``factors[n]`` of shape (I_n, r_n).
+
+    Returns:
+        (r_0, ..., r_{N-1}).
+    """
+    ranks = check_projection(t, factors)
+    for n in contraction_order(tuple(t.shape), tuple(ranks)):
+        t = mode_n_product(t, factors[n].transpose(0, 1), n)
+    return t
+
+
+def clamp_ranks(weight_shape: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
+    """Clamp each rank to its mode size (DESIGN section 2)."""
+    return tuple(min(int(r), int(i)) for r, i in zip(ranks, weight_shape, strict=True))
+
+
+@torch.no_grad()
+def init_tucker_(core: Tensor, factors: Sequence[Tensor], generator: torch.Generator | None = None) -> None:
+    """The paper's init, in place: core = 0; factors[n] ~ N(0, 1 / (2 r_n)).
+
+    This is kaiming-normal with a = sqrt(3) and fan_in = r_n, so dW = 0 at step 0.
+    """
+    core.zero_()
+    for f in factors:
+        f.normal_(0.0, 1.0 / math.sqrt(2 * f.shape[1]), generator=generator)
