@@ -13,12 +13,14 @@ from .functional import flora_conv, flora_linear, tucker_project, tucker_reconst
 from .layers import FLoRAConv1d, FLoRAConv2d, FLoRAConv3d, FLoRALayer, FLoRALinear
 from .model import (
     ParamSummary,
+    disable_adapter,
     inject_flora,
     load_flora,
     merge_and_unload,
     merge_flora,
     param_summary,
     save_flora,
+    set_adapter_scale,
     unmerge_flora,
 )
 from .plan import Plan
@@ -37,6 +39,7 @@ __all__ = [
     "ParamSummary",
     "Plan",
     "available_backends",
+    "disable_adapter",
     "flora_conv",
     "flora_linear",
     "inject_flora",
@@ -45,6 +48,7 @@ __all__ = [
     "merge_flora",
     "param_summary",
     "save_flora",
+    "set_adapter_scale",
     "tucker_project",
     "tucker_reconstruct",
     "unmerge_flora",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +134,40 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.base)
     if hasattr(model, "flora_config"):
         del model.flora_config
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block (e.g. the reference model in preference tuning).
+
+    Unmerged adapters are bypassed; merged ones are unmerged for the block and merged again
+    after it. The previous state is restored even if the block raises.
+    """
+    layers = [layer for _, layer in flora_layers(model)]
+    state = [(layer.adapter_enabled, layer.merged) for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.adapter_enabled = False
+        yield model
+    finally:
+        for layer, (enabled, merged) in zip(layers, state):
+            layer.adapter_enabled = enabled
+            if merged:
+                layer.merge()
+
+
+def set_adapter_scale(model: nn.Module, scale: float) -> nn.Module:
+    """Set s on every FLoRA layer (merged layers are re-merged with the new scale)."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    for _, layer in flora_layers(model):
+        merged = layer.merged
+        layer.unmerge()
+        layer.scale = float(scale)
+        if merged:
+            layer.merge()
     return model
 
 
