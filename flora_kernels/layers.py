@@ -73,7 +73,10 @@ class FLoRALayer(nn.Module):
         w = base.weight
         spatial = w.dim() - 2
         requested = _expand_rank(rank, 2, "rank")
-        requested += _expand_rank(kernel_rank, spatial, "kernel_rank") if kernel_rank is not None else tuple(w.shape[2:])
+        if spatial and kernel_rank is not None:
+            requested += _expand_rank(kernel_rank, spatial, "kernel_rank")
+        else:  # full kernel rank; a Linear has no spatial mode and ignores kernel_rank
+            requested += tuple(w.shape[2:])
         self.ranks = clamp_ranks(w.shape, requested)
         self.scale = float(scale)
         self.dropout = float(dropout)

@@ -60,6 +60,11 @@ def inject_flora(model: nn.Module, cfg: FLoRAConfig) -> nn.Module:
                 f"{', '.join(t.__name__ for t in LAYER_FOR)}"
             )
     if not targets:
+        if type(model) in LAYER_FOR:
+            raise ValueError(
+                f"the model itself is a {type(model).__name__}: wrap it directly (e.g. fk.FLoRALinear(module)), "
+                "inject_flora only replaces submodules"
+            )
         candidates = [n for n, m in model.named_modules() if type(m) in LAYER_FOR]
         raise ValueError(
             f"target_modules={cfg.target_modules!r} matched no supported module; candidates: {candidates}"
@@ -79,14 +84,17 @@ def _saved_names(model: nn.Module, cfg: FLoRAConfig) -> list[str]:
     return [n for n, _ in model.named_modules() if n and name_matches(n, cfg.modules_to_save)]
 
 
-def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter tensors (core, factors) and modules_to_save tensors, keyed by module path."""
+def _trainable_state(model: nn.Module, cfg: FLoRAConfig | None = None) -> dict[str, Tensor]:
+    """Adapter tensors (core, factors) and modules_to_save tensors, keyed by module path.
+
+    ``cfg`` (default: ``model.flora_config``) says which modules are saved whole.
+    """
     out: dict[str, Tensor] = {}
     for name, layer in flora_layers(model):
         out[f"{name}.core"] = layer.core
         for i, f in enumerate(layer.factors):
             out[f"{name}.factors.{i}"] = f
-    cfg = getattr(model, "flora_config", None)
+    cfg = cfg or getattr(model, "flora_config", None)
     if cfg is not None:
         for name in _saved_names(model, cfg):
             for pname, p in model.get_submodule(name).state_dict(keep_vars=True).items():
@@ -261,11 +269,14 @@ def load_flora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for _, layer in flora_layers(model):
             for p in [layer.core, *layer.factors]:
                 p.requires_grad_(True)
-        for name in _saved_names(model, cfg):
-            for p in model.get_submodule(name).parameters():
-                p.requires_grad_(True)
-        model.flora_config = cfg
-    state = _trainable_state(model)
+    else:
+        for name, info in meta["modules"].items():
+            present[name].scale = float(info["scale"])
+    for name in _saved_names(model, cfg):
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.flora_config = cfg
+    state = _trainable_state(model, cfg)  # the file's cfg: its keys are the ones validated above
     with torch.no_grad():
         for key, t in tensors.items():
             state[key].copy_(t)
