@@ -6,6 +6,7 @@
 See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
 """
 
+from . import convert
 from .backends import BackendUnavailable, available_backends
 from .config import FLoRAConfig
 from .convspec import ConvSpec
@@ -39,6 +40,7 @@ __all__ = [
     "ParamSummary",
     "Plan",
     "available_backends",
+    "convert",
     "disable_adapter",
     "flora_conv",
     "flora_linear",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -74,7 +75,9 @@ def conv_merged(
 
     Returns (N, C_out, *out_spatial).
     """
-    delta = tucker_reconstruct(core, factors, scale).to(weight.dtype)
+    # Canonical strides: size-1 kernel dims otherwise get strides that differ between eager and
+    # torch.compile's fake tensors, which breaks the compiled backward.
+    delta = tucker_reconstruct(core, factors, scale).to(weight.dtype).clone(memory_format=torch.contiguous_format)
     if dropout_p > 0:
         return conv_nd(x, weight, bias, spec) + conv_nd(_dropout(x, dropout_p), delta, None, spec)
     return conv_nd(x, weight + delta, bias, spec)

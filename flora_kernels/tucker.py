@@ -12,8 +12,6 @@ tested against.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -27,27 +25,22 @@ MAX_MODES = 5
 def mode_n_product(t: Tensor, m: Tensor, n: int) -> Tensor:
     """``t x_n m``: contract dim ``n`` of ``t`` (size ``m.shape[1]``) with ``m`` (J, r).
 
-    The result has dim ``n`` of size J and every other dim unchanged.
+    The result has dim ``n`` of size J and every other dim unchanged. It is computed in
+    ``t``'s dtype, autocast or not (the adapter's math stays in its own dtype).
     """
-    return torch.movedim(torch.tensordot(t, m, dims=([n], [1])), -1, n)
+    with torch.autocast(t.device.type, enabled=False):
+        return torch.movedim(torch.tensordot(t, m.to(t.dtype), dims=([n], [1])), -1, n)
 
 
-@functools.lru_cache(maxsize=1024)
-def contraction_order(sizes_from: tuple[int, ...], sizes_to: tuple[int, ...]) -> tuple[int, ...]:
+def contraction_order(sizes_from: Sequence[int], sizes_to: Sequence[int]) -> tuple[int, ...]:
     """Cheapest order of mode products turning a tensor of ``sizes_from`` into ``sizes_to``.
 
-    Applying mode n to a tensor of current size S costs S * sizes_to[n] multiply-adds
-    (S / from[n] output fibres times from[n] * to[n]). N <= 5, so all N! orders are tried.
+    Applying mode n to a tensor of current size S costs S * to[n] multiply-adds. Swapping two
+    adjacent steps a, b changes only their own two terms (the size after both is the same), and
+    a before b is no worse iff 1/from[a] - 1/to[a] <= 1/from[b] - 1/to[b]. That is a key, so
+    sorting by it is optimal (exchange argument) and cheap enough for torch.compile to trace.
     """
-    best, best_cost = tuple(range(len(sizes_from))), math.inf
-    for order in itertools.permutations(range(len(sizes_from))):
-        cur, cost = list(sizes_from), 0
-        for n in order:
-            cost += math.prod(cur) * sizes_to[n]
-            cur[n] = sizes_to[n]
-        if cost < best_cost:
-            best, best_cost = order, cost
-    return best
+    return tuple(sorted(range(len(sizes_from)), key=lambda n: 1.0 / sizes_from[n] - 1.0 / sizes_to[n]))
 
 
 def check_tucker(core: Tensor, factors: Sequence[Tensor], what: str = "core") -> None:

@@ -1,8 +1,26 @@
-"""Importers of adapters saved by other FLoRA implementations into flora_kernels layers.
+"""Converters between flora_kernels adapters and other formats.
 
 - ``paper``: the public reference code of the paper (``param_G``, ``param_0`` .. ``param_{N-1}``).
+- ``peft``: PEFT LoRA export (core folded into the factors) and exact import.
+- ``lycoris``: LyCORIS LoCon import (plain and Tucker ``lora_mid``).
+
+None of these imports the other library: the formats are read and written directly.
 """
 
+from .lycoris import LYCORIS_PREFIX, import_lycoris, plan_lycoris
 from .paper import PAPER_CORE, from_paper_reference, load_paper_reference, paper_to_ours
+from .peft import export_peft, import_peft, plan_peft, to_peft
 
-__all__ = ["PAPER_CORE", "from_paper_reference", "load_paper_reference", "paper_to_ours"]
+__all__ = [
+    "LYCORIS_PREFIX",
+    "PAPER_CORE",
+    "export_peft",
+    "from_paper_reference",
+    "import_lycoris",
+    "import_peft",
+    "load_paper_reference",
+    "paper_to_ours",
+    "plan_lycoris",
+    "plan_peft",
+    "to_peft",
+]

@@ -1,0 +1,548 @@
+"""Exact conversion between FLoRA adapters and PEFT's LoRA format (no ``peft`` import needed).
+
+PEFT's LoRA layer computes ``base(x) + scaling * lora_B(lora_A(dropout(x)))`` with
+``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` under ``use_rslora``):
+
+- Linear: ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r).
+- ConvNd: ``lora_A`` is a dense ConvNd(in_channels -> r) with the base kernel size, stride and
+  padding (but dilation 1 and zero padding, whatever the base uses); ``lora_B`` is a 1x1
+  ConvNd(r -> out) with the base ``groups``. Weights (r, in_channels, *k) and
+  (out, r / groups, 1...).
+
+A FLoRA adapter is ``dW = s * G x_0 U_out x_1 U_in x_2 U_k1 ...`` (DESIGN.md section 2), added
+as a weight delta of the base layer with its full geometry.
+
+Export (``export_peft`` / ``to_peft``), folding the core into the factors:
+
+- Linear, r = min(r_out, r_in): ``A = U_in^T``, ``B = U_out G`` (or ``A = G U_in^T``,
+  ``B = U_out`` when r_out < r_in).
+- Conv, groups = 1: with ``K = G x_2 U_k1 ...`` (r_out, r_in, *k), ``B = U_out`` and
+  ``A[a, i, k...] = sum_b K[a, b, k...] U_in[i, b]`` (r = r_out); when r_out exceeds
+  m = r_in * prod(kernel ranks), the other side is folded instead: ``B = U_out G_(0)``
+  (out, m) and ``A`` the Kronecker product of U_in and the kernel factors (r = m).
+- Conv, groups = g > 1: PEFT's lora_A mixes all input channels, its lora_B is grouped. The
+  grouped delta is written exactly with r = g * r_g: rank block j of ``A`` is non-zero only on
+  the input channels of group j and holds the per-group ``A`` above; ``B`` is as above. PEFT
+  cannot *merge* grouped conv adapters (its own limit); the unmerged forward is exact.
+- Not expressible (raise): a dilated conv with kernel > 1 (PEFT's lora_A drops the dilation),
+  a non-zero padding mode with non-zero padding (lora_A pads with zeros), merged adapters.
+
+The scale goes into ``lora_alpha = s * r`` when ``(s * r) / r == s`` in floating point (PEFT
+then reproduces s exactly), else into ``B`` with ``lora_alpha = r`` (scaling 1). Per-module
+r/alpha differing from the most common pair are written to ``rank_pattern``/``alpha_pattern``
+keyed by the anchored, escaped module name; ``target_modules`` is a full-match regex of the
+adapted names; ``modules_to_save`` the resolved names of the config's modules_to_save.
+
+Import (``import_peft``), exact, ranks growing where needed:
+
+- Linear: ``U_out = B``, ``U_in = A^T``, ``G = I_r``, ``s = scaling`` (r <= min(out, in)).
+- Conv, groups = 1: ``U_out = B``, ``G = A`` (r, in, *k), ``U_in = I_in``, ``U_k = I_k``,
+  ``s = scaling``: the input rank grows to the full in-channels and the kernel rank to the
+  full kernel (r <= min(out, in * prod(k))).
+- Conv, groups = g: only adapters whose lora_A is block-diagonal over the groups (rank block j
+  reads only the input channels of group j: e.g. what ``export_peft`` writes) are weight
+  deltas of a grouped conv; others raise. ``U_out`` is the block-expanded B (out, r) and
+  ``G`` the per-group A blocks (r, in / g, *k); when r > out, ``U_out = I_out`` and the core
+  is the full delta.
+- Raise: DoRA, lora biases, Embedding/other layer types, dilated convs (k > 1), non-zero
+  padding modes, unknown keys, mismatched shapes (naming the key and both shapes), ranks
+  larger than the layer. Everything is validated before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..config import FLoRAConfig, name_matches
+from ..convspec import ConvSpec
+from ..layers import LAYER_FOR, FLoRALayer, flora_layers, wrap
+from ..reference import core_kernel
+
+logger = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_BIN_NAME = "adapter_model.bin"
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<param>weight|bias)$")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter to install: module name, Tucker tensors in our convention, scale."""
+
+    name: str
+    core: Tensor
+    factors: list[Tensor]
+    scale: float
+
+
+@dataclass
+class ImportPlan:
+    """Everything an importer validated, ready to install without further checks."""
+
+    adapters: list[AdapterSpec]
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> {param: tensor}
+
+
+def _shape(t: Any) -> tuple[int, ...] | str:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_float_tensor(key: str, t: Any) -> Tensor:
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{key}: expected a floating-point tensor, got {got}")
+    return t
+
+
+def check_shape(key: str, t: Tensor, expected: tuple[int, ...], why: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{key}: expected shape {tuple(expected)}{why}, got {tuple(t.shape)}")
+
+
+def target_module(model: nn.Module, name: str, key: str) -> nn.Module:
+    """The supported (Linear/ConvNd) module ``name`` of ``model``; raises naming ``key``."""
+    modules = dict(model.named_modules())
+    m = modules.get(name)
+    if m is None or not name:
+        cands = [n for n, mm in modules.items() if type(mm) in LAYER_FOR]
+        shown = ", ".join(cands[:12]) + (", ..." if len(cands) > 12 else "")
+        raise ValueError(f"{key}: the model has no module {name!r} (adaptable modules: {shown})")
+    if type(m) not in LAYER_FOR:
+        raise TypeError(
+            f"{key}: module {name!r} is a {type(m).__name__}; expected one of "
+            f"{', '.join(t.__name__ for t in LAYER_FOR)}"
+        )
+    return m
+
+
+def max_rank(weight_shape: tuple[int, ...]) -> int:
+    """The largest rank of the (out) x (in/groups * k...) matricization of a weight."""
+    return min(weight_shape[0], math.prod(weight_shape[1:]))
+
+
+def check_geometry_exact(name: str, base: nn.Module, fmt: str, what: str) -> None:
+    """Raise unless ``fmt``'s adapter conv (no dilation, zero padding) equals a weight delta."""
+    if not isinstance(base, nn.modules.conv._ConvNd):
+        return
+    spec = ConvSpec.of(base)
+    if any(d != 1 for d in spec.dilation) and any(k != 1 for k in base.kernel_size):
+        raise ValueError(
+            f"{name}: {fmt}'s {what} is not dilated, but the base {type(base).__name__} has dilation "
+            f"{spec.dilation} with kernel {tuple(base.kernel_size)}: not expressible exactly"
+        )
+    if spec.padding_mode != "zeros" and any(p for lo_hi in spec.pads for p in lo_hi):
+        raise ValueError(
+            f"{name}: {fmt}'s {what} pads with zeros, but the base {type(base).__name__} uses "
+            f"padding_mode={spec.padding_mode!r} with padding {spec.pads}: not expressible exactly"
+        )
+
+
+def identity(n: int) -> Tensor:
+    return torch.eye(n, dtype=torch.float64)
+
+
+@torch.no_grad()
+def install(
+    model: nn.Module, plan: ImportPlan, cfg: FLoRAConfig
+) -> nn.Module:
+    """Wrap every planned module in a FLoRA layer holding the planned tensors, then freeze the
+    rest like ``inject_flora`` (adapters and ``plan.saved`` modules stay trainable)."""
+    layers: dict[str, FLoRALayer] = {}
+    for a in plan.adapters:
+        base = model.get_submodule(a.name)
+        ranks = tuple(a.core.shape)
+        layer = wrap(
+            base, rank=ranks[:2], kernel_rank=ranks[2:] or None, scale=a.scale, dropout=cfg.dropout,
+            strategy=cfg.strategy, backend=cfg.backend,
+        )
+        if layer.ranks != ranks:  # validated before; guards a future change of clamping
+            raise AssertionError(f"{a.name}: layer ranks {layer.ranks} != planned {ranks}")
+        layer.core.copy_(a.core)
+        for dst, src in zip(layer.factors, a.factors, strict=True):
+            dst.copy_(src)
+        layers[a.name] = layer
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers.values():
+        for p in [layer.core, *layer.factors]:
+            p.requires_grad_(True)
+    for name, tensors in plan.saved.items():
+        module = model.get_submodule(name)
+        state = module.state_dict(keep_vars=True)
+        for pname, t in tensors.items():
+            state[pname].copy_(t)
+        for p in module.parameters():
+            p.requires_grad_(True)
+    model.flora_config = cfg
+    return model
+
+
+def check_no_flora(model: nn.Module, who: str) -> None:
+    if flora_layers(model):
+        raise ValueError(f"{who}: the model already has FLoRA layers; import into a model without adapters")
+
+
+def imported_config(plan: ImportPlan, dropout: float, strategy: str, backend: str) -> FLoRAConfig:
+    """A FLoRAConfig describing imported adapters (the ranks per module live in the layers)."""
+    names = [a.name for a in plan.adapters]
+    ranks = Counter((int(a.core.shape[0]), int(a.core.shape[1])) for a in plan.adapters)
+    rank = ranks.most_common(1)[0][0] if ranks else 16
+    return FLoRAConfig(
+        rank=rank, scale=plan.adapters[0].scale if plan.adapters else 1.0, dropout=float(dropout),
+        target_modules="(?:" + "|".join(re.escape(n) for n in names) + ")",
+        modules_to_save=tuple(plan.saved), strategy=strategy, backend=backend,
+    )
+
+
+def saved_module_names(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "flora_config", None)
+    if cfg is None or not cfg.modules_to_save:
+        return []
+    return [n for n, _ in model.named_modules() if n and name_matches(n, cfg.modules_to_save)]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _fold_linear(layer: FLoRALayer) -> tuple[Tensor, Tensor]:
+    """(A (r, in), B (out, r)) in float64 with B A = G-folded dW / s."""
+    core = layer.core.detach().double()
+    u_out, u_in = (f.detach().double() for f in layer.factors)
+    if core.shape[1] <= core.shape[0]:
+        return u_in.t(), u_out @ core
+    return core @ u_in.t(), u_out
+
+
+def _fold_conv_group(layer: FLoRALayer) -> tuple[Tensor, Tensor]:
+    """Per-group (A (r, in/g, *k), B (out, r)) in float64 with B A = dW / s (matricized)."""
+    core = layer.core.detach().double()
+    fs = [f.detach().double() for f in layer.factors]
+    r_out = core.shape[0]
+    m = math.prod(core.shape[1:])
+    if r_out <= m:
+        k = core_kernel(core, fs)  # (r_out, r_in, *k)
+        a = torch.einsum("ab...,ib->ai...", k, fs[1])
+        return a, fs[0]
+    # Fold the core into B; A is the Kronecker product of U_in and the kernel factors.
+    a = fs[1].t()  # (r_in, in/g)
+    for f in fs[2:]:  # append one (rk, k) mode at a time
+        a = torch.einsum("r...,ck->rc...k", a, f.t()).reshape(-1, *a.shape[1:], f.shape[0])
+    return a, fs[0] @ core.reshape(r_out, m)
+
+
+def _alpha_for(scale: float, r: int) -> tuple[float, bool]:
+    """(lora_alpha, fold_scale_into_B): alpha = s * r when PEFT's alpha / r gives s back."""
+    alpha = float(scale) * r
+    if alpha / r == float(scale):
+        return alpha, False
+    return float(r), True
+
+
+def _anchored(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def to_peft(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """PEFT LoRA ``(adapter_config dict, state dict)`` equal in function to ``model``'s FLoRA
+    adapters (see the module docstring for the construction and its limits).
+
+    Raises:
+        ValueError: no FLoRA layers, a merged adapter, or a conv geometry PEFT cannot express.
+    """
+    layers = flora_layers(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no FLoRA layers (call inject_flora first)")
+    tensors: dict[str, Tensor] = {}
+    per_module: dict[str, tuple[int, float]] = {}
+    dropouts = set()
+    for name, layer in layers:
+        base = layer.base
+        if layer.merged:
+            raise ValueError(f"{name}: the adapter is merged into the base weight; call unmerge_flora first")
+        dropouts.add(layer.dropout)
+        dt = layer.core.dtype
+        if isinstance(base, nn.Linear):
+            a, b = _fold_linear(layer)
+            r = a.shape[0]
+        else:
+            check_geometry_exact(name, base, "PEFT", "lora_A conv")
+            a_g, b = _fold_conv_group(layer)
+            r_g, g = a_g.shape[0], base.groups
+            ones = (1,) * (base.weight.dim() - 2)
+            if g == 1:
+                a = a_g
+            else:
+                cg = a_g.shape[1]
+                a = a_g.new_zeros(g * r_g, g * cg, *a_g.shape[2:])
+                for j in range(g):
+                    a[j * r_g:(j + 1) * r_g, j * cg:(j + 1) * cg] = a_g
+            r = g * r_g
+            b = b.reshape(b.shape[0], r_g, *ones)
+        alpha, fold = _alpha_for(layer.scale, r)
+        if fold:
+            b = b * layer.scale
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dt).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.to(dt).contiguous()
+        per_module[name] = (r, alpha)
+    saved = saved_module_names(model)
+    for name in saved:
+        for pname, t in model.get_submodule(name).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{pname}"] = t.detach().contiguous().cpu()
+    if len(dropouts) > 1:
+        logger.warning("FLoRA layers use different dropouts %s; PEFT has one, writing the largest", sorted(dropouts))
+    (r0, alpha0), _ = Counter(per_module.values()).most_common(1)[0]
+    names = [n for n, _ in layers]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": alpha0,
+        "lora_dropout": max(dropouts),
+        "target_modules": "(?:" + "|".join(re.escape(n) for n in names) + ")",
+        "rank_pattern": {_anchored(n): r for n, (r, _) in per_module.items() if r != r0},
+        "alpha_pattern": {_anchored(n): a for n, (_, a) in per_module.items() if a != alpha0},
+        "modules_to_save": saved or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+    }
+    return config, {k: v.cpu() for k, v in tensors.items()}
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """Write ``model``'s FLoRA adapters as a PEFT LoRA adapter directory (``adapter_config.json``
+    + ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight`` /
+    ``lora_B.weight``), loadable with ``PeftModel.from_pretrained(base_model, path)`` on the
+    same base model. Returns the config written. See ``to_peft`` for the errors.
+    """
+    config, tensors = to_peft(model)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, PEFT_CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(path, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    return config
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _read_peft(path_or_state: Any, config: Any) -> tuple[dict[str, Any], Mapping[str, Tensor]]:
+    if isinstance(path_or_state, (str, os.PathLike)):
+        path = os.fspath(path_or_state)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: expected a PEFT adapter directory")
+        if config is None:
+            with open(os.path.join(path, PEFT_CONFIG_NAME)) as f:
+                config = json.load(f)
+        st, pt = os.path.join(path, PEFT_WEIGHTS_NAME), os.path.join(path, PEFT_BIN_NAME)
+        if os.path.exists(st):
+            state = load_file(st)
+        elif os.path.exists(pt):
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{path}: expected {PEFT_WEIGHTS_NAME} or {PEFT_BIN_NAME}")
+    elif isinstance(path_or_state, Mapping):
+        state = path_or_state
+        if config is None:
+            raise ValueError("import_peft: a state dict needs its LoRA config (config=dict or peft.LoraConfig)")
+    else:
+        raise TypeError(f"path_or_state: expected a directory path or a state dict, got {type(path_or_state).__name__}")
+    if not isinstance(config, Mapping):
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        else:
+            raise TypeError(f"config: expected a dict or a peft.LoraConfig, got {type(config).__name__}")
+    return dict(config), state
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching ``(.*\\.)?(key)$``."""
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def _check_lora_config(cfg: Mapping[str, Any]) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA")).split(".")[-1].upper()
+    if peft_type != "LORA":
+        raise ValueError(f"adapter_config: expected peft_type 'LORA', got {cfg.get('peft_type')!r}")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("fan_in_fan_out", "fan_in_fan_out layers")):
+        if cfg.get(flag):
+            raise ValueError(f"adapter_config: {flag}=True ({what}) has no FLoRA equivalent")
+    if cfg.get("bias", "none") not in ("none", None):
+        raise ValueError(f"adapter_config: bias={cfg.get('bias')!r} trains base biases; only 'none' is supported")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise ValueError(f"adapter_config: missing {key!r}")
+
+
+def _plan_conv_grouped(key: str, a: Tensor, b: Tensor, base: nn.Module) -> tuple[Tensor, Tensor]:
+    """(U_out, core) of a grouped PEFT conv adapter; raises unless lora_A is block-diagonal."""
+    g = base.groups
+    out, cg = base.out_channels, base.in_channels // g
+    r = a.shape[0]
+    r_g, cg_out = r // g, out // g
+    core = a.new_zeros(r, cg, *a.shape[2:])
+    u_out = b.new_zeros(out, r)
+    mask = torch.ones_like(a, dtype=torch.bool)
+    for j in range(g):
+        rows, cols = slice(j * r_g, (j + 1) * r_g), slice(j * cg, (j + 1) * cg)
+        core[rows] = a[rows, cols]
+        mask[rows, cols] = False
+        u_out[j * cg_out:(j + 1) * cg_out, rows] = b[j * cg_out:(j + 1) * cg_out]
+    if bool(a[mask].ne(0).any()):
+        raise ValueError(
+            f"{key}: lora_A of shape {tuple(a.shape)} mixes input channels across the {g} groups of the base "
+            f"{type(base).__name__} (rank block j must read only the channels of group j); such a PEFT adapter is "
+            f"not a weight delta of the grouped conv and has no exact FLoRA form"
+        )
+    return u_out, core
+
+
+def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple[ImportPlan, dict[str, Any]]:
+    """Validate a PEFT LoRA adapter against ``model`` and compute the exact FLoRA tensors.
+
+    Touches nothing. Returns the plan and the LoRA config dict.
+    """
+    cfg, state = _read_peft(path_or_state, config)
+    _check_lora_config(cfg)
+    mts = cfg.get("modules_to_save") or []
+    if isinstance(mts, str):
+        mts = [mts]
+    modules = dict(model.named_modules())
+    saved_names = {n for n in modules if n and any(n == p or n.endswith("." + p) for p in mts)}
+    groups: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    saved: dict[str, dict[str, Tensor]] = {}
+    for key, t in state.items():
+        rel = key.removeprefix(PEFT_PREFIX)
+        m = _LORA_KEY.match(rel)
+        if m and m.group("param") == "weight":
+            groups.setdefault(m.group("module"), {})[m.group("ab")] = (key, check_float_tensor(key, t))
+            continue
+        if m:
+            raise ValueError(f"{key}: LoRA biases (shape {_shape(t)}) have no FLoRA equivalent")
+        owner = next((n for n in sorted(saved_names, key=len, reverse=True) if rel.startswith(n + ".")), None)
+        if owner is None:
+            raise ValueError(
+                f"{key}: unknown key (shape {_shape(t)}); expected <module>.lora_A.weight / lora_B.weight or a "
+                f"parameter of modules_to_save {list(mts)}"
+            )
+        pname = rel[len(owner) + 1:]
+        own = modules[owner].state_dict()
+        if pname not in own:
+            raise ValueError(f"{key}: module {owner!r} has no tensor {pname!r} (it has {sorted(own)})")
+        check_shape(key, t, tuple(own[pname].shape), f" (the model's {owner}.{pname})")
+        saved.setdefault(owner, {})[pname] = t
+    for owner, tensors in saved.items():
+        missing = sorted(set(modules[owner].state_dict()) - set(tensors))
+        if missing:
+            raise ValueError(f"modules_to_save {owner!r}: the adapter lacks {missing}")
+    if not groups:
+        raise ValueError("import_peft: the adapter holds no lora_A/lora_B weights")
+
+    adapters = []
+    for name, ab in sorted(groups.items()):
+        for side in "AB":
+            if side not in ab:
+                other_key = ab["B" if side == "A" else "A"][0]
+                raise ValueError(f"{other_key[: -len('B.weight')]}{side}.weight: missing (its lora pair is present)")
+        key_a, a = ab["A"]
+        key_b, b = ab["B"]
+        base = target_module(model, name, key_a)
+        w = tuple(base.weight.shape)
+        r_cfg = int(_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+        scale = alpha / math.sqrt(r_cfg) if cfg.get("use_rslora") else alpha / r_cfg
+        if isinstance(base, nn.Linear):
+            check_shape(key_a, a, (r_cfg, w[1]), f" (r={r_cfg} from the config, in_features={w[1]})")
+            check_shape(key_b, b, (w[0], r_cfg), f" (out_features={w[0]}, r={r_cfg})")
+            if r_cfg > max_rank(w):
+                raise ValueError(
+                    f"{key_a}: LoRA rank {r_cfg} (shape {tuple(a.shape)}) is larger than the layer {name!r} of "
+                    f"weight shape {w} allows (max rank {max_rank(w)})"
+                )
+            adapters.append(AdapterSpec(name, identity(r_cfg), [b.double(), a.double().t()], scale))
+            continue
+        g, ones, ks = base.groups, (1,) * (len(w) - 2), tuple(w[2:])
+        in_ch = base.in_channels
+        check_shape(key_a, a, (r_cfg, in_ch, *ks), f" (r={r_cfg} from the config, in_channels={in_ch}, kernel {ks})")
+        if r_cfg % g:
+            raise ValueError(f"{key_a}: rank {r_cfg} is not divisible by groups={g} of {name!r}")
+        check_shape(key_b, b, (w[0], r_cfg // g, *ones), f" (out_channels={w[0]}, r/groups={r_cfg // g})")
+        check_geometry_exact(name, base, "PEFT", "lora_A conv")
+        a64, b64 = a.double(), b.double().reshape(w[0], r_cfg // g)
+        if g == 1:
+            if r_cfg > max_rank(w):
+                raise ValueError(
+                    f"{key_a}: LoRA rank {r_cfg} (shape {tuple(a.shape)}) is larger than the layer {name!r} of "
+                    f"weight shape {w} allows (max rank {max_rank(w)})"
+                )
+            u_out, core = b64, a64
+        else:
+            u_out, core = _plan_conv_grouped(key_a, a64, b64, base)
+            if r_cfg > w[0]:  # ranks cannot exceed the mode: fold U_out into the core
+                core = torch.tensordot(u_out, core, dims=([1], [0]))
+                u_out = identity(w[0])
+        factors = [u_out, identity(w[1])] + [identity(k) for k in ks]
+        adapters.append(AdapterSpec(name, core, factors, scale))
+    return ImportPlan(adapters, saved), cfg
+
+
+def import_peft(
+    model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, Tensor], config: Any = None, *,
+    strategy: str = "auto", backend: str = "auto",
+) -> nn.Module:
+    """Import a PEFT LoRA adapter into ``model`` (its base model, without adapters) as FLoRA layers.
+
+    Args:
+        model: the base model the LoRA adapter was trained on; modified in place.
+        path_or_state: a PEFT adapter directory (``adapter_config.json`` +
+            ``adapter_model.safetensors`` or ``.bin``), or a state dict with PEFT's saved key names
+            (``base_model.model.<module>.lora_A.weight``; the prefix is optional).
+        config: the LoRA config (dict or ``peft.LoraConfig``); read from the directory when None.
+        strategy, backend: for the created layers.
+
+    The result computes the same function as PEFT's unmerged LoRA model (exactly, up to float
+    rounding). The FLoRA ranks follow the module docstring: Linear (r, r); conv (r, in/groups,
+    *kernel), i.e. the input and kernel ranks grow to full size. Layers get ``scale`` = PEFT's
+    scaling and ``dropout`` = ``lora_dropout``; ``modules_to_save`` tensors are loaded and stay
+    trainable; every other parameter is frozen, as after ``inject_flora``.
+
+    Raises:
+        ValueError / TypeError: naming the key and both shapes, before anything is changed.
+    """
+    check_no_flora(model, "import_peft")
+    plan, cfg = plan_peft(model, path_or_state, config)
+    fcfg = imported_config(plan, float(cfg.get("lora_dropout") or 0.0), strategy, backend)
+    return install(model, plan, fcfg)
+
+
+__all__ = ["export_peft", "import_peft", "plan_peft", "to_peft"]

@@ -1,0 +1,225 @@
+"""LyCORIS LoRA/LoCon (Tucker and plain) -> FLoRA import.
+
+Proven two ways: against the ``lycoris-lora`` package's own LoCon modules (skipped where it is
+not installed), and against the delta formula written here from LyCORIS's definition
+(dW = scale * up @ down, or scale * mid x_0 up x_1 down^T with a Tucker mid; scale = alpha / r),
+which needs nothing but torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from flora_kernels.convert.lycoris import import_lycoris
+from flora_kernels.layers import flora_layers
+
+ATOL = RTOL = 2e-5
+HAS_LYCORIS = importlib.util.find_spec("lycoris") is not None
+
+
+class Net(nn.Module):
+    """Strided conv, dilated depthwise conv (in/groups = 1), grouped conv, Conv1d, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.gconv(torch.tanh(self.dw(self.conv(x)))))
+        return self.fc(torch.tanh(self.c1(x.flatten(2)).mean(-1)))
+
+
+@pytest.fixture
+def base() -> Net:
+    return Net().eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8)
+
+
+def snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: p.requires_grad for k, p in model.named_parameters()}, repr(model))
+
+
+def assert_unchanged(model: nn.Module, snap) -> None:
+    state, grads, text = snap
+    assert not flora_layers(model) and not hasattr(model, "flora_config")
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert repr(model) == text
+
+
+# ----------------------------------------------------------------------------- against lycoris-lora
+
+
+@pytest.fixture(scope="module")
+def lycoris():
+    if not HAS_LYCORIS:
+        pytest.skip("lycoris-lora is not installed (pip install lycoris-lora)")
+    import logging
+
+    import lycoris
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return lycoris
+
+
+@pytest.mark.parametrize("tucker", [True, False], ids=["tucker", "plain"])
+def test_import_matches_lycoris_modules(lycoris, base, x, tmp_path, tucker):
+    model = copy.deepcopy(base)
+    net = lycoris.create_lycoris(
+        model, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=4, conv_alpha=3.0, algo="lora", use_tucker=tucker,
+    )
+    net.apply_to()
+    with torch.no_grad():
+        for lora in net.loras:
+            lora.lora_up.weight.normal_(0.0, 0.3)  # LyCORIS initializes up to zero
+    path = tmp_path / "lyco.safetensors"
+    net.save_weights(str(path), torch.float32, None)
+    ours = import_lycoris(copy.deepcopy(base), path, backend="reference").eval()
+    layers = dict(flora_layers(ours))
+    assert set(layers) == {"conv", "dw", "gconv", "c1", "fc"}
+    for lora in net.loras:
+        name = lora.lora_name[len("lycoris_"):]
+        if tucker and name != "fc":
+            assert lora.tucker
+        # The layer's delta equals LyCORIS's own (scale included).
+        torch.testing.assert_close(layers[name].delta_weight(), lora.get_diff_weight()[0], atol=ATOL, rtol=RTOL)
+    if tucker:
+        assert layers["conv"].ranks == (4, 4, 3, 3)  # U_in = down^T, kernel factors identity
+        assert layers["dw"].ranks == (4, 1, 3, 3)  # r > in/groups: down folded into the core
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- against the formula
+
+
+def lycoris_state(base: Net, r: int = 3, tucker: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    s = {}
+    for name in ("conv", "dw", "gconv", "c1", "fc"):
+        m = base.get_submodule(name)
+        w = m.weight.shape
+        k, ones = tuple(w[2:]), (1,) * (len(w) - 2)
+        pre = f"lycoris_{name}"
+        if tucker and k:
+            s[f"{pre}.lora_down.weight"] = torch.randn(r, w[1], *ones, generator=g)
+            s[f"{pre}.lora_mid.weight"] = torch.randn(r, r, *k, generator=g)
+        else:
+            s[f"{pre}.lora_down.weight"] = torch.randn(r, *w[1:], generator=g)
+        s[f"{pre}.lora_up.weight"] = torch.randn(w[0], r, *ones, generator=g) * 0.3
+        s[f"{pre}.alpha"] = torch.tensor(float(r + 1))
+    return s
+
+
+def formula_delta(s: dict[str, torch.Tensor], name: str, shape) -> torch.Tensor:
+    pre = f"lycoris_{name}"
+    down, up = s[f"{pre}.lora_down.weight"].double(), s[f"{pre}.lora_up.weight"].double()
+    r = down.shape[0]
+    scale = float(s[f"{pre}.alpha"]) / r
+    up = up.reshape(up.shape[0], r)
+    if f"{pre}.lora_mid.weight" in s:
+        mid = s[f"{pre}.lora_mid.weight"].double()
+        dw = torch.einsum("ab...,oa,bi->oi...", mid, up, down.reshape(r, -1))
+    else:
+        dw = (up @ down.reshape(r, -1)).reshape(shape)
+    return scale * dw
+
+
+@pytest.mark.parametrize("tucker", [True, False], ids=["tucker", "plain"])
+def test_import_matches_formula(base, x, tucker):
+    state = lycoris_state(base, tucker=tucker)
+    ours = import_lycoris(copy.deepcopy(base), state, backend="reference").eval()
+
+    def patched(module: nn.Module, name: str):
+        w = module.weight
+        return w + formula_delta(state, name, w.shape).to(w.dtype)
+
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in ("conv", "dw", "gconv", "c1", "fc"):
+            m = expected.get_submodule(name)
+            m.weight.copy_(patched(m, name))
+        for name, layer in flora_layers(ours):
+            torch.testing.assert_close(
+                layer.delta_weight().double(), formula_delta(state, name, layer.base.weight.shape), atol=1e-5, rtol=1e-5
+            )
+        torch.testing.assert_close(ours(x), expected(x), atol=ATOL, rtol=RTOL)
+
+
+def test_import_alpha_missing_or_zero_means_rank(base):
+    state = {k: v for k, v in lycoris_state(base, tucker=False).items() if k.startswith("lycoris_fc.")}
+    state["lycoris_fc.alpha"] = torch.tensor(0.0)
+    a = dict(flora_layers(import_lycoris(copy.deepcopy(base), state)))["fc"]
+    del state["lycoris_fc.alpha"]
+    b = dict(flora_layers(import_lycoris(copy.deepcopy(base), state)))["fc"]
+    assert a.scale == b.scale == 1.0
+
+
+def test_import_prefix(base):
+    state = {k.replace("lycoris_", "lora_unet_"): v for k, v in lycoris_state(base).items()}
+    model = import_lycoris(copy.deepcopy(base), state, prefix="lora_unet")
+    assert len(flora_layers(model)) == 5
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _bad(base: Net, case: str):
+    s = lycoris_state(base)
+    if case == "loha":
+        s["lycoris_fc.hada_w1_a"] = torch.randn(6, 2)
+        return s, r"lycoris_fc\.hada_w1_a: a LyCORIS LoHa tensor \(shape \(6, 2\)\)"
+    if case == "unknown module":
+        s["lycoris_nope.lora_up.weight"] = torch.randn(6, 3)
+        return s, r"lycoris_nope\.lora_up\.weight: unknown key \(shape \(6, 3\)\)"
+    if case == "shape":
+        s["lycoris_conv.lora_mid.weight"] = torch.randn(3, 3, 5, 5)
+        return s, r"lycoris_conv\.lora_mid\.weight: expected shape \(3, 3, 3, 3\).*got \(3, 3, 5, 5\)"
+    if case == "up shape":
+        s["lycoris_fc.lora_up.weight"] = torch.randn(7, 3)
+        return s, r"lycoris_fc\.lora_up\.weight: expected shape \(6, 3\).*got \(7, 3\)"
+    if case == "rank too large":
+        s["lycoris_fc.lora_down.weight"] = torch.randn(7, 8)
+        s["lycoris_fc.lora_up.weight"] = torch.randn(6, 7)
+        return s, r"lycoris_fc\.lora_down\.weight: LoRA rank 7 \(shape \(7, 8\)\) is larger than .*\(6, 8\)"
+    if case == "missing up":
+        del s["lycoris_gconv.lora_up.weight"]
+        return s, r"lycoris_gconv\.lora_up\.weight: missing"
+    if case == "dora":
+        s["lycoris_fc.dora_scale"] = torch.randn(6, 1)
+        return s, r"lycoris_fc\.dora_scale: a LyCORIS DoRA"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["loha", "unknown module", "shape", "up shape", "rank too large", "missing up", "dora"])
+def test_import_errors_name_key_and_shapes_and_leave_model(base, case):
+    state, pattern = _bad(base, case)
+    target = copy.deepcopy(base)
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=pattern):
+        import_lycoris(target, state)
+    assert_unchanged(target, snap)
+
+
+def test_import_refuses_reflect_padding():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    state = {"lycoris_0.lora_down.weight": torch.randn(2, 3, 3, 3), "lycoris_0.lora_up.weight": torch.randn(4, 2, 1, 1)}
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        import_lycoris(net, state)
+    assert_unchanged(net, snap)

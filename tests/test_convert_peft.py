@@ -1,0 +1,306 @@
+"""PEFT LoRA <-> FLoRA converters, proven against the real ``peft`` package's own modules.
+
+Export: a FLoRA model's adapters written with ``export_peft`` are loaded by
+``peft.PeftModel.from_pretrained`` on a copy of the same base model; both models must compute
+the same outputs. Import: a PEFT LoRA model (random non-zero lora_B) saved with
+``save_pretrained`` is imported with ``import_peft``; outputs must match PEFT's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import flora_kernels as fk
+from flora_kernels.convert.peft import export_peft, import_peft, to_peft
+from flora_kernels.layers import flora_layers
+
+peft = pytest.importorskip("peft")
+
+ATOL = RTOL = 2e-5
+
+
+class Net(nn.Module):
+    """Linear + Conv1d/2d (strided, 1x1, grouped, 'same' padding) + a head for modules_to_save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.c1 = nn.Conv1d(8, 8, 3, padding="same")
+        self.fc = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.gconv(torch.tanh(self.pw(self.conv(x)))))
+        x = self.c1(x.flatten(2)).mean(-1)
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc(x)))))
+
+
+ADAPTED = ["conv", "pw", "gconv", "c1", "fc", "fc2"]
+
+
+@pytest.fixture
+def base() -> Net:
+    return Net().eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, scale: float = 0.3) -> None:
+    for _, layer in flora_layers(model):
+        layer.core.normal_(0.0, scale)
+        for f in layer.factors:
+            f.normal_(0.0, 0.5)
+
+
+def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool], str]:
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {k: p.requires_grad for k, p in model.named_parameters()},
+        repr(model),
+    )
+
+
+def assert_unchanged(model: nn.Module, snap) -> None:
+    state, grads, text = snap
+    assert not flora_layers(model)
+    assert not hasattr(model, "flora_config")
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    assert repr(model) == text
+
+
+def load_peft(base: nn.Module, path) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # grouped-conv "merging is not supported" etc.
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+def flora_model(base: nn.Module, rank, scale: float = 0.3, kernel_rank=2, saved=("head",)) -> nn.Module:
+    model = fk.inject_flora(
+        copy.deepcopy(base),
+        fk.FLoRAConfig(rank=rank, kernel_rank=kernel_rank, scale=scale, target_modules=ADAPTED,
+                       modules_to_save=saved, backend="reference"),
+    )
+    randomize(model)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("rank,scale", [((3, 2), 0.3), ((2, 3), 1.7)], ids=["rout>rin-s0.3", "rout<rin-s1.7"])
+def test_export_loads_in_peft_with_same_outputs(base, x, tmp_path, rank, scale):
+    model = flora_model(base, rank, scale)
+    cfg = export_peft(model, tmp_path)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["peft_type"] == "LORA" and on_disk["modules_to_save"] == ["head"]
+    assert cfg["rank_pattern"], "ranks differ across modules: rank_pattern must be used"
+    pm = load_peft(base, tmp_path)
+    # PEFT built exactly the layers we exported, with our ranks and scalings.
+    _, tensors = to_peft(model)
+    for name in ADAPTED:
+        lora = pm.base_model.model.get_submodule(name)
+        a = tensors[f"base_model.model.{name}.lora_A.weight"]
+        assert lora.r["default"] == a.shape[0], name
+        torch.testing.assert_close(lora.lora_A["default"].weight, a)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+def test_export_scale_is_exact_in_peft(base, tmp_path):
+    """alpha/r reproduces s exactly, or s is folded into B with alpha = r (scaling 1)."""
+    model = flora_model(base, (3, 2), scale=0.3)
+    export_peft(model, tmp_path)
+    pm = load_peft(base, tmp_path)
+    for name, layer in flora_layers(model):
+        scaling = pm.base_model.model.get_submodule(name).scaling["default"]
+        assert scaling in (layer.scale, 1.0), (name, scaling)
+
+
+def test_export_then_import_round_trip(base, x, tmp_path):
+    model = flora_model(base, (3, 2), scale=0.3)
+    export_peft(model, tmp_path)
+    back = import_peft(copy.deepcopy(base), tmp_path, backend="reference")
+    assert {n for n, _ in flora_layers(back)} == set(ADAPTED)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+def test_export_rejects_dilated_conv_and_merged(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2, padding=2))
+    fk.inject_flora(net, fk.FLoRAConfig(rank=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"dilation \(2, 2\)"):
+        export_peft(net, tmp_path)
+    net2 = fk.inject_flora(nn.Sequential(nn.Linear(4, 4)), fk.FLoRAConfig(rank=2))
+    fk.merge_flora(net2)
+    with pytest.raises(ValueError, match="unmerge_flora"):
+        export_peft(net2, tmp_path)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def peft_model(base: nn.Module, targets, **kw) -> nn.Module:
+    cfg = peft.LoraConfig(target_modules=targets, init_lora_weights=False, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)  # non-zero adapters
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p))
+    return pm.eval()
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/r", "rslora"])
+def test_import_matches_peft(base, x, tmp_path, rslora):
+    targets = ["conv", "pw", "c1", "fc", "fc2"]
+    kw = {"r": 4, "lora_alpha": 6, "modules_to_save": ["head"], "use_rslora": rslora}
+    if not rslora:
+        kw.update(rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 3.0})
+    pm = peft_model(base, targets, **kw)
+    pm.save_pretrained(str(tmp_path))
+    model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
+    layers = dict(flora_layers(model))
+    assert set(layers) == set(targets)
+    assert layers["conv"].ranks == (4, 4, 3, 3)  # input and kernel ranks grow to full size
+    assert layers["fc2"].ranks == ((2, 2) if not rslora else (4, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(x), atol=ATOL, rtol=RTOL)
+    # Like inject_flora: only adapters and modules_to_save train.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"{t}.core" for t in targets} | {"head.weight", "head.bias"}
+    expected |= {f"{t}.factors.{i}" for t, layer in layers.items() for i in range(len(layer.factors))}
+    assert trainable == expected
+
+
+def test_import_state_dict_with_config_object(base, x):
+    pm = peft_model(base, ["fc", "conv"], r=2, lora_alpha=5)
+    state = peft.get_peft_model_state_dict(pm)
+    model = import_peft(copy.deepcopy(base), state, pm.peft_config["default"], backend="reference").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(x), atol=ATOL, rtol=RTOL)
+
+
+def test_import_grouped_dense_lora_raises_and_leaves_model(base, tmp_path):
+    pm = peft_model(base, ["gconv"], r=4, lora_alpha=4)
+    pm.save_pretrained(str(tmp_path))
+    target = copy.deepcopy(base)
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=r"gconv\.lora_A\.weight.*\(4, 8, 3, 3\).*mixes input channels"):
+        import_peft(target, tmp_path)
+    assert_unchanged(target, snap)
+
+
+def _state(base: nn.Module, r: int = 2) -> dict[str, torch.Tensor]:
+    return {
+        "base_model.model.fc.lora_A.weight": torch.randn(r, 8),
+        "base_model.model.fc.lora_B.weight": torch.randn(6, r),
+        "base_model.model.conv.lora_A.weight": torch.randn(r, 4, 3, 3),
+        "base_model.model.conv.lora_B.weight": torch.randn(8, r, 1, 1),
+    }
+
+
+def _bad(case: str):
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+    s = _state(None)
+    if case == "unknown key":
+        s["base_model.model.fc.lora_C.weight"] = torch.randn(2, 8)
+        return s, cfg, r"fc\.lora_C\.weight: unknown key \(shape \(2, 8\)\)"
+    if case == "unknown module":
+        s["base_model.model.nope.lora_A.weight"] = torch.randn(2, 8)
+        s["base_model.model.nope.lora_B.weight"] = torch.randn(6, 2)
+        return s, cfg, r"nope\.lora_A\.weight: the model has no module 'nope'"
+    if case == "shape":
+        s["base_model.model.conv.lora_A.weight"] = torch.randn(2, 5, 3, 3)
+        return s, cfg, r"conv\.lora_A\.weight: expected shape \(2, 4, 3, 3\).*got \(2, 5, 3, 3\)"
+    if case == "B shape":
+        s["base_model.model.fc.lora_B.weight"] = torch.randn(7, 2)
+        return s, cfg, r"fc\.lora_B\.weight: expected shape \(6, 2\).*got \(7, 2\)"
+    if case == "rank vs config":
+        return s, {**cfg, "rank_pattern": {"fc": 3}}, r"fc\.lora_A\.weight: expected shape \(3, 8\).*got \(2, 8\)"
+    if case == "rank too large":
+        s = {"fc2.lora_A.weight": torch.randn(7, 6), "fc2.lora_B.weight": torch.randn(5, 7)}
+        return s, {**cfg, "r": 7}, r"fc2\.lora_A\.weight: LoRA rank 7 \(shape \(7, 6\)\) is larger than .*\(5, 6\)"
+    if case == "missing B":
+        del s["base_model.model.fc.lora_B.weight"]
+        return s, cfg, r"fc\.lora_B\.weight: missing"
+    if case == "dora":
+        return s, {**cfg, "use_dora": True}, "DoRA"
+    if case == "lora bias":
+        s["base_model.model.fc.lora_B.bias"] = torch.randn(6)
+        return s, cfg, r"fc\.lora_B\.bias: LoRA biases"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown key", "unknown module", "shape", "B shape", "rank vs config", "rank too large",
+             "missing B", "dora", "lora bias"],
+)
+def test_import_errors_name_key_and_shapes_and_leave_model(base, case):
+    state, cfg, pattern = _bad(case)
+    target = copy.deepcopy(base)
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=pattern):
+        import_peft(target, state, cfg)
+    assert_unchanged(target, snap)
+
+
+def test_import_refuses_dilated_conv_and_model_with_adapters():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2))
+    state = {"0.lora_A.weight": torch.randn(2, 3, 3, 3), "0.lora_B.weight": torch.randn(4, 2, 1, 1)}
+    cfg = {"r": 2, "lora_alpha": 2}
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match="not dilated"):
+        import_peft(net, state, cfg)
+    assert_unchanged(net, snap)
+    lin = fk.inject_flora(nn.Sequential(nn.Linear(3, 4)), fk.FLoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="already has FLoRA layers"):
+        import_peft(lin, {"0.lora_A.weight": torch.randn(2, 3), "0.lora_B.weight": torch.randn(4, 2)}, cfg)
+
+
+def test_depthwise_export_and_import_fold_when_rank_exceeds_channels(x, tmp_path):
+    """PEFT's grouped rank is groups * r_g; above out_channels the import folds U_out into the core."""
+    base = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4)).eval()
+    model = fk.inject_flora(copy.deepcopy(base), fk.FLoRAConfig(rank=2, backend="reference"))
+    randomize(model)
+    cfg = export_peft(model, tmp_path)
+    assert cfg["r"] == 8  # 4 groups x rank 2 > 4 channels
+    pm = load_peft(base, tmp_path)
+    back = import_peft(copy.deepcopy(base), tmp_path, backend="reference")
+    assert dict(flora_layers(back))["0"].ranks == (4, 1, 3, 3)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(pm(x), y, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(back(x), y, atol=ATOL, rtol=RTOL)
+
+
+def test_imported_adapter_saves_and_loads_with_flora_format(base, x, tmp_path):
+    pm = peft_model(base, ["conv", "c1", "fc"], r=3, lora_alpha=4, modules_to_save=["head"])
+    pm.save_pretrained(str(tmp_path / "peft"))
+    model = import_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    fk.save_flora(model, tmp_path / "flora")
+    again = fk.load_flora(copy.deepcopy(base), tmp_path / "flora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pm(x), atol=ATOL, rtol=RTOL)
