@@ -55,7 +55,9 @@ def linear_factorized(
     u_out, u_in = (f.to(x.dtype) for f in factors)
     b = (u_out @ core.to(x.dtype)) * scale
     s = _dropout(x, dropout_p) @ u_in
-    return F.linear(x, weight, bias) + s @ b.t()
+    y = F.linear(x, weight, bias)
+    y.view(-1, y.shape[-1]).addmm_(s.reshape(-1, s.shape[-1]), b.t())  # one pass over y
+    return y
 
 
 def core_kernel(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
@@ -83,26 +85,32 @@ def conv_merged(
     return conv_nd(x, weight + delta, bias, spec)
 
 
+def _pointwise(x: Tensor, w: Tensor) -> Tensor:
+    """Per-group 1x1 map as a GEMM: x (N, g*I, *sp), w (g, O, I) -> (N, g*O, *sp).
+
+    channels_last inputs (g = 1) stay channels_last: one (N*P, I) x (I, O) GEMM on the
+    channels-minor view. Otherwise a batched (O, I) x (I, P) GEMM on the NCHW view.
+    """
+    n, (g, o, i) = x.shape[0], w.shape
+    if g == 1 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        return (x.movedim(1, -1) @ w[0].t()).movedim(-1, 1)
+    return (w @ x.reshape(n, g, i, -1)).reshape(n, g * o, *x.shape[2:])
+
+
 def conv_factorized(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
     scale: float, spec: ConvSpec, dropout_p: float = 0.0,
 ) -> Tensor:
-    """Projection (grouped 1x1 by U_in^T) -> core conv K (grouped, base geometry) ->
-    expansion (grouped 1x1 by U_out), added into the base output. Same shapes as
-    ``conv_merged``. Each group uses the same factors and core.
+    """Projection (per-group 1x1 by U_in^T) -> core conv K (grouped, base geometry) ->
+    expansion (per-group 1x1 by U_out), accumulated into the base output. Same shapes as
+    ``conv_merged``. Each group uses the same factors and core; the 1x1 maps run as GEMMs.
     """
     g, d = spec.groups, spec.dims
-    ones = (1,) * d
     u_out, u_in = factors[0].to(x.dtype), factors[1].to(x.dtype)
     r_out, r_in = core.shape[0], core.shape[1]
     k = core_kernel(core.to(x.dtype), [f.to(x.dtype) for f in factors], scale)
-    one_by_one = ConvSpec(ones, tuple((0, 0) for _ in ones), ones, g, "zeros")
-    w_proj = u_in.t().reshape(r_in, u_in.shape[0], *ones)
-    w_core = k
-    if g > 1:
-        w_proj = w_proj.repeat(g, *(1,) * (d + 1))
-        w_core = k.repeat(g, *(1,) * (d + 1))
-    z = conv_nd(_dropout(x, dropout_p), w_proj, None, one_by_one)
+    w_core = k.repeat(g, *(1,) * (d + 1)) if g > 1 else k
+    z = _pointwise(_dropout(x, dropout_p), u_in.t().expand(g, r_in, u_in.shape[0]))
     u = conv_nd(z, w_core, None, spec)
-    y_adapter = conv_nd(u, u_out.reshape(u_out.shape[0], r_out, *ones), None, one_by_one)
-    return conv_nd(x, weight, bias, spec) + y_adapter
+    y = conv_nd(x, weight, bias, spec)
+    return y.add_(_pointwise(u, u_out.reshape(g, -1, r_out)))

@@ -1,0 +1,147 @@
+// Input validation shared by the CPU implementations and the CUDA binding (torch side only).
+// Every check raises a c10::Error (RuntimeError in Python) with an "expected X, got Y" message.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+#include "flora_common.h"
+
+namespace flora {
+
+inline bool is_supported_float(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
+              ": expected dtype float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() > 0, name, ": expected a non-empty tensor, got shape ", t.sizes());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), " (the device of ", ref_name,
+              "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (the dtype of ",
+              ref_name, "), got ", t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* what) {
+  TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor ", what, ", got shape ", t.sizes());
+}
+
+inline void check_dropout(double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "p: expected a dropout probability in [0, 1), got ", p);
+}
+
+// An activation-like tensor (N, groups * C, *spatial) viewed as (R = N * groups, C, P = prod(spatial)).
+struct ChanView {
+  int64_t R, C, P;
+};
+
+inline ChanView chan_view(const at::Tensor& t, int64_t groups, const char* name) {
+  TORCH_CHECK(groups >= 1, "groups: expected an int >= 1, got ", groups);
+  TORCH_CHECK(t.dim() >= 2, name, ": expected a tensor of shape (N, channels, *spatial) with at least 2 dims, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.size(1) % groups == 0, name, ": expected dim 1 (", t.size(1), ") divisible by groups=", groups,
+              ", got shape ", t.sizes());
+  int64_t P = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) P *= t.size(d);
+  return ChanView{t.size(0) * groups, t.size(1) / groups, P};
+}
+
+inline std::vector<int64_t> with_channels(const at::Tensor& t, int64_t channels) {
+  std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
+  s[1] = channels;
+  return s;
+}
+
+inline void check_same_batch_spatial(const at::Tensor& a, const at::Tensor& b, const char* a_name, const char* b_name) {
+  bool ok = a.dim() == b.dim() && a.size(0) == b.size(0);
+  for (int64_t d = 2; ok && d < a.dim(); ++d) ok = a.size(d) == b.size(d);
+  TORCH_CHECK(ok, b_name, ": expected the batch and spatial sizes of ", a_name, " (shape ", a.sizes(),
+              ") with any channel count, got shape ", b.sizes());
+}
+
+// x: (N, groups*C, *sp), factor: (C, r). Returns the view of x.
+inline ChanView check_in_factor(const at::Tensor& x, const at::Tensor& factor, int64_t groups, const char* x_name,
+                                const char* f_name) {
+  check_tensor(x, x_name);
+  check_tensor(factor, f_name);
+  check_like(factor, x, f_name, x_name);
+  check_dim(factor, 2, f_name, "(channels per group, rank)");
+  ChanView v = chan_view(x, groups, x_name);
+  TORCH_CHECK(factor.size(0) == v.C, f_name, ": expected shape (", v.C, ", r) to match ", x_name, " of shape ",
+              x.sizes(), " with groups=", groups, ", got ", factor.sizes());
+  return v;
+}
+
+// dy: (N, groups * O, *sp), u_out: (groups * O, r) -- group g uses rows g*O .. g*O + O - 1.
+inline ChanView check_out_factor(const at::Tensor& dy, const at::Tensor& u_out, int64_t groups) {
+  check_tensor(dy, "dy");
+  check_tensor(u_out, "u_out");
+  check_like(u_out, dy, "u_out", "dy");
+  check_dim(u_out, 2, "u_out", "(out channels, rank)");
+  ChanView v = chan_view(dy, groups, "dy");
+  TORCH_CHECK(u_out.size(0) == dy.size(1), "u_out: expected shape (", dy.size(1), ", r) to match dy of shape ",
+              dy.sizes(), ", got ", u_out.sizes());
+  return v;
+}
+
+struct ExpandDims {
+  ChanView v;  // of z: (R, r, P)
+  int64_t r, Og;
+};
+
+// y: (N, groups * O, *sp) contiguous, z: (N, groups * r, *sp), u_out: (groups * O, r).
+inline ExpandDims check_expand(const at::Tensor& y, const at::Tensor& z, const at::Tensor& u_out, int64_t groups) {
+  check_tensor(y, "y");
+  check_tensor(z, "z");
+  check_tensor(u_out, "u_out");
+  check_like(z, y, "z", "y");
+  check_like(u_out, y, "u_out", "y");
+  check_dim(u_out, 2, "u_out", "(out channels, rank)");
+  TORCH_CHECK(y.is_contiguous(), "y: expected a contiguous tensor (it is updated in place), got strides ", y.strides());
+  ChanView v = chan_view(z, groups, "z");
+  (void)chan_view(y, groups, "y");
+  check_same_batch_spatial(y, z, "y", "z");
+  TORCH_CHECK(u_out.size(0) == y.size(1) && u_out.size(1) == v.C, "u_out: expected shape (", y.size(1), ", ", v.C,
+              ") for y of shape ", y.sizes(), " and z of shape ", z.sizes(), " with groups=", groups, ", got ",
+              u_out.sizes());
+  return ExpandDims{v, v.C, y.size(1) / groups};
+}
+
+struct ReconDims {
+  int64_t r0, r1, T, I0, I1;
+};
+
+inline ReconDims check_reconstruct(const at::Tensor& core, const at::Tensor& u0, const at::Tensor& u1) {
+  check_tensor(core, "core");
+  check_tensor(u0, "u0");
+  check_tensor(u1, "u1");
+  check_dim(core, 3, "core", "(r_0, r_1, taps) (spatial modes folded into taps)");
+  check_dim(u0, 2, "u0", "(I_0, r_0)");
+  check_dim(u1, 2, "u1", "(I_1, r_1)");
+  check_like(u0, core, "u0", "core");
+  check_like(u1, core, "u1", "core");
+  TORCH_CHECK(u0.size(1) == core.size(0), "u0: expected shape (I_0, ", core.size(0), ") to match core of shape ",
+              core.sizes(), ", got ", u0.sizes());
+  TORCH_CHECK(u1.size(1) == core.size(1), "u1: expected shape (I_1, ", core.size(1), ") to match core of shape ",
+              core.sizes(), ", got ", u1.sizes());
+  return ReconDims{core.size(0), core.size(1), core.size(2), u0.size(0), u1.size(0)};
+}
+
+inline void check_full_shape(const at::Tensor& t, const ReconDims& d, const at::Tensor& core, const char* name) {
+  check_tensor(t, name);
+  TORCH_CHECK(t.device() == core.device(), name, ": expected device ", core.device(), " (the device of core), got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == d.I0 && t.size(1) == d.I1 && t.size(2) == d.T, name, ": expected shape (",
+              d.I0, ", ", d.I1, ", ", d.T, "), got ", t.sizes());
+}
+
+}  // namespace flora

@@ -1,0 +1,53 @@
+// Shared by the CPU (.cpp) and CUDA (.cu) sources: no torch headers here.
+//
+// Dropout masks are counter based: element `idx` of the (contiguous) dropped tensor is kept
+// iff the top 24 bits of splitmix64(seed, idx) are >= ceil(p * 2^24). The same mask is thus
+// regenerated in backward from (seed, p) instead of being stored, and it is identical on CPU
+// and CUDA.
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FLORA_HD __host__ __device__ __forceinline__
+#else
+#define FLORA_HD inline
+#endif
+
+namespace flora {
+
+struct DropParams {
+  uint64_t seed = 0;
+  uint32_t threshold = 0;  // keep iff hash24 >= threshold; 0 = no dropout
+  double inv_keep = 1.0;   // 1 / (1 - p)
+  bool active = false;
+};
+
+inline DropParams make_drop(double p, int64_t seed) {
+  DropParams d;
+  if (p > 0.0) {
+    d.active = true;
+    d.seed = static_cast<uint64_t>(seed);
+    d.threshold = static_cast<uint32_t>(std::ceil(p * 16777216.0));
+    d.inv_keep = 1.0 / (1.0 - p);
+  }
+  return d;
+}
+
+FLORA_HD uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// The multiplier of element idx: 0 (dropped) or 1 / (1 - p) (kept); 1 when inactive.
+template <typename acc_t>
+FLORA_HD acc_t drop_scale(const DropParams& d, int64_t idx) {
+  if (!d.active) return acc_t(1);
+  const uint64_t h = splitmix64(d.seed ^ splitmix64(static_cast<uint64_t>(idx)));
+  return static_cast<uint32_t>(h >> 40) >= d.threshold ? static_cast<acc_t>(d.inv_keep) : acc_t(0);
+}
+
+}  // namespace flora

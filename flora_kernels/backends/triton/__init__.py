@@ -1,0 +1,119 @@
+"""The Triton backend: fused kernels for reconstruct/project, Linear and ConvNd (see
+docs/kernels/triton.md). One module per op family: ``reconstruct``, ``linear``, ``conv``, with the
+skinny channel GEMMs they share in ``channel_gemm``.
+
+Importing this package never fails for want of triton: without it the backend reports why in
+``unavailable_reason`` and its kernel modules stay unimported. (The registry imports this
+package at first use, so TRITON_INTERPRET=1 only has to be set before that.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ...convspec import ConvSpec
+from ..base import Backend
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001 - any failure to import triton makes the backend unavailable
+    _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
+
+if _IMPORT_ERROR is None:
+    from . import conv as _conv
+    from . import linear as _linear
+    from . import reconstruct as _reconstruct
+    from ._common import MAX_RANK as _MAX_RANK
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    """Differentiable FLoRA ops over Triton kernels (CUDA GPUs; CPU tensors only through the
+    interpreter, TRITON_INTERPRET=1, which ``auto`` never picks).
+
+    Linear/conv on the factorized path treat the base weight and bias as frozen: no weight
+    gradient is computed, so a call whose weight requires grad is refused (use "reference").
+    """
+
+    name = "triton"
+    how_to_get = (
+        "pip install triton (or flora_kernels[triton]) on a machine with a CUDA GPU; "
+        "for CPU tests set TRITON_INTERPRET=1 before importing flora_kernels"
+    )
+
+    def unavailable_reason(self) -> str | None:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        if not torch.cuda.is_available() and not _interpret():
+            return "no CUDA GPU and TRITON_INTERPRET is not set"
+        return None
+
+    def unsupported_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
+        for t in tensors:
+            if t.device.type == "cpu" and not _interpret():
+                return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing flora_kernels)"
+            if t.device.type not in ("cpu", "cuda"):
+                return f"tensors on {t.device.type} are not supported (CUDA, or CPU under the interpreter)"
+            if t.dtype == torch.float64:
+                return "float64 is not supported (fp32, fp16, bf16)"
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return f"dtype {t.dtype} is not supported (fp32, fp16, bf16)"
+            if t.dtype == torch.bfloat16 and (t.device.type == "cpu" or _interpret()):
+                return "bfloat16 is computed wrongly by the Triton CPU interpreter; use a GPU or fp16/fp32"
+        if op in ("reconstruct", "linear", "conv"):
+            core = tensors[0] if op == "reconstruct" else tensors[2]
+            ranks = tuple(core.shape[:2])
+            if not 2 <= core.dim() <= 5:
+                return f"expected 2 to 5 modes, got {core.dim()}"
+        else:  # project: t, factors...
+            ranks = tuple(f.shape[1] for f in tensors[1:3])
+            if not 2 <= tensors[0].dim() <= 5:
+                return f"expected 2 to 5 modes, got {tensors[0].dim()}"
+        if max(ranks) > _MAX_RANK:
+            return f"channel ranks {ranks} exceed the kernels' limit of {_MAX_RANK}"
+        if op in ("linear", "conv"):
+            x, weight = tensors[0], tensors[1]
+            if x.dtype != weight.dtype:
+                return f"expected x and weight of one dtype, got {x.dtype} and {weight.dtype}"
+            if strategy == "factorized" and weight.requires_grad and torch.is_grad_enabled():
+                return "the factorized kernels treat the base weight as frozen, but weight.requires_grad is True"
+        return None
+
+    def auto_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
+        if _interpret():
+            return "TRITON_INTERPRET is set: auto does not pick the CPU interpreter"
+        if any(t.device.type != "cuda" for t in tensors):
+            return "tensors are not on a CUDA device"
+        return self.unsupported_reason(op, tensors, strategy)
+
+    def reconstruct(self, core: Tensor, factors: Sequence[Tensor], scale: float, base: Tensor | None) -> Tensor:
+        return _reconstruct.reconstruct(core, factors, scale, base)
+
+    def project(self, t: Tensor, factors: Sequence[Tensor]) -> Tensor:
+        return _reconstruct.project(t, factors)
+
+    def linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
+        scale: float, dropout_p: float, strategy: str,
+    ) -> Tensor:
+        fn = _linear.linear_factorized if strategy == "factorized" else _linear.linear_merged
+        return fn(x, weight, bias, core, factors, scale, dropout_p)
+
+    def conv(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
+        scale: float, spec: ConvSpec, dropout_p: float, strategy: str,
+    ) -> Tensor:
+        fn = _conv.conv_factorized if strategy == "factorized" else _conv.conv_merged
+        return fn(x, weight, bias, core, factors, scale, spec, dropout_p)
+
+
+__all__ = ["TritonBackend"]

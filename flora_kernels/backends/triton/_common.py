@@ -1,0 +1,72 @@
+"""Shared helpers for the Triton kernels: interpreter detection, block sizes, dropout mask."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+#: True when Triton runs kernels through its CPU interpreter (must be set before import).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+#: Largest channel-mode rank the kernels hold in registers (padded to a power of two >= 16).
+MAX_RANK = 128
+
+
+def rank_pad(r: int) -> int:
+    """A rank padded to a power of two >= 16 (``tl.dot``'s smallest operand side)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+def block(n: int, hi: int) -> int:
+    """A block side for a dimension of size ``n``: a power of two in [16, hi]."""
+    return max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (like torch's default
+    matmul, no TF32), TF32 for the fp32 second-stage products of half-precision inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_programs_target(device: torch.device) -> int:
+    """About two waves of programs on the device (one program under the interpreter)."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_for(work_items: int, programs: int, device: torch.device) -> int:
+    """How many ways to split a reduction loop of ``work_items`` so that ``programs`` programs
+    per split fill the device; partial results are summed afterwards."""
+    want = -(-num_programs_target(device) // max(programs, 1))
+    return max(1, min(want, work_items))
+
+
+def alloc_like(shape: Sequence[int], ref: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of ``shape`` in ref's dtype, device and memory format (channels_last kept)."""
+    if ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    elif ref.dim() == 5 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    else:
+        fmt = torch.contiguous_format
+    return torch.empty(tuple(shape), dtype=ref.dtype, device=ref.device, memory_format=fmt)
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's default CPU generator (so torch.manual_seed applies)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+@triton.jit
+def keep_mask(seed, offsets, p):
+    """Dropout keep mask: True where the uniform draw at the int64 ``offsets`` is >= p.
+
+    ``offsets`` is the element's logical index ``(n * C + c) * L + l`` in the (N, C, L) view of
+    the input, so every kernel that touches an element recomputes the same mask.
+    """
+    return tl.rand(seed, offsets) >= p

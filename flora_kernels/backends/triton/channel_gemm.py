@@ -1,0 +1,242 @@
+"""Skinny channel GEMMs shared by the linear and conv adapters (kernels + launchers).
+
+Every tensor is seen as X[n, c, l] (batch, channel, token) with arbitrary strides: a Linear's
+(T, in) input is N = 1, C = in, L = T; a ConvNd's (N, C, *spatial) input flattens its spatial
+dims into L (a view for NCHW, channels_last and most strided inputs). Channels come in G
+groups of size Cg. A rank-r factor U is either shared by all groups (U: (Cg, r), the input
+factor) or per output channel (U: (G * Cg, r), the output factor).
+
+- ``project``: Z[n, g*r + a, l] = sum_c drop(X)[n, g*Cg + c, l] U[., a]     (shrink, dS, dU)
+- ``expand``:  Y[n, g*Co + o, l] = base + mask * sum_a Z[n, g*r + a, l] U[., a] (expansion, dx)
+- ``reduce``:  dU[., a] = sum over tokens (and groups if U is shared) of drop(X) Z  (dU, dB)
+
+``drop`` is inverted dropout whose mask is recomputed from (seed, logical element index).
+Accumulation is fp32; rank r <= MAX_RANK sits padded in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import INTERPRET, MAX_RANK, block, dot_precision, keep_mask, rank_pad, split_for
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _project_kernel(
+    x_ptr, u_ptr, z_ptr, L, C, Cg, R, G, sxn, sxc, sxl, szn, szc, szl, sug, p, seed,
+    DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_lb = tl.cdiv(L, BL)
+    pid_b = pid // n_lb
+    pid_l = pid % n_lb
+    n = pid_b // G
+    g = pid_b % G
+    offs_l = pid_l * BL + tl.arange(0, BL).to(tl.int64)
+    offs_r = tl.arange(0, RP)
+    mask_l = offs_l < L
+    mask_r = offs_r < R
+    acc = tl.zeros((BL, RP), dtype=tl.float32)
+    for c0 in range(0, Cg, BC):
+        offs_c = c0 + tl.arange(0, BC).to(tl.int64)
+        mask_c = offs_c < Cg
+        cc = g * Cg + offs_c
+        m = mask_l[:, None] & mask_c[None, :]
+        xt = tl.load(x_ptr + n * sxn + cc[None, :] * sxc + offs_l[:, None] * sxl, mask=m, other=0.0)
+        if DROPOUT:
+            keep = keep_mask(seed, (n * C + cc[None, :]) * L + offs_l[:, None], p)
+            xt = tl.where(keep, xt.to(tl.float32) / (1.0 - p), 0.0).to(xt.dtype)
+        u = tl.load(u_ptr + g * sug + offs_c[:, None] * R + offs_r[None, :], mask=mask_c[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(xt, u.to(xt.dtype), acc, input_precision=PREC)
+    dst = z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl
+    tl.store(dst, acc.to(z_ptr.dtype.element_ty), mask=mask_l[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    z_ptr, u_ptr, base_ptr, y_ptr, L, C, Co, R, G, szn, szc, szl, sbn, sbc, sbl, syn, syc, syl, sug, p, seed,
+    HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    BL: tl.constexpr, BO: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_lb = tl.cdiv(L, BL)
+    n_ob = tl.cdiv(Co, BO)
+    pid_b = pid // (n_lb * n_ob)
+    rest = pid % (n_lb * n_ob)
+    pid_o = rest // n_lb
+    pid_l = rest % n_lb
+    n = pid_b // G
+    g = pid_b % G
+    offs_l = pid_l * BL + tl.arange(0, BL).to(tl.int64)
+    offs_o = pid_o * BO + tl.arange(0, BO).to(tl.int64)
+    offs_r = tl.arange(0, RP)
+    mask_l = offs_l < L
+    mask_o = offs_o < Co
+    mask_r = offs_r < R
+    zt = tl.load(z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl,
+                 mask=mask_l[:, None] & mask_r[None, :], other=0.0)
+    u = tl.load(u_ptr + g * sug + offs_o[:, None] * R + offs_r[None, :], mask=mask_o[:, None] & mask_r[None, :], other=0.0)
+    acc = tl.dot(zt, tl.trans(u).to(zt.dtype), input_precision=PREC)  # (BL, BO)
+    oc = g * Co + offs_o
+    m = mask_l[:, None] & mask_o[None, :]
+    if DROPOUT:
+        keep = keep_mask(seed, (n * C + oc[None, :]) * L + offs_l[:, None], p)
+        acc = tl.where(keep, acc / (1.0 - p), 0.0)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + n * sbn + oc[None, :] * sbc + offs_l[:, None] * sbl, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n * syn + oc[None, :] * syc + offs_l[:, None] * syl, acc.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _reduce_kernel(
+    x_ptr, z_ptr, part_ptr, N, L, C, Cg, R, G, sxn, sxc, sxl, szn, szc, szl, p, seed, SPLIT,
+    SHARED: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    BL: tl.constexpr, BC: tl.constexpr,
+):
+    """part[split, (g*Cg if not SHARED) + c, a] = sum_{tokens of split} drop(X)[n, g*Cg + c, l] Z[n, g*R + a, l]."""
+    pid = tl.program_id(0).to(tl.int64)
+    split = pid % SPLIT
+    rest = pid // SPLIT
+    n_cb = tl.cdiv(Cg, BC)
+    pid_c = rest % n_cb
+    g_own = rest // n_cb  # this program's group when U is per output channel
+    offs_c = pid_c * BC + tl.arange(0, BC).to(tl.int64)
+    offs_r = tl.arange(0, RP)
+    mask_c = offs_c < Cg
+    mask_r = offs_r < R
+    n_lb = tl.cdiv(L, BL)
+    if SHARED:
+        n_items = N * G * n_lb
+    else:
+        n_items = N * n_lb
+    acc = tl.zeros((BC, RP), dtype=tl.float32)
+    for it in range(split, n_items, SPLIT):
+        lb = it % n_lb
+        if SHARED:
+            n = it // (n_lb * G)
+            g = (it // n_lb) % G
+        else:
+            n = it // n_lb
+            g = g_own
+        offs_l = lb * BL + tl.arange(0, BL).to(tl.int64)
+        mask_l = offs_l < L
+        cc = g * Cg + offs_c
+        xt = tl.load(x_ptr + n * sxn + cc[None, :] * sxc + offs_l[:, None] * sxl,
+                     mask=mask_l[:, None] & mask_c[None, :], other=0.0)
+        if DROPOUT:
+            keep = keep_mask(seed, (n * C + cc[None, :]) * L + offs_l[:, None], p)
+            xt = tl.where(keep, xt.to(tl.float32) / (1.0 - p), 0.0).to(xt.dtype)
+        zt = tl.load(z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl,
+                     mask=mask_l[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(tl.trans(xt), zt.to(xt.dtype), acc, input_precision=PREC)
+    row = offs_c if SHARED else g_own * Cg + offs_c
+    rows_total = Cg if SHARED else G * Cg
+    dst = part_ptr + (split * rows_total + row[:, None]) * R + offs_r[None, :]
+    tl.store(dst, acc, mask=mask_c[:, None] & mask_r[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def ncl(t: Tensor) -> tuple[Tensor, int, int, int, int]:
+    """``t`` (N, C, *spatial) as an (N, C, L) strided view: (tensor, L, s_n, s_c, s_l).
+
+    Copies only when the spatial dims cannot be flattened into one stride."""
+    n, c = t.shape[0], t.shape[1]
+    try:
+        v = t.view(n, c, -1) if t.dim() != 3 else t
+    except RuntimeError:
+        t = t.contiguous()
+        v = t.view(n, c, -1)
+    return t, v.shape[2], v.stride(0), v.stride(1), v.stride(2)
+
+
+def _check_rank(r: int) -> None:
+    torch._check(r <= MAX_RANK, lambda: f"rank: expected <= {MAX_RANK}, got {r}")
+
+
+def project(
+    x: Tensor, u: Tensor, groups: int, z: Tensor, shared: bool, p: float = 0.0, seed: int = 0
+) -> Tensor:
+    """Writes z (N, G*r, *spatial) = grouped 1x1 of drop(x) (N, G*Cg, *spatial) by U and returns it.
+
+    u: (Cg, r) if ``shared`` else (G*Cg, r). z: any layout whose spatial dims flatten into one stride."""
+    _check_rank(u.shape[1])
+    n, c = x.shape[0], x.shape[1]
+    cg, r = c // groups, u.shape[1]
+    torch._check(u.shape[0] == (cg if shared else c), lambda: f"U: expected {(cg if shared else c, r)}, got {tuple(u.shape)}")
+    x, length, sxn, sxc, sxl = ncl(x)
+    zv, _, szn, szc, szl = ncl(z)
+    torch._check(zv is z, lambda: "z: expected a layout whose spatial dims flatten into one stride")
+    if x.numel() == 0 or r == 0:
+        return z.zero_()
+    u = u.contiguous().to(x.dtype)
+    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, 32 if INTERPRET else 64)
+    grid = (triton.cdiv(length, bl) * n * groups,)
+    _project_kernel[grid](
+        x, u, z, length, c, cg, r, groups, sxn, sxc, sxl, szn, szc, szl, 0 if shared else cg * r,
+        float(p), int(seed), DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
+    )
+    return z
+
+
+def expand(
+    z: Tensor, u: Tensor, groups: int, y: Tensor, base: Tensor | None, shared: bool, p: float = 0.0, seed: int = 0
+) -> Tensor:
+    """Writes y (N, G*Co, *spatial) = base + mask * grouped 1x1 of z (N, G*r, *spatial) by U^T; returns y.
+
+    u: (Co, r) if ``shared`` else (G*Co, r). The mask (p > 0) is the dropout mask of y's elements,
+    as drawn by ``project`` for an input of y's shape."""
+    r = u.shape[1]
+    _check_rank(r)
+    n, c = y.shape[0], y.shape[1]
+    co = c // groups
+    z, length, szn, szc, szl = ncl(z)
+    yv, _, syn, syc, syl = ncl(y)
+    torch._check(yv is y, lambda: "y: expected a layout whose spatial dims flatten into one stride")
+    if base is not None:
+        base, _, sbn, sbc, sbl = ncl(base)
+    else:
+        sbn = sbc = sbl = 0
+    if y.numel() == 0:
+        return y
+    u = u.contiguous().to(z.dtype)
+    bl, bo = block(length, 32 if INTERPRET else 64), block(co, 32 if INTERPRET else 64)
+    grid = (triton.cdiv(length, bl) * triton.cdiv(co, bo) * n * groups,)
+    _expand_kernel[grid](
+        z, u, base if base is not None else y, y, length, c, co, r, groups, szn, szc, szl, sbn, sbc, sbl,
+        syn, syc, syl, 0 if shared else co * r, float(p), int(seed),
+        HAS_BASE=base is not None, DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(z.dtype), BL=bl, BO=bo,
+    )
+    return y
+
+
+def reduce(
+    x: Tensor, z: Tensor, groups: int, shared: bool, p: float = 0.0, seed: int = 0, split: int | None = None
+) -> Tensor:
+    """dU = sum over tokens of drop(x)[n, g*Cg + c, l] z[n, g*r + a, l], fp32 partials reduced in torch.
+
+    x: (N, G*Cg, *spatial), z: (N, G*r, *spatial). Returns (Cg, r) summed over groups if ``shared``,
+    else (G*Cg, r), in x's dtype."""
+    n, c = x.shape[0], x.shape[1]
+    cg, r = c // groups, z.shape[1] // groups
+    _check_rank(r)
+    x, length, sxn, sxc, sxl = ncl(x)
+    z, _, szn, szc, szl = ncl(z)
+    rows = cg if shared else c
+    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, 32 if INTERPRET else 64)
+    programs = triton.cdiv(cg, bc) * (1 if shared else groups)
+    items = (n * groups if shared else n) * triton.cdiv(length, bl)
+    sp = split or split_for(items, programs, x.device)
+    part = torch.zeros((sp, rows, r), dtype=torch.float32, device=x.device)
+    if x.numel() and r:
+        _reduce_kernel[(programs * sp,)](
+            x, z, part, n, length, c, cg, r, groups, sxn, sxc, sxl, szn, szc, szl, float(p), int(seed), sp,
+            SHARED=shared, DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
+        )
+    return part.sum(0).to(x.dtype)

@@ -1,0 +1,223 @@
+"""FLoRA ConvNd (d = 1, 2, 3) in Triton: factorized path (projection, core conv and expansion
+kernels) and the merged path (reconstruct kernel + torch conv).
+
+Factorized, for G groups sharing U_in (Cg, r_in), the core and K; U_out is (C_out, r_out):
+
+    y_base = conv(x, W, bias)                   (N, C_out, *out)       torch (cuDNN)  } conv_base_project
+    z      = grouped 1x1 of drop(x) by U_in^T    (N, G r_in, *spatial)  Triton         }
+    u      = conv(z, s K, geometry of the base) (N, G r_out, *out)     Triton: core_conv (core_conv.py)
+    y      = y_base + grouped 1x1 of u by U_out  (N, C_out, *out)       Triton: conv_expand
+
+K = G x_2 U_k1 ... is folded in torch. Inputs may be NCHW, channels_last or strided; outputs keep
+the layout of the tensor they extend. Padding modes other than zeros pad the r-channel z in
+torch before the core conv. ``conv_expand`` writes a new output (read
+base + write y: the same traffic as an in-place accumulate, which autograd cannot register).
+The base conv and the projection share one op so that the backward adds the adapter's dx into
+the base conv's input gradient in place, instead of autograd summing two x-sized tensors.
+The base weight is frozen: no weight gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...convspec import ConvSpec, conv_nd
+from . import channel_gemm as cg
+from ._common import alloc_like, new_seed
+from .core_conv import core_conv
+from .reconstruct import core_kernel, reconstruct
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _spec(stride: list[int], pads: list[int], dilation: list[int], groups: int, padding_mode: str) -> ConvSpec:
+    """A ConvSpec from the flat geometry the custom-op schemas carry (pads: before/after per dim)."""
+    return ConvSpec(tuple(stride), tuple(zip(pads[::2], pads[1::2])), tuple(dilation), groups, padding_mode)
+
+
+def _geometry(spec: ConvSpec) -> tuple[list[int], list[int], list[int], int, str]:
+    """The inverse of ``_spec``: (stride, flat pads, dilation, groups, padding_mode)."""
+    return list(spec.stride), [p for lo_hi in spec.pads for p in lo_hi], list(spec.dilation), spec.groups, spec.padding_mode
+
+
+def _pad_adjoint(g: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
+    """The adjoint of ``F.pad`` (per spatial dim (before, after), any padding mode) applied to g."""
+    for j, (lo, hi) in enumerate(pads):
+        dim = 2 + j
+        n = g.shape[dim] - lo - hi
+        center = g.narrow(dim, lo, n)
+        if mode != "zeros" and (lo or hi):
+            center = center.clone()
+            left, right = g.narrow(dim, 0, lo), g.narrow(dim, lo + n, hi)
+            if mode == "circular":
+                center.narrow(dim, n - lo, lo).add_(left)
+                center.narrow(dim, 0, hi).add_(right)
+            elif mode == "replicate":
+                center.narrow(dim, 0, 1).add_(left.sum(dim, keepdim=True))
+                center.narrow(dim, n - 1, 1).add_(right.sum(dim, keepdim=True))
+            else:  # reflect: pad position k < lo holds x[lo - k]; after the end, x[n - 2 - k]
+                center.narrow(dim, 1, lo).add_(left.flip(dim))
+                center.narrow(dim, n - 1 - hi, hi).add_(right.flip(dim))
+        g = center
+    return g
+
+
+def _base_conv_input_grad(dy: Tensor, x: Tensor, weight: Tensor, spec: ConvSpec) -> Tensor:
+    """d conv_nd(x, weight) / dx applied to dy: torch's convolution backward (input only), through
+    the adjoint of the explicit padding for asymmetric pads and non-zero padding modes."""
+    zeros = [0] * spec.dims
+    sym = spec.symmetric_zero_padding
+    if sym is not None:
+        return torch.ops.aten.convolution_backward(
+            dy, x, weight, None, list(spec.stride), list(sym), list(spec.dilation), False, zeros, spec.groups,
+            [True, False, False],
+        )[0]
+    # the input gradient reads only the padded input's shape and layout, not its values
+    xp = alloc_like((*x.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec.pads))), x)
+    gp = torch.ops.aten.convolution_backward(
+        dy, xp, weight, None, list(spec.stride), zeros, list(spec.dilation), False, zeros, spec.groups,
+        [True, False, False],
+    )[0]
+    return _pad_adjoint(gp, spec.pads, spec.padding_mode)
+
+
+@torch.library.custom_op("flora_triton::conv_base_project", mutates_args=())
+def conv_base_project(
+    x: Tensor, weight: Tensor, bias: Tensor | None, u_in: Tensor, stride: list[int], pads: list[int],
+    dilation: list[int], groups: int, padding_mode: str, p: float, seed: int,
+) -> tuple[Tensor, Tensor]:
+    """(y_base, z): the frozen base conv (torch) and z (N, G r, *spatial) = grouped 1x1 of drop(x) by
+    u_in (Cg, r) (Triton). One op so that its backward can add the adapter's dx into the base's."""
+    y = conv_nd(x, weight, bias, _spec(stride, pads, dilation, groups, padding_mode))
+    z = alloc_like((x.shape[0], groups * u_in.shape[1], *x.shape[2:]), x)
+    return y, cg.project(x, u_in, groups, z, True, p, seed)
+
+
+@conv_base_project.register_fake
+def _(x, weight, bias, u_in, stride, pads, dilation, groups, padding_mode, p, seed):  # type: ignore[no-untyped-def]
+    y = conv_nd(x, weight, bias, _spec(stride, pads, dilation, groups, padding_mode))
+    return y, alloc_like((x.shape[0], groups * u_in.shape[1], *x.shape[2:]), x)
+
+
+@torch.library.custom_op("flora_triton::conv_base_project_bwd", mutates_args=())
+def conv_base_project_bwd(
+    dy: Tensor, dz: Tensor, x: Tensor, weight: Tensor, u_in: Tensor, stride: list[int], pads: list[int],
+    dilation: list[int], groups: int, padding_mode: str, p: float, seed: int, need_dx: bool, need_du: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx like x, dU_in (Cg, r)) of ``conv_base_project``; an empty tensor where not asked.
+
+    dx = base conv's input gradient (torch) + mask * grouped 1x1 of dz by U_in, the second added
+    in place by the expansion kernel (one read and one write of dx)."""
+    dx = du = None
+    if need_dx:
+        base_dx = _base_conv_input_grad(dy, x, weight, _spec(stride, pads, dilation, groups, padding_mode))
+        if base_dx.stride() != torch.empty_like(x, device="meta").stride():  # keep the fake's layout
+            base_dx = torch.empty_like(x).copy_(base_dx)
+        dx = cg.expand(dz, u_in, groups, base_dx, base_dx, True, p, seed)
+    if need_du:
+        du = cg.reduce(x, dz, groups, True, p, seed).to(u_in.dtype)
+    return (dx if dx is not None else x.new_empty(0)), (du if du is not None else u_in.new_empty(0))
+
+
+@conv_base_project_bwd.register_fake
+def _(dy, dz, x, weight, u_in, stride, pads, dilation, groups, padding_mode, p, seed, need_dx, need_du):  # type: ignore[no-untyped-def]
+    return (torch.empty_like(x) if need_dx else x.new_empty(0)), u_in.new_empty(u_in.shape if need_du else (0,))
+
+
+def _base_project_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, weight, _bias, u_in, *geometry, p, seed = inputs
+    ctx.save_for_backward(x, weight, u_in)
+    ctx.geometry, ctx.p, ctx.seed = geometry, p, seed
+
+
+def _base_project_backward(ctx, dy: Tensor, dz: Tensor):  # type: ignore[no-untyped-def]
+    x, weight, u_in = ctx.saved_tensors
+    need_x, _, need_bias, need_u = ctx.needs_input_grad[:4]
+    dx = du = None
+    if need_x or need_u:
+        dx, du = conv_base_project_bwd(dy, dz, x, weight, u_in, *ctx.geometry, ctx.p, ctx.seed, need_x, need_u)
+    dbias = dy.sum([0, *range(2, dy.dim())]) if need_bias else None
+    return (dx if need_x else None, None, dbias, du if need_u else None) + (None,) * 7
+
+
+conv_base_project.register_autograd(_base_project_backward, setup_context=_base_project_setup)
+
+
+@torch.library.custom_op("flora_triton::conv_expand", mutates_args=())
+def conv_expand(base: Tensor, u: Tensor, u_out: Tensor, groups: int) -> Tensor:
+    """y = base + grouped 1x1 of u (N, G r, *out) by u_out (C_out, r): (N, C_out, *out), base's layout."""
+    return cg.expand(u, u_out, groups, torch.empty_like(base), base, False)
+
+
+@conv_expand.register_fake
+def _(base: Tensor, u: Tensor, u_out: Tensor, groups: int) -> Tensor:
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("flora_triton::conv_expand_bwd", mutates_args=())
+def conv_expand_bwd(dy: Tensor, u: Tensor, u_out: Tensor, groups: int, need_du: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
+    """(du like u, dU_out (C_out, r)) of ``conv_expand``; an empty tensor where not asked."""
+    du = cg.project(dy, u_out, groups, torch.empty_like(u), False) if need_du else u.new_empty(0)
+    dw = cg.reduce(dy, u, groups, False).to(u_out.dtype) if need_dw else u_out.new_empty(0)
+    return du, dw
+
+
+@conv_expand_bwd.register_fake
+def _(dy, u, u_out, groups, need_du, need_dw):  # type: ignore[no-untyped-def]
+    return (torch.empty_like(u) if need_du else u.new_empty(0)), u_out.new_empty(u_out.shape if need_dw else (0,))
+
+
+def _expand_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    _base, u, u_out, groups = inputs
+    ctx.save_for_backward(u, u_out)
+    ctx.groups = groups
+
+
+def _expand_backward(ctx, dy: Tensor):  # type: ignore[no-untyped-def]
+    u, u_out = ctx.saved_tensors
+    need_base, need_u, need_w = ctx.needs_input_grad[:3]
+    du = dw = None
+    if need_u or need_w:
+        du, dw = conv_expand_bwd(dy, u, u_out, ctx.groups, need_u, need_w)
+    return dy if need_base else None, du if need_u else None, dw if need_w else None, None
+
+
+conv_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def conv_factorized(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    spec: ConvSpec, dropout_p: float,
+) -> Tensor:
+    """x (N, C_in, *spatial) -> (N, C_out, *out): conv(x, W, b) + conv(drop(x), dW), in x's dtype."""
+    dt = x.dtype
+    fs = [f.to(dt) for f in factors]
+    r_out, r_in = core.shape[0], core.shape[1]
+    k = core_kernel(core.to(dt), fs).reshape(r_out, r_in, *weight.shape[2:]) * scale
+    seed = new_seed() if dropout_p > 0 else 0
+    stride, pads, dilation, g, mode = _geometry(spec)
+    y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
+    if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv
+        z = F.pad(z, [p for lo_hi in reversed(spec.pads) for p in lo_hi], mode=mode)
+        pads = [0] * len(pads)
+    u = core_conv(z, k, stride, pads, dilation, g)
+    return conv_expand(y_base, u, fs[0], g)
+
+
+def conv_merged(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    spec: ConvSpec, dropout_p: float,
+) -> Tensor:
+    """conv(x, W + s dW) with W + s dW from the reconstruct kernel; torch's conv backward gives
+    dW_eff, which the adjoint kernel projects. With dropout: conv(x, W, b) + conv(drop(x), dW)."""
+    if dropout_p > 0:
+        delta = reconstruct(core, factors, scale, None).to(weight.dtype)
+        return conv_nd(x, weight, bias, spec) + conv_nd(F.dropout(x, dropout_p, training=True), delta, None, spec)
+    return conv_nd(x, reconstruct(core, factors, scale, weight), bias, spec)

@@ -1,0 +1,245 @@
+"""The compiled ``torch.ops.flora`` ops on CPU: op contracts (opcheck), exact semantics against
+einsum formulas over odd shapes, and bad input raising clean Python exceptions.
+
+Skipped when the extension is not built (``pip install --no-build-isolation -e .``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flora_kernels.backends.cuda import load_extension
+
+_REASON = load_extension()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
+
+# Tolerance per dtype (rtol, atol), relative to values of order 1.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def ops():
+    return torch.ops.flora
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, b.abs().max().item())
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale)
+
+
+# (N, groups, C per group, rank, spatial): rank 1, non powers of two, batch 1, depthwise (C = 1).
+SHAPES = [
+    (1, 1, 1, 1, ()),
+    (5, 1, 7, 3, ()),
+    (2, 3, 4, 2, (5,)),
+    (1, 2, 3, 5, (3, 4)),
+    (2, 4, 1, 1, (2, 3, 2)),
+]
+SHAPE_IDS = [f"N{n}-g{g}-C{c}-r{r}-sp{'x'.join(map(str, sp)) or '0'}" for n, g, c, r, sp in SHAPES]
+
+
+def _chan(t: torch.Tensor, g: int) -> torch.Tensor:
+    """(N, g*C, *sp) -> (N, g, C, P)"""
+    return t.reshape(t.shape[0], g, t.shape[1] // g, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_adapter_ops_match_formulas(shape, dtype, p):
+    n, g, c, r, sp = shape
+    o = 3  # out channels per group
+    seed = 1234
+    x = torch.randn(n, g * c, *sp, dtype=dtype)
+    u_in = torch.randn(c, r, dtype=dtype)
+    u_out = torch.randn(g * o, r, dtype=dtype)
+    y = torch.randn(n, g * o, *sp, dtype=dtype)
+    mask = ops().dropout_mask(x, p, seed)
+    xd = (x.double() * mask.double())
+    # shrink: z = U_in^T dropout(x) per group
+    z = ops().adapter_shrink(x, u_in, g, p, seed)
+    z_ref = torch.einsum("ngcp,ca->ngap", _chan(xd, g), u_in.double()).reshape(n, g * r, *sp)
+    close(z, z_ref, dtype)
+    # expand: y += s * U_out_g z
+    zz = torch.randn_like(z)
+    y2 = y.clone()
+    ops().adapter_expand_(y2, zz, u_out, g, 0.7)
+    y_ref = y.double() + 0.7 * torch.einsum("goa,ngap->ngop", u_out.double().reshape(g, o, r), _chan(zz.double(), g)).reshape(y.shape)
+    close(y2, y_ref, dtype)
+    # expand grad input: dz = s * U_out_g^T dy
+    dy = torch.randn_like(y)
+    dz = ops().adapter_expand_grad_input(dy, u_out, g, 0.7)
+    dz_ref = 0.7 * torch.einsum("goa,ngop->ngap", u_out.double().reshape(g, o, r), _chan(dy.double(), g)).reshape(z.shape)
+    close(dz, dz_ref, dtype)
+    # shrink grad input: dx = mask * (U_in dz), fresh and accumulated
+    dx = ops().adapter_shrink_grad_input(zz, u_in, g, p, seed)
+    dx_ref = mask.double() * torch.einsum("ca,ngap->ngcp", u_in.double(), _chan(zz.double(), g)).reshape(x.shape)
+    close(dx, dx_ref, dtype)
+    acc = torch.randn_like(x)
+    acc2 = acc.clone()
+    ops().adapter_shrink_grad_input_(acc2, zz, u_in, g, p, seed)
+    close(acc2, acc.double() + dx_ref, dtype)
+    # factor grads: summed over groups (U_in) or per group (U_out)
+    du_in = ops().adapter_factor_grad(x, zz, g, False, 1.0, p, seed)
+    close(du_in, torch.einsum("ngcp,ngap->ca", _chan(xd, g), _chan(zz.double(), g)), dtype)
+    du_out = ops().adapter_factor_grad(dy, zz, g, True, 0.7, 0.0, 0)
+    du_out_ref = 0.7 * torch.einsum("ngop,ngap->goa", _chan(dy.double(), g), _chan(zz.double(), g)).reshape(g * o, r)
+    close(du_out, du_out_ref, dtype)
+
+
+def test_dropout_mask_is_seeded_and_scaled():
+    x = torch.randn(64, 257)
+    m1 = ops().dropout_mask(x, 0.25, 7)
+    assert torch.equal(m1, ops().dropout_mask(x, 0.25, 7))
+    assert not torch.equal(m1, ops().dropout_mask(x, 0.25, 8))
+    vals = m1.unique().tolist()
+    assert len(vals) == 2 and vals[0] == 0.0 and vals[1] == pytest.approx(1 / 0.75)
+    kept = (m1 > 0).double().mean().item()
+    assert abs(kept - 0.75) < 0.02, kept
+    assert torch.equal(ops().dropout_mask(x, 0.0, 7), torch.ones_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1, 1), (5, 3, 7, 6, 1), (2, 3, 9, 4, 4), (3, 1, 2, 5, 27)],
+                         ids=lambda d: "r{}x{}-I{}x{}-T{}".format(*d))
+def test_reconstruct_ops_match_formulas(dims, dtype):
+    r0, r1, i0, i1, t = dims
+    core = torch.randn(r0, r1, t, dtype=dtype)
+    u0, u1 = torch.randn(i0, r0, dtype=dtype), torch.randn(i1, r1, dtype=dtype)
+    ref = 0.6 * torch.einsum("ia,abt,jb->ijt", u0.double(), core.double(), u1.double())
+    close(ops().tucker_reconstruct(core, u0, u1, 0.6, None), ref, dtype)
+    base = torch.randn(i0, i1, t, dtype=torch.float32)  # base in another dtype: fused add + cast
+    out = ops().tucker_reconstruct(core, u0, u1, 0.6, base)
+    assert out.dtype == torch.float32
+    close(out, base.double() + ref, dtype if TOL[dtype] > TOL[torch.float32] else torch.float32)
+    g = torch.randn(i0, i1, t, dtype=dtype)
+    dcore, du0, du1 = ops().tucker_reconstruct_backward(g, core, u0, u1, 0.6)
+    gd = g.double()
+    close(dcore, 0.6 * torch.einsum("ia,ijt,jb->abt", u0.double(), gd, u1.double()), dtype)
+    close(du0, 0.6 * torch.einsum("ijt,abt,jb->ia", gd, core.double(), u1.double()), dtype)
+    close(du1, 0.6 * torch.einsum("ijt,abt,ia->jb", gd, core.double(), u0.double()), dtype)
+
+
+def test_non_contiguous_inputs_are_made_contiguous():
+    x = torch.randn(6, 4, 5).transpose(1, 2)  # (6, 5, 4) non-contiguous, channels = 5
+    u = torch.randn(8, 5).t()  # (5, 8) non-contiguous
+    z = ops().adapter_shrink(x, u, 1, 0.0, 0)
+    close(z, torch.einsum("ncp,ca->nap", x.double(), u.double()), torch.float32)
+    core = torch.randn(4, 3, 2).transpose(0, 1).contiguous().transpose(0, 1)
+    u0, u1 = torch.randn(4, 5).t(), torch.randn(7, 3)
+    close(ops().tucker_reconstruct(core, u0, u1, 1.0, None),
+          torch.einsum("ia,abt,jb->ijt", u0.double(), core.double(), u1.double()), torch.float32)
+
+
+# ---- op contracts ---------------------------------------------------------------------------------------
+def _samples(dtype=torch.float32):
+    x = torch.randn(2, 6, 5, dtype=dtype)
+    u_in = torch.randn(3, 2, dtype=dtype)
+    u_out = torch.randn(8, 2, dtype=dtype)
+    z = torch.randn(2, 4, 5, dtype=dtype)
+    y = torch.randn(2, 8, 5, dtype=dtype)
+    core = torch.randn(2, 3, 4, dtype=dtype)
+    u0, u1 = torch.randn(5, 2, dtype=dtype), torch.randn(6, 3, dtype=dtype)
+    return {
+        "tucker_reconstruct": [(core, u0, u1, 0.5, None), (core, u0, u1, 0.5, torch.randn(5, 6, 4, dtype=torch.float64))],
+        "tucker_reconstruct_backward": [(torch.randn(5, 6, 4, dtype=dtype), core, u0, u1, 0.5)],
+        "adapter_shrink": [(x, u_in, 2, 0.0, 0), (x, u_in, 2, 0.5, 3)],
+        "adapter_expand_": [(y.clone(), z, u_out, 2, 0.5)],
+        "adapter_expand_grad_input": [(y, u_out, 2, 0.5)],
+        "adapter_shrink_grad_input": [(z, u_in, 2, 0.2, 5)],
+        "adapter_shrink_grad_input_": [(x.clone(), z, u_in, 2, 0.2, 5)],
+        "adapter_factor_grad": [(x, z, 2, False, 1.0, 0.2, 5), (y, z, 2, True, 0.5, 0.0, 0)],
+        "dropout_mask": [(x, 0.3, 11)],
+    }
+
+
+@pytest.mark.parametrize("name", list(_samples()), ids=str)
+def test_opcheck(name):
+    op = getattr(ops(), name)
+    for args in _samples()[name]:
+        torch.library.opcheck(op, args)
+
+
+# ---- bad input --------------------------------------------------------------------------------------------
+def _bad_calls():
+    f = torch.randn
+    x, u_in, u_out = f(2, 6, 5), f(3, 2), f(8, 2)
+    z, y = f(2, 4, 5), f(2, 8, 5)
+    core, u0, u1 = f(2, 3, 4), f(5, 2), f(6, 3)
+    meta = torch.device("meta")
+    return {
+        # shapes
+        "shrink-factor-rows": lambda: ops().adapter_shrink(x, f(4, 2), 2, 0.0, 0),
+        "shrink-1d-factor": lambda: ops().adapter_shrink(x, f(3), 2, 0.0, 0),
+        "shrink-groups-not-dividing": lambda: ops().adapter_shrink(x, u_in, 4, 0.0, 0),
+        "shrink-groups-zero": lambda: ops().adapter_shrink(x, u_in, 0, 0.0, 0),
+        "shrink-1d-x": lambda: ops().adapter_shrink(f(6), u_in, 2, 0.0, 0),
+        "shrink-p-one": lambda: ops().adapter_shrink(x, u_in, 2, 1.0, 0),
+        "shrink-p-negative": lambda: ops().adapter_shrink(x, u_in, 2, -0.1, 0),
+        "expand-y-channels": lambda: ops().adapter_expand_(f(2, 7, 5), z, u_out, 2, 1.0),
+        "expand-spatial": lambda: ops().adapter_expand_(f(2, 8, 4), z, u_out, 2, 1.0),
+        "expand-noncontiguous-y": lambda: ops().adapter_expand_(f(2, 5, 8).transpose(1, 2), z, u_out, 2, 1.0),
+        "expand-grad-factor-rows": lambda: ops().adapter_expand_grad_input(y, f(4, 2), 2, 1.0),
+        "shrink-grad-rank": lambda: ops().adapter_shrink_grad_input(z, f(3, 3), 2, 0.0, 0),
+        "shrink-grad-inplace-channels": lambda: ops().adapter_shrink_grad_input_(f(2, 5, 5), z, u_in, 2, 0.0, 0),
+        "shrink-grad-inplace-noncontiguous": lambda: ops().adapter_shrink_grad_input_(
+            f(2, 5, 6).transpose(1, 2), z, u_in, 2, 0.0, 0),
+        "factor-grad-batch": lambda: ops().adapter_factor_grad(x, f(3, 4, 5), 2, False, 1.0, 0.0, 0),
+        "reconstruct-2d-core": lambda: ops().tucker_reconstruct(f(2, 3), u0, u1, 1.0, None),
+        "reconstruct-u0-rank": lambda: ops().tucker_reconstruct(core, f(5, 3), u1, 1.0, None),
+        "reconstruct-base-shape": lambda: ops().tucker_reconstruct(core, u0, u1, 1.0, f(5, 6, 3)),
+        "reconstruct-backward-grad-shape": lambda: ops().tucker_reconstruct_backward(f(5, 6), core, u0, u1, 1.0),
+        # dtypes
+        "shrink-int": lambda: ops().adapter_shrink(x.long(), u_in.long(), 2, 0.0, 0),
+        "shrink-mixed": lambda: ops().adapter_shrink(x, u_in.double(), 2, 0.0, 0),
+        "expand-mixed": lambda: ops().adapter_expand_(y.double(), z, u_out, 2, 1.0),
+        "reconstruct-int-base": lambda: ops().tucker_reconstruct(core, u0, u1, 1.0, torch.zeros(5, 6, 4, dtype=torch.int32)),
+        "reconstruct-mixed": lambda: ops().tucker_reconstruct(core, u0.double(), u1, 1.0, None),
+        "factor-grad-mixed": lambda: ops().adapter_factor_grad(x, z.half(), 2, False, 1.0, 0.0, 0),
+        "reconstruct-backward-int-grad": lambda: ops().tucker_reconstruct_backward(
+            torch.ones(5, 6, 4, dtype=torch.int32), core, u0, u1, 1.0),
+        "expand-grad-int": lambda: ops().adapter_expand_grad_input(y.int(), u_out.int(), 2, 1.0),
+        "shrink-grad-mixed": lambda: ops().adapter_shrink_grad_input(z, u_in.double(), 2, 0.0, 0),
+        "shrink-grad-inplace-mixed": lambda: ops().adapter_shrink_grad_input_(x.double(), z, u_in, 2, 0.0, 0),
+        "mask-int": lambda: ops().dropout_mask(torch.ones(3, dtype=torch.int64), 0.5, 0),
+        # devices
+        "shrink-meta-factor": lambda: ops().adapter_shrink(x, u_in.to(meta), 2, 0.0, 0),
+        "reconstruct-meta-u1": lambda: ops().tucker_reconstruct(core, u0, u1.to(meta), 1.0, None),
+        "reconstruct-backward-meta-grad": lambda: ops().tucker_reconstruct_backward(
+            torch.randn(5, 6, 4, device=meta), core, u0, u1, 1.0),
+        "expand-grad-meta-factor": lambda: ops().adapter_expand_grad_input(y, u_out.to(meta), 2, 1.0),
+        "shrink-grad-meta-factor": lambda: ops().adapter_shrink_grad_input(z, u_in.to(meta), 2, 0.0, 0),
+        "shrink-grad-inplace-meta": lambda: ops().adapter_shrink_grad_input_(x, z.to(meta), u_in, 2, 0.0, 0),
+        "factor-grad-meta": lambda: ops().adapter_factor_grad(x, z.to(meta), 2, False, 1.0, 0.0, 0),
+        "expand-meta-y": lambda: ops().adapter_expand_(y.to(meta), z, u_out, 2, 1.0),
+        # empty
+        "shrink-empty-x": lambda: ops().adapter_shrink(f(0, 6, 5), u_in, 2, 0.0, 0),
+        "shrink-empty-factor": lambda: ops().adapter_shrink(f(2, 6, 5), f(3, 0), 2, 0.0, 0),
+        "reconstruct-empty": lambda: ops().tucker_reconstruct(f(2, 3, 0), u0, u1, 1.0, None),
+        "factor-grad-empty": lambda: ops().adapter_factor_grad(f(0, 6, 5), f(0, 4, 5), 2, False, 1.0, 0.0, 0),
+        "mask-empty": lambda: ops().dropout_mask(f(0), 0.5, 0),
+        "shrink-grad-empty": lambda: ops().adapter_shrink_grad_input(f(2, 4, 0), u_in, 2, 0.0, 0),
+        "expand-grad-empty": lambda: ops().adapter_expand_grad_input(f(2, 8, 0), u_out, 2, 1.0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()), ids=str)
+def test_bad_input_raises(case):
+    with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        _bad_calls()[case]()
+    assert "expected" in str(info.value).lower(), str(info.value)
+
+
+def test_ops_listed():
+    from flora_kernels.backends.cuda import _OPS
+
+    assert all(hasattr(ops(), name) for name in _OPS)
+    assert math.isfinite(ops().dropout_mask(torch.ones(4), 0.5, 1).sum().item())

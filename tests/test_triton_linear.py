@@ -1,0 +1,124 @@
+"""Triton FLoRA Linear (factorized and merged) vs the reference path: output and every gradient,
+dropout mask consistency, opcheck of the linear ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_triton_helpers import DEVICE, DTYPE_IDS, DTYPES, assert_bounded, compare, needs_triton
+from torch.library import opcheck
+
+import flora_kernels as fk
+from flora_kernels import reference as ref
+
+pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")]
+
+# (id, x shape, out, ranks, bias, strided x): rank 1, full rank, batch 1, ragged tails, 3-D x
+CASES = [
+    ("3d-x-bias", (2, 3, 37), 29, (5, 3), True, False),
+    ("rank1-nobias", (45, 20), 33, (1, 1), False, False),
+    ("batch1-full", (1, 16), 16, (16, 16), True, False),
+    ("strided-x", (21, 19), 7, (3, 4), True, True),
+    ("ragged-70x9", (70, 9), 40, (2, 5), False, False),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def _inputs(case):
+    _, xs, out, ranks, bias, strided = case
+    in_f = xs[-1]
+    x = torch.randn(*xs[:-1], in_f * (2 if strided else 1), device=DEVICE, requires_grad=True)
+    w = torch.randn(out, in_f, device=DEVICE) / in_f**0.5
+    b = torch.randn(out, device=DEVICE, requires_grad=True) if bias else None
+    core = torch.randn(ranks, device=DEVICE, requires_grad=True)
+    fs = [(torch.randn(n, r, device=DEVICE) / r**0.5).requires_grad_() for n, r in zip((out, in_f), ranks)]
+    return [x, w, b, core, *fs], strided
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("strategy", ["factorized", "merged"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_linear(case, strategy, dtype):
+    inputs, strided = _inputs(case)
+
+    def prep(x):
+        return x[..., ::2] if strided else x
+
+    def kern(x, w, b, core, u_out, u_in):
+        return fk.flora_linear(prep(x), w, b, core, [u_out, u_in], 0.6, strategy=strategy, backend="triton")
+
+    def oracle(x, w, b, core, u_out, u_in):
+        return ref.linear_factorized(prep(x), w, b, core, [u_out, u_in], 0.6)
+
+    compare(kern, oracle, inputs, dtype, ["x", "weight", "bias", "core", "factors[0]", "factors[1]"])
+
+
+def _dropout_setup(monkeypatch, seed=1234):
+    from flora_kernels.backends.triton import linear as L
+
+    monkeypatch.setattr(L, "new_seed", lambda: seed)
+    return L
+
+
+@pytest.mark.parametrize("p", [0.3, 0.75])
+def test_linear_dropout_mask_consistent(monkeypatch, p):
+    """p > 0: output and every gradient equal the reference computed with the kernel's own mask
+    (recovered by shrinking ones by the identity with the same seed); the keep rate is 1 - p."""
+    L = _dropout_setup(monkeypatch)
+    t, in_f, out, ranks = 64, 40, 24, (4, 3)
+    x = torch.randn(t, in_f, device=DEVICE, requires_grad=True)
+    w = torch.randn(out, in_f, device=DEVICE) / in_f**0.5
+    b = torch.randn(out, device=DEVICE)
+    core = torch.randn(ranks, device=DEVICE, requires_grad=True)
+    fs = [torch.randn(n, r, device=DEVICE, requires_grad=True) for n, r in zip((out, in_f), ranks)]
+    drop = L.shrink(torch.ones(t, in_f, device=DEVICE), torch.eye(in_f, device=DEVICE), p, 1234)  # mask / (1 - p)
+    keep = drop != 0
+    assert torch.allclose(drop[keep], torch.full_like(drop[keep], 1 / (1 - p)))
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.05
+    y = fk.flora_linear(x, w, b, core, fs, 0.5, dropout_p=p, strategy="factorized", backend="triton")
+    y_ref = F.linear(x, w, b) + ((x * drop) @ fs[1]) @ (0.5 * fs[0] @ core).t()
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, [x, core, *fs], dy)
+    g_ref = torch.autograd.grad(y_ref, [x, core, *fs], dy)
+    assert_bounded(y, y_ref, y_ref, torch.float32, "output")
+    for name, a, r in zip(["x", "core", "U_out", "U_in"], g, g_ref):
+        assert_bounded(a, r, r, torch.float32, f"grad {name}")
+
+
+def test_linear_dropout_p0_exact():
+    """p = 0 draws no mask: the result does not depend on the seed, bit for bit."""
+    from flora_kernels.backends.triton import linear as L
+
+    x, w = torch.randn(33, 20, device=DEVICE), torch.randn(17, 20, device=DEVICE)
+    u_in, b = torch.randn(20, 3, device=DEVICE), torch.randn(17, 3, device=DEVICE)
+    y1, s1 = L.linear_fwd(x, w, None, u_in, b, 0.0, 1)
+    y2, s2 = L.linear_fwd(x, w, None, u_in, b, 0.0, 2)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+
+
+def test_linear_merged_dropout_matches_reference():
+    """Merged with p > 0 uses torch's dropout: same RNG state, same result as the reference."""
+    x = torch.randn(9, 12, device=DEVICE)
+    w = torch.randn(10, 12, device=DEVICE)
+    core, fs = torch.randn(3, 2, device=DEVICE), [torch.randn(10, 3, device=DEVICE), torch.randn(12, 2, device=DEVICE)]
+    torch.manual_seed(7)
+    y = fk.flora_linear(x, w, None, core, fs, 0.5, dropout_p=0.4, strategy="merged", backend="triton")
+    torch.manual_seed(7)
+    y_ref = ref.linear_merged(x, w, None, core, fs, 0.5, 0.4)
+    assert_bounded(y, y_ref, y_ref, torch.float32, "merged dropout")
+
+
+def test_opcheck_linear_ops():
+    from flora_kernels.backends.triton import linear as L
+
+    def rq(*s):
+        return torch.randn(*s, device=DEVICE, requires_grad=True)
+
+    w = torch.randn(7, 9, device=DEVICE)
+    opcheck(L.linear_fwd, (rq(11, 9), w, rq(7), rq(9, 3), rq(7, 3), 0.0, 0))
+    opcheck(L.linear_fwd, (rq(11, 9), w, None, rq(9, 3), rq(7, 3), 0.3, 5))
+    x, u_in, b = torch.randn(11, 9, device=DEVICE), torch.randn(9, 3, device=DEVICE), torch.randn(7, 3, device=DEVICE)
+    dy, s = torch.randn(11, 7, device=DEVICE), torch.randn(11, 3, device=DEVICE)
+    opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, 0.2, 3, True, True, True))
+    opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, 0.0, 0, True, False, True))
