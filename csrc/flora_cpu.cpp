@@ -1,4 +1,6 @@
-// flora ops: schemas (TORCH_LIBRARY(flora)) and CPU implementations (at::parallel_for).
+// flora ops: schemas (TORCH_LIBRARY(flora)) and CPU implementations: the GEMM-shaped work through ATen
+// (at::mm / at::addmm_out on views, BLAS-backed), dropout / casts / base adds fused around it in
+// at::parallel_for work items (staged per block, in cache).
 //
 // Op semantics (see docs/kernels/cuda.md). "Channel views": an activation of shape
 // (N, groups * C, *spatial) is read as (R = N * groups, C, P = prod(spatial)), each group using
@@ -25,9 +27,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "flora_checks.h"
@@ -41,280 +45,221 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
 
+// The dtype the GEMMs run in: float for half/bfloat16 (one rounding at the end), else the dtype.
+c10::ScalarType acc_type(c10::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// A (rows, cols) matrix view of raw memory with the given element strides (no copy, not owned).
+Tensor mat(const void* p, int64_t rows, int64_t cols, int64_t rs, int64_t cs, c10::ScalarType t) {
+  return at::from_blob(const_cast<void*>(p), {rows, cols}, {rs, cs}, at::TensorOptions().dtype(t));
+}
+
+// out = a @ b (accumulate: out += a @ b), a BLAS GEMM through ATen.
+void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (accumulate)
+    at::addmm_out(out, out, a, b, 1, 1);
+  else
+    at::mm_out(out, a, b);
+}
+
 // out[r, o, p] (= or +=) mask_out * alpha * sum_c w_g(o, c) * mask_in * in[r, c, p], g = r % groups,
 // w_g(o, c) = w[g * w_gs + o * ws_o + c * ws_c]; masks index the flat element of `in` / `out`.
+// Work items are GEMMs on views (BLAS through ATen); the input is staged into an acc_t buffer only
+// when it needs a dropout mask or a cast, the output only when it needs a mask or a cast.
 template <typename scalar_t>
 void mix_cpu(const scalar_t* in, const scalar_t* w, int64_t groups, int64_t w_gs, int64_t ws_o, int64_t ws_c,
              scalar_t* out, int64_t R, int64_t C, int64_t O, int64_t P, double alpha, bool accumulate,
              const DropParams& din, const DropParams& dout) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool same = std::is_same<acc_t, scalar_t>::value;
+  const auto st = c10::CppTypeToScalarType<scalar_t>::value, at_ = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nw = w_gs == 0 ? 1 : groups;  // distinct weights
-  std::vector<acc_t> wt_all(nw * C * O);      // wt[(g * C + c) * O + o] = alpha * w_g(o, c)
+  std::vector<acc_t> wt_all(nw * O * C);      // wt[(g * O + o) * C + c] = alpha * w_g(o, c)
   for (int64_t g = 0; g < nw; ++g)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t o = 0; o < O; ++o)
-        wt_all[(g * C + c) * O + o] =
-            static_cast<acc_t>(alpha) * static_cast<acc_t>(w[g * w_gs + o * ws_o + c * ws_c]);
-  auto store = [&](int64_t idx, acc_t v) {
-    v *= drop_scale<acc_t>(dout, idx);
-    out[idx] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(out[idx]) + v) : static_cast<scalar_t>(v);
-  };
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t c = 0; c < C; ++c)
+        wt_all[(g * O + o) * C + c] = static_cast<acc_t>(alpha) * static_cast<acc_t>(w[g * w_gs + o * ws_o + c * ws_c]);
+  const bool stage_in = !same || din.active, stage_out = !same || dout.active;
   if (P == 1) {
-    at::parallel_for(0, R, grain_for(C * O), [&](int64_t rb, int64_t re) {
-      std::vector<acc_t> acc(O);
-      for (int64_t r = rb; r < re; ++r) {
-        const acc_t* wt = wt_all.data() + (nw == 1 ? 0 : (r % groups) * C * O);
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(in[r * C + c]) * drop_scale<acc_t>(din, r * C + c);
-          if (v == acc_t(0)) continue;
-          const acc_t* wr = wt + c * O;
-          for (int64_t o = 0; o < O; ++o) acc[o] += wr[o] * v;
+    // Rows r = n * groups + g; an item is (group g, a block of n): out_rows (nb, O) = in_rows (nb, C) @ W_g^T.
+    // Without staging one GEMM per group covers every row (BLAS blocks and threads it itself).
+    const int64_t N = R / groups;
+    const int64_t NB = (stage_in || stage_out) ? std::max<int64_t>(16, std::min<int64_t>(512, 65536 / std::max<int64_t>(C + O, 1))) : N;
+    const int64_t nblk = (N + NB - 1) / NB;
+    at::parallel_for(0, groups * nblk, grain_for(NB * C * O / 16), [&](int64_t ib, int64_t ie) {
+      std::vector<acc_t> xin(stage_in ? NB * C : 0), acc(stage_out ? NB * O : 0);
+      for (int64_t item = ib; item < ie; ++item) {
+        const int64_t g = item / nblk, n0 = (item % nblk) * NB, nb = std::min(NB, N - n0);
+        const Tensor wT = mat(wt_all.data() + (nw == 1 ? 0 : g * O * C), C, O, 1, C, at_);
+        Tensor a;
+        if (stage_in) {
+          for (int64_t n = 0; n < nb; ++n) {
+            const int64_t base = ((n0 + n) * groups + g) * C;
+            for (int64_t c = 0; c < C; ++c)
+              xin[n * C + c] = static_cast<acc_t>(in[base + c]) * drop_scale<acc_t>(din, base + c);
+          }
+          a = mat(xin.data(), nb, C, C, 1, at_);
+        } else {
+          a = mat(in + (n0 * groups + g) * C, nb, C, groups * C, 1, st);
         }
-        for (int64_t o = 0; o < O; ++o) store(r * O + o, acc[o]);
+        if (!stage_out) {
+          Tensor o = mat(out + (n0 * groups + g) * O, nb, O, groups * O, 1, st);
+          gemm(o, a, wT, accumulate);
+        } else {
+          Tensor o = mat(acc.data(), nb, O, O, 1, at_);
+          gemm(o, a, wT, false);
+          for (int64_t n = 0; n < nb; ++n) {
+            const int64_t base = ((n0 + n) * groups + g) * O;
+            for (int64_t q = 0; q < O; ++q) {
+              const acc_t v = acc[n * O + q] * drop_scale<acc_t>(dout, base + q);
+              out[base + q] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(out[base + q]) + v) : static_cast<scalar_t>(v);
+            }
+          }
+        }
       }
     });
     return;
   }
-  const int64_t PT = std::min<int64_t>(P, std::max<int64_t>(16, 32768 / (C + O)));
+  if (!stage_in && !stage_out) {
+    // P > 1, nothing to stage: one batched GEMM over the R rows (BLAS threads it), W_{r % groups} per row.
+    const Tensor wt = at::from_blob(wt_all.data(), {nw, O, C}, at::TensorOptions().dtype(at_));
+    const Tensor Wr = nw == 1 ? wt.expand({R, O, C}) : wt.unsqueeze(0).expand({R / groups, groups, O, C}).reshape({R, O, C});
+    const Tensor in3 = at::from_blob(const_cast<scalar_t*>(in), {R, C, P}, at::TensorOptions().dtype(st));
+    Tensor out3 = at::from_blob(out, {R, O, P}, at::TensorOptions().dtype(st));
+    if (accumulate)
+      out3.baddbmm_(Wr, in3);
+    else
+      at::bmm_out(out3, Wr, in3);
+    return;
+  }
+  // P > 1: an item is (r, a tile of positions): out[r] (O, pn) = W_g (O, C) @ in[r] (C, pn).
+  const int64_t PT = (stage_in || stage_out) ? std::min<int64_t>(P, std::max<int64_t>(64, 65536 / (C + O))) : P;
   const int64_t ntiles = (P + PT - 1) / PT;
-  at::parallel_for(0, R * ntiles, grain_for(C * O * PT), [&](int64_t ib, int64_t ie) {
-    std::vector<acc_t> xin(C * PT), acc(O * PT);
+  at::parallel_for(0, R * ntiles, grain_for(C * O * PT / 16), [&](int64_t ib, int64_t ie) {
+    std::vector<acc_t> xin(stage_in ? C * PT : 0), acc(stage_out ? O * PT : 0);
     for (int64_t item = ib; item < ie; ++item) {
       const int64_t r = item / ntiles, p0 = (item % ntiles) * PT, pn = std::min(PT, P - p0);
-      const acc_t* wt = wt_all.data() + (nw == 1 ? 0 : (r % groups) * C * O);
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t base = (r * C + c) * P + p0;
-        for (int64_t q = 0; q < pn; ++q)
-          xin[c * PT + q] = static_cast<acc_t>(in[base + q]) * drop_scale<acc_t>(din, base + q);
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* xr = xin.data() + c * PT;
-        for (int64_t o = 0; o < O; ++o) {
-          const acc_t wv = wt[c * O + o];
-          acc_t* ar = acc.data() + o * PT;
-          for (int64_t q = 0; q < pn; ++q) ar[q] += wv * xr[q];
-        }
-      }
-      for (int64_t o = 0; o < O; ++o) {
-        const int64_t base = (r * O + o) * P + p0;
-        for (int64_t q = 0; q < pn; ++q) store(base + q, acc[o * PT + q]);
-      }
-    }
-  });
-}
-
-// out[c, k] = alpha * sum over rows r = r0, r0 + step, ... < R and p of mask * a[r, c, p] * b[r, k, p].
-template <typename scalar_t>
-void corr_rows_cpu(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t R, int64_t C, int64_t K, int64_t P,
-                   int64_t r0, int64_t step, double alpha, const DropParams& da) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if (P == 1) {
-    const int64_t CB = 32, nblk = (C + CB - 1) / CB;
-    at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-      std::vector<acc_t> acc(CB * K), bk(K);
-      for (int64_t blk = bb; blk < be; ++blk) {
-        const int64_t c0 = blk * CB, cn = std::min(CB, C - c0);
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t r = r0; r < R; r += step) {
-          for (int64_t k = 0; k < K; ++k) bk[k] = static_cast<acc_t>(b[r * K + k]);
-          for (int64_t c = 0; c < cn; ++c) {
-            const int64_t idx = r * C + c0 + c;
-            const acc_t av = static_cast<acc_t>(a[idx]) * drop_scale<acc_t>(da, idx);
-            if (av == acc_t(0)) continue;
-            acc_t* ar = acc.data() + c * K;
-            for (int64_t k = 0; k < K; ++k) ar[k] += av * bk[k];
-          }
-        }
-        for (int64_t c = 0; c < cn; ++c)
-          for (int64_t k = 0; k < K; ++k)
-            out[(c0 + c) * K + k] = static_cast<scalar_t>(static_cast<acc_t>(alpha) * acc[c * K + k]);
-      }
-    });
-    return;
-  }
-  // P > 1: per channel c, elementwise accumulators acc[k, q] over a tile of positions (vectorizes
-  // without reassociating a reduction), summed once at the end.
-  const int64_t PT = std::min<int64_t>(P, 256);
-  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<acc_t> arow(PT), acc(K * PT);
-    for (int64_t c = cb; c < ce; ++c) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t r = r0; r < R; r += step) {
-        for (int64_t p0 = 0; p0 < P; p0 += PT) {
-          const int64_t pn = std::min(PT, P - p0), base = (r * C + c) * P + p0;
+      const Tensor wg = mat(wt_all.data() + (nw == 1 ? 0 : (r % groups) * O * C), O, C, C, 1, at_);
+      Tensor b;
+      if (stage_in) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t base = (r * C + c) * P + p0;
           for (int64_t q = 0; q < pn; ++q)
-            arow[q] = static_cast<acc_t>(a[base + q]) * drop_scale<acc_t>(da, base + q);
-          for (int64_t k = 0; k < K; ++k) {
-            const scalar_t* br = b + (r * K + k) * P + p0;
-            acc_t* ak = acc.data() + k * PT;
-            for (int64_t q = 0; q < pn; ++q) ak[q] += arow[q] * static_cast<acc_t>(br[q]);
+            xin[c * pn + q] = static_cast<acc_t>(in[base + q]) * drop_scale<acc_t>(din, base + q);
+        }
+        b = mat(xin.data(), C, pn, pn, 1, at_);
+      } else {
+        b = mat(in + r * C * P + p0, C, pn, P, 1, st);
+      }
+      if (!stage_out) {
+        Tensor o = mat(out + r * O * P + p0, O, pn, P, 1, st);
+        gemm(o, wg, b, accumulate);
+      } else {
+        Tensor o = mat(acc.data(), O, pn, pn, 1, at_);
+        gemm(o, wg, b, false);
+        for (int64_t oo = 0; oo < O; ++oo) {
+          const int64_t base = (r * O + oo) * P + p0;
+          for (int64_t q = 0; q < pn; ++q) {
+            const acc_t v = acc[oo * pn + q] * drop_scale<acc_t>(dout, base + q);
+            out[base + q] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(out[base + q]) + v) : static_cast<scalar_t>(v);
           }
         }
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        acc_t sum = 0;
-        for (int64_t q = 0; q < PT; ++q) sum += acc[k * PT + q];
-        out[c * K + k] = static_cast<scalar_t>(static_cast<acc_t>(alpha) * sum);
       }
     }
   });
 }
 
-// out[c, k] = alpha * sum_{r, p} mask * a[r, c, p] * b[r, k, p]   (G = 1), or with G = groups
-// one (C, K) block per group: out[g, c, k] sums only the rows r with r % groups == g.
+// out[g', c, k] = alpha * sum over rows r (all rows: G = 1, g' = 0; or r % groups == g': G = groups) and p of
+// mask * a[r, c, p] * b[r, k, p]. Items are GEMMs into per-thread acc_t partial sums, reduced in a fixed order.
 template <typename scalar_t>
 void corr_cpu(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t R, int64_t C, int64_t K, int64_t P,
               int64_t groups, bool per_group, double alpha, const DropParams& da) {
-  if (per_group && groups > 1) {
-    // Each group is an independent reduction over the rows g, g + groups, ...
-    for (int64_t g = 0; g < groups; ++g)
-      corr_rows_cpu<scalar_t>(a, b, out + g * C * K, R, C, K, P, g, groups, alpha, da);
-    return;
-  }
-  corr_rows_cpu<scalar_t>(a, b, out, R, C, K, P, 0, 1, alpha, da);
-}
-
-template <typename T>
-std::vector<at::opmath_type<T>> to_acc(const T* p, int64_t n, double mul = 1.0) {
-  std::vector<at::opmath_type<T>> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<at::opmath_type<T>>(mul) * static_cast<at::opmath_type<T>>(p[i]);
-  return v;
-}
-
-template <typename core_t, typename out_t>
-void reconstruct_cpu_kernel(const Tensor& core, const Tensor& u0, const Tensor& u1, double scale, const Tensor* base,
-                            Tensor& out, const ReconDims& d) {
-  using acc_t = at::opmath_type<core_t>;
-  const auto K = to_acc(core.data_ptr<core_t>(), d.r0 * d.r1 * d.T, scale);
-  const auto U1 = to_acc(u1.data_ptr<core_t>(), d.I1 * d.r1);
-  std::vector<acc_t> U1t(d.r1 * d.I1);  // (r1, I1)
-  for (int64_t j = 0; j < d.I1; ++j)
-    for (int64_t b = 0; b < d.r1; ++b) U1t[b * d.I1 + j] = U1[j * d.r1 + b];
-  const core_t* U0 = u0.data_ptr<core_t>();
-  const out_t* B = base ? base->data_ptr<out_t>() : nullptr;
-  out_t* Y = out.data_ptr<out_t>();
-  const int64_t RT = d.r1 * d.T, row = d.I1 * d.T;
-  using add_t = decltype(acc_t() + at::opmath_type<out_t>());
-  at::parallel_for(0, d.I0, grain_for(row * d.r1), [&](int64_t ib, int64_t ie) {
-    std::vector<acc_t> Pi(RT), acc(row);
-    for (int64_t i = ib; i < ie; ++i) {
-      std::fill(Pi.begin(), Pi.end(), acc_t(0));  // Pi[b, t] = sum_a u0[i, a] K[a, b, t]
-      for (int64_t a = 0; a < d.r0; ++a) {
-        const acc_t ua = static_cast<acc_t>(U0[i * d.r0 + a]);
-        const acc_t* ka = K.data() + a * RT;
-        for (int64_t bt = 0; bt < RT; ++bt) Pi[bt] += ua * ka[bt];
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));  // acc[j, t] = sum_b u1[j, b] Pi[b, t]
-      for (int64_t b = 0; b < d.r1; ++b) {
-        const acc_t* ub = U1t.data() + b * d.I1;
-        const acc_t* pb = Pi.data() + b * d.T;
-        if (d.T == 1) {
-          const acc_t pv = pb[0];
-          for (int64_t j = 0; j < d.I1; ++j) acc[j] += ub[j] * pv;
-        } else {
-          for (int64_t j = 0; j < d.I1; ++j)
-            for (int64_t t = 0; t < d.T; ++t) acc[j * d.T + t] += ub[j] * pb[t];
-        }
-      }
-      // Add in the wider of the two accumulation types, round once.
-      out_t* y = Y + i * row;
-      if (B) {
-        const out_t* bi = B + i * row;
-        for (int64_t e = 0; e < row; ++e) y[e] = static_cast<out_t>(static_cast<add_t>(bi[e]) + static_cast<add_t>(acc[e]));
-      } else {
-        for (int64_t e = 0; e < row; ++e) y[e] = static_cast<out_t>(acc[e]);
-      }
-    }
-  });
-}
-
-template <typename scalar_t>
-void reconstruct_backward_cpu_kernel(const Tensor& g, const Tensor& core, const Tensor& u0, const Tensor& u1,
-                                     double scale, Tensor& dcore, Tensor& du0, Tensor& du1, const ReconDims& d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* G = g.data_ptr<scalar_t>();
-  const auto K = to_acc(core.data_ptr<scalar_t>(), d.r0 * d.r1 * d.T);
-  const auto U0 = to_acc(u0.data_ptr<scalar_t>(), d.I0 * d.r0);
-  const auto U1 = to_acc(u1.data_ptr<scalar_t>(), d.I1 * d.r1);
-  const int64_t T = d.T, r0T = d.r0 * T, r1T = d.r1 * T;
-  // Q[i, b, t] = sum_j g[i, j, t] u1[j, b]   (I0 x r1 x T <= grad)
-  std::vector<acc_t> Q(d.I0 * r1T, acc_t(0));
-  at::parallel_for(0, d.I0, grain_for(d.I1 * r1T), [&](int64_t ib, int64_t ie) {
-    for (int64_t i = ib; i < ie; ++i) {
-      acc_t* q = Q.data() + i * r1T;
-      for (int64_t j = 0; j < d.I1; ++j) {
-        const scalar_t* gr = G + (i * d.I1 + j) * T;
-        const acc_t* uj = U1.data() + j * d.r1;
-        if (T == 1) {
-          const acc_t gv = static_cast<acc_t>(gr[0]);
-          for (int64_t b = 0; b < d.r1; ++b) q[b] += uj[b] * gv;
-        } else {
-          for (int64_t b = 0; b < d.r1; ++b)
-            for (int64_t t = 0; t < T; ++t) q[b * T + t] += uj[b] * static_cast<acc_t>(gr[t]);
-        }
-      }
-    }
-  });
-  // Rm[j, a, t] = sum_i g[i, j, t] u0[i, a]   (I1 x r0 x T <= grad), blocks of j.
-  std::vector<acc_t> Rm(d.I1 * r0T, acc_t(0));
-  const int64_t JB = 16, njb = (d.I1 + JB - 1) / JB;
-  at::parallel_for(0, njb, grain_for(JB * d.I0 * r0T), [&](int64_t bb, int64_t be) {
-    for (int64_t blk = bb; blk < be; ++blk) {
-      const int64_t j0 = blk * JB, j1 = std::min(d.I1, j0 + JB);
-      for (int64_t i = 0; i < d.I0; ++i) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const scalar_t* gr = G + (i * d.I1 + j) * T;
-          acc_t* rr = Rm.data() + j * r0T;
-          const acc_t* ui = U0.data() + i * d.r0;
-          if (T == 1) {
-            const acc_t gv = static_cast<acc_t>(gr[0]);
-            for (int64_t a = 0; a < d.r0; ++a) rr[a] += ui[a] * gv;
-          } else {
-            for (int64_t a = 0; a < d.r0; ++a)
-              for (int64_t t = 0; t < T; ++t) rr[a * T + t] += ui[a] * static_cast<acc_t>(gr[t]);
+  constexpr bool same = std::is_same<acc_t, scalar_t>::value;
+  const auto st = c10::CppTypeToScalarType<scalar_t>::value, at_ = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t G = per_group ? groups : 1, CK = C * K;
+  const bool stage_a = !same || da.active, stage_b = !same;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<acc_t> part(nthreads * G * CK, acc_t(0));
+  std::vector<char> used(nthreads, 0);
+  if (P == 1) {
+    // Rows r = n * groups + g; item (g, block of n): part_g (C, K) += a_rows^T (C, nb) @ b_rows (nb, K).
+    const int64_t N = R / groups;
+    const int64_t NB = (stage_a || stage_b) ? std::max<int64_t>(64, std::min<int64_t>(2048, 262144 / std::max<int64_t>(C + K, 1))) : N;
+    const int64_t nblk = (N + NB - 1) / NB;
+    at::parallel_for(0, groups * nblk, 1, [&](int64_t ib, int64_t ie) {
+      const int64_t tid = at::get_thread_num();
+      used[tid] = 1;
+      std::vector<acc_t> abuf(stage_a ? NB * C : 0), bbuf(stage_b ? NB * K : 0);
+      for (int64_t item = ib; item < ie; ++item) {
+        const int64_t g = item / nblk, n0 = (item % nblk) * NB, nb = std::min(NB, N - n0);
+        Tensor am, bm;
+        if (stage_a) {
+          for (int64_t n = 0; n < nb; ++n) {
+            const int64_t base = ((n0 + n) * groups + g) * C;
+            for (int64_t c = 0; c < C; ++c)
+              abuf[n * C + c] = static_cast<acc_t>(a[base + c]) * drop_scale<acc_t>(da, base + c);
           }
+          am = mat(abuf.data(), C, nb, 1, C, at_);
+        } else {
+          am = mat(a + (n0 * groups + g) * C, C, nb, 1, groups * C, st);
         }
+        if (stage_b) {
+          for (int64_t n = 0; n < nb; ++n) {
+            const int64_t base = ((n0 + n) * groups + g) * K;
+            for (int64_t k = 0; k < K; ++k) bbuf[n * K + k] = static_cast<acc_t>(b[base + k]);
+          }
+          bm = mat(bbuf.data(), nb, K, K, 1, at_);
+        } else {
+          bm = mat(b + (n0 * groups + g) * K, nb, K, groups * K, 1, st);
+        }
+        Tensor o = mat(part.data() + (tid * G + (per_group ? g : 0)) * CK, C, K, K, 1, at_);
+        gemm(o, am, bm, true);
       }
-    }
-  });
-  const acc_t s = static_cast<acc_t>(scale);
-  scalar_t* DK = dcore.data_ptr<scalar_t>();
-  scalar_t* DU0 = du0.data_ptr<scalar_t>();
-  scalar_t* DU1 = du1.data_ptr<scalar_t>();
-  // dcore[a, b, t] = s * sum_i u0[i, a] Q[i, b, t]
-  at::parallel_for(0, d.r0, 1, [&](int64_t ab, int64_t ae) {
-    std::vector<acc_t> acc(r1T);
-    for (int64_t a = ab; a < ae; ++a) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t i = 0; i < d.I0; ++i) {
-        const acc_t ua = U0[i * d.r0 + a];
-        const acc_t* q = Q.data() + i * r1T;
-        for (int64_t bt = 0; bt < r1T; ++bt) acc[bt] += ua * q[bt];
+    });
+  } else {
+    // Item (r, tile of positions): part (C, K) += a[r] (C, pn) @ b[r]^T (pn, K).
+    const int64_t PT = (stage_a || stage_b) ? std::min<int64_t>(P, std::max<int64_t>(64, 65536 / (C + K))) : P;
+    const int64_t ntiles = (P + PT - 1) / PT;
+    at::parallel_for(0, R * ntiles, 1, [&](int64_t ib, int64_t ie) {
+      const int64_t tid = at::get_thread_num();
+      used[tid] = 1;
+      std::vector<acc_t> abuf(stage_a ? C * PT : 0), bbuf(stage_b ? K * PT : 0);
+      for (int64_t item = ib; item < ie; ++item) {
+        const int64_t r = item / ntiles, p0 = (item % ntiles) * PT, pn = std::min(PT, P - p0);
+        Tensor am, bm;
+        if (stage_a) {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t base = (r * C + c) * P + p0;
+            for (int64_t q = 0; q < pn; ++q)
+              abuf[c * pn + q] = static_cast<acc_t>(a[base + q]) * drop_scale<acc_t>(da, base + q);
+          }
+          am = mat(abuf.data(), C, pn, pn, 1, at_);
+        } else {
+          am = mat(a + r * C * P + p0, C, pn, P, 1, st);
+        }
+        if (stage_b) {
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t base = (r * K + k) * P + p0;
+            for (int64_t q = 0; q < pn; ++q) bbuf[k * pn + q] = static_cast<acc_t>(b[base + q]);
+          }
+          bm = mat(bbuf.data(), pn, K, 1, pn, at_);
+        } else {
+          bm = mat(b + r * K * P + p0, pn, K, 1, P, st);
+        }
+        Tensor o = mat(part.data() + (tid * G + (per_group ? r % groups : 0)) * CK, C, K, K, 1, at_);
+        gemm(o, am, bm, true);
       }
-      for (int64_t bt = 0; bt < r1T; ++bt) DK[a * r1T + bt] = static_cast<scalar_t>(s * acc[bt]);
-    }
-  });
-  // du0[i, a] = s * sum_{b,t} Q[i, b, t] K[a, b, t]
-  at::parallel_for(0, d.I0, grain_for(d.r0 * r1T), [&](int64_t ib, int64_t ie) {
-    for (int64_t i = ib; i < ie; ++i)
-      for (int64_t a = 0; a < d.r0; ++a) {
-        acc_t acc = 0;
-        for (int64_t bt = 0; bt < r1T; ++bt) acc += Q[i * r1T + bt] * K[a * r1T + bt];
-        DU0[i * d.r0 + a] = static_cast<scalar_t>(s * acc);
-      }
-  });
-  // du1[j, b] = s * sum_{a,t} Rm[j, a, t] K[a, b, t]
-  at::parallel_for(0, d.I1, grain_for(d.r1 * r0T), [&](int64_t jb, int64_t je) {
-    for (int64_t j = jb; j < je; ++j)
-      for (int64_t b = 0; b < d.r1; ++b) {
-        acc_t acc = 0;
-        for (int64_t a = 0; a < d.r0; ++a)
-          for (int64_t t = 0; t < T; ++t) acc += Rm[j * r0T + a * T + t] * K[(a * d.r1 + b) * T + t];
-        DU1[j * d.r1 + b] = static_cast<scalar_t>(s * acc);
-      }
-  });
+    });
+  }
+  const acc_t s = static_cast<acc_t>(alpha);
+  for (int64_t e = 0; e < G * CK; ++e) {
+    acc_t sum = 0;
+    for (int64_t t = 0; t < nthreads; ++t)
+      if (used[t]) sum += part[t * G * CK + e];
+    out[e] = static_cast<scalar_t>(s * sum);
+  }
 }
 
 void check_cpu(const Tensor& t, const char* name) {
@@ -324,39 +269,113 @@ void check_cpu(const Tensor& t, const char* name) {
 #define FLORA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// W[a, j, t] = sum_b u1[j, b] K[a, b, t] as one GEMM u1 @ K' (K' = K permuted to (r1, r0 * T)), returned
+// as (r0, I1 * T). (A batched GEMM over a with T-wide blocks is several times slower for small T.)
+Tensor core_times_u1(const Tensor& K, const Tensor& U1, const ReconDims& d) {
+  if (d.T == 1) return at::mm(K.reshape({d.r0, d.r1}), U1.t());
+  const Tensor Wp = at::mm(U1, K.permute({1, 0, 2}).reshape({d.r1, d.r0 * d.T}));  // (I1, r0 * T)
+  return Wp.view({d.I1, d.r0, d.T}).permute({1, 0, 2}).reshape({d.r0, d.I1 * d.T});
+}
+
+// out = base + scale * u0 K u1^T per tap, as GEMMs (ATen/BLAS) in the wider of the two accumulation
+// types (of core and of out), rounded once into out.
+//   Order A (the usual one): N = scale * u1 K[a] (r0, I1 * T), then out (I0, I1 * T) = base + u0 @ N: one
+//     addmm, which adds the base in the same pass (direct), or per block of rows through a ct buffer.
+//   Order B (when much cheaper, e.g. a projection: big "core", small factors): M = scale * u0 @ K
+//     (I0, r1, T), then u1 @ M' (I1, I0 * T) and one fused pass out = base + permute(that) (add + cast).
 Tensor tucker_reconstruct_cpu(const Tensor& core_, const Tensor& u0_, const Tensor& u1_, double scale,
                               const c10::optional<Tensor>& base_) {
   const ReconDims d = check_reconstruct(core_, u0_, u1_);
   check_cpu(core_, "core");
-  Tensor core = core_.contiguous(), u0 = u0_.contiguous(), u1 = u1_.contiguous();
   Tensor base;
   if (base_.has_value() && base_->defined()) {
     check_full_shape(*base_, d, core_, "base");
-    base = base_->contiguous();
+    base = *base_;
   }
-  const auto out_type = base.defined() ? base.scalar_type() : core.scalar_type();
-  Tensor out = at::empty({d.I0, d.I1, d.T}, core.options().dtype(out_type));
-  FLORA_DISPATCH(core.scalar_type(), "tucker_reconstruct", [&] {
-    using core_t = scalar_t;
-    FLORA_DISPATCH(out_type, "tucker_reconstruct_out", [&] {
-      reconstruct_cpu_kernel<core_t, scalar_t>(core, u0, u1, scale, base.defined() ? &base : nullptr, out, d);
-    });
-  });
+  const auto out_type = base.defined() ? base.scalar_type() : core_.scalar_type();
+  const auto ct = c10::promoteTypes(acc_type(core_.scalar_type()), acc_type(out_type));
+  const Tensor K = core_.to(ct).reshape({d.r0, d.r1, d.T}), U0 = u0_.to(ct), U1 = u1_.to(ct);
+  Tensor out = at::empty({d.I0, d.I1, d.T}, core_.options().dtype(out_type));
+  const bool direct = out_type == ct;
+  // Multiply-adds of each order plus its copies (weighted 4: memory bound): order A permutes K, order
+  // B (T > 1) permutes M and makes one more pass over an output-sized buffer.
+  const double costA = double(d.r0) * d.I1 * d.T * (d.r1 + d.I0) + (d.T > 1 ? 4.0 * d.r0 * d.r1 * d.T : 0.0);
+  const double costB = double(d.I0) * d.r1 * d.T * (d.r0 + d.I1) +
+                       (d.T > 1 ? 4.0 * d.I0 * d.T * (d.r1 + d.I1) : 0.0);
+  const bool orderA = costA <= costB;
+  const int64_t row = d.I1 * d.T;
+  Tensor out2 = out.view({d.I0, row});
+  const Tensor base2 = base.defined() ? base.reshape({d.I0, row}) : Tensor();
+  // Both orders end in out2 = base2 + A @ B (A: rows of out, B: (k, I1 * T)) when T == 1 or in order A.
+  auto final_gemm = [&](const Tensor& A, const Tensor& B) {
+    if (direct) {
+      if (base.defined())
+        at::addmm_out(out2, base2, A, B, 1, 1);
+      else
+        at::mm_out(out2, A, B);
+      return;
+    }
+    // Through a ct buffer of a block of rows: base cast in, one rounding on the way out.
+    const int64_t IB = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, row));
+    for (int64_t i0 = 0; i0 < d.I0; i0 += IB) {
+      const int64_t n = std::min(IB, d.I0 - i0);
+      Tensor tmp;
+      if (base.defined()) {
+        tmp = base2.narrow(0, i0, n).to(ct);
+        tmp.addmm_(A.narrow(0, i0, n), B);
+      } else {
+        tmp = at::mm(A.narrow(0, i0, n), B);
+      }
+      out2.narrow(0, i0, n).copy_(tmp);
+    }
+  };
+  if (orderA) {
+    final_gemm(U0, core_times_u1(K, U1, d).mul_(scale));
+  } else {
+    const Tensor M = at::mm(U0, K.reshape({d.r0, d.r1 * d.T})).mul_(scale);  // (I0, r1 * T)
+    if (d.T == 1) {
+      final_gemm(M, U1.t());
+    } else {
+      const Tensor Mp = M.view({d.I0, d.r1, d.T}).permute({1, 0, 2}).reshape({d.r1, d.I0 * d.T});
+      const Tensor prod = at::mm(U1, Mp).view({d.I1, d.I0, d.T}).permute({1, 0, 2});  // (I0, I1, T) view
+      if (base.defined())
+        at::add_out(out, base, prod);  // computed in ct, rounded once into out's dtype
+      else
+        out.copy_(prod);
+    }
+  }
   return out;
 }
 
+// The adjoint, as GEMMs in the core's accumulation type; g (I0, I1*T) is read by two GEMMs and
+// nothing larger than max(r0, r1) * I1 * T is materialized:
+//   P = u0^T g (r0, I1, T), P' its (I1, r0 * T) permutation;  dcore[a] = s u1^T P[a];
+//   du1 = s P' K'' (K'' = K as (r0 * T, r1));  W[a] = u1 K[a] (r0, I1 * T);  du0 = s g W^T.
 std::tuple<Tensor, Tensor, Tensor> tucker_reconstruct_backward_cpu(const Tensor& grad_, const Tensor& core_,
                                                                    const Tensor& u0_, const Tensor& u1_, double scale) {
   const ReconDims d = check_reconstruct(core_, u0_, u1_);
   check_cpu(core_, "core");
   check_full_shape(grad_, d, core_, "grad");
-  Tensor core = core_.contiguous(), u0 = u0_.contiguous(), u1 = u1_.contiguous();
-  Tensor grad = grad_.to(core.scalar_type()).contiguous();
-  Tensor dcore = at::empty_like(core), du0 = at::empty_like(u0), du1 = at::empty_like(u1);
-  FLORA_DISPATCH(core.scalar_type(), "tucker_reconstruct_backward", [&] {
-    reconstruct_backward_cpu_kernel<scalar_t>(grad, core, u0, u1, scale, dcore, du0, du1, d);
-  });
-  return {dcore, du0, du1};
+  const auto ct = acc_type(core_.scalar_type());
+  const int64_t row = d.I1 * d.T;
+  // grad is rounded to the core's dtype first (as the op always did), then computed in ct.
+  Tensor g = grad_.scalar_type() == core_.scalar_type() ? grad_ : grad_.to(core_.scalar_type());
+  g = g.to(ct).reshape({d.I0, row});
+  const Tensor K = core_.to(ct).reshape({d.r0, d.r1, d.T}), U0 = u0_.to(ct), U1 = u1_.to(ct);
+  const Tensor P = at::mm(U0.t(), g);  // (r0, I1 * T)
+  Tensor dcore, du1;
+  if (d.T == 1) {
+    dcore = at::mm(P, U1);                           // (r0, r1)
+    du1 = at::mm(P.t(), K.reshape({d.r0, d.r1}));    // (I1, r1)
+  } else {
+    const Tensor Pp = P.view({d.r0, d.I1, d.T}).permute({1, 0, 2}).reshape({d.I1, d.r0 * d.T});
+    dcore = at::mm(U1.t(), Pp).view({d.r1, d.r0, d.T}).permute({1, 0, 2});  // (r0, r1, T) view
+    du1 = at::mm(Pp, K.permute({0, 2, 1}).reshape({d.r0 * d.T, d.r1}));     // (I1, r1)
+  }
+  const Tensor du0 = at::mm(g, core_times_u1(K, U1, d).t());  // (I0, r0)
+  const auto t = core_.scalar_type();
+  auto fin = [&](const Tensor& x) { return (x * scale).to(t).contiguous(); };
+  return {fin(dcore).view({d.r0, d.r1, d.T}), fin(du0), fin(du1)};
 }
 
 Tensor adapter_shrink_cpu(const Tensor& x_, const Tensor& u_in_, int64_t groups, double p, int64_t seed) {

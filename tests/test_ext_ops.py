@@ -243,3 +243,28 @@ def test_ops_listed():
 
     assert all(hasattr(ops(), name) for name in _OPS)
     assert math.isfinite(ops().dropout_mask(torch.ones(4), 0.5, 1).sum().item())
+
+
+# Shapes large enough that the CPU kernels split the work into several row blocks / position tiles
+# (staged dropout / cast paths) and the reconstruct into several cast-back chunks.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2100, 1, 40, 3, ()), (700, 2, 20, 4, ()), (2, 2, 8, 3, (70, 90))],
+                         ids=["rows2100", "rows700-g2", "P6300-g2"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_adapter_ops_blocked_match_formulas(shape, dtype, p):
+    test_adapter_ops_match_formulas(shape, dtype, p)
+
+
+@pytest.mark.parametrize("core_dtype,base_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                   (torch.float32, torch.float64), (torch.float16, None)], ids=str)
+@pytest.mark.parametrize("dims", [(3, 3, 300, 150, 3), (40, 3, 20, 300, 3)], ids=["orderA", "orderB"])
+def test_reconstruct_chunked_casts_match_formulas(dims, core_dtype, base_dtype):
+    r0, r1, i0, i1, t = dims
+    core = torch.randn(r0, r1, t, dtype=core_dtype)
+    u0, u1 = torch.randn(i0, r0, dtype=core_dtype), torch.randn(i1, r1, dtype=core_dtype)
+    ref = 0.6 * torch.einsum("ia,abt,jb->ijt", u0.double(), core.double(), u1.double())
+    base = None if base_dtype is None else torch.randn(i0, i1, t, dtype=base_dtype)
+    out = ops().tucker_reconstruct(core, u0, u1, 0.6, base)
+    assert out.dtype == (core_dtype if base is None else base_dtype) and out.shape == (i0, i1, t)
+    worst = max([core_dtype] + ([base_dtype] if base is not None else []), key=lambda d: TOL[d])
+    close(out, ref if base is None else base.double() + ref, worst)

@@ -116,6 +116,19 @@ def load_extension() -> str | None:
     return _LOADED[0]
 
 
+def build_extension(verbose: bool = False) -> str | None:
+    """JIT-compile csrc/ now (the CUDA sources too where torch has CUDA and sees a GPU) and load it.
+
+    For machines that got the source tree without a built extension (e.g. the GPU machine of
+    bench/device_check.sh). Returns None on success, else why not; the build is cached by torch.
+    """
+    os.environ["FLORA_JIT"] = "1"
+    if verbose:
+        os.environ["FLORA_JIT_VERBOSE"] = "1"
+    _LOADED.clear()
+    return load_extension()
+
+
 def _load_extension() -> str | None:
     reason = None
     if not _ops_registered():
@@ -253,6 +266,11 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, u0, u1):
         ctx.save_for_backward(t, u0, u1)
+        if t.device.type == "cpu":
+            # u0^T t_k u1 is a reconstruct with t as the core and the transposed factors: two GEMMs,
+            # no wasted du0 / du1 work. (The CUDA reconstruct kernel keeps a core row in shared
+            # memory, sized for small cores: CUDA keeps the backward op with a zero core.)
+            return _ops().tucker_reconstruct(t, u0.t(), u1.t(), 1.0, None)
         zero_core = t.new_zeros((u0.shape[1], u1.shape[1], t.shape[2]))
         return _ops().tucker_reconstruct_backward(t, zero_core, u0, u1, 1.0)[0]
 
@@ -437,11 +455,20 @@ class _ExtBackend(Backend):
         if _autocast_dtype(t.device.type) is not None:
             with torch.autocast(t.device.type, enabled=False):
                 return self.project(t, factors)
-        for n in range(t.dim() - 1, 1, -1):
-            t = mode_n_product(t, factors[n].t(), n)
-        ranks = tuple(f.shape[1] for f in factors)
+        if t.device.type != "cpu":
+            for n in range(t.dim() - 1, 1, -1):
+                t = mode_n_product(t, factors[n].t(), n)
+            ranks = tuple(f.shape[1] for f in factors)
+            t3 = t.reshape(t.shape[0], t.shape[1], -1)
+            return _Project.apply(t3, factors[0], factors[1]).reshape(ranks)
+        # CPU: project modes 0 and 1 first (the op reads the big tensor once, as GEMMs), then the
+        # spatial modes on the small (r0, r1, *spatial) result.
+        spatial = tuple(t.shape[2:])
         t3 = t.reshape(t.shape[0], t.shape[1], -1)
-        return _Project.apply(t3, factors[0], factors[1]).reshape(ranks)
+        p = _Project.apply(t3, factors[0], factors[1]).reshape(factors[0].shape[1], factors[1].shape[1], *spatial)
+        for n in range(p.dim() - 1, 1, -1):
+            p = mode_n_product(p, factors[n].t(), n)
+        return p
 
     # Under autocast the ops would see mixed dtypes: cast the layer's inputs to the autocast dtype
     # (what autocast does to the base op) and run with autocast off; adapter parameters keep their
