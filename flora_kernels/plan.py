@@ -42,8 +42,10 @@ class DeviceProfile:
 
 
 PROFILES: dict[str, DeviceProfile] = {
-    # 2-core x86 CPU, fp32: ~60 GFLOP/s big-GEMM, ~10 GB/s streaming, op dispatch ~15 us.
-    "cpu": DeviceProfile(peak_flops=6e10, bandwidth=1e10, launch=1.5e-5, m_full=64),
+    # 2-core x86 CPU, fp32: ~60 GFLOP/s big-GEMM, ~10 GB/s streaming, op dispatch ~15 us. m_full
+    # fitted to bench/results/cpu-2core-2026-11-27: the 3x3 conv (C=64, r=16) training step costs
+    # ~5 ms extra factorized vs ~6.5 ms merged; predicted 5.6 vs 8.4 ms (m_full=64 got the order wrong).
+    "cpu": DeviceProfile(peak_flops=6e10, bandwidth=1e10, launch=1.5e-5, m_full=32),
     # H100, bf16 tensor cores (measured ~800 TFLOP/s dense), ~3 TB/s copy, ~5 us launch.
     "cuda": DeviceProfile(peak_flops=6e14, bandwidth=2.8e12, launch=5e-6, m_full=16),
 }
