@@ -2,6 +2,8 @@
 // Every check raises a c10::Error (RuntimeError in Python) with an "expected X, got Y" message.
 #pragma once
 
+#include <utility>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -142,6 +144,44 @@ inline void check_full_shape(const at::Tensor& t, const ReconDims& d, const at::
               t.device());
   TORCH_CHECK(t.dim() == 3 && t.size(0) == d.I0 && t.size(1) == d.I1 && t.size(2) == d.T, name, ": expected shape (",
               d.I0, ", ", d.I1, ", ", d.T, "), got ", t.sizes());
+}
+
+// Arguments of adapter_shrink_grad_input (out of place): shared by the CPU and CUDA bindings.
+inline void check_shrink_grad_input(const at::Tensor& dz, const at::Tensor& u_in, int64_t groups) {
+  check_tensor(dz, "dz");
+  check_tensor(u_in, "u_in");
+  check_dim(u_in, 2, "u_in", "(channels per group, rank)");
+  TORCH_CHECK(dz.dim() >= 2, "dz: expected at least 2 dims, got shape ", dz.sizes());
+  TORCH_CHECK(groups >= 1, "groups: expected an int >= 1, got ", groups);
+}
+
+// Arguments of adapter_shrink_grad_input_ (accumulates into dx in place).
+inline void check_shrink_grad_input_inplace(const at::Tensor& dx, const at::Tensor& dz, const at::Tensor& u_in,
+                                            int64_t groups) {
+  check_tensor(dx, "dx");
+  check_tensor(dz, "dz");
+  check_tensor(u_in, "u_in");
+  check_like(dx, dz, "dx", "dz");
+  check_dim(u_in, 2, "u_in", "(channels per group, rank)");
+  TORCH_CHECK(dx.is_contiguous(), "dx: expected a contiguous tensor (it is updated in place), got strides ",
+              dx.strides());
+  TORCH_CHECK(dz.dim() >= 2, "dz: expected at least 2 dims, got shape ", dz.sizes());
+  check_same_batch_spatial(dz, dx, "dz", "dx");
+  TORCH_CHECK(groups >= 1 && dx.size(1) == groups * u_in.size(0), "dx: expected ", groups * u_in.size(0),
+              " channels (groups * u_in.shape[0]), got shape ", dx.sizes());
+}
+
+// Arguments of adapter_factor_grad: returns the channel views of a and b (device checked by the caller).
+inline std::pair<ChanView, ChanView> check_factor_grad(const at::Tensor& a, const at::Tensor& b, int64_t groups,
+                                                       double p) {
+  check_tensor(a, "a");
+  check_tensor(b, "b");
+  check_like(b, a, "b", "a");
+  check_dropout(p);
+  const ChanView va = chan_view(a, groups, "a");
+  const ChanView vb = chan_view(b, groups, "b");
+  check_same_batch_spatial(a, b, "a", "b");
+  return {va, vb};
 }
 
 }  // namespace flora

@@ -429,11 +429,7 @@ void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, 
 }
 
 Tensor adapter_shrink_grad_input_cpu(const Tensor& dz, const Tensor& u_in, int64_t groups, double p, int64_t seed) {
-  check_tensor(dz, "dz");
-  check_tensor(u_in, "u_in");
-  check_dim(u_in, 2, "u_in", "(channels per group, rank)");
-  TORCH_CHECK(dz.dim() >= 2, "dz: expected at least 2 dims, got shape ", dz.sizes());
-  TORCH_CHECK(groups >= 1, "groups: expected an int >= 1, got ", groups);
+  check_shrink_grad_input(dz, u_in, groups);
   Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)), dz.options());
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, false);
   return dx;
@@ -441,30 +437,14 @@ Tensor adapter_shrink_grad_input_cpu(const Tensor& dz, const Tensor& u_in, int64
 
 void adapter_shrink_grad_input_inplace_cpu(Tensor& dx, const Tensor& dz, const Tensor& u_in, int64_t groups, double p,
                                            int64_t seed) {
-  check_tensor(dx, "dx");
-  check_tensor(dz, "dz");
-  check_tensor(u_in, "u_in");
-  check_like(dx, dz, "dx", "dz");
-  check_dim(u_in, 2, "u_in", "(channels per group, rank)");
-  TORCH_CHECK(dx.is_contiguous(), "dx: expected a contiguous tensor (it is updated in place), got strides ",
-              dx.strides());
-  TORCH_CHECK(dz.dim() >= 2, "dz: expected at least 2 dims, got shape ", dz.sizes());
-  check_same_batch_spatial(dz, dx, "dz", "dx");
-  TORCH_CHECK(groups >= 1 && dx.size(1) == groups * u_in.size(0), "dx: expected ", groups * u_in.size(0),
-              " channels (groups * u_in.shape[0]), got shape ", dx.sizes());
+  check_shrink_grad_input_inplace(dx, dz, u_in, groups);
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, true);
 }
 
 Tensor adapter_factor_grad_cpu(const Tensor& a_, const Tensor& b_, int64_t groups, bool per_group, double scale,
                                double p, int64_t seed) {
-  check_tensor(a_, "a");
-  check_tensor(b_, "b");
-  check_like(b_, a_, "b", "a");
+  const auto [va, vb] = check_factor_grad(a_, b_, groups, p);
   check_cpu(a_, "a");
-  check_dropout(p);
-  const ChanView va = chan_view(a_, groups, "a");
-  const ChanView vb = chan_view(b_, groups, "b");
-  check_same_batch_spatial(a_, b_, "a", "b");
   Tensor a = a_.contiguous(), b = b_.contiguous();
   Tensor out = at::empty({(per_group ? groups : 1) * va.C, vb.C}, a.options());
   FLORA_DISPATCH(a.scalar_type(), "adapter_factor_grad", [&] {
