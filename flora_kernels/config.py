@@ -25,7 +25,7 @@ def check_rank(value: Any, name: str, allow_none: bool = False) -> None:
 
 @dataclass(frozen=True)
 class FLoRAConfig:
-    """Adapter configuration.
+    r"""Adapter configuration.
 
     Attributes:
         rank: rank of the channel modes: an int, or (r_out, r_in).
@@ -35,9 +35,19 @@ class FLoRAConfig:
         dropout: adapter dropout probability on the adapter's input (training only).
         target_modules: which modules to adapt. A string is a regular expression that must
             match the whole module name; a list holds exact names or name suffixes (".fc"
-            style: "fc" matches "head.fc"). None adapts every Linear/Conv1d/2d/3d.
-        modules_to_save: modules (same matching rules) that stay fully trainable and are saved
-            with the adapter, e.g. a new classifier head.
+            style: "fc" matches "head.fc"). None adapts every Linear (and subclass, and
+            transformers Conv1D), ConvNd, ConvTransposeNd and MultiheadAttention; "all-linear"
+            every Linear and Conv1D. Both leave out an output head whose weight is tied to
+            another module (an embedding) and the model's ``get_output_embeddings()``, as PEFT's
+            "all-linear" does; name such a module explicitly to adapt it.
+        exclude_modules: modules never adapted (same matching rules as ``target_modules``).
+        rank_pattern: per-module ranks, ``{pattern: rank}``; ``rank`` as for ``rank`` or one int
+            per mode (kernel modes included). A pattern matches a module name when
+            ``re.fullmatch(rf"(.*\.)?(?:{pattern})", name)`` (PEFT's rule: a suffix, or a regular
+            expression; "^a\.b" anchors it). The first matching pattern wins.
+        scale_pattern: per-module scales, ``{pattern: scale}``, same matching rule.
+        modules_to_save: modules (same matching rules as ``target_modules``) that stay fully
+            trainable and are saved with the adapter, e.g. a new classifier head.
         strategy: "auto" (cost model), "factorized" or "merged".
         backend: "auto", "reference", "triton", "cuda" or "cpp".
     """
@@ -48,14 +58,19 @@ class FLoRAConfig:
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] = field(default_factory=tuple)
+    exclude_modules: str | tuple[str, ...] | None = None
+    rank_pattern: dict[str, Rank] = field(default_factory=dict)
+    scale_pattern: dict[str, float] = field(default_factory=dict)
     strategy: str = "auto"
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("target_modules", "modules_to_save"):
+        for name in ("target_modules", "modules_to_save", "exclude_modules"):
             v = getattr(self, name)
-            if isinstance(v, list):
-                object.__setattr__(self, name, tuple(v))
+            if isinstance(v, (list, set, frozenset)):
+                object.__setattr__(self, name, tuple(sorted(v)) if not isinstance(v, list) else tuple(v))
+        if self.modules_to_save is None:
+            object.__setattr__(self, "modules_to_save", ())
         for name in ("rank", "kernel_rank"):
             v = getattr(self, name)
             if isinstance(v, list):
@@ -72,23 +87,38 @@ class FLoRAConfig:
             raise ValueError(f"strategy: expected one of {STRATEGY_CHOICES}, got {self.strategy!r}")
         if self.backend not in ("auto",) + BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {self.backend!r}")
-        tm = self.target_modules
-        if tm is not None and not isinstance(tm, (str, tuple)):
-            raise ValueError(f"target_modules: expected a regex string, a list of names or None, got {tm!r}")
-        if isinstance(tm, str):
-            try:
-                re.compile(tm)
-            except re.error as e:
-                raise ValueError(f"target_modules: expected a valid regular expression, got {tm!r} ({e})") from e
-        for v in (tm if isinstance(tm, tuple) else ()) + self.modules_to_save:
+        for name in ("target_modules", "exclude_modules"):
+            tm = getattr(self, name)
+            if tm is not None and not isinstance(tm, (str, tuple)):
+                raise ValueError(f"{name}: expected a regex string, a list of names or None, got {tm!r}")
+            if isinstance(tm, str) and tm != ALL_LINEAR:
+                _check_regex(name, tm)
+            for v in tm if isinstance(tm, tuple) else ():
+                if not isinstance(v, str) or not v:
+                    raise ValueError(f"{name}: expected non-empty strings, got {v!r}")
+        for v in self.modules_to_save:
             if not isinstance(v, str) or not v:
-                raise ValueError(f"module names: expected non-empty strings, got {v!r}")
+                raise ValueError(f"modules_to_save: expected non-empty strings, got {v!r}")
+        for name in ("rank_pattern", "scale_pattern"):
+            d = getattr(self, name)
+            if not isinstance(d, dict):
+                raise ValueError(f"{name}: expected a dict {{pattern: value}}, got {d!r}")
+            fixed = {}
+            for k, v in d.items():
+                if not isinstance(k, str) or not k:
+                    raise ValueError(f"{name}: expected non-empty string patterns, got {k!r}")
+                _check_regex(f"{name} key", k)
+                if name == "rank_pattern":
+                    v = tuple(v) if isinstance(v, list) else v
+                    check_rank(v, f"rank_pattern[{k!r}]")
+                elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise ValueError(f"scale_pattern[{k!r}]: expected a float, got {v!r}")
+                fixed[k] = v
+            object.__setattr__(self, name, fixed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable dict (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        return _jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FLoRAConfig":
@@ -99,9 +129,39 @@ class FLoRAConfig:
             raise ValueError(f"FLoRAConfig: unknown keys {unknown}; expected keys from {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-    def matches(self, name: str) -> bool:
-        """Whether the module called ``name`` is a target."""
-        return name_matches(name, self.target_modules)
+    def rank_for(self, name: str) -> Rank:
+        """``rank_pattern``'s rank for module ``name``, else ``rank``."""
+        return pattern_value(self.rank_pattern, name, self.rank)
+
+    def scale_for(self, name: str) -> float:
+        """``scale_pattern``'s scale for module ``name``, else ``scale``."""
+        return float(pattern_value(self.scale_pattern, name, self.scale))
+
+
+ALL_LINEAR = "all-linear"
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what}: expected a valid regular expression, got {pattern!r} ({e})") from e
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    r"""The value of the first pattern matching ``name`` (PEFT's rule: ``(.*\.)?(?:pattern)``)."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+            return value
+    return default
 
 
 def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:

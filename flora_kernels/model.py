@@ -1,23 +1,64 @@
-"""Model-level operations: inject, merge/unmerge/unload, save/load, parameter summary."""
+"""Model-level operations: target selection, the one install path, named adapters, merge,
+mixed batches, save/load (PEFT's folder layout), parameter summary.
+
+Module names: a FLoRA layer keeps the module it wraps as ``base_layer``, so a module nested
+inside a wrapped one (``attn.out_proj`` inside a wrapped MultiheadAttention) has the real path
+``attn.base_layer.out_proj``. Target patterns match the *logical* name (``attn.out_proj``, the
+name in the model before injection); saved files use real paths, as PEFT does.
+
+Model state kept on the model object: ``model.flora_configs`` ({adapter: FLoRAConfig}),
+``model.flora_active`` (the active adapters) and ``model.flora_config`` (the first adapter's
+config, for single-adapter code).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import re
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import FLoRAConfig, name_matches
-from .layers import LAYER_FOR, FLoRALayer, flora_layers, wrap
+from .config import ALL_LINEAR, FLoRAConfig, name_matches
+from .layers import SUPPORTED, FLoRALayer, flora_layers, layer_class_for, wrap
+from .layers.embedding import FLoRAEmbedding
+from .layers.linear import FLoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PEFT_TYPE = "FLORA"
+KEY_PREFIX = "base_model.model."
+DEFAULT_ADAPTER = "default"
+
+# --------------------------------------------------------------------------- names
+
+
+def logical_name(real: str) -> str:
+    """A module's name in the model before injection (``base_layer`` components dropped)."""
+    return ".".join(p for p in real.split(".") if p != "base_layer")
+
+
+def resolve_name(model: nn.Module, logical: str) -> str:
+    """The real path of the module called ``logical`` before injection."""
+    real: list[str] = []
+    cur = model
+    for part in logical.split("."):
+        while isinstance(cur, FLoRALayer) and part not in cur._modules:
+            cur = cur.base_layer
+            real.append("base_layer")
+        if part not in cur._modules:
+            raise ValueError(f"module {logical!r} not found in the model")
+        cur = cur._modules[part]
+        real.append(part)
+    return ".".join(real)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -26,80 +67,422 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _layer_kwargs(cfg: FLoRAConfig) -> dict:
+def _candidates(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(logical name, real name, module) of every submodule; a FLoRA layer stands for the
+    module it wraps (which is not listed itself)."""
+    wrapped = {id(m.base_layer) for _, m in flora_layers(model)}
+    return [(logical_name(n), n, m) for n, m in model.named_modules() if n and id(m) not in wrapped]
+
+
+def shared_weight_users(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the names of every module holding it (ties show as several names)."""
+    users: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, FLoRALayer):
+            continue
+        for p in m._parameters.values():
+            if p is not None:
+                users.setdefault(id(p), []).append(logical_name(name))
+    return users
+
+
+def _tied_with(base: nn.Module, name: str, users: dict[int, list[str]], weight_name: str) -> tuple[str, ...]:
+    p = base._parameters.get(weight_name)
+    if p is None:
+        return ()
+    return tuple(sorted({u for u in users.get(id(p), []) if u != name}))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _layer_kwargs(cfg: FLoRAConfig, name: str) -> dict[str, Any]:
     return dict(
-        rank=cfg.rank, kernel_rank=cfg.kernel_rank, scale=cfg.scale, dropout=cfg.dropout,
+        rank=cfg.rank_for(name), kernel_rank=cfg.kernel_rank, scale=cfg.scale_for(name), dropout=cfg.dropout,
         strategy=cfg.strategy, backend=cfg.backend,
     )
 
 
-def inject_flora(model: nn.Module, cfg: FLoRAConfig) -> nn.Module:
-    """Wrap every targeted Linear/Conv1d/2d/3d of ``model`` in place and freeze the rest.
+def _saved_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    return [lg for lg, _, _ in _candidates(model) if patterns and name_matches(lg, patterns)]
 
-    Adapter parameters and the parameters of ``cfg.modules_to_save`` stay trainable. The
-    config is kept as ``model.flora_config``. Returns ``model``.
 
-    Raises:
-        ValueError: nothing matched (the message lists the candidate module names).
-        TypeError: a target module of an unsupported type (named explicitly).
+def select_targets(model: nn.Module, cfg: FLoRAConfig) -> dict[str, dict[str, Any]]:
+    """The modules ``cfg`` adapts: {logical name: layer kwargs} (rank/scale patterns applied).
+
+    Defaults (``target_modules=None`` / ``"all-linear"``) leave out modules whose weight is
+    shared with another module (tied output heads) and, for "all-linear", the model's
+    ``get_output_embeddings()``. A module a pattern matches that FLoRA cannot adapt is skipped
+    with a warning naming it and its type.
     """
-    if not isinstance(cfg, FLoRAConfig):
-        raise TypeError(f"cfg: expected a FLoRAConfig, got {type(cfg).__name__}")
-    if flora_layers(model):
-        raise ValueError("model already has FLoRA layers; merge_and_unload it or load into it instead")
-    saved = _saved_names(model, cfg)
-    targets = []
-    for name, module in model.named_modules():
-        if not name or not cfg.matches(name) or any(name == s or name.startswith(s + ".") for s in saved):
+    tm = cfg.target_modules
+    default = tm is None or tm == ALL_LINEAR
+    users = shared_weight_users(model)
+    saved = _saved_names(model, cfg.modules_to_save)
+    heads = set()
+    if tm == ALL_LINEAR and callable(getattr(model, "get_output_embeddings", None)):
+        head = model.get_output_embeddings()
+        if head is not None:
+            heads.add(id(head.base_layer if isinstance(head, FLoRALayer) else head))
+    targets: dict[str, dict[str, Any]] = {}
+    adaptable: list[str] = []
+    for name, _, m in _candidates(model):
+        if any(name == s or name.startswith(s + ".") for s in saved):
             continue
-        if type(module) in LAYER_FOR:
-            targets.append(name)
-        elif cfg.target_modules is not None:
-            raise TypeError(
-                f"target module {name!r}: unsupported module type {type(module).__name__}; expected one of "
-                f"{', '.join(t.__name__ for t in LAYER_FOR)}"
-            )
-    if not targets:
-        if type(model) in LAYER_FOR:
-            raise ValueError(
-                f"the model itself is a {type(model).__name__}: wrap it directly (e.g. fk.FLoRALinear(module)), "
-                "inject_flora only replaces submodules"
-            )
-        candidates = [n for n, m in model.named_modules() if type(m) in LAYER_FOR]
-        raise ValueError(
-            f"target_modules={cfg.target_modules!r} matched no supported module; candidates: {candidates}"
-        )
+        base = m.base_layer if isinstance(m, FLoRALayer) else m
+        cls = layer_class_for(base)
+        inside = any(name.startswith(a + ".") for a in adaptable)
+        if cls is not None:
+            adaptable.append(name)
+        if not default and not name_matches(name, tm):
+            continue
+        if cfg.exclude_modules is not None and name_matches(name, cfg.exclude_modules):
+            continue
+        if cls is None:
+            own = [p for p in base._parameters.values() if p is not None]
+            if own and not inside and (not default or any(p.dim() >= 2 for p in own)):
+                warnings.warn(
+                    f"FLoRA: module {name!r} ({type(base).__name__}) matches target_modules={tm!r} but cannot be "
+                    f"adapted (supported: {SUPPORTED}); it is left as it is",
+                    stacklevel=3,
+                )
+            continue
+        if default:
+            if cls is FLoRAEmbedding or (tm == ALL_LINEAR and cls is not FLoRALinear):
+                continue
+            if id(base) in heads or _tied_with(base, name, users, cls.weight_name):
+                continue
+        targets[name] = _layer_kwargs(cfg, name)
+    return targets
+
+
+# --------------------------------------------------------------------------- install
+
+
+def _state(model: nn.Module) -> tuple[dict[str, FLoRAConfig], list[str]]:
+    return getattr(model, "flora_configs", {}), getattr(model, "flora_active", [])
+
+
+def _set_state(model: nn.Module, configs: dict[str, FLoRAConfig], active: list[str]) -> None:
+    if not configs:
+        for attr in ("flora_configs", "flora_active", "flora_config"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        return
+    model.flora_configs = configs
+    model.flora_active = active
+    model.flora_config = configs[next(iter(configs))]
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """Freeze everything, then unfreeze the active adapters and every modules_to_save module."""
+    configs, active = _state(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in targets:
-        _set_submodule(model, name, wrap(model.get_submodule(name), **_layer_kwargs(cfg)))
-    for name in saved:
-        for p in model.get_submodule(name).parameters():
+    for _, layer in flora_layers(model):
+        layer.set_adapter(active)
+    patterns = tuple(p for c in configs.values() for p in c.modules_to_save)
+    for name in _saved_names(model, patterns):
+        for p in model.get_submodule(resolve_name(model, name)).parameters():
             p.requires_grad_(True)
-    model.flora_config = cfg
+
+
+@torch.no_grad()
+def install_adapters(
+    model: nn.Module,
+    targets: dict[str, dict[str, Any]],
+    adapter_name: str,
+    cfg: FLoRAConfig,
+    tensors: dict[str, tuple[Tensor, Sequence[Tensor]]] | None = None,
+    activate: bool = True,
+) -> dict[str, FLoRALayer]:
+    """The one install path: add adapter ``adapter_name`` to every target (wrapping modules
+    that have no FLoRA layer yet, deepest first), copy ``tensors`` {logical name: (core,
+    factors)} in, record ``cfg``, then freeze (``refresh_trainable``).
+
+    A targeted ``out_proj`` of an ``nn.MultiheadAttention`` makes the attention module a FLoRA
+    layer too (without an adapter of its own unless it is targeted), since the attention reads
+    ``out_proj.weight`` directly. Returns {logical name: layer}.
+    """
+    configs, active = _state(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+    users = shared_weight_users(model)
+    layers: dict[str, FLoRALayer] = {}
+    for name in sorted(targets, key=lambda n: n.count("."), reverse=True):
+        real = resolve_name(model, name)
+        m = model.get_submodule(real)
+        if isinstance(m, FLoRALayer):
+            m.add_adapter(adapter_name, **targets[name])
+            layer = m
+        else:
+            layer = wrap(m, adapter_name=adapter_name, **targets[name])
+            layer.shared_with = _tied_with(m, name, users, layer.weight_name)
+            _set_submodule(model, real, layer)
+        if tensors is not None and name in tensors:
+            core, factors = tensors[name]
+            dst_core, dst_factors = layer.tensors(adapter_name)
+            dst_core.copy_(core)
+            for d, s in zip(dst_factors, factors, strict=True):
+                d.copy_(s)
+        layers[name] = layer
+        parent_name, _, child = name.rpartition(".")
+        if child == "out_proj" and parent_name:
+            parent_real = resolve_name(model, parent_name)
+            parent = model.get_submodule(parent_real)
+            if isinstance(parent, nn.MultiheadAttention):
+                _set_submodule(model, parent_real, wrap(parent, adapter_name=None))
+    if not layers:
+        raise ValueError("install_adapters: no targets")
+    configs = {**configs, adapter_name: cfg}
+    _set_state(model, configs, (active + [adapter_name]) if activate else active)
+    refresh_trainable(model)
+    return layers
+
+
+def _no_match_error(model: nn.Module, cfg: FLoRAConfig) -> ValueError:
+    if layer_class_for(model) is not None:
+        return ValueError(
+            f"the model itself is a {type(model).__name__}: wrap it directly (e.g. fk.FLoRALinear(module)), "
+            "inject_flora only replaces submodules"
+        )
+    candidates = [n for n, _, m in _candidates(model) if layer_class_for(getattr(m, "base_layer", m))]
+    return ValueError(f"target_modules={cfg.target_modules!r} matched no supported module; candidates: {candidates}")
+
+
+def inject_flora(model: nn.Module, cfg: FLoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Add adapter ``adapter_name`` on every module ``cfg`` targets, make it the active one,
+    and freeze everything else (modules_to_save stay trainable). Returns ``model``.
+
+    Raises:
+        ValueError: nothing matched (the message lists the candidate module names), or the
+            adapter name exists already.
+    """
+    add_adapter(model, adapter_name, cfg)
+    set_adapter(model, adapter_name)
     return model
 
 
-def _saved_names(model: nn.Module, cfg: FLoRAConfig) -> list[str]:
-    return [n for n, _ in model.named_modules() if n and name_matches(n, cfg.modules_to_save)]
+def add_adapter(model: nn.Module, name: str, cfg: FLoRAConfig) -> nn.Module:
+    """Add adapter ``name`` with its own ranks, scale and targets (layers added where needed).
+    It is not made active (as in PEFT): ``set_adapter`` does that, unless it is the first one."""
+    if not isinstance(cfg, FLoRAConfig):
+        raise TypeError(f"cfg: expected a FLoRAConfig, got {type(cfg).__name__}")
+    targets = select_targets(model, cfg)
+    if not targets:
+        raise _no_match_error(model, cfg)
+    first = not _state(model)[0]
+    install_adapters(model, targets, name, cfg, activate=first)
+    return model
 
 
-def _trainable_state(model: nn.Module, cfg: FLoRAConfig | None = None) -> dict[str, Tensor]:
-    """Adapter tensors (core, factors) and modules_to_save tensors, keyed by module path.
+def _check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
+    configs, _ = _state(model)
+    for n in names:
+        if n not in configs:
+            raise KeyError(f"adapter {n!r} not found; the model has {list(configs)}")
 
-    ``cfg`` (default: ``model.flora_config``) says which modules are saved whole.
+
+def set_adapter(model: nn.Module, name_or_list: str | Sequence[str]) -> nn.Module:
+    """Make ``name_or_list`` the active adapters (several are summed); only they train."""
+    names = [name_or_list] if isinstance(name_or_list, str) else list(name_or_list)
+    _check_adapter_names(model, names)
+    if any(layer.merged for _, layer in flora_layers(model)):
+        raise ValueError("set_adapter: the model has merged adapters; unmerge_flora first")
+    configs, _ = _state(model)
+    _set_state(model, configs, names)
+    refresh_trainable(model)
+    return model
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The active adapter names."""
+    return list(_state(model)[1])
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` from every layer (layers left without adapters stay as shells)."""
+    _check_adapter_names(model, [name])
+    for _, layer in flora_layers(model):
+        if name in layer.flora_settings:
+            layer.delete_adapter(name)
+    configs, active = _state(model)
+    configs = {k: v for k, v in configs.items() if k != name}
+    _set_state(model, configs, [a for a in active if a != name])
+    if configs:
+        refresh_trainable(model)
+    return model
+
+
+def _clamp_exact(core: Tensor, factors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """Rewrite a Tucker term whose rank exceeds a mode's size exactly at the clamped rank:
+    U = Q R (QR, Q square) gives G x_n U = (G x_n R) x_n Q."""
+    from .tucker import mode_n_product
+
+    out = []
+    for n, f in enumerate(factors):
+        if f.shape[1] > f.shape[0]:
+            q, r = torch.linalg.qr(f, mode="complete")
+            core = mode_n_product(core, r, n)
+            f = q
+        out.append(f)
+    return core, out
+
+
+@torch.no_grad()
+def add_weighted_adapter(
+    model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str
+) -> nn.Module:
+    """Add ``new_name`` = sum_i weights[i] * adapter names[i], exactly: per layer the cores are
+    placed block-diagonally (weight and scale folded in, scale 1) and the factors concatenated;
+    where a concatenated rank exceeds its mode size the term is rewritten exactly at the
+    clamped rank. Not made active."""
+    names, weights = list(names), [float(w) for w in weights]
+    if len(names) != len(weights) or not names:
+        raise ValueError(f"add_weighted_adapter: expected one weight per adapter, got {names} and {weights}")
+    _check_adapter_names(model, names)
+    configs, _ = _state(model)
+    targets, tensors = {}, {}
+    for real, layer in flora_layers(model):
+        present = [(n, w) for n, w in zip(names, weights) if n in layer.flora_settings]
+        if not present:
+            continue
+        terms = [layer.tensors(n) for n, _ in present]
+        ranks = [tuple(c.shape) for c, _ in terms]
+        total = [sum(r[i] for r in ranks) for i in range(len(ranks[0]))]
+        core = terms[0][0].new_zeros(total)
+        offset = [0] * len(total)
+        for (c, _), (n, w) in zip(terms, present):
+            idx = tuple(slice(o, o + s) for o, s in zip(offset, c.shape))
+            core[idx] = c * (w * layer.flora_settings[n].scale)
+            offset = [o + s for o, s in zip(offset, c.shape)]
+        factors = [torch.cat([fs[i] for _, fs in terms], dim=1) for i in range(len(total))]
+        core, factors = _clamp_exact(core, factors)
+        first = layer.flora_settings[present[0][0]]
+        targets[logical_name(real)] = dict(
+            rank=tuple(core.shape) if core.dim() > 2 else tuple(core.shape), scale=1.0, dropout=first.dropout,
+            strategy=first.strategy, backend=first.backend,
+        )
+        tensors[logical_name(real)] = (core, factors)
+    base_cfg = configs[names[0]]
+    cfg = FLoRAConfig(
+        rank=base_cfg.rank, kernel_rank=base_cfg.kernel_rank, scale=1.0, dropout=base_cfg.dropout,
+        target_modules="(?:" + "|".join(re.escape(n) for n in targets) + ")",
+        modules_to_save=base_cfg.modules_to_save, strategy=base_cfg.strategy, backend=base_cfg.backend,
+        rank_pattern={"^" + re.escape(n) + "$": list(t["rank"]) for n, t in targets.items()},
+    )
+    install_adapters(model, targets, new_name, cfg, tensors=tensors, activate=False)
+    return model
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _mark_shared(model: nn.Module) -> None:
+    users = shared_weight_users(model)
+    for real, layer in flora_layers(model):
+        layer.shared_with = _tied_with(layer.base_layer, logical_name(real), users, layer.weight_name)
+
+
+def merge_flora(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into their base weights (outputs unchanged). A weight shared
+    with another module (a tied embedding) is merged into a copy of this module's own, so the
+    other module is unchanged; unmerge restores the tie."""
+    _mark_shared(model)
+    for _, layer in flora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_flora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_flora``: base weights restored (shared and weight-normed ones bit for bit)."""
+    for _, layer in flora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters, then replace every FLoRA layer by its plain module.
+
+    A module whose weight was tied to another keeps a merged weight of its own (the tie cannot
+    hold: the two now differ); a ``config.tie_word_embeddings`` flag is cleared so that a
+    transformers ``save_pretrained``/``from_pretrained`` does not tie them again.
     """
-    out: dict[str, Tensor] = {}
-    for name, layer in flora_layers(model):
-        out[f"{name}.core"] = layer.core
-        for i, f in enumerate(layer.factors):
-            out[f"{name}.factors.{i}"] = f
-    cfg = cfg or getattr(model, "flora_config", None)
-    if cfg is not None:
-        for name in _saved_names(model, cfg):
-            for pname, p in model.get_submodule(name).state_dict(keep_vars=True).items():
-                out[f"{name}.{pname}"] = p
-    return out
+    merge_flora(model)
+    untied = []
+    for real, layer in sorted(flora_layers(model), key=lambda t: t[0].count("."), reverse=True):
+        if layer.shared_with and layer.merged:
+            untied.append((logical_name(real), layer.shared_with))
+        layer._merge_saved = None
+        _set_submodule(model, real, layer.base_layer)
+    if untied:
+        config = getattr(model, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        warnings.warn(
+            "merge_and_unload: " + "; ".join(f"{n} no longer shares its weight with {', '.join(w)}" for n, w in untied)
+            + " (each merged module owns its weight now)",
+            stacklevel=2,
+        )
+    _set_state(model, {}, [])
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block (e.g. the reference model in preference tuning).
+
+    Merged adapters are unmerged for the block and merged again after it; the previous state
+    is restored even if the block raises.
+    """
+    layers = [layer for _, layer in flora_layers(model)]
+    state = [(layer.adapter_enabled, list(layer.merged_adapters)) for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.enable_adapters(False)
+        yield model
+    finally:
+        for layer, (enabled, merged) in zip(layers, state):
+            layer.enable_adapters(enabled)
+            if merged:
+                layer.merge(merged)
+
+
+def set_adapter_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> nn.Module:
+    """Set s of every adapter (or of ``adapter_name``) on every layer; merged ones are re-merged."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    for _, layer in flora_layers(model):
+        if adapter_name is None or adapter_name in layer.flora_settings:
+            layer.set_scale(float(scale), adapter_name)
+    return model
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[str | None], batch_dim: int = 0) -> Iterator[nn.Module]:
+    """Inside the block, sample i of each forward uses adapter ``names[i]`` alone (None: the
+    base model). Every FLoRA layer groups its batch by adapter (one call per adapter present).
+    ``batch_dim`` is the sample dimension of the layers' inputs (MultiheadAttention uses its
+    own ``batch_first``)."""
+    used = list(dict.fromkeys(n for n in names if n is not None))
+    _check_adapter_names(model, used)
+    pos = {n: i for i, n in enumerate(used)}
+    index = torch.tensor([-1 if n is None else pos[n] for n in names], dtype=torch.long)
+    layers = [layer for _, layer in flora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapter_batch: unmerge the model's adapters first (fk.unmerge_flora)")
+    try:
+        for layer in layers:
+            layer._mixed = (index, used)
+            layer.mixed_batch_dim = batch_dim
+        yield model
+    finally:
+        for layer in layers:
+            layer._mixed = None
+
+
+# --------------------------------------------------------------------------- summary
 
 
 @dataclass(frozen=True)
@@ -114,170 +497,210 @@ class ParamSummary:
 
 
 def param_summary(model: nn.Module) -> ParamSummary:
-    """Trainable vs total parameter counts (adapter parameters counted separately too)."""
+    """Trainable vs total parameter counts (adapter parameters of every adapter counted too)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter = sum(p.numel() for _, layer in flora_layers(model) for p in [layer.core, *layer.factors])
+    adapter = sum(
+        p.numel() for _, layer in flora_layers(model) for a in layer.adapter_names for p in layer._tensors_of(a)
+    )
     return ParamSummary(trainable, total, adapter)
 
 
-def merge_flora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (outputs unchanged)."""
-    for _, layer in flora_layers(model):
-        layer.merge()
-    return model
+# --------------------------------------------------------------------------- save / load
 
 
-def unmerge_flora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_flora``: base weights restored within rounding."""
-    for _, layer in flora_layers(model):
-        layer.unmerge()
-    return model
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then replace every FLoRA layer by its (now merged) plain torch module."""
-    for name, layer in flora_layers(model):
-        layer.merge()
-        _set_submodule(model, name, layer.base)
-    if hasattr(model, "flora_config"):
-        del model.flora_config
-    return model
-
-
-@contextlib.contextmanager
-def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model inside the block (e.g. the reference model in preference tuning).
-
-    Unmerged adapters are bypassed; merged ones are unmerged for the block and merged again
-    after it. The previous state is restored even if the block raises.
-    """
-    layers = [layer for _, layer in flora_layers(model)]
-    state = [(layer.adapter_enabled, layer.merged) for layer in layers]
-    try:
-        for layer in layers:
-            layer.unmerge()
-            layer.adapter_enabled = False
-        yield model
-    finally:
-        for layer, (enabled, merged) in zip(layers, state):
-            layer.adapter_enabled = enabled
-            if merged:
-                layer.merge()
-
-
-def set_adapter_scale(model: nn.Module, scale: float) -> nn.Module:
-    """Set s on every FLoRA layer (merged layers are re-merged with the new scale)."""
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    for _, layer in flora_layers(model):
-        merged = layer.merged
-        layer.unmerge()
-        layer.scale = float(scale)
-        if merged:
-            layer.merge()
-    return model
-
-
-def save_flora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only)."""
-    layers = flora_layers(model)
-    if not layers:
-        raise ValueError("save_flora: the model has no FLoRA layers (call inject_flora first)")
-    cfg = getattr(model, "flora_config", None) or FLoRAConfig()
-    os.makedirs(path, exist_ok=True)
-    meta = {
-        "format": "flora_kernels",
-        "format_version": FORMAT_VERSION,
-        "config": cfg.to_dict(),
-        "modules": {
-            name: {
-                "type": type(layer.base).__name__,
-                "weight_shape": list(layer.base.weight.shape),
-                "ranks": list(layer.ranks),
-                "scale": layer.scale,
-            }
-            for name, layer in layers
-        },
+def config_to_peft_dict(cfg: FLoRAConfig, layer_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The adapter_config.json of one adapter (PEFT's schema, ``peft_type`` "FLORA")."""
+    d = cfg.to_dict()
+    return {
+        "peft_type": PEFT_TYPE,
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": d["rank"],
+        "kernel_r": d["kernel_rank"],
+        "scale": d["scale"],
+        "flora_dropout": d["dropout"],
+        "target_modules": d["target_modules"],
+        "exclude_modules": d["exclude_modules"],
+        "modules_to_save": d["modules_to_save"],
+        "rank_pattern": d["rank_pattern"],
+        "scale_pattern": d["scale_pattern"],
+        "strategy": d["strategy"],
+        "backend": d["backend"],
+        "layer_info": layer_info,
+        "flora_format_version": FORMAT_VERSION,
     }
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _trainable_state(model).items()}
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
 
 
-def load_flora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by ``save_flora``; injects it first if ``model`` has none.
+_PEFT_TO_CFG = {
+    "r": "rank", "kernel_r": "kernel_rank", "scale": "scale", "flora_dropout": "dropout",
+    "target_modules": "target_modules", "exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save",
+    "rank_pattern": "rank_pattern", "scale_pattern": "scale_pattern", "strategy": "strategy", "backend": "backend",
+}
 
-    Everything is checked before anything is changed: a missing module, a wrong module type,
-    or a tensor of the wrong shape raises ``ValueError`` naming the key and both shapes, and
-    leaves the model untouched.
-    """
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        meta = json.load(f)
-    if meta.get("format") != "flora_kernels":
-        raise ValueError(f"{CONFIG_NAME}: expected format 'flora_kernels', got {meta.get('format')!r}")
-    cfg = FLoRAConfig.from_dict(meta["config"])
-    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
-    present = dict(flora_layers(model))
-    if any(layer.merged for layer in present.values()):
+
+def config_from_peft_dict(d: dict[str, Any]) -> tuple[FLoRAConfig, dict[str, dict[str, Any]]]:
+    """Inverse of ``config_to_peft_dict``: (FLoRAConfig, layer_info). PEFT bookkeeping keys are
+    ignored; a file of another PEFT method raises."""
+    if d.get("peft_type") != PEFT_TYPE:
+        raise ValueError(f"{CONFIG_NAME}: expected peft_type {PEFT_TYPE!r}, got {d.get('peft_type')!r}")
+    kw = {}
+    for k, v in _PEFT_TO_CFG.items():
+        if d.get(k) is not None:
+            kw[v] = sorted(v_) if isinstance((v_ := d[k]), (set, frozenset)) else v_
+    return FLoRAConfig.from_dict(kw), dict(d.get("layer_info") or {})
+
+
+def _adapter_dirs(path: str | os.PathLike, adapter_name: str | None) -> dict[str, str]:
+    """{adapter name: folder} found under ``path`` (PEFT's layout)."""
+    path = os.fspath(path)
+    if adapter_name is not None:
+        sub = os.path.join(path, adapter_name)
+        if adapter_name != DEFAULT_ADAPTER and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+            return {adapter_name: sub}
+        if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            return {adapter_name: path}
+        raise FileNotFoundError(f"no {CONFIG_NAME} for adapter {adapter_name!r} in {path} or {sub}")
+    found = {}
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        found[DEFAULT_ADAPTER] = path
+    if os.path.isdir(path):
+        for entry in sorted(os.listdir(path)):
+            if os.path.isfile(os.path.join(path, entry, CONFIG_NAME)):
+                found[entry] = os.path.join(path, entry)
+    if not found:
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path} or its subfolders")
+    return found
+
+
+def _layer_info(model: nn.Module, name: str) -> dict[str, dict[str, Any]]:
+    return {
+        real: {
+            "type": type(layer.base_layer).__name__,
+            "weight_shape": list(layer.weight_modes().shape),
+            "ranks": list(layer.flora_settings[name].ranks),
+            "scale": layer.flora_settings[name].scale,
+        }
+        for real, layer in flora_layers(model)
+        if name in layer.flora_settings
+    }
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter ``name``'s tensors and the modules_to_save tensors, keyed as in the saved file."""
+    configs, _ = _state(model)
+    out: dict[str, Tensor] = {}
+    for real, layer in flora_layers(model):
+        if name in layer.flora_settings:
+            core, factors = layer.tensors(name)
+            out[f"{KEY_PREFIX}{real}.flora_core"] = core
+            for n, f in enumerate(factors):
+                out[f"{KEY_PREFIX}{real}.flora_u{n}"] = f
+    for mod in _saved_names(model, configs[name].modules_to_save):
+        for pname, p in model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True).items():
+            out[f"{KEY_PREFIX}{mod}.{pname}"] = p
+    return out
+
+
+def save_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write adapter(s) in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``
+    (adapter and modules_to_save tensors only); "default" at ``path``, any other adapter in
+    ``path/<name>``. ``adapter_name=None`` saves every adapter."""
+    configs, _ = _state(model)
+    if not configs:
+        raise ValueError("save_flora: the model has no FLoRA adapters (call inject_flora first)")
+    names = list(configs) if adapter_name is None else [adapter_name]
+    _check_adapter_names(model, names)
+    for name in names:
+        folder = os.fspath(path) if name == DEFAULT_ADAPTER else os.path.join(path, name)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+            json.dump(config_to_peft_dict(configs[name], _layer_info(model, name)), f, indent=2)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
+        save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
+
+
+def _validate(
+    model: nn.Module, name: str, cfg: FLoRAConfig, info: dict[str, dict[str, Any]], tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[Tensor, list[Tensor]]]]:
+    """Check a loaded adapter against the model; return (targets, tensors) for install."""
+    configs, _ = _state(model)
+    if name in configs:
+        raise ValueError(f"load_flora: the model has an adapter {name!r} already; delete_adapter it first")
+    if any(layer.merged for _, layer in flora_layers(model)):
         raise ValueError("load_flora: the model's adapters are merged; call unmerge_flora first")
-    modules = dict(model.named_modules())
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, info in meta["modules"].items():
-        m = present.get(name) or modules.get(name)
-        if m is None:
-            raise ValueError(f"adapter module {name!r} not found in the model")
-        base = m.base if isinstance(m, FLoRALayer) else m
-        if type(base).__name__ != info["type"]:
-            raise ValueError(f"adapter module {name!r}: expected a {info['type']}, got {type(base).__name__}")
-        if list(base.weight.shape) != info["weight_shape"]:
+    targets, adapters, expected = {}, {}, {}
+    for real, meta in info.items():
+        logical = logical_name(real)
+        try:
+            m = model.get_submodule(resolve_name(model, logical))
+        except (ValueError, AttributeError):
+            raise ValueError(f"adapter module {logical!r} not found in the model") from None
+        base = m.base_layer if isinstance(m, FLoRALayer) else m
+        if type(base).__name__ != meta["type"]:
+            raise ValueError(f"adapter module {logical!r}: expected a {meta['type']}, got {type(base).__name__}")
+        cls = layer_class_for(base)
+        if cls is None:
+            raise ValueError(f"adapter module {logical!r}: {type(base).__name__} is not supported ({SUPPORTED})")
+        shape = tuple(m.weight_modes().shape) if isinstance(m, FLoRALayer) else None
+        if shape is None:
+            shape = tuple(cls.weight_shape_of(base))
+        if list(shape) != list(meta["weight_shape"]):
             raise ValueError(
-                f"adapter module {name!r}: saved for weight shape {tuple(info['weight_shape'])}, "
-                f"the model's is {tuple(base.weight.shape)}"
+                f"adapter module {logical!r}: saved for weight shape {tuple(meta['weight_shape'])}, the model's is {shape}"
             )
-        ranks = tuple(info["ranks"])
-        if isinstance(m, FLoRALayer) and m.ranks != ranks:
-            raise ValueError(f"adapter module {name!r}: saved ranks {ranks}, the model's layer has {m.ranks}")
-        expected[f"{name}.core"] = ranks
-        for i, (dim, r) in enumerate(zip(info["weight_shape"], ranks)):
-            expected[f"{name}.factors.{i}"] = (dim, r)
-    if present and set(present) != set(meta["modules"]):
-        raise ValueError(
-            f"adapter modules differ: saved {sorted(meta['modules'])}, model has {sorted(present)}"
+        ranks = tuple(meta["ranks"])
+        key = f"{KEY_PREFIX}{real}"
+        expected[f"{key}.flora_core"] = ranks
+        for n, (dim, r) in enumerate(zip(meta["weight_shape"], ranks)):
+            expected[f"{key}.flora_u{n}"] = (dim, r)
+        targets[logical] = dict(
+            rank=ranks if len(ranks) > 2 else ranks, scale=float(meta["scale"]), dropout=cfg.dropout,
+            strategy=cfg.strategy, backend=cfg.backend,
         )
-    for name in _saved_names(model, cfg):
-        for pname, p in model.get_submodule(name).state_dict(keep_vars=True).items():
-            expected[f"{name}.{pname}"] = tuple(p.shape)
+    for mod in _saved_names(model, cfg.modules_to_save):
+        for pname, p in model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True).items():
+            expected[f"{KEY_PREFIX}{mod}.{pname}"] = tuple(p.shape)
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"{WEIGHTS_NAME}: missing tensor {key!r} (expected shape {shape})")
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{key}: expected shape {shape}, the file has {tuple(tensors[key].shape)}")
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise ValueError(f"{key}: expected shape {tuple(shape)}, the file has {tuple(tensors[key].shape)}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise ValueError(f"{WEIGHTS_NAME}: unexpected tensors {extra}")
+    for real, meta in info.items():
+        key = f"{KEY_PREFIX}{real}"
+        adapters[logical_name(real)] = (
+            tensors[f"{key}.flora_core"], [tensors[f"{key}.flora_u{n}"] for n in range(len(meta["ranks"]))]
+        )
+    return targets, adapters
 
-    if not present:
-        for name, info in meta["modules"].items():
-            ranks = info["ranks"]
-            kwargs = {**_layer_kwargs(cfg), "rank": tuple(ranks[:2]), "kernel_rank": tuple(ranks[2:]) or None}
-            layer = wrap(modules[name], **{**kwargs, "scale": float(info["scale"])})
-            _set_submodule(model, name, layer)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, layer in flora_layers(model):
-            for p in [layer.core, *layer.factors]:
-                p.requires_grad_(True)
-    else:
-        for name, info in meta["modules"].items():
-            present[name].scale = float(info["scale"])
-    for name in _saved_names(model, cfg):
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    model.flora_config = cfg
-    state = _trainable_state(model, cfg)  # the file's cfg: its keys are the ones validated above
-    with torch.no_grad():
-        for key, t in tensors.items():
-            state[key].copy_(t)
+
+def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Load adapters written by ``save_flora`` (or PEFT's ``save_pretrained`` for FLoRA) under
+    their names, injecting where the model has no FLoRA layer yet. ``adapter_name=None`` loads
+    every adapter found (root: "default", subfolders: their names).
+
+    Everything is checked before anything changes: a missing module, a wrong module type, or a
+    tensor of the wrong shape raises ``ValueError`` naming it and leaves the model untouched.
+    The first adapter loaded into a model without adapters becomes active.
+    """
+    loaded = []
+    for name, folder in _adapter_dirs(path, adapter_name).items():
+        with open(os.path.join(folder, CONFIG_NAME)) as f:
+            cfg, info = config_from_peft_dict(json.load(f))
+        tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
+        targets, adapters = _validate(model, name, cfg, info, tensors)
+        loaded.append((name, cfg, targets, adapters, tensors))
+    for name, cfg, targets, adapters, tensors in loaded:
+        first = not _state(model)[0]
+        install_adapters(model, targets, name, cfg, tensors=adapters, activate=first)
+        with torch.no_grad():
+            for mod in _saved_names(model, cfg.modules_to_save):
+                state = model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True)
+                for pname, p in state.items():
+                    p.copy_(tensors[f"{KEY_PREFIX}{mod}.{pname}"])
     return model

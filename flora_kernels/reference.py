@@ -114,3 +114,20 @@ def conv_factorized(
     u = conv_nd(z, w_core, None, spec)
     y = conv_nd(x, weight, bias, spec)
     return y.add_(_pointwise(u, u_out.reshape(g, -1, r_out)))
+
+
+def embedding_factorized(
+    ids: Tensor, core: Tensor, factors: Sequence[Tensor], scale: float, padding_idx: int | None,
+    scale_grad_by_freq: bool, dtype: torch.dtype,
+) -> Tensor:
+    """The adapter's rows of an embedding without building dW: ``(U_0[ids] (s G)) U_1^T``.
+
+    ids: (...) integer; core: (r_0, r_1); factors: (num_embeddings, r_0), (dim, r_1).
+    Returns (..., dim) in ``dtype``, zero where ``ids == padding_idx``.
+    """
+    u0, u1 = (f.to(dtype) for f in factors)
+    rows = F.embedding(ids, u0, padding_idx, None, 2.0, scale_grad_by_freq)
+    out = (rows @ (core.to(dtype) * scale)) @ u1.t()
+    if padding_idx is not None:
+        out = out * (ids != padding_idx).unsqueeze(-1).to(dtype)
+    return out

@@ -12,6 +12,8 @@ if not os.environ.get("FLORA_TEST_GPU"):
 import pytest
 import torch
 
+import torchvision_shim  # noqa: F401  (before anything imports timm / transformers / torchvision)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by bench/device_check.sh)")

@@ -133,7 +133,7 @@ def test_gradcheck_layer(name, make, xshape, strategy):
     layer = wrap(make().double(), rank=2, kernel_rank=2, scale=0.8, strategy=strategy, **REF)
     assert layer.core.dtype == torch.float64
     randomize_(layer)
-    names = ["core"] + [f"factors.{i}" for i in range(len(layer.factors))]
+    names = ["flora_core.default"] + [f"flora_u{i}.default" for i in range(len(layer.factors))]
     params = [layer.core.detach().clone().requires_grad_(True)] + [
         f.detach().clone().requires_grad_(True) for f in layer.factors
     ]

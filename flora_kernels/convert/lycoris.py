@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..convspec import ConvSpec
-from ..layers import LAYER_FOR
+from ..layers.registry import LEGACY_TYPES as LAYER_FOR
 from .peft import (
     AdapterSpec,
     ImportPlan,

@@ -67,7 +67,8 @@ from torch import Tensor, nn
 
 from ..config import FLoRAConfig, name_matches
 from ..convspec import ConvSpec
-from ..layers import LAYER_FOR, FLoRALayer, flora_layers, wrap
+from ..layers import FLoRALayer, flora_layers, wrap
+from ..layers.registry import LEGACY_TYPES as LAYER_FOR
 from ..reference import core_kernel
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,591 @@
+"""FLoRALayer: named Tucker adapters around a frozen module, and the weight-write rules of merge.
+
+A layer wraps ``base_layer`` (never copied; its parameters are frozen) and holds any number of
+named adapters. Adapter ``a`` of a weight with N modes is ``core`` (ranks) and N factors
+``(I_n, r_n)``, stored as ``flora_core[a]`` and ``flora_u{n}[a]`` (``nn.ParameterDict``), so its
+state_dict keys are ``<module>.flora_core.<a>`` and ``<module>.flora_u<n>.<a>``. The active
+adapters are summed:
+
+    y = base(x) + sum_a op(dropout_a(x), s_a * G_a x_0 U_a0 ... x_{N-1} U_a{N-1})
+
+Subclasses say how the weight is laid out (``weight_modes``: the adapted weight in its mode
+order), how the fused forward runs (``_forward_fused``) and what the layer's op is
+(``_delta_forward``: the op applied to a weight delta, no bias).
+
+Merge writes ``W + sum_a s_a dW_a`` into the weight the base layer actually uses:
+
+- a plain parameter owned by this module alone: in place (unmerge subtracts, within rounding);
+- a parameter shared with another module (tied embeddings): into a new parameter of this module
+  alone; unmerge puts the shared one back (the tie is restored bit for bit). Costs one copy of
+  the weight while merged;
+- a weight computed from others (``torch.nn.utils.weight_norm``'s hook, or a parametrization
+  such as ``parametrizations.weight_norm``): the sources are set so that they produce the merged
+  weight exactly, and restored bit for bit on unmerge (one copy of the sources while merged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..backends.base import BACKEND_NAMES, BackendUnavailable, resolve_backend_name
+from ..config import Rank, check_rank
+from ..functional import STRATEGY_CHOICES, tucker_reconstruct
+from ..tucker import clamp_ranks, init_tucker_
+
+MAX_MODES = 5
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """One adapter's hyper-parameters: full per-mode ``ranks`` (already clamped), scale s,
+    dropout on the adapter's input, and the strategy/backend its forward asks for."""
+
+    ranks: tuple[int, ...]
+    scale: float = 1.0
+    dropout: float = 0.0
+    strategy: str = "auto"
+    backend: str = "auto"
+
+
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapter parameters live in fp32 unless the base is fp64 (low-precision bases included)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def expand_rank(value: Rank, n: int, name: str) -> tuple[int, ...]:
+    """An int or an n-tuple of positive ints -> an n-tuple."""
+    check_rank(value, name)
+    if isinstance(value, int):
+        return (value,) * n
+    if len(value) != n:
+        raise ValueError(f"{name}: expected an int or {n} ints, got {value!r}")
+    return tuple(value)
+
+
+class _MergedGuard(torch.autograd.Function):
+    """Identity whose backward raises: a merged adapter gets no gradient (train unmerged)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, anchor: Tensor) -> Tensor:  # noqa: ARG004
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ARG004
+        raise RuntimeError(
+            "backward through a merged FLoRA layer: its adapter is folded into the base weight and gets no "
+            "gradient; call fk.unmerge_flora(model) (or layer.unmerge()) before training"
+        )
+
+
+class FLoRALayer(nn.Module):
+    """Common machinery of every FLoRA layer (see the module docstring)."""
+
+    base_types: tuple[type[nn.Module], ...] = ()
+    #: strategies this layer type implements besides "auto"
+    strategies: tuple[str, ...] = ("factorized", "merged")
+    #: backends with kernels for this layer type's op ("auto" is always accepted)
+    backends: tuple[str, ...] = BACKEND_NAMES
+    adapter_layer_names = tuple(["flora_core"] + [f"flora_u{n}" for n in range(MAX_MODES)])
+    other_param_names = ("flora_settings",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: Rank = 16,
+        kernel_rank: Rank | None = None,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        strategy: str = "auto",
+        backend: str = "auto",
+        adapter_name: str | None = "default",
+    ) -> None:
+        super().__init__()
+        if not self.accepts(base_layer):
+            raise TypeError(
+                f"{type(self).__name__}: expected a {' or '.join(t.__name__ for t in self.base_types)} "
+                f"module (or a subclass), got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.flora_core = nn.ParameterDict()
+        for n in range(self.weight_modes().dim()):
+            setattr(self, f"flora_u{n}", nn.ParameterDict())
+        self.flora_settings: dict[str, AdapterSettings] = {}
+        self._active: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._adapters_disabled = False
+        self._merge_saved: dict[str, Tensor] | None = None  # what unmerge restores (see module docstring)
+        self._mixed: tuple[Tensor, list[str]] | None = None
+        self.mixed_batch_dim = 0
+        self.shared_with: tuple[str, ...] = ()  # other modules holding this weight (set by inject)
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, rank, kernel_rank, scale, dropout, strategy, backend)
+
+    # ------------------------------------------------------------------ type hooks
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this class adapts ``module`` (its type or a subclass of it)."""
+        return isinstance(module, cls.base_types)
+
+    def base_weight(self) -> Tensor:
+        """The weight the base layer computes with, in its stored layout (weight norm applied)."""
+        hook = _legacy_weight_norm(self.base_layer, self.weight_name)
+        if hook is not None:
+            return hook.compute_weight(self.base_layer)
+        return getattr(self.base_layer, self.weight_name)
+
+    weight_name = "weight"
+
+    @classmethod
+    def weight_shape_of(cls, module: nn.Module) -> tuple[int, ...]:
+        """The mode-order shape of the weight this class would adapt on ``module``."""
+        return tuple(getattr(module, cls.weight_name).shape)
+
+    def weight_modes(self, w: Tensor | None = None) -> Tensor:
+        """The adapted weight in its mode order (a view of the stored layout; default: identity)."""
+        return self.base_weight() if w is None else w
+
+    def _modes_to_stored(self, delta: Tensor) -> Tensor:
+        """Inverse of ``weight_modes``'s layout change, for a delta in mode order."""
+        return delta
+
+    def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
+        """base(x) + adapter ``name``'s term, by the layer's functional op."""
+        raise NotImplementedError
+
+    def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
+        """The layer's op applied to a weight delta in mode order, without bias."""
+        raise NotImplementedError
+
+    def _mask_delta(self, delta: Tensor) -> Tensor:
+        """Entries of dW the layer type keeps at zero (an embedding's padding row)."""
+        return delta
+
+    def _kernel_modes(self) -> tuple[int, ...]:
+        """Sizes of the spatial modes (ranked by ``kernel_rank``); none for 2-D weights."""
+        return tuple(self.weight_modes().shape[2:])
+
+    # ------------------------------------------------------------------ read-through
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "base_layer" not in modules or name == "base_layer":
+                raise
+            return getattr(modules["base_layer"], name)
+
+    @property
+    def base(self) -> nn.Module:
+        """Alias of ``base_layer``."""
+        return self.base_layer
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(
+        self,
+        name: str,
+        rank: Rank = 16,
+        kernel_rank: Rank | None = None,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        strategy: str = "auto",
+        backend: str = "auto",
+        init: bool = True,
+    ) -> None:
+        """Create adapter ``name`` (paper init: dW = 0) and make it active alongside the others.
+
+        ``rank`` is the channel ranks (int or (r_out, r_in)) or every mode's rank; ``kernel_rank``
+        the spatial ones (default: the full kernel). Ranks are clamped to the mode sizes.
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name: expected a non-empty string without dots, got {name!r}")
+        if name in self.flora_settings:
+            raise ValueError(f"adapter {name!r} already exists on {type(self).__name__}; delete it first")
+        settings = self.make_settings(rank, kernel_rank, scale, dropout, strategy, backend)
+        w = self.weight_modes()
+        dt = adapter_dtype(w)
+        core = nn.Parameter(torch.empty(settings.ranks, dtype=dt, device=w.device))
+        factors = [nn.Parameter(torch.empty(i, r, dtype=dt, device=w.device)) for i, r in zip(w.shape, settings.ranks)]
+        if init:
+            init_tucker_(core, factors)
+        self.flora_core[name] = core
+        for n, f in enumerate(factors):
+            getattr(self, f"flora_u{n}")[name] = f
+        self.flora_settings[name] = settings
+        self._active.append(name)
+
+    def make_settings(
+        self, rank: Rank, kernel_rank: Rank | None, scale: float, dropout: float, strategy: str, backend: str
+    ) -> AdapterSettings:
+        """Validated settings for this layer's weight, ranks clamped to its mode sizes."""
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if strategy not in ("auto",) + self.strategies:
+            raise ValueError(
+                f"strategy: {type(self).__name__} supports {('auto',) + self.strategies}, got {strategy!r}"
+            )
+        resolve_backend_name(backend)
+        if backend != "auto" and backend not in self.backends:
+            raise BackendUnavailable(
+                f"backend {backend!r} has no kernel for {type(self).__name__}; {self.backends} serve it "
+                "(backend='auto' picks one)"
+            )
+        shape = tuple(self.weight_modes().shape)
+        kernel = shape[2:]
+        if isinstance(rank, (tuple, list)) and len(rank) == len(shape) and len(shape) > 2:
+            requested = expand_rank(tuple(rank), len(shape), "rank")
+        else:
+            requested = expand_rank(rank, 2, "rank")
+            if kernel and kernel_rank is not None:
+                requested += expand_rank(kernel_rank, len(kernel), "kernel_rank")
+            else:  # full kernel rank; a 2-D weight has no spatial mode and ignores kernel_rank
+                requested += kernel
+        return AdapterSettings(clamp_ranks(shape, requested), float(scale), float(dropout), strategy, backend)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerged first if it is merged)."""
+        self._check_names([name])
+        if name in self.merged_adapters:
+            self.unmerge()
+        del self.flora_core[name]
+        for n in range(self.weight_modes().dim()):
+            del getattr(self, f"flora_u{n}")[name]
+        del self.flora_settings[name]
+        if name in self._active:
+            self._active.remove(name)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active set: only their tensors require grad (names absent here are ignored)."""
+        names = [names] if isinstance(names, str) else list(names)
+        self._active = [n for n in names if n in self.flora_settings]
+        for n in self.flora_settings:
+            for p in self._tensors_of(n):
+                p.requires_grad_(n in self._active)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.flora_settings)
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        for n in names:
+            if n not in self.flora_settings:
+                raise KeyError(f"adapter {n!r} not found; this layer has {self.adapter_names}")
+
+    def _tensors_of(self, name: str) -> list[nn.Parameter]:
+        return [self.flora_core[name]] + [getattr(self, f"flora_u{n}")[name] for n in range(self.flora_core[name].dim())]
+
+    def tensors(self, name: str) -> tuple[nn.Parameter, list[nn.Parameter]]:
+        """(core, factors) of adapter ``name``."""
+        self._check_names([name])
+        core, *factors = self._tensors_of(name)
+        return core, factors
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._adapters_disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Bypass (False) or use (True) the unmerged adapters."""
+        self._adapters_disabled = not enabled
+
+    @property
+    def adapter_enabled(self) -> bool:
+        return not self._adapters_disabled
+
+    @adapter_enabled.setter
+    def adapter_enabled(self, value: bool) -> None:
+        self._adapters_disabled = not value
+
+    # single-adapter conveniences ----------------------------------------------------
+
+    def _sole(self) -> str:
+        names = self._active if self._active else self.adapter_names
+        if len(names) != 1:
+            raise ValueError(
+                f"{type(self).__name__} has {len(names)} active adapters {names}; name one (layer.tensors(name), "
+                "layer.flora_settings[name])"
+            )
+        return names[0]
+
+    @property
+    def core(self) -> nn.Parameter:
+        return self.flora_core[self._sole()]
+
+    @property
+    def factors(self) -> list[nn.Parameter]:
+        return self.tensors(self._sole())[1]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.flora_settings[self._sole()].ranks
+
+    @property
+    def scale(self) -> float:
+        return self.flora_settings[self._sole()].scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.set_scale(value, self._sole())
+
+    def set_scale(self, scale: float, name: str | None = None) -> None:
+        """Set s of adapter ``name`` (default: every adapter); merged adapters are re-merged."""
+        names = self.adapter_names if name is None else [name]
+        self._check_names(names)
+        merged = list(self.merged_adapters)
+        self.unmerge()
+        for n in names:
+            self.flora_settings[n] = replace(self.flora_settings[n], scale=float(scale))
+        if merged:
+            self.merge(merged)
+
+    # ------------------------------------------------------------------ forward
+
+    def _live(self) -> list[str]:
+        """Adapters to compute on the fly: active, enabled and not merged."""
+        if self._adapters_disabled:
+            return []
+        return [a for a in self._active if a not in self.merged_adapters]
+
+    def _dropout_p(self, name: str) -> float:
+        return self.flora_settings[name].dropout if self.training else 0.0
+
+    def delta_weight(self, name: str | None = None) -> Tensor:
+        """s * dW of adapter ``name`` (default: the sum over the active adapters), in mode order."""
+        names = self._active if name is None else [name]
+        self._check_names(names)
+        w = self.weight_modes()
+        total = None
+        for n in names:
+            core, factors = self.tensors(n)
+            d = tucker_reconstruct(core, factors, self.flora_settings[n].scale, backend=self._reconstruct_backend(n))
+            total = d if total is None else total + d
+        if total is None:
+            return torch.zeros(w.shape, dtype=adapter_dtype(w), device=w.device)
+        return self._mask_delta(total)
+
+    def _reconstruct_backend(self, name: str) -> str:
+        b = self.flora_settings[name].backend
+        return b if b in self.backends else "auto"
+
+    def _delta_term(self, x: Tensor, name: str, *args, **kwargs) -> Tensor:
+        """The layer's op on adapter ``name``'s delta (merged form, its dropout included)."""
+        p = self._dropout_p(name)
+        xd = F.dropout(x, p, training=True) if p > 0 else x
+        return self._delta_forward(xd, self.delta_weight(name).to(self.base_weight().dtype), *args, **kwargs)
+
+    def effective_weight(self) -> Tensor:
+        """The base weight plus the live adapters' deltas, stored layout, differentiable."""
+        w = self.base_weight()
+        live = self._live()
+        if not live:
+            return w
+        return w + self._modes_to_stored(sum(self.delta_weight(a) for a in live)).to(w.dtype)
+
+    def _base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self.base_layer(x, *args, **kwargs)
+
+    def _forward_adapters(self, x: Tensor, live: list[str], *args, **kwargs) -> Tensor:
+        """base(x) + the live adapters: the first by the fused op, the others as delta terms."""
+        first, *rest = live
+        y = self._forward_fused(x, first, self._dropout_p(first), *args, **kwargs)
+        for a in rest:
+            y = y + self._delta_term(x, a, *args, **kwargs)
+        return y
+
+    def _guard_merged(self, y: Tensor) -> Tensor:
+        if self.merged_adapters and torch.is_grad_enabled() and not self._adapters_disabled:
+            anchors = [self.flora_core[a] for a in self.merged_adapters if self.flora_core[a].requires_grad]
+            if anchors:
+                return _MergedGuard.apply(y, anchors[0])
+        return y
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self._mixed is not None:
+            return self.forward_mixed(x, *self._mixed, *args, **kwargs)
+        live = self._live()
+        y = self._forward_adapters(x, live, *args, **kwargs) if live else self._base_forward(x, *args, **kwargs)
+        return self._guard_merged(y)
+
+    def batch_dim(self, x: Tensor) -> int:
+        """The sample dimension of this layer's input (``adapter_batch``'s ``batch_dim``)."""
+        return self.mixed_batch_dim
+
+    def _group_layers(self) -> list["FLoRALayer"]:
+        """The layers whose active set follows the sample groups in ``forward_mixed``."""
+        return [self]
+
+    def forward_mixed(self, x: Tensor, index: Tensor, names: Sequence[str], *args, **kwargs) -> Tensor:
+        """Each sample with its own adapter: ``index[i]`` is sample i's position in ``names``
+        (-1: the base layer alone). Samples are grouped by adapter (one call per adapter used).
+
+        x: this layer's input with ``index.numel()`` samples on ``batch_dim(x)``. Returns the
+        layer's output, samples in the input order.
+        """
+        dim = self.batch_dim(x)
+        return self.run_grouped(index, names, [x], [dim], dim, lambda xs: self.forward(xs[0], *args, **kwargs))
+
+    def run_grouped(
+        self, index: Tensor, names: Sequence[str], inputs: Sequence[Tensor], dims: Sequence[int], out_dim: int,
+        fn: Callable[[list[Tensor]], Tensor],
+    ) -> Tensor:
+        """Sort the samples of ``inputs`` (batch dims ``dims``) by adapter, run ``fn`` on each
+        group with that adapter alone active (in every layer of ``_group_layers``), and put the
+        outputs (batch dim ``out_dim``) back in sample order."""
+        self._check_names(names)
+        if any(m.merged_adapters for m in self._group_layers()):
+            raise RuntimeError("adapter_batch: unmerge the model's adapters first (fk.unmerge_flora)")
+        n = inputs[0].shape[dims[0]]
+        if index.numel() != n:
+            raise ValueError(f"adapter_batch: {index.numel()} adapter names for a batch of {n} samples")
+        index = index.to(inputs[0].device)
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index + 1, minlength=len(names) + 1).tolist()
+        groups = [torch.split(t.index_select(d, order), counts, d) for t, d in zip(inputs, dims)]
+        layers = self._group_layers()
+        saved = [(m._active, m._mixed) for m in layers]
+        outs = []
+        try:
+            for m in layers:
+                m._mixed = None
+            for pos, count in enumerate(counts):
+                if count == 0:
+                    continue
+                for m in layers:
+                    m._active = [] if pos == 0 else [a for a in [names[pos - 1]] if a in m.flora_settings]
+                outs.append(fn([g[pos] for g in groups]))
+        finally:
+            for m, (active, mixed) in zip(layers, saved):
+                m._active, m._mixed = active, mixed
+        return torch.cat(outs, out_dim).index_select(out_dim, torch.argsort(order))
+
+    # ------------------------------------------------------------------ merge
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold ``adapter_names`` (default: the active ones not merged yet) into the base weight.
+
+        ``safe_merge`` checks the merged weight for NaN/inf before writing it.
+        """
+        names = [a for a in (self._active if adapter_names is None else adapter_names) if a not in self.merged_adapters]
+        self._check_names(names)
+        if not names:
+            return
+        w = self.base_weight()
+        delta = sum(self._modes_to_stored(self.delta_weight(a)) for a in names)
+        new = (w.to(delta.dtype) + delta).to(w.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapters {names} gives a non-finite weight; not merged")
+        self._write_weight(new, first=not self.merged_adapters)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge: shared and weight-normed weights bit for bit, others within rounding."""
+        if not self.merged_adapters:
+            return
+        if self._merge_saved is not None:
+            self._restore_weight()
+        else:
+            w = self.base_weight()
+            delta = sum(self._modes_to_stored(self.delta_weight(a)) for a in self.merged_adapters)
+            w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
+        self.merged_adapters = []
+
+    def _write_weight(self, new: Tensor, first: bool) -> None:
+        """Make the base layer compute with ``new`` (stored layout); see the module docstring."""
+        base, name = self.base_layer, self.weight_name
+        hook = _legacy_weight_norm(base, name)
+        if hook is not None:
+            g, v = getattr(base, name + "_g"), getattr(base, name + "_v")
+            if first:
+                self._merge_saved = {"g": g.detach().clone(), "v": v.detach().clone()}
+            v.copy_(new)
+            g.copy_(torch.norm_except_dim(new, 2, hook.dim).reshape(g.shape))
+            setattr(base, name, hook.compute_weight(base))
+            return
+        if parametrize.is_parametrized(base, name):
+            plist = base.parametrizations[name]
+            if first:
+                self._merge_saved = {k: t.detach().clone() for k, t in plist.named_parameters()}
+            try:
+                setattr(base, name, new)  # right_inverse: the sources that give `new`
+            except NotImplementedError as e:
+                raise ValueError(
+                    f"cannot merge into the parametrized {type(base).__name__}.{name}: its parametrization has no "
+                    "right_inverse; use the adapter unmerged"
+                ) from e
+            return
+        if self.shared_with:
+            if first:
+                self._merge_saved = {"shared": base._parameters[name]}
+            base._parameters[name] = nn.Parameter(new.clone(), requires_grad=False)
+            return
+        getattr(base, name).copy_(new)
+
+    def _restore_weight(self) -> None:
+        base, name, saved = self.base_layer, self.weight_name, self._merge_saved
+        assert saved is not None
+        hook = _legacy_weight_norm(base, name)
+        if hook is not None:
+            getattr(base, name + "_g").copy_(saved["g"])
+            getattr(base, name + "_v").copy_(saved["v"])
+            setattr(base, name, hook.compute_weight(base))
+        elif parametrize.is_parametrized(base, name):
+            for k, t in base.parametrizations[name].named_parameters():
+                t.copy_(saved[k])
+        else:
+            base._parameters[name] = saved["shared"]
+        self._merge_saved = None
+
+    def unload(self) -> nn.Module:
+        """The base layer with the merged adapters in its weight (its own, if it was shared)."""
+        return self.base_layer
+
+    # ------------------------------------------------------------------ repr
+
+    def extra_repr(self) -> str:
+        parts = []
+        for a, s in self.flora_settings.items():
+            state = "merged" if a in self.merged_adapters else ("active" if a in self._active else "inactive")
+            parts.append(
+                f"{a}: ranks={s.ranks}, scale={s.scale:g}, dropout={s.dropout:g}, strategy={s.strategy}, "
+                f"backend={s.backend}, {state}"
+            )
+        if self._adapters_disabled:
+            parts.append("adapters disabled")
+        return "; ".join(parts) or "no adapters"
+
+
+def _legacy_weight_norm(module: nn.Module, name: str):
+    """The ``torch.nn.utils.weight_norm`` pre-hook of ``module.<name>``, if any."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook
+    return None

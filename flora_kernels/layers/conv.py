@@ -1,0 +1,105 @@
+"""Convolutions: FLoRAConv1d/2d/3d and FLoRAConvTranspose1d/2d/3d (subclasses included).
+
+Mode order is the weight's as torch stores it: ConvNd (out, in/groups, k_1..k_d);
+ConvTransposeNd (in, out/groups, k_1..k_d). Every group shares the factors and the core.
+``ConvNd`` has the factorized path (projection, core conv, expansion) and the merged one;
+``ConvTransposeNd`` runs the merged path (conv_transpose with W + s dW) on the reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..convspec import ConvSpec, conv_nd
+from ..functional import flora_conv, plan_conv_call
+from ..plan import Plan
+from .base import FLoRALayer
+
+
+class _FLoRAConvNd(FLoRALayer):
+    """FLoRA adapter around a ConvNd: x (N, C_in, *spatial) -> (N, C_out, *out_spatial).
+
+    Adapter tensors: core (r_out, r_in, *kernel_ranks); factors (C_out, r_out),
+    (C_in/groups, r_in), (k_j, rk_j).
+    """
+
+    def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
+        super().__init__(base_layer, *args, **kwargs)
+        self.spec = ConvSpec.of(base_layer)
+
+    def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
+        core, factors = self.tensors(name)
+        s, spec = self.flora_settings[name], self.spec
+        return flora_conv(
+            x, self.base_weight(), self.base_layer.bias, core, factors, s.scale,
+            stride=spec.stride, padding=self.base_layer.padding, dilation=spec.dilation, groups=spec.groups,
+            padding_mode=spec.padding_mode, strategy=s.strategy, backend=s.backend, dropout_p=dropout_p,
+        )
+
+    def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
+        return conv_nd(x, delta, None, self.spec)
+
+    def plan(self, x: Tensor, name: str | None = None) -> Plan:
+        """The cost model's choice for input ``x`` (what ``strategy="auto"`` would run)."""
+        name = name or self._sole()
+        if x.dim() == self.base_weight().dim() - 1:
+            x = x.unsqueeze(0)
+        core, factors = self.tensors(name)
+        return plan_conv_call(x, self.base_weight(), core, factors, self.spec, self._dropout_p(name))
+
+
+class FLoRAConv1d(_FLoRAConvNd):
+    base_types = (nn.Conv1d,)
+
+
+class FLoRAConv2d(_FLoRAConvNd):
+    base_types = (nn.Conv2d,)
+
+
+class FLoRAConv3d(_FLoRAConvNd):
+    base_types = (nn.Conv3d,)
+
+
+class _FLoRAConvTransposeNd(FLoRALayer):
+    """FLoRA adapter around a ConvTransposeNd (stride, padding, output_padding, dilation, groups
+    and ``output_size`` as the base layer handles them).
+
+    Adapter tensors: core (r_in, r_out, *kernel_ranks); factors (C_in, r_in),
+    (C_out/groups, r_out), (k_j, rk_j).
+    """
+
+    strategies = ("merged",)
+    backends = ("reference",)
+
+    def _forward_adapters(self, x: Tensor, live: list[str], *args, **kwargs) -> Tensor:
+        w = self.base_weight()
+        if any(self._dropout_p(a) > 0 for a in live):  # dropout acts on each adapter's input alone
+            y = self._base_forward(x, *args, **kwargs)
+            for a in live:
+                y = y + self._delta_term(x, a, *args, **kwargs)
+            return y
+        return functional_call(self.base_layer, {self.weight_name: self.effective_weight()}, (x, *args), kwargs)
+
+    def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
+        raise AssertionError("unreachable: ConvTranspose runs _forward_adapters")
+
+    def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
+        params = {self.weight_name: delta}
+        if self.base_layer.bias is not None:
+            params["bias"] = torch.zeros_like(self.base_layer.bias)
+        return functional_call(self.base_layer, params, (x, *args), kwargs)
+
+
+class FLoRAConvTranspose1d(_FLoRAConvTransposeNd):
+    base_types = (nn.ConvTranspose1d,)
+
+
+class FLoRAConvTranspose2d(_FLoRAConvTransposeNd):
+    base_types = (nn.ConvTranspose2d,)
+
+
+class FLoRAConvTranspose3d(_FLoRAConvTransposeNd):
+    base_types = (nn.ConvTranspose3d,)

@@ -1,0 +1,67 @@
+"""FLoRALinear: every ``nn.Linear`` subclass, and transformers' ``Conv1D`` (GPT-2).
+
+Mode order (out, in) for both. ``Conv1D`` stores its weight as (in, out) and computes
+``x W + b``; the adapter keeps the Linear convention, so its mode-order weight is the stored
+weight transposed (a view) and every Linear kernel serves it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import flora_linear, plan_linear_call
+from ..plan import Plan
+from .base import FLoRALayer
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (without importing transformers)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(utils, "Conv1D", None)
+    return cls is not None and isinstance(module, cls)
+
+
+class FLoRALinear(FLoRALayer):
+    """FLoRA adapter around a Linear: x (..., in) -> (..., out).
+
+    Adapter tensors: core (r_out, r_in); factors (out, r_out), (in, r_in). ``kernel_rank`` is
+    ignored.
+    """
+
+    base_types = (nn.Linear,)
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+    @classmethod
+    def weight_shape_of(cls, module: nn.Module) -> tuple[int, ...]:
+        shape = tuple(module.weight.shape)
+        return shape[::-1] if is_hf_conv1d(module) else shape
+
+    def weight_modes(self, w: Tensor | None = None) -> Tensor:
+        w = self.base_weight() if w is None else w
+        return w.t() if is_hf_conv1d(self.base_layer) else w
+
+    def _modes_to_stored(self, delta: Tensor) -> Tensor:
+        return delta.t() if is_hf_conv1d(self.base_layer) else delta
+
+    def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
+        core, factors = self.tensors(name)
+        s = self.flora_settings[name]
+        return flora_linear(
+            x, self.weight_modes(), self.base_layer.bias, core, factors, s.scale,
+            dropout_p=dropout_p, strategy=s.strategy, backend=s.backend,
+        )
+
+    def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
+        return F.linear(x, delta)
+
+    def plan(self, x: Tensor, name: str | None = None) -> Plan:
+        """The cost model's choice for input ``x`` (what ``strategy="auto"`` would run)."""
+        name = name or self._sole()
+        core, factors = self.tensors(name)
+        return plan_linear_call(x, self.weight_modes(), core, factors, self._dropout_p(name))
