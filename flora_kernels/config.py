@@ -95,10 +95,10 @@ class FLoRAConfig:
                 _check_regex(name, tm)
             for v in tm if isinstance(tm, tuple) else ():
                 if not isinstance(v, str) or not v:
-                    raise ValueError(f"{name}: expected non-empty strings, got {v!r}")
+                    raise ValueError(f"{name}: module names: expected non-empty strings, got {v!r}")
         for v in self.modules_to_save:
             if not isinstance(v, str) or not v:
-                raise ValueError(f"modules_to_save: expected non-empty strings, got {v!r}")
+                raise ValueError(f"modules_to_save: module names: expected non-empty strings, got {v!r}")
         for name in ("rank_pattern", "scale_pattern"):
             d = getattr(self, name)
             if not isinstance(d, dict):
@@ -128,6 +128,13 @@ class FLoRAConfig:
         if unknown:
             raise ValueError(f"FLoRAConfig: unknown keys {unknown}; expected keys from {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def matches(self, name: str) -> bool:
+        """Whether ``target_modules`` names the module called ``name`` (None: every module;
+        "all-linear" is a type rule, see ``flora_kernels.model.select_targets``)."""
+        if self.target_modules == ALL_LINEAR:
+            return True
+        return name_matches(name, self.target_modules)
 
     def rank_for(self, name: str) -> Rank:
         """``rank_pattern``'s rank for module ``name``, else ``rank``."""

@@ -625,10 +625,15 @@ def save_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
 def _validate(
     model: nn.Module, name: str, cfg: FLoRAConfig, info: dict[str, dict[str, Any]], tensors: dict[str, Tensor]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[Tensor, list[Tensor]]]]:
-    """Check a loaded adapter against the model; return (targets, tensors) for install."""
+    """Check a loaded adapter against the model; return (targets, tensors) for install (or
+    for an in-place load when the model has adapter ``name`` already)."""
     configs, _ = _state(model)
-    if name in configs:
-        raise ValueError(f"load_flora: the model has an adapter {name!r} already; delete_adapter it first")
+    existing = name in configs
+    if existing:
+        have = {logical_name(r) for r, layer in flora_layers(model) if name in layer.flora_settings}
+        saved = {logical_name(r) for r in info}
+        if have != saved:
+            raise ValueError(f"adapter {name!r}: modules differ: saved {sorted(saved)}, model has {sorted(have)}")
     if any(layer.merged for _, layer in flora_layers(model)):
         raise ValueError("load_flora: the model's adapters are merged; call unmerge_flora first")
     targets, adapters, expected = {}, {}, {}
@@ -652,6 +657,10 @@ def _validate(
                 f"adapter module {logical!r}: saved for weight shape {tuple(meta['weight_shape'])}, the model's is {shape}"
             )
         ranks = tuple(meta["ranks"])
+        if existing and m.flora_settings[name].ranks != ranks:
+            raise ValueError(
+                f"adapter module {logical!r}: saved ranks {ranks}, the model's layer has {m.flora_settings[name].ranks}"
+            )
         key = f"{KEY_PREFIX}{real}"
         expected[f"{key}.flora_core"] = ranks
         for n, (dim, r) in enumerate(zip(meta["weight_shape"], ranks)):
@@ -682,7 +691,8 @@ def _validate(
 def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load adapters written by ``save_flora`` (or PEFT's ``save_pretrained`` for FLoRA) under
     their names, injecting where the model has no FLoRA layer yet. ``adapter_name=None`` loads
-    every adapter found (root: "default", subfolders: their names).
+    every adapter found (root: "default", subfolders: their names). An adapter the model has
+    already (same modules and ranks) gets the file's tensors and scales in place.
 
     Everything is checked before anything changes: a missing module, a wrong module type, or a
     tensor of the wrong shape raises ``ValueError`` naming it and leaves the model untouched.
@@ -696,8 +706,20 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
         targets, adapters = _validate(model, name, cfg, info, tensors)
         loaded.append((name, cfg, targets, adapters, tensors))
     for name, cfg, targets, adapters, tensors in loaded:
-        first = not _state(model)[0]
-        install_adapters(model, targets, name, cfg, tensors=adapters, activate=first)
+        configs, active = _state(model)
+        if name in configs:  # in place: same modules and ranks (checked), tensors and scales from the file
+            with torch.no_grad():
+                for logical, (core, factors) in adapters.items():
+                    layer = model.get_submodule(resolve_name(model, logical))
+                    dst_core, dst_factors = layer.tensors(name)
+                    dst_core.copy_(core)
+                    for d, src in zip(dst_factors, factors, strict=True):
+                        d.copy_(src)
+                    layer.set_scale(targets[logical]["scale"], name)
+            _set_state(model, {**configs, name: cfg}, active)
+            refresh_trainable(model)
+        else:
+            install_adapters(model, targets, name, cfg, tensors=adapters, activate=not configs)
         with torch.no_grad():
             for mod in _saved_names(model, cfg.modules_to_save):
                 state = model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True)

@@ -99,3 +99,36 @@ def test_name_matching(name, patterns, want):
     assert name_matches(name, patterns) is want
     cfg = fk.FLoRAConfig(target_modules=patterns)
     assert cfg.matches(name) is want
+
+
+@pytest.mark.parametrize(
+    "name,key,want",
+    [
+        ("layers.0.q_proj", "q_proj", True),
+        ("layers.0.q_proj", r"layers\.0\.q_proj", True),
+        ("layers.0.q_proj", r"^layers\.0\.q_proj", True),
+        ("x.layers.0.q_proj", r"^layers\.0\.q_proj", False),  # "^" anchors the pattern
+        ("layers.0.q_proj", "proj", False),
+        ("layers.1.q_proj", r"layers\.[0-1]\.q_proj", True),
+    ],
+)
+def test_rank_and_scale_patterns(name, key, want):
+    cfg = fk.FLoRAConfig(rank=4, scale=1.0, rank_pattern={key: (2, 3)}, scale_pattern={key: 0.5})
+    assert cfg.rank_for(name) == ((2, 3) if want else 4)
+    assert cfg.scale_for(name) == (0.5 if want else 1.0)
+
+
+def test_new_fields_validated_and_round_trip():
+    with pytest.raises(ValueError, match="rank_pattern"):
+        fk.FLoRAConfig(rank_pattern={"fc": 0})
+    with pytest.raises(ValueError, match="scale_pattern"):
+        fk.FLoRAConfig(scale_pattern={"fc": "big"})
+    with pytest.raises(ValueError, match="exclude_modules"):
+        fk.FLoRAConfig(exclude_modules=3)
+    with pytest.raises(ValueError, match="regular expression"):
+        fk.FLoRAConfig(rank_pattern={"(": 2})
+    cfg = fk.FLoRAConfig(
+        target_modules="all-linear", exclude_modules=["head"], rank_pattern={"fc": [2, 3], "conv": 4},
+        scale_pattern={"fc": 0.5},
+    )
+    assert fk.FLoRAConfig.from_dict(cfg.to_dict()) == cfg

@@ -164,7 +164,7 @@ def test_one_step_changes_only_adapters_and_modules_to_save(which):
     _, model = make()
     model.train()
     saved = "classifier" if which == "bert" else "head"
-    adapter = {n for n, p in model.named_parameters() if ".core" in n or ".factors." in n}
+    adapter = {n for n, p in model.named_parameters() if ".flora_core." in n or ".flora_u" in n}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == adapter | {f"{saved}.weight", f"{saved}.bias"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

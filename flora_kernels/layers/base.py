@@ -235,7 +235,7 @@ class FLoRALayer(nn.Module):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         if strategy not in ("auto",) + self.strategies:
             raise ValueError(
-                f"strategy: {type(self).__name__} supports {('auto',) + self.strategies}, got {strategy!r}"
+                f"strategy: expected one of {('auto',) + self.strategies} for {type(self).__name__}, got {strategy!r}"
             )
         resolve_backend_name(backend)
         if backend != "auto" and backend not in self.backends:
@@ -347,6 +347,36 @@ class FLoRALayer(nn.Module):
     @scale.setter
     def scale(self, value: float) -> None:
         self.set_scale(value, self._sole())
+
+    def _update_sole(self, **changes) -> None:
+        name = self._sole()
+        s = replace(self.flora_settings[name], **changes)
+        self.make_settings(s.ranks, None, s.scale, s.dropout, s.strategy, s.backend)  # validates
+        self.flora_settings[name] = s
+
+    @property
+    def strategy(self) -> str:
+        return self.flora_settings[self._sole()].strategy
+
+    @strategy.setter
+    def strategy(self, value: str) -> None:
+        self._update_sole(strategy=value)
+
+    @property
+    def backend(self) -> str:
+        return self.flora_settings[self._sole()].backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._update_sole(backend=value)
+
+    @property
+    def dropout(self) -> float:
+        return self.flora_settings[self._sole()].dropout
+
+    @dropout.setter
+    def dropout(self, value: float) -> None:
+        self._update_sole(dropout=float(value))
 
     def set_scale(self, scale: float, name: str | None = None) -> None:
         """Set s of adapter ``name`` (default: every adapter); merged adapters are re-merged."""

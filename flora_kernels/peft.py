@@ -1,0 +1,458 @@
+"""FLoRA as a PEFT method: ``import flora_kernels.peft`` registers peft_type "FLORA".
+
+    import flora_kernels.peft                      # registers FLoRA with peft
+    from flora_kernels.peft import FloraConfig
+    from peft import PeftModel, get_peft_model
+
+    model = get_peft_model(model, FloraConfig(r=8, target_modules=["query", "value"]))
+    model.print_trainable_parameters()
+    model.save_pretrained("out")                   # the same files as fk.save_flora writes
+    model = PeftModel.from_pretrained(base, "out")  # in any process that imported this module
+
+The PEFT-facing layers are the library's own layers (``flora_kernels.layers``): at install
+their class becomes a subclass that adds PEFT's ``BaseTunerLayer`` (``Peft<Class>``, e.g.
+``PeftFLoRALinear``), so forward, merge, strategies and backends are the library's. Targets
+are chosen by ``flora_kernels.model.select_targets`` and installed by
+``flora_kernels.model.install_adapters``, the same path ``fk.inject_flora`` takes.
+
+PEFT's ``register_peft_method`` only accepts names that are already ``PeftType`` members, so
+this module fills the registries it would fill (plain dicts keyed by the type string) itself.
+It checks the installed PEFT (version and the internals used here) at import and raises an
+ImportError naming what differs. The rest of flora_kernels never imports peft.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+try:
+    import peft
+    from packaging.version import Version
+    from peft import PeftConfig
+    from peft import mapping as _peft_mapping
+    from peft.tuners import tuners_utils as _tuners_utils
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+    from peft.utils.peft_types import PeftType
+except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        f"flora_kernels.peft needs the peft package (pip install 'peft>=0.21,<0.22'): {e}"
+    ) from e
+
+from .config import FLoRAConfig, name_matches
+from .layers import FLoRALayer, flora_layers
+from .model import (
+    FORMAT_VERSION,
+    _layer_info,
+    _set_state,
+    config_from_peft_dict,
+    config_to_peft_dict,
+    install_adapters,
+    logical_name,
+    select_targets,
+)
+from .model import delete_adapter as _fk_delete_adapter
+
+__all__ = ["PEFT_TYPE", "FloraConfig", "FloraModel", "FloraTunerLayer", "check_peft"]
+
+#: PEFT versions this module was written against (inclusive lower, exclusive upper bound).
+PEFT_VERSION_RANGE = ("0.21", "0.22")
+PREFIX = "flora_"
+
+
+class FloraPeftType(str, enum.Enum):
+    """The peft_type of FLoRA adapters; compares and hashes as the string "FLORA" (like
+    ``peft.PeftType`` members)."""
+
+    FLORA = "FLORA"
+
+
+PEFT_TYPE = FloraPeftType.FLORA
+
+# --------------------------------------------------------------------------- import-time checks
+
+# BaseTuner / BaseTunerLayer / AuxiliaryTrainingWrapper methods this module overrides or calls,
+# with the parameters (self excluded) it relies on.
+_EXPECTED_SIGNATURES = {
+    (BaseTuner, "inject_adapter"): ("model", "adapter_name", "autocast_adapter_dtype", "low_cpu_mem_usage", "state_dict"),
+    (BaseTuner, "_prepare_model"): ("peft_config", "model"),
+    (BaseTuner, "_prepare_adapter_config"): ("peft_config", "model_config"),
+    (BaseTuner, "_check_target_module_exists"): ("peft_config", "key"),
+    (BaseTuner, "_create_and_replace"): (
+        "peft_config", "adapter_name", "target", "target_name", "parent", "current_key", "parameter_name",
+    ),
+    (BaseTuner, "_replace_module"): ("parent", "child_name", "new_module", "child"),
+    (BaseTuner, "_unload_and_optionally_merge"): ("merge", "progressbar", "safe_merge", "adapter_names"),
+    (BaseTuner, "set_adapter"): ("adapter_name", "inference_mode"),
+    (BaseTuner, "delete_adapter"): ("adapter_name",),
+    (BaseTunerLayer, "merge"): ("safe_merge", "adapter_names"),
+    (BaseTunerLayer, "set_adapter"): ("adapter_names", "inference_mode"),
+    (BaseTunerLayer, "set_requires_grad"): ("adapter_names", "requires_grad"),
+    (BaseTunerLayer, "delete_adapter"): ("adapter_name",),
+    (BaseTunerLayer, "_get_available_adapters"): (),
+    (BaseTunerLayer, "_move_adapter_to_device_of_base_layer"): ("adapter_name", "device"),
+    (AuxiliaryTrainingWrapper, "delete_adapter"): ("adapter_name", "new_active_adapters"),
+}
+_REGISTRIES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+
+
+def _params(fn: Any) -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(fn).parameters if p != "self")
+
+
+def check_peft(version: str | None = None) -> None:
+    """Raise ``ImportError`` naming every difference between the installed peft and what
+    this module relies on: the version range, the registries, the hook signatures, and the
+    checkpoint key rule (``<module>.flora_core.<adapter>`` saved as ``<module>.flora_core``)."""
+    version = peft.__version__ if version is None else version
+    lo, hi = PEFT_VERSION_RANGE
+    problems = []
+    if not Version(lo) <= Version(version) < Version(hi):
+        problems.append(f"peft version: expected >={lo},<{hi}, got {version}")
+    for name in _REGISTRIES:
+        reg = getattr(_peft_mapping, name, None)
+        if not isinstance(reg, dict):
+            problems.append(f"peft.mapping.{name}: expected a dict, got {type(reg).__name__}")
+        elif (other := reg.get(PEFT_TYPE)) is not None and getattr(other, "__module__", __name__) != __name__:
+            problems.append(f"peft.mapping.{name}: 'FLORA' is taken already by {other!r}")
+    prefixes = getattr(_peft_mapping, "PEFT_TYPE_TO_PREFIX_MAPPING", {})
+    if isinstance(prefixes, dict) and any(v == PREFIX and k != PEFT_TYPE for k, v in prefixes.items()):
+        problems.append(f"peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING: the prefix {PREFIX!r} is taken already")
+    if "FLORA" in PeftType.__members__:
+        problems.append("peft.PeftType: has a FLORA member now (a FLoRA method of peft's own would clash)")
+    for (owner, meth), expected in _EXPECTED_SIGNATURES.items():
+        fn = getattr(owner, meth, None)
+        got = None if fn is None else _params(fn)
+        if got != expected:
+            problems.append(f"{owner.__module__}.{owner.__name__}.{meth}: expected parameters {expected}, got {got}")
+    if not hasattr(_tuners_utils, "_ExcludedModule"):
+        problems.append("peft.tuners.tuners_utils._ExcludedModule: missing")
+    remove = getattr(BaseTuner, "_remove_adapter_name_from_key", None)
+    key = None if remove is None else remove("m.flora_core.default", "default")
+    if key != "m.flora_core":
+        problems.append(f"BaseTuner._remove_adapter_name_from_key: expected 'm.flora_core', got {key!r}")
+    if problems:
+        raise ImportError(
+            "flora_kernels.peft does not support the installed peft:\n  " + "\n  ".join(problems)
+            + f"\n(tested with peft >={lo},<{hi}; fk.save_flora / fk.load_flora work without peft)"
+        )
+
+
+check_peft()
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class FloraConfig(PeftConfig):
+    """PEFT config of a FLoRA adapter (``peft_type == "FLORA"``); the fields mirror
+    ``fk.FLoRAConfig`` under PEFT's names and the saved adapter_config.json of
+    ``fk.save_flora`` loads as one.
+
+    Attributes:
+        r: channel ranks: an int or (r_out, r_in) (``FLoRAConfig.rank``).
+        kernel_r: spatial ranks of conv kernels (None: the full kernel).
+        scale: s in dW = s * G x_0 U_0 ... x_{N-1} U_{N-1}.
+        flora_dropout: dropout on the adapter's input (training only).
+        target_modules: exact names / suffixes (list), a full-match regex (str), "all-linear",
+            or None (every supported layer, tied heads left out).
+        exclude_modules: modules never adapted (same rules).
+        modules_to_save: modules trained fully and saved with the adapter (PEFT's
+            ModulesToSaveWrapper; classification tasks add their head here).
+        rank_pattern / scale_pattern: per-module ranks / scales, ``{pattern: value}``; a pattern
+            matches a name when ``re.fullmatch(rf"(.*\\.)?(?:{pattern})", name)``.
+        strategy: "auto", "factorized" or "merged". backend: "auto", "reference", "triton",
+            "cuda" or "cpp".
+        layer_info: {module: {type, weight_shape, ranks, scale}} of the installed adapter,
+            filled at injection; when given, it fixes the targets and ranks (so a saved adapter
+            loads exactly).
+    """
+
+    r: int | list[int] = field(default=16, metadata={"help": "Channel ranks: int or (r_out, r_in)."})
+    kernel_r: int | list[int] | None = field(
+        default=None, metadata={"help": "Spatial ranks of conv kernels; None keeps the full kernel."}
+    )
+    scale: float = field(default=1.0, metadata={"help": "s in dW = s * G x_n U_n."})
+    flora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names/suffixes, a full-match regex, 'all-linear', or None (all supported)."}
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules never adapted (same rules as target_modules)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained fully and saved with the adapter."}
+    )
+    rank_pattern: dict[str, Any] = field(default_factory=dict, metadata={"help": "{pattern: rank} per module."})
+    scale_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "{pattern: scale} per module."})
+    strategy: str = field(default="auto", metadata={"help": "'auto', 'factorized' or 'merged'."})
+    backend: str = field(default="auto", metadata={"help": "'auto', 'reference', 'triton', 'cuda' or 'cpp'."})
+    layer_info: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "Per-module type, weight shape, ranks and scale (filled at injection)."}
+    )
+    flora_format_version: int = field(default=FORMAT_VERSION, metadata={"help": "flora_kernels file format."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        self.to_flora_config()  # validates every field, errors name the field
+
+    def to_flora_config(self) -> tuple[FLoRAConfig, dict[str, dict[str, Any]]]:
+        """(the equivalent ``fk.FLoRAConfig``, layer_info)."""
+        return config_from_peft_dict(self.to_dict())
+
+    @classmethod
+    def from_flora_config(
+        cls, cfg: FLoRAConfig, layer_info: dict[str, dict[str, Any]] | None = None, **peft_kwargs: Any
+    ) -> FloraConfig:
+        """The FloraConfig of ``cfg``; ``peft_kwargs`` sets PEFT's own fields (task_type, ...)."""
+        d = config_to_peft_dict(cfg, layer_info or {})
+        own = {f for f in cls.__dataclass_fields__ if f not in PeftConfig.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in own}, **peft_kwargs)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class FloraTunerLayer(BaseTunerLayer):
+    """What PEFT sees of a FLoRA layer: every installed layer's class becomes
+    ``Peft<Class>(_PeftLayerMixin, <Class>, FloraTunerLayer)``, so ``isinstance(layer,
+    BaseTunerLayer)`` holds and the library's forward/merge stay in charge."""
+
+
+class _PeftLayerMixin:
+    """BaseTunerLayer behaviour in PEFT's vocabulary, on top of ``FLoRALayer``: names that a
+    layer does not hold are ignored (PEFT broadcasts every call to every layer)."""
+
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """The adapter containers this layer has (flora_u<n> exist for its modes only)."""
+        return tuple(n for n in FLoRALayer.adapter_layer_names if n in self._modules)
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if adapter_names is not None:
+            adapter_names = [a for a in adapter_names if a in self.flora_settings]
+        super().merge(adapter_names, safe_merge=safe_merge)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names)
+        if inference_mode:
+            self.set_requires_grad(adapter_names, False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.flora_settings):
+            core, factors = self.tensors(name)
+            for p in (core, *factors):
+                p.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.flora_settings:
+            super().delete_adapter(adapter_name)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.flora_settings)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move the adapter to the base weight's device, keeping its dtype (fp32 adapters)."""
+        target = torch.device(device) if device is not None else self.base_weight().device
+        if target.type == "meta" or adapter_name not in self.flora_settings:
+            return
+        core, factors = self.tensors(adapter_name)
+        for p in (core, *factors):
+            if p.device.type != "meta":
+                p.data = p.data.to(target)
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """The plain module (its nested FLoRA layers unloaded too), adapters merged if ``merge``."""
+        layers = flora_layers(self)
+        if merge:
+            for _, layer in layers:
+                layer.merge(layer.active_adapters if adapter_names is None else adapter_names, safe_merge=safe_merge)
+        for real, layer in sorted(layers, key=lambda t: t[0].count("."), reverse=True):
+            if real:
+                parent, _, child = real.rpartition(".")
+                setattr(self.get_submodule(parent), child, layer.unload())
+        return self.unload()
+
+
+_TUNER_CLASSES: dict[type, type] = {}
+
+
+def _as_tuner_layer(layer: FLoRALayer) -> None:
+    """Give ``layer`` its PEFT class (``Peft<Class>``, created once per class, importable
+    from this module so that pickling works)."""
+    cls = type(layer)
+    if issubclass(cls, FloraTunerLayer):
+        return
+    if cls not in _TUNER_CLASSES:
+        name = f"Peft{cls.__name__}"
+        tuner_cls = type(name, (_PeftLayerMixin, cls, FloraTunerLayer), {"__module__": __name__, "__qualname__": name})
+        _TUNER_CLASSES[cls] = globals()[name] = tuner_cls
+    layer.__class__ = _TUNER_CLASSES[cls]
+
+
+def _holds(module: nn.Module, adapter_name: str) -> bool:
+    """Whether ``module`` is a FLoRA layer with ``adapter_name`` on it or on a nested layer."""
+    return isinstance(module, FLoRALayer) and any(adapter_name in m.flora_settings for _, m in flora_layers(module))
+
+
+def _targets_from_layer_info(cfg: FLoRAConfig, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """install_adapters targets reproducing a saved adapter's modules, ranks and scales."""
+    return {
+        logical_name(real): {
+            "rank": tuple(meta["ranks"]), "scale": float(meta["scale"]), "dropout": cfg.dropout,
+            "strategy": cfg.strategy, "backend": cfg.backend,
+        }
+        for real, meta in info.items()
+    }
+
+
+# --------------------------------------------------------------------------- tuner
+
+
+class FloraModel(BaseTuner):
+    """PEFT tuner of FLoRA adapters (``PeftModel.base_model`` of a FloraConfig model).
+
+    Injection: ``select_targets`` (or the config's ``layer_info``) picks the modules and
+    ``install_adapters`` installs the adapter on all of them in one call, before PEFT's
+    matching loop; the loop then matches exactly the installed layers. PEFT keeps charge of
+    ``modules_to_save`` (ModulesToSaveWrapper), trainability and saving; saved keys are
+    ``base_model.model.<module>.flora_core`` / ``.flora_u<n>``, as ``fk.save_flora`` writes.
+    """
+
+    prefix = PREFIX
+    tuner_layer_cls = FloraTunerLayer
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
+    _injecting: str | None = None  # the adapter being injected
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        target_modules = config.target_modules  # PEFT rewrites "all-linear" and long lists in place
+        existed = adapter_name in getattr(model, "flora_configs", {})
+        self._injecting = adapter_name
+        try:
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+            )
+        except Exception:  # leave the model as it was (PeftModel.add_adapter drops the config)
+            if not existed and adapter_name in getattr(model, "flora_configs", {}):
+                _fk_delete_adapter(model, adapter_name)
+            raise
+        finally:
+            self._injecting = None
+            config.target_modules = target_modules
+        config.layer_info = _layer_info(model, adapter_name)
+
+    def _prepare_adapter_config(self, peft_config: FloraConfig, model_config: dict) -> FloraConfig:
+        return peft_config  # target_modules=None means every supported layer (FLoRAConfig's rule)
+
+    def _prepare_model(self, peft_config: FloraConfig, model: nn.Module) -> None:
+        """Install adapter ``self._injecting`` on every target (one install_adapters call)."""
+        cfg, info = peft_config.to_flora_config()
+        targets = _targets_from_layer_info(cfg, info) if info else select_targets(model, cfg)
+        if targets:  # else PEFT's matching loop raises its "not found" error
+            first = not getattr(model, "flora_configs", None)
+            # PEFT wraps modules_to_save itself; the library's state records the adapter alone
+            install_adapters(model, targets, self._injecting, replace(cfg, modules_to_save=()), activate=first)
+        for _, layer in flora_layers(model):
+            _as_tuner_layer(layer)
+
+    def _adapter_of(self, peft_config: FloraConfig) -> str | None:
+        if self._injecting is not None:
+            return self._injecting
+        return next((n for n, c in self.peft_config.items() if c is peft_config), None)
+
+    def _check_target_module_exists(self, peft_config: FloraConfig, key: str):
+        """True for the layers holding the adapter; PEFT's excluded marker for modules that
+        exclude_modules or modules_to_save name (PEFT's warnings count them)."""
+        if _holds(self.model.get_submodule(key), self._adapter_of(peft_config)):
+            return True
+        name = logical_name(key)
+        for patterns in (peft_config.exclude_modules, peft_config.modules_to_save):
+            if patterns and name_matches(name, patterns):
+                return _tuners_utils._ExcludedModule()
+        return False
+
+    def _create_and_replace(
+        self,
+        peft_config: FloraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        """Nothing left to do: ``_prepare_model`` installed every target; only a module named
+        by a state_dict but not targeted by the config gets here without an adapter."""
+        if not _holds(target, adapter_name):
+            raise ValueError(
+                f"module {current_key!r}: the state_dict has FLoRA tensors for it but the FloraConfig does not "
+                f"target it (target_modules={peft_config.target_modules!r}, layer_info has "
+                f"{sorted(peft_config.layer_info)})"
+            )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)  # unload: the base module keeps its device and weights
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        _set_state(model, {}, [])  # every FLoRA layer is gone
+        return model
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        configs = getattr(self.model, "flora_configs", {})
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        _set_state(self.model, configs, [n for n in names if n in configs])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; if it was the only active one, the first remaining adapter (by
+        name) becomes active, with PEFT's warning."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        if any(adapter_name in layer.merged_adapters for _, layer in flora_layers(self.model)):
+            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge it first")
+        del self.peft_config[adapter_name]
+        _fk_delete_adapter(self.model, adapter_name)
+        active = [a for a in self.active_adapters if a != adapter_name]
+        if not active and self.peft_config:
+            active = [min(self.peft_config)]
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.delete_adapter(adapter_name, new_active_adapters=active or None)
+        if active:
+            self.set_adapter(active)
+        else:
+            self.active_adapter = []
+
+
+# --------------------------------------------------------------------------- registration
+
+_peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE.value] = FloraConfig
+_peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE.value] = FloraModel
+_peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE.value] = PREFIX
