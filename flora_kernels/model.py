@@ -234,10 +234,29 @@ def install_adapters(
                 _set_submodule(model, parent_real, wrap(parent, adapter_name=None))
     if not layers:
         raise ValueError("install_adapters: no targets")
+    _native_fastpath(model, enable=False)
     configs = {**configs, adapter_name: cfg}
     _set_state(model, configs, (active + [adapter_name]) if activate else active)
     refresh_trainable(model)
     return layers
+
+
+_FASTPATH_FLAG = "_flora_fastpath_off"
+
+
+def _native_fastpath(model: nn.Module, enable: bool) -> None:
+    """``nn.TransformerEncoderLayer``'s inference fast path reads its children's weights
+    directly (bypassing a FLoRA layer's forward): turn it off while it holds FLoRA layers,
+    back on once they are unloaded. Its ``activation_relu_or_gelu`` flag gates only that path."""
+    for m in model.modules():
+        if not isinstance(m, nn.TransformerEncoderLayer):
+            continue
+        if not enable and m.activation_relu_or_gelu and flora_layers(m):
+            m.activation_relu_or_gelu = False
+            setattr(m, _FASTPATH_FLAG, True)
+        elif enable and getattr(m, _FASTPATH_FLAG, False) and not flora_layers(m):
+            m.activation_relu_or_gelu = True
+            delattr(m, _FASTPATH_FLAG)
 
 
 def _no_match_error(model: nn.Module, cfg: FLoRAConfig) -> ValueError:
@@ -415,6 +434,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             untied.append((logical_name(real), layer.shared_with))
         layer._merge_saved = None
         _set_submodule(model, real, layer.base_layer)
+    _native_fastpath(model, enable=True)
     if untied:
         config = getattr(model, "config", None)
         if getattr(config, "tie_word_embeddings", False):
