@@ -131,3 +131,27 @@ def embedding_factorized(
     if padding_idx is not None:
         out = out * (ids != padding_idx).unsqueeze(-1).to(dtype)
     return out
+
+
+def conv_transpose_factorized(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    stride: tuple[int, ...], padding: tuple[int, ...], output_padding: tuple[int, ...], groups: int,
+    dilation: tuple[int, ...], dropout_p: float = 0.0,
+) -> Tensor:
+    """conv_transpose(x, W, b) + conv_transpose(dropout(x), dW) without building dW.
+
+    x: (N, C_in, *spatial); weight: (C_in, C_out/groups, *kernel); core: (r_in, r_out,
+    *kernel_ranks); factors: (C_in, r_in), (C_out/groups, r_out), (k_j, rk_j). Projection by
+    each group's rows of U_in (1x1), the transposed core conv K = s G x_2 U_2 ... (grouped,
+    base geometry), expansion by U_out (1x1, shared by the groups), added into the base output.
+    Returns (N, C_out, *out_spatial).
+    """
+    d, g = weight.dim() - 2, groups
+    convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+    u_in, u_out = factors[0].to(x.dtype), factors[1].to(x.dtype)
+    r_in, r_out = core.shape[0], core.shape[1]
+    k = core_kernel(core.to(x.dtype), [f.to(x.dtype) for f in factors], scale)
+    y = convt(x, weight, bias, stride, padding, output_padding, g, dilation)
+    z = _pointwise(_dropout(x, dropout_p), u_in.reshape(g, -1, r_in).transpose(1, 2))
+    u = convt(z, k.repeat(g, *(1,) * (d + 1)) if g > 1 else k, None, stride, padding, output_padding, g, dilation)
+    return y.add_(_pointwise(u, u_out.expand(g, -1, r_out)))

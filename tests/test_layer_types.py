@@ -81,7 +81,7 @@ def test_layer_matches_explicit_weight(case):
 
 def test_conv_transpose_output_size_and_gradcheck():
     base = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1).double()
-    layer = wrap(base, rank=2, kernel_rank=2, scale=0.5)
+    layer = wrap(base, rank=2, kernel_rank=2, scale=0.5, strategy="factorized")
     randomize_(layer)
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     y = layer(x, output_size=(8, 8))
@@ -93,10 +93,24 @@ def test_conv_transpose_output_size_and_gradcheck():
     assert torch.autograd.gradcheck(lambda x, *p: functional_call(layer, dict(zip(names, p)), (x,)), (x, *ps), fast_mode=True)
 
 
-def test_conv_transpose_strategies_and_backends():
-    base = nn.ConvTranspose1d(3, 4, 3)
-    with pytest.raises(ValueError, match="merged"):
-        wrap(base, strategy="factorized")
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("convT")])
+@pytest.mark.parametrize("strategy", ["factorized", "merged"])
+def test_conv_transpose_strategies_agree(case, strategy):
+    make, xshape = CASES[case]
+    layer = wrap(make(), rank=2, kernel_rank=2, scale=0.7, strategy=strategy)
+    randomize_(layer)
+    x = torch.randn(xshape, requires_grad=True)
+    y = layer(x)
+    xr = x.detach().clone().requires_grad_(True)
+    want = explicit(layer, xr)
+    torch.testing.assert_close(y, want, atol=ATOL, rtol=RTOL)
+    core, factors = layer.tensors("default")
+    dy = torch.randn_like(y)
+    for g, e in zip(torch.autograd.grad(y, [x, core, *factors], dy), torch.autograd.grad(want, [xr, core, *factors], dy)):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_transpose_backends():
     with pytest.raises(BackendUnavailable, match="reference"):
         wrap(nn.ConvTranspose1d(3, 4, 3), backend="triton")
 

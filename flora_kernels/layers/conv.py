@@ -9,10 +9,10 @@ ConvTransposeNd (in, out/groups, k_1..k_d). Every group shares the factors and t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .. import reference
 from ..convspec import ConvSpec, conv_nd
 from ..functional import flora_conv, plan_conv_call
 from ..plan import Plan
@@ -68,23 +68,40 @@ class _FLoRAConvTransposeNd(FLoRALayer):
     and ``output_size`` as the base layer handles them).
 
     Adapter tensors: core (r_in, r_out, *kernel_ranks); factors (C_in, r_in),
-    (C_out/groups, r_out), (k_j, rk_j).
+    (C_out/groups, r_out), (k_j, rk_j). ``strategy="auto"``: factorized when gradients are
+    needed (no weight-gradient op), merged otherwise and for depthwise layers.
     """
 
-    strategies = ("merged",)
     backends = ("reference",)
 
-    def _forward_adapters(self, x: Tensor, live: list[str], *args, **kwargs) -> Tensor:
-        w = self.base_weight()
-        if any(self._dropout_p(a) > 0 for a in live):  # dropout acts on each adapter's input alone
-            y = self._base_forward(x, *args, **kwargs)
-            for a in live:
-                y = y + self._delta_term(x, a, *args, **kwargs)
-            return y
-        return functional_call(self.base_layer, {self.weight_name: self.effective_weight()}, (x, *args), kwargs)
+    def _strategy(self, x: Tensor, name: str) -> str:
+        s = self.flora_settings[name].strategy
+        if s != "auto":
+            return s
+        base = self.base_layer
+        depthwise = base.groups > 1 and base.groups == base.in_channels
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.flora_core[name].requires_grad)
+        return "factorized" if grad and not depthwise else "merged"
 
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
-        raise AssertionError("unreachable: ConvTranspose runs _forward_adapters")
+        base = self.base_layer
+        if self._strategy(x, name) == "merged":
+            if dropout_p > 0:
+                return self._base_forward(x, *args, **kwargs) + self._delta_term(x, name, *args, **kwargs)
+            w = self.base_weight()
+            weight = w + self._modes_to_stored(self.delta_weight(name)).to(w.dtype)
+            return functional_call(base, {self.weight_name: weight}, (x, *args), kwargs)
+        output_size = args[0] if args else kwargs.get("output_size")
+        d = base.weight.dim() - 2
+        unbatched = x.dim() == d + 1
+        xb = x.unsqueeze(0) if unbatched else x
+        out_pad = base._output_padding(xb, output_size, base.stride, base.padding, base.kernel_size, d, base.dilation)
+        core, factors = self.tensors(name)
+        y = reference.conv_transpose_factorized(
+            xb, self.base_weight(), base.bias, core, factors, self.flora_settings[name].scale, base.stride,
+            base.padding, tuple(out_pad), base.groups, base.dilation, dropout_p,
+        )
+        return y.squeeze(0) if unbatched else y
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         params = {self.weight_name: delta}
