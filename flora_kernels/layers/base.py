@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..backends.base import BACKEND_NAMES, BackendUnavailable, resolve_backend_name
 from ..config import Rank, check_rank
@@ -611,10 +612,8 @@ class FLoRALayer(nn.Module):
         return "; ".join(parts) or "no adapters"
 
 
-def _legacy_weight_norm(module: nn.Module, name: str):
+def _legacy_weight_norm(module: nn.Module, name: str) -> WeightNorm | None:
     """The ``torch.nn.utils.weight_norm`` pre-hook of ``module.<name>``, if any."""
-    from torch.nn.utils.weight_norm import WeightNorm
-
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm) and hook.name == name:
             return hook
