@@ -10,6 +10,7 @@ from . import convert
 from .backends import BackendUnavailable, available_backends
 from .config import FLoRAConfig
 from .convspec import ConvSpec
+from .decompose import tucker_decompose
 from .functional import flora_conv, flora_linear, tucker_project, tucker_reconstruct
 from .layers import FLoRAConv1d, FLoRAConv2d, FLoRAConv3d, FLoRALayer, FLoRALinear
 from .model import (
@@ -51,6 +52,7 @@ __all__ = [
     "param_summary",
     "save_flora",
     "set_adapter_scale",
+    "tucker_decompose",
     "tucker_project",
     "tucker_reconstruct",
     "unmerge_flora",
