@@ -9,8 +9,30 @@ if not os.environ.get("FLORA_TEST_GPU"):
     # before triton.jit decorators run, i.e. before flora_kernels.backends.triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util
+
 import pytest
 import torch
+
+
+def _define_torchvision_schemas() -> torch.library.Library | None:
+    """The installed torchvision wheel is a CUDA build whose C++ ops do not load on this CPU torch;
+    its Python side then fails registering fakes for ``torchvision::nms``/``qnms``, and every
+    import of timm, transformers' image utils or peft with it. Declaring the two schemas (no
+    kernels) lets those imports succeed; nothing in the tests calls the ops."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 (probe)
+        return None
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        return lib
+
+
+_TORCHVISION_LIB = _define_torchvision_schemas()  # kept alive: the schemas die with the Library
 
 
 def pytest_configure(config: pytest.Config) -> None:

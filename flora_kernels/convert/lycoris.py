@@ -16,16 +16,19 @@ and its LoCon layer adds the weight delta with the base op's own stride/padding/
 
 That is a FLoRA adapter (DESIGN.md section 2) exactly:
 
-- Tucker: ``U_out = up``, ``U_in = down^T``, ``G = mid``, kernel factors ``I_k``, ``s = scale``.
-  When r > in/groups (e.g. depthwise convs), ``down`` is folded into the core instead:
-  ``G = mid x_1 down^T`` (r, in/groups, *k), ``U_in = I``.
+- Tucker: ``U_out = up``, ``U_in = down^T``, ``G = mid``, kernel factors ``I_k``, ``s = scale``
+  (when r > in/groups, e.g. depthwise convs, ``fit_ranks`` below brings the input rank to
+  in/groups).
 - plain LoCon conv: ``U_out = up``, ``G = down`` (r, in/groups, *k), ``U_in = I``, ``U_k = I``
   (the input and kernel ranks grow to full size).
 - Linear: ``U_out = up``, ``U_in = down^T``, ``G = I_r``.
 
+A rank above what a mode allows (r = 8 on a 3-output head) is re-decomposed exactly at the
+largest ranks the layer allows, in the factors' span (``fit_ranks``). Linear and ConvNd
+subclasses (e.g. timm's ``Linear``) are accepted like their base classes.
+
 Not supported (raise, naming the key): other LyCORIS algorithms (LoHa ``hada_*``, LoKr
-``lokr_*``, ...), DoRA (``dora_scale``), norms, a rank larger than the layer's maximal rank
-min(out, in/groups * prod(k)), a conv with a non-zero padding mode and padding (LyCORIS's
+``lokr_*``, ...), DoRA (``dora_scale``), norms, a conv with a non-zero padding mode and padding (LyCORIS's
 delta conv pads with zeros). LyCORIS's ``bypass_mode`` forward is the same function except
 for dilated and grouped convs, where it is not a weight delta; the import follows the default
 (weight-delta) forward, which is also what LyCORIS merges.
@@ -41,7 +44,6 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..convspec import ConvSpec
-from ..layers import LAYER_FOR
 from .peft import (
     AdapterSpec,
     ImportPlan,
@@ -51,7 +53,9 @@ from .peft import (
     identity,
     imported_config,
     install,
-    max_rank,
+    _supported,
+    _supported_names,
+    fit_ranks,
 )
 
 LYCORIS_PREFIX = "lycoris"
@@ -127,11 +131,8 @@ def plan_lycoris(
         key_u, up = p["lora_up.weight"]
         mid_kt = p.get("lora_mid.weight")
         base = modules[name]
-        if type(base) not in LAYER_FOR:
-            raise TypeError(
-                f"{key_d}: module {name!r} is a {type(base).__name__}; expected one of "
-                f"{', '.join(t.__name__ for t in LAYER_FOR)}"
-            )
+        if not _supported(base):
+            raise TypeError(f"{key_d}: module {name!r} is a {type(base).__name__}; expected one of {_supported_names()}")
         w = tuple(base.weight.shape)
         if down.dim() < 2:
             raise ValueError(f"{key_d}: expected shape (r, {w[1]}, ...), got {tuple(down.shape)}")
@@ -144,17 +145,12 @@ def plan_lycoris(
         else:
             alpha = 0.0
         scale = (alpha if alpha else float(r)) / r
-        if r > max_rank(w):
-            raise ValueError(
-                f"{key_d}: LoRA rank {r} (shape {tuple(down.shape)}) is larger than the layer {name!r} of "
-                f"weight shape {w} allows (max rank {max_rank(w)})"
-            )
         if isinstance(base, nn.Linear):
             check_shape(key_d, down, (r, w[1]), f" (r={r}, in_features={w[1]})")
             check_shape(key_u, up, (w[0], r), f" (out_features={w[0]}, r={r})")
             if mid_kt is not None:
                 raise ValueError(f"{mid_kt[0]}: a Linear adapter has no mid (shape {tuple(mid_kt[1].shape)})")
-            adapters.append(AdapterSpec(name, identity(r), [up.double(), down.double().t()], scale))
+            adapters.append(fit_ranks(AdapterSpec(name, identity(r), [up.double(), down.double().t()], scale), w))
             continue
         spec = ConvSpec.of(base)
         if spec.padding_mode != "zeros" and any(x for lo_hi in spec.pads for x in lo_hi):
@@ -168,17 +164,13 @@ def plan_lycoris(
         kernel_eye = [identity(k) for k in ks]
         if mid_kt is None:
             check_shape(key_d, down, (r, cg, *ks), f" (r={r}, in_channels/groups={cg}, kernel {ks})")
-            adapters.append(AdapterSpec(name, down.double(), [u_out, identity(cg), *kernel_eye], scale))
+            adapters.append(fit_ranks(AdapterSpec(name, down.double(), [u_out, identity(cg), *kernel_eye], scale), w))
             continue
         key_m, mid = mid_kt
         check_shape(key_d, down, (r, cg, *ones), f" (r={r}, in_channels/groups={cg}, Tucker 1x1 down)")
         check_shape(key_m, mid, (r, r, *ks), f" (r={r}, kernel {ks})")
         d = down.double().reshape(r, cg)
-        if r <= cg:
-            adapters.append(AdapterSpec(name, mid.double(), [u_out, d.t(), *kernel_eye], scale))
-        else:  # the input rank cannot exceed in/groups: fold down into the core
-            core = torch.movedim(torch.tensordot(mid.double(), d, dims=([1], [0])), -1, 1)
-            adapters.append(AdapterSpec(name, core, [u_out, identity(cg), *kernel_eye], scale))
+        adapters.append(fit_ranks(AdapterSpec(name, mid.double(), [u_out, d.t(), *kernel_eye], scale), w))
     return ImportPlan(adapters)
 
 
