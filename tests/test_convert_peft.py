@@ -156,6 +156,67 @@ def test_export_rejects_dilated_conv_and_merged(tmp_path):
         export_peft(net2, tmp_path)
 
 
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(4, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.dw(torch.tanh(self.pw(x)))).mean((2, 3)))
+
+
+def depthwise_model() -> tuple[nn.Module, nn.Module]:
+    base = Depthwise().eval()
+    model = fk.inject_flora(copy.deepcopy(base), fk.FLoRAConfig(rank=2, kernel_rank=2, backend="reference"))
+    randomize(model)
+    return base, model.eval()
+
+
+def test_export_size_estimate_matches_what_is_written():
+    from flora_kernels.convert.peft import peft_size
+
+    for base, model in [(None, flora_model(Net().eval(), (3, 2))), depthwise_model()]:
+        _, tensors = to_peft(model, oversized="write")
+        for name, layer in flora_layers(model):
+            sz = peft_size(layer)
+            a, b = (tensors[f"base_model.model.{name}.lora_{s}.weight"] for s in "AB")
+            assert (tuple(a.shape), tuple(b.shape)) == (sz.lora_a, sz.lora_b), name
+            assert sz.peft == a.numel() + b.numel()
+            assert sz.flora == layer.core.numel() + sum(f.numel() for f in layer.factors)
+
+
+def test_export_refuses_oversized_grouped_conv(tmp_path):
+    _, model = depthwise_model()
+    with pytest.raises(ValueError) as err:
+        export_peft(model, tmp_path / "out")
+    msg = str(err.value)
+    # dw: PEFT lora_A (64, 32, 3, 3) + lora_B (32, 2, 1, 1) = 18496 elements vs FLoRA 2*32+1*1+2*1*2*2+2*3*2 = 85.
+    assert "1 module(s) would be more than 64x their FLoRA adapter" in msg
+    assert "dw (Conv2d (32, 1, 3, 3), groups=32): PEFT lora_A (64, 32, 3, 3) + lora_B (32, 2, 1, 1)" in msg
+    assert "(218x)" in msg and "fk.save_flora" in msg and "export_lycoris" in msg and "oversized='skip'" in msg
+    assert not (tmp_path / "out").exists()  # nothing written
+    cfg = export_peft(model, tmp_path / "out", max_size_ratio=300)  # the threshold is a parameter
+    assert cfg["exclude_modules"] is None
+
+
+@pytest.mark.parametrize("mode", ["write", "skip"])
+def test_export_oversized_write_or_skip(tmp_path, mode):
+    base, model = depthwise_model()
+    cfg = export_peft(model, tmp_path, oversized=mode)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["exclude_modules"] == cfg["exclude_modules"] == (["dw"] if mode == "skip" else None)
+    pm = load_peft(base, tmp_path)
+    x = torch.randn(2, 4, 5, 5)
+    if mode == "skip":
+        dict(flora_layers(model))["dw"].adapter_enabled = False  # the function PEFT now computes
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="oversized: expected one of"):
+        to_peft(model, oversized="ignore")
+
+
 # ----------------------------------------------------------------------------- import
 
 

@@ -24,6 +24,10 @@ Export (``export_peft`` / ``to_peft``), folding the core into the factors:
   grouped delta is written exactly with r = g * r_g: rank block j of ``A`` is non-zero only on
   the input channels of group j and holds the per-group ``A`` above; ``B`` is as above. PEFT
   cannot *merge* grouped conv adapters (its own limit); the unmerged forward is exact.
+- Size: PEFT's dense grouped lora_A is g^2 times a per-group A (EfficientNet-B0 at rank 4:
+  gigabytes against a sub-MiB FLoRA adapter). Each module's size is estimated first
+  (``peft_size``); modules above ``max_size_ratio`` times their FLoRA adapter are refused unless
+  ``oversized="write"`` or ``"skip"`` (left out, listed in ``exclude_modules``).
 - Not expressible (raise): a dilated conv with kernel > 1 (PEFT's lora_A drops the dilation),
   a non-zero padding mode with non-zero padding (lora_A pads with zeros), merged adapters.
 
@@ -297,16 +301,95 @@ def _anchored(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def to_peft(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+OVERSIZED_CHOICES = ("raise", "write", "skip")
+MAX_SIZE_RATIO = 64.0
+
+
+@dataclass(frozen=True)
+class PeftSize:
+    """Estimated size of one module's PEFT export against its FLoRA adapter (element counts)."""
+
+    peft: int
+    flora: int
+    lora_a: tuple[int, ...]
+    lora_b: tuple[int, ...]
+
+    @property
+    def ratio(self) -> float:
+        return self.peft / max(self.flora, 1)
+
+
+def _mib(numel: int, dtype: torch.dtype) -> str:
+    return f"{numel * torch.empty((), dtype=dtype).element_size() / 2**20:.3g} MiB"
+
+
+def peft_size(layer: FLoRALayer) -> PeftSize:
+    """The shapes ``to_peft`` writes for ``layer`` and their size, from the ranks alone.
+
+    Linear: r = min(r_out, r_in). Conv: per group r_g = r_out (or r_in * prod(kernel ranks)
+    when smaller); a grouped conv's lora_A is dense over all input channels with r = g * r_g,
+    g^2 times a per-group A: what makes depthwise convs explode.
+    """
+    base, ranks = layer.base, layer.ranks
+    w = tuple(base.weight.shape)
+    if isinstance(base, nn.Linear):
+        r = min(ranks[0], ranks[1])
+        a, b = (r, w[1]), (w[0], r)
+    else:
+        r_g = min(ranks[0], math.prod(ranks[1:]))
+        a, b = (base.groups * r_g, base.in_channels, *w[2:]), (w[0], r_g, *(1,) * (len(w) - 2))
+    flora = layer.core.numel() + sum(f.numel() for f in layer.factors)
+    return PeftSize(math.prod(a) + math.prod(b), flora, a, b)
+
+
+def _oversized_error(big: dict[str, PeftSize], layers: dict[str, FLoRALayer], ratio: float) -> ValueError:
+    lines = []
+    for name, sz in sorted(big.items(), key=lambda kv: -kv[1].peft):
+        base, dt = layers[name].base, layers[name].core.dtype
+        groups = f", groups={base.groups}" if getattr(base, "groups", 1) > 1 else ""
+        lines.append(
+            f"  {name} ({type(base).__name__} {tuple(base.weight.shape)}{groups}): PEFT lora_A {sz.lora_a} + lora_B "
+            f"{sz.lora_b} = {_mib(sz.peft, dt)}, FLoRA {_mib(sz.flora, dt)} ({sz.ratio:.0f}x)"
+        )
+    total = sum(sz.peft for sz in big.values())
+    return ValueError(
+        f"export_peft: {len(big)} module(s) would be more than {ratio:g}x their FLoRA adapter in PEFT's format "
+        f"({_mib(total, next(iter(layers.values())).core.dtype)} together; PEFT's lora_A cannot be grouped, so a "
+        f"grouped conv is written densely):\n" + "\n".join(lines) + "\nAlternatives: fk.save_flora (FLoRA's own "
+        "format, exact and compact), fk.convert.export_lycoris (kohya/LyCORIS keys, grouped convs stay compact), "
+        "or export_peft(..., oversized='skip') to leave these modules out (listed in the config's exclude_modules) "
+        "or oversized='write' to write them anyway (max_size_ratio sets the threshold)."
+    )
+
+
+def to_peft(
+    model: nn.Module, *, oversized: str = "raise", max_size_ratio: float = MAX_SIZE_RATIO
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """PEFT LoRA ``(adapter_config dict, state dict)`` equal in function to ``model``'s FLoRA
     adapters (see the module docstring for the construction and its limits).
 
+    Every module's PEFT size is estimated first (``peft_size``). A module larger than
+    ``max_size_ratio`` times its FLoRA adapter (grouped/depthwise convs) is refused by default
+    (``oversized="raise"``, naming the modules, their sizes and the alternatives); ``"write"``
+    writes it anyway, ``"skip"`` leaves it out and lists it in the config's ``exclude_modules``.
+
     Raises:
-        ValueError: no FLoRA layers, a merged adapter, or a conv geometry PEFT cannot express.
+        ValueError: no FLoRA layers, a merged adapter, a conv geometry PEFT cannot express, or
+        oversized modules under ``oversized="raise"``.
     """
-    layers = flora_layers(model)
-    if not layers:
+    if oversized not in OVERSIZED_CHOICES:
+        raise ValueError(f"oversized: expected one of {OVERSIZED_CHOICES}, got {oversized!r}")
+    all_layers = dict(flora_layers(model))
+    if not all_layers:
         raise ValueError("export_peft: the model has no FLoRA layers (call inject_flora first)")
+    sizes = {name: peft_size(layer) for name, layer in all_layers.items()}
+    big = {name: sz for name, sz in sizes.items() if sz.peft > max_size_ratio * sz.flora}
+    if big and oversized == "raise":
+        raise _oversized_error(big, all_layers, max_size_ratio)
+    skipped = sorted(big) if oversized == "skip" else []
+    layers = [(n, layer) for n, layer in all_layers.items() if n not in skipped]
+    if not layers:
+        raise ValueError(f"export_peft: oversized='skip' leaves no module to export (skipped {skipped})")
     tensors: dict[str, Tensor] = {}
     per_module: dict[str, tuple[int, float]] = {}
     dropouts = set()
@@ -365,17 +448,23 @@ def to_peft(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
         "use_dora": False,
         "lora_bias": False,
         "init_lora_weights": True,
+        "exclude_modules": skipped or None,
     }
     return config, {k: v.cpu() for k, v in tensors.items()}
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def export_peft(
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None, *,
+    oversized: str = "raise", max_size_ratio: float = MAX_SIZE_RATIO,
+) -> dict[str, Any]:
     """Write ``model``'s FLoRA adapters as a PEFT LoRA adapter directory (``adapter_config.json``
     + ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight`` /
     ``lora_B.weight``), loadable with ``PeftModel.from_pretrained(base_model, path)`` on the
-    same base model. Returns the config written. See ``to_peft`` for the errors.
+    same base model. Returns the config written (modules left out by ``oversized="skip"`` are
+    its ``exclude_modules``). See ``to_peft`` for ``oversized`` and the errors; nothing is
+    written when it raises.
     """
-    config, tensors = to_peft(model)
+    config, tensors = to_peft(model, oversized=oversized, max_size_ratio=max_size_ratio)
     config["base_model_name_or_path"] = base_model_name_or_path
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, PEFT_CONFIG_NAME), "w") as f:
