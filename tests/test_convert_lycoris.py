@@ -292,3 +292,113 @@ def test_import_refuses_reflect_padding():
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         import_lycoris(net, state)
     assert_unchanged(net, snap)
+
+
+# ----------------------------------------------------------------------------- export (kohya/LyCORIS keys)
+
+
+class ExportNet(Net):
+    """Net plus a 1x1 conv (no lora_mid) and a Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.c3 = nn.Conv3d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c3(x[:, :2].unsqueeze(2).expand(-1, -1, 3, -1, -1)).mean((1, 2, 3, 4))
+        x = torch.tanh(self.gconv(torch.tanh(self.pw(torch.tanh(self.dw(self.conv(x)))))))
+        return self.fc(torch.tanh(self.c1(x.flatten(2)).mean(-1))) + y[:, None]
+
+
+EXPORTED = ["conv", "pw", "dw", "gconv", "c1", "c3", "fc"]
+
+
+def flora_net(base: nn.Module, rank, scale: float = 0.7, targets=EXPORTED) -> nn.Module:
+    import flora_kernels as fk
+
+    model = fk.inject_flora(copy.deepcopy(base), fk.FLoRAConfig(
+        rank=rank, kernel_rank=2, scale=scale, target_modules=targets, backend="reference"))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in flora_layers(model):
+            layer.core.copy_(torch.randn(layer.core.shape, generator=gen))
+            for f in layer.factors:
+                f.copy_(torch.randn(f.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mid", [True, False], ids=["mid", "plain"])
+@pytest.mark.parametrize("rank", [(3, 2), (2, 3)], ids=["rout>rin", "rout<rin"])
+def test_export_loads_in_lycoris_with_same_outputs(lycoris, tmp_path, rank, mid):
+    from flora_kernels.convert.lycoris import export_lycoris
+
+    base = ExportNet().eval()
+    model = flora_net(base, rank)
+    path = tmp_path / "flora.safetensors"
+    tensors = export_lycoris(model, path, mid=mid)
+    r = max(rank)
+    if mid:
+        assert tensors["lycoris_conv.lora_mid.weight"].shape == (r, r, 3, 3)  # padded to max(r_out, r_in)
+        assert tensors["lycoris_conv.lora_up.weight"].shape == (8, r, 1, 1)
+        assert tensors["lycoris_conv.lora_down.weight"].shape == (r, 4, 1, 1)
+        r3 = max(rank[0], min(rank[1], 2))  # in_channels 2 caps r_in
+        assert tensors["lycoris_c3.lora_mid.weight"].shape == (r3, r3, 3, 3, 3)
+    else:
+        assert not any(k.endswith("lora_mid.weight") for k in tensors)
+        assert tensors["lycoris_conv.lora_down.weight"].shape == (rank[0], 4, 3, 3)  # r_out <= r_in * 2 * 2
+    assert "lycoris_pw.lora_mid.weight" not in tensors and tensors["lycoris_pw.lora_up.weight"].shape[2:] == (1, 1)
+    assert tensors["lycoris_fc.lora_down.weight"].shape == (min(rank), 8)
+    for key, t in tensors.items():
+        if key.endswith(".alpha"):  # scale folded into up: alpha = r
+            assert float(t) == tensors[key.replace("alpha", "lora_down.weight")].shape[0]
+
+    target = copy.deepcopy(base)
+    net, _ = lycoris.create_lycoris_from_weights(1.0, str(path), target)
+    net.apply_to()
+    assert sorted(lora.lora_name for lora in net.loras) == sorted(f"lycoris_{n}" for n in EXPORTED)
+    assert all(lora.tucker == (mid and lora.lora_name not in ("lycoris_pw", "lycoris_fc")) for lora in net.loras)
+    layers = dict(flora_layers(model))
+    for lora in net.loras:
+        layer = layers[lora.lora_name[len("lycoris_"):]]
+        torch.testing.assert_close(lora.get_diff_weight()[0], layer.delta_weight(), atol=ATOL, rtol=RTOL)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+def test_export_kohya_prefixes_round_trip(tmp_path):
+    from flora_kernels.convert.lycoris import KOHYA_PREFIXES, export_lycoris, to_lycoris
+
+    base = ExportNet().eval()
+    model = flora_net(base, (3, 2), scale=0.3)
+    assert "lora_unet" in KOHYA_PREFIXES
+    path = tmp_path / "sub" / "unet.safetensors"
+    export_lycoris(model, path, prefix="lora_unet", dtype=torch.float64)
+    back = import_lycoris(copy.deepcopy(base), path, prefix="lora_unet", backend="reference").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-5)
+    te = flora_net(nn.Sequential(nn.Linear(8, 6)).eval(), 2, targets=None)
+    both = to_lycoris({"lora_unet": model, "lora_te1": te})
+    assert {k.split(".")[0] for k in both} == {f"lora_unet_{n}" for n in EXPORTED} | {"lora_te1_0"}
+
+
+def test_export_errors():
+    import flora_kernels as fk
+    from flora_kernels.convert.lycoris import to_lycoris
+
+    with pytest.raises(ValueError, match="has no FLoRA layers"):
+        to_lycoris(nn.Linear(2, 2))
+    refl = fk.inject_flora(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), fk.FLoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        to_lycoris(refl)
+    lin = fk.merge_flora(fk.inject_flora(nn.Sequential(nn.Linear(3, 4)), fk.FLoRAConfig(rank=2)))
+    with pytest.raises(ValueError, match="unmerge_flora"):
+        to_lycoris(lin)
+    clash = nn.Module()
+    clash.a_b, clash.a = nn.Linear(2, 2), nn.Module()
+    clash.a.b = nn.Linear(2, 2)
+    fk.inject_flora(clash, fk.FLoRAConfig(rank=1))
+    with pytest.raises(ValueError, match="both map to key 'lycoris_a_b'"):
+        to_lycoris(clash)

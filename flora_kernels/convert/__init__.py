@@ -2,17 +2,19 @@
 
 - ``paper``: the public reference code of the paper (``param_G``, ``param_0`` .. ``param_{N-1}``).
 - ``peft``: PEFT LoRA export (core folded into the factors) and exact import.
-- ``lycoris``: LyCORIS LoCon import (plain and Tucker ``lora_mid``).
+- ``lycoris``: LyCORIS LoCon import (plain and Tucker ``lora_mid``) and kohya/LyCORIS export.
 
 None of these imports the other library: the formats are read and written directly.
 """
 
-from .lycoris import LYCORIS_PREFIX, import_lycoris, plan_lycoris
+from .lycoris import KOHYA_PREFIXES, LYCORIS_PREFIX, export_lycoris, import_lycoris, plan_lycoris, to_lycoris
 from .paper import PAPER_CORE, from_paper_reference, load_paper_reference, paper_to_ours
 from .peft import export_peft, import_peft, plan_peft, to_peft
 
 __all__ = [
+    "KOHYA_PREFIXES",
     "LYCORIS_PREFIX",
+    "export_lycoris",
     "PAPER_CORE",
     "export_peft",
     "from_paper_reference",
@@ -22,5 +24,6 @@ __all__ = [
     "paper_to_ours",
     "plan_lycoris",
     "plan_peft",
+    "to_lycoris",
     "to_peft",
 ]
