@@ -7,6 +7,7 @@ See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
 """
 
 from . import convert
+from .convert.extract import extract_flora
 from .backends import BackendUnavailable, available_backends
 from .config import FLoRAConfig
 from .convspec import ConvSpec
@@ -43,6 +44,7 @@ __all__ = [
     "available_backends",
     "convert",
     "disable_adapter",
+    "extract_flora",
     "flora_conv",
     "flora_linear",
     "inject_flora",

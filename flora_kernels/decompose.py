@@ -98,11 +98,13 @@ def leading_subspace(
 
 
 def _energy_rank(s: Tensor, total: float, energy: float, cap: int) -> int:
-    """Smallest r <= cap whose leading squared singular values reach ``energy * total``."""
+    """Smallest r <= cap whose leading squared singular values reach ``energy * total``, up to
+    the rounding of ``s``'s dtype (so ``energy=1`` drops directions at rounding level)."""
     if total == 0.0:
         return min(cap, 1)
     kept = torch.cumsum(s.double() ** 2, 0)
-    reach = torch.nonzero(kept >= energy * total * (1 - 1e-12))
+    slack = 100 * torch.finfo(s.dtype).eps
+    reach = torch.nonzero(kept >= (energy - slack) * total)
     r = int(reach[0]) + 1 if len(reach) else cap
     return max(1, min(r, cap))
 
