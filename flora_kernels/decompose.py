@@ -9,7 +9,8 @@
 - ``method="hooi"``: higher-order orthogonal iteration from the HOSVD: each sweep sets ``U_n``
   to the leading left singular vectors of ``(t x_{m != n} U_m^T)_(n)``. Every update maximizes
   ``||core||`` given the other factors and ``||t - t_hat||^2 = ||t||^2 - ||core||^2``, so the
-  error never grows; a sweep whose explicitly computed error would (rounding) is discarded.
+  error never grows; a sweep whose error would (rounding) is discarded, the error being computed
+  explicitly near exact fits.
 
 Both are exact when ``t`` has multilinear rank at most ``ranks``. Modes whose unfolding is large
 against the rank use a randomized range finder (Gaussian sketch of ``ranks[n] + oversample``
@@ -93,6 +94,9 @@ def leading_subspace(
         q, _ = torch.linalg.qr(y)
         ub, s, _ = torch.linalg.svd(q.transpose(0, 1) @ m, full_matrices=False)
         return q @ ub[:, :r], s
+    if j > 4 * i:  # wide (e.g. a kernel mode): m = R^T Q^T with m^T = Q R, so U = the SVD of R^T (I, I)
+        _, rt = torch.linalg.qr(m.transpose(0, 1))
+        m = rt.transpose(0, 1)
     u, s, _ = torch.linalg.svd(m, full_matrices=False)
     return _complete(u, r, generator), s
 
@@ -132,18 +136,26 @@ def _project(t: Tensor, factors: Sequence[Tensor]) -> Tensor:
     return _partial_project(t, factors, -1)
 
 
-def _residual(t: Tensor, core: Tensor, factors: Sequence[Tensor]) -> float:
-    """||t - core x_n U_n||^2, computed explicitly (the identity ||t||^2 - ||core||^2 loses all
-    precision for near-exact fits)."""
-    return float((t - tucker_reconstruct(core, factors)).double().square().sum())
+def _sq_norm(t: Tensor) -> float:
+    return float(torch.linalg.vector_norm(t)) ** 2
+
+
+def _residual(t: Tensor, core: Tensor, factors: Sequence[Tensor], total: float) -> float:
+    """||t - core x_n U_n||^2 for orthonormal factors: ``total - ||core||^2`` (``total`` = ||t||^2)
+    while that keeps 3 digits in ``t``'s precision, else computed explicitly (the identity loses
+    all precision for near-exact fits)."""
+    err = total - _sq_norm(core)
+    if err > 1e4 * torch.finfo(t.dtype).eps * total:
+        return err
+    return _sq_norm(t - tucker_reconstruct(core, factors))
 
 
 def tucker_decompose(
     t: Tensor,
     ranks: Sequence[int],
     method: str = "hooi",
-    n_iter: int = 20,
-    tol: float = 1e-9,
+    n_iter: int = 10,
+    tol: float = 1e-3,
     *,
     energy: float | None = None,
     randomized: bool | None = None,
@@ -158,7 +170,7 @@ def tucker_decompose(
         ranks: (r_0, ..., r_{N-1}), 1 <= r_n <= I_n; with ``energy``, the largest ranks allowed.
         method: "hooi" (from an HOSVD start) or "hosvd".
         n_iter: the most HOOI sweeps.
-        tol: HOOI stops when a sweep lowers ``||t - t_hat||^2 / ||t||^2`` by less than this.
+        tol: HOOI stops when a sweep lowers ``||t - t_hat||^2`` by less than this fraction.
         energy: in (0, 1]: per mode, the smallest rank whose leading singular values of the
             unfolding keep this fraction of ``||t||^2`` (capped by ``ranks``).
         randomized: force (True) or forbid (False) the randomized range finder; None decides per
@@ -182,7 +194,7 @@ def tucker_decompose(
     t = t.detach().to(_compute_dtype(t))
     if generator is None:
         generator = torch.Generator(device=t.device).manual_seed(0)
-    total = float(t.double().square().sum())
+    total = _sq_norm(t)
     kw = dict(randomized=randomized, oversample=oversample, power_iter=power_iter, generator=generator)
 
     factors = []
@@ -196,17 +208,18 @@ def tucker_decompose(
     if method == "hosvd" or total == 0.0:
         return core, factors
 
-    err = _residual(t, core, factors)
+    err = _residual(t, core, factors, total)
+    last = t.dim() - 1
     for _ in range(n_iter):
         new = list(factors)
         for n in range(t.dim()):
             y = _partial_project(t, new, n)
             new[n], _ = leading_subspace(_unfold(y, n), ranks[n], **kw)
-        new_core = _project(t, new)
-        new_err = _residual(t, new_core, new)
+        new_core = mode_n_product(y, new[last].transpose(0, 1), last)  # y: all modes but the last projected
+        new_err = _residual(t, new_core, new, total)
         if new_err > err:  # rounding: never return a worse fit than the previous sweep
             break
-        gain = (err - new_err) / total
+        gain = (err - new_err) / err if err > 0 else 0.0
         factors, core, err = new, new_core, new_err
         if gain < tol:
             break

@@ -249,3 +249,27 @@ def test_rerank_imported_lycoris_adapter():
     best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]  # a matrix: HOOI = truncated SVD
     assert layer.ranks == (2, 2)
     torch.testing.assert_close(layer.delta_weight().double(), best, atol=1e-4, rtol=1e-4)
+
+
+def test_rerank_imported_peft_adapter_with_rank_above_the_layer():
+    from flora_kernels.convert.peft import import_peft
+
+    base, _ = tuned_pair()
+    gen = torch.Generator().manual_seed(7)
+    state = {  # PEFT keys without the peft package; r = 8 > head's 3 outputs
+        "base_model.model.head.lora_A.weight": torch.randn(8, 12, generator=gen),
+        "base_model.model.head.lora_B.weight": torch.randn(3, 8, generator=gen),
+        "base_model.model.conv.lora_A.weight": torch.randn(8, 4, 3, 3, generator=gen),
+        "base_model.model.conv.lora_B.weight": torch.randn(10, 8, 1, 1, generator=gen),
+    }
+    model = import_peft(copy.deepcopy(base), state, {"r": 8, "lora_alpha": 4})
+    layers = dict(flora_layers(model))
+    assert layers["head"].ranks == (3, 3) and layers["conv"].ranks == (8, 4, 3, 3)
+    dense = {n: layer.delta_weight() for n, layer in layers.items()}
+    rerank_flora(model, rank=2, kernel_rank=3)
+    layers = dict(flora_layers(model))
+    assert layers["head"].ranks == (2, 2) and layers["conv"].ranks == (2, 2, 3, 3)
+    for name, layer in layers.items():
+        ref = tucker_decompose(dense[name], layer.ranks)
+        err, best = rel_error(layer.delta_weight(), dense[name]), rel_error(einsum_reconstruct(*ref), dense[name])
+        assert err <= best * 1.01 + 1e-6, (name, err, best)
