@@ -7,9 +7,9 @@ See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
 """
 
 from . import convert
-from .convert.extract import extract_flora
 from .backends import BackendUnavailable, available_backends
 from .config import FLoRAConfig
+from .convert.extract import extract_flora
 from .convspec import ConvSpec
 from .decompose import tucker_decompose
 from .functional import flora_conv, flora_linear, tucker_project, tucker_reconstruct

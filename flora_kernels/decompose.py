@@ -195,7 +195,7 @@ def tucker_decompose(
     if generator is None:
         generator = torch.Generator(device=t.device).manual_seed(0)
     total = _sq_norm(t)
-    kw = dict(randomized=randomized, oversample=oversample, power_iter=power_iter, generator=generator)
+    kw = {"randomized": randomized, "oversample": oversample, "power_iter": power_iter, "generator": generator}
 
     factors = []
     for n in range(t.dim()):

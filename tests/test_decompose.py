@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import einsum_reconstruct, rel_error
 
 from flora_kernels.decompose import exact_ranks, leading_subspace, tucker_decompose, tucker_rerank
-from helpers import einsum_reconstruct, rel_error
 
 CASES = [
     ((7, 5), (3, 2)),
@@ -101,7 +101,7 @@ def test_energy_picks_smallest_rank_per_mode():
     t = u @ torch.diag(s) @ v.T
     frac = torch.cumsum(s**2, 0) / (s**2).sum()  # 0.90900, 0.99082, 0.99991, 1
     for energy, r in [(0.9, 1), (0.95, 2), (0.99, 2), (0.995, 3), (0.9999, 3), (1.0, 4)]:
-        core, factors = tucker_decompose(t, (8, 8), energy=energy)
+        core, _ = tucker_decompose(t, (8, 8), energy=energy)
         assert tuple(core.shape) == (r, r), (energy, float(frac[r - 1]))
         kept = float(core.square().sum() / t.square().sum())
         assert kept >= energy - 1e-9

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from helpers import einsum_reconstruct, rel_error
 from safetensors.torch import save_file
 from torch import nn
 
@@ -19,7 +20,6 @@ from flora_kernels.convert.extract import rerank_flora
 from flora_kernels.convert.lycoris import import_lycoris
 from flora_kernels.decompose import tucker_decompose
 from flora_kernels.layers import flora_layers
-from helpers import einsum_reconstruct, rel_error
 
 ATOL = RTOL = 1e-5
 

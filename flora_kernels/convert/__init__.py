@@ -15,18 +15,18 @@ from .paper import PAPER_CORE, from_paper_reference, load_paper_reference, paper
 from .peft import export_peft, import_peft, plan_peft, to_peft
 
 __all__ = [
+    "KOHYA_PREFIXES",
+    "LYCORIS_PREFIX",
+    "PAPER_CORE",
+    "ExtractionReport",
+    "LayerReport",
     "export_lycoris",
     "export_peft",
     "extract_flora",
-    "ExtractionReport",
     "from_paper_reference",
     "import_lycoris",
     "import_peft",
-    "KOHYA_PREFIXES",
-    "LayerReport",
     "load_paper_reference",
-    "LYCORIS_PREFIX",
-    "PAPER_CORE",
     "paper_to_ours",
     "plan_lycoris",
     "plan_peft",

@@ -62,7 +62,7 @@ class ExtractionReport:
         rows = [f"{'layer':<40} {'weight':<20} {'ranks':<18} {'rel.err':>8} {'energy':>8} {'params':>10}"]
         for r in self.layers:
             rows.append(
-                f"{r.name:<40} {str(r.weight_shape):<20} {str(r.ranks):<18} {r.rel_error:8.2e} {r.energy:8.4f} "
+                f"{r.name:<40} {r.weight_shape!s:<20} {r.ranks!s:<18} {r.rel_error:8.2e} {r.energy:8.4f} "
                 f"{r.params:>10,}"
             )
         rows.append(f"{len(self.layers)} adapters, {sum(r.params for r in self.layers):,} parameters")

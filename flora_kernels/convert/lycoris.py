@@ -65,15 +65,15 @@ from .peft import (
     ImportPlan,
     _fold_conv_group,
     _fold_linear,
+    _supported,
+    _supported_names,
     check_float_tensor,
     check_no_flora,
     check_shape,
+    fit_ranks,
     identity,
     imported_config,
     install,
-    _supported,
-    _supported_names,
-    fit_ranks,
 )
 
 LYCORIS_PREFIX = "lycoris"
