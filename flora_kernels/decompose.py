@@ -26,6 +26,7 @@ tensor ``core x_n R_n`` (min(I_n, r_n) per mode) is decomposed instead.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -118,9 +119,13 @@ def _check_ranks(shape: tuple[int, ...], ranks: Sequence[int]) -> tuple[int, ...
         raise ValueError(f"ranks: expected {len(shape)} ranks for a tensor of shape {shape}, got {tuple(ranks)}")
     out = []
     for n, (r, i) in enumerate(zip(ranks, shape)):
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= i:
+        try:
+            v = operator.index(r) if not isinstance(r, bool) else None
+        except TypeError:
+            v = None
+        if v is None or not 1 <= v <= i:
             raise ValueError(f"ranks[{n}]: expected an int in [1, {i}] (mode {n} of shape {shape}), got {r!r}")
-        out.append(r)
+        out.append(v)
     return tuple(out)
 
 

@@ -147,3 +147,12 @@ def test_exact_ranks():
 def test_errors(args, kwargs, err, match):
     with pytest.raises(err, match=match):
         tucker_decompose(*args, **kwargs)
+
+
+def test_ranks_accept_integer_likes_and_refuse_others():
+    t = low_rank((5, 4), (2, 2))
+    core, _ = tucker_decompose(t, torch.Size([2, 2]))
+    assert tuple(core.shape) == (2, 2)
+    for bad in [(2.0, 2), (True, 2), (0, 2)]:
+        with pytest.raises(ValueError, match=r"ranks\[0\]: expected an int in \[1, 5\]"):
+            tucker_decompose(t, bad)
