@@ -9,7 +9,9 @@ See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
 from . import convert
 from .backends import BackendUnavailable, available_backends
 from .config import FLoRAConfig
+from .convert.extract import extract_flora
 from .convspec import ConvSpec
+from .decompose import tucker_decompose
 from .functional import flora_conv, flora_linear, tucker_project, tucker_reconstruct
 from .layers import (
     FLoRAConv1d,
@@ -69,6 +71,7 @@ __all__ = [
     "convert",
     "delete_adapter",
     "disable_adapter",
+    "extract_flora",
     "flora_conv",
     "flora_linear",
     "inject_flora",
@@ -79,6 +82,7 @@ __all__ = [
     "save_flora",
     "set_adapter",
     "set_adapter_scale",
+    "tucker_decompose",
     "tucker_project",
     "tucker_reconstruct",
     "unmerge_flora",

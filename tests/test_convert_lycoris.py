@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from flora_kernels.convert.lycoris import import_lycoris
+from flora_kernels.convert.lycoris import import_lycoris, plan_lycoris
 from flora_kernels.layers import flora_layers
 
 ATOL = RTOL = 2e-5
@@ -103,6 +103,79 @@ def test_import_matches_lycoris_modules(lycoris, base, x, tmp_path, tucker):
         assert layers["dw"].ranks == (4, 1, 3, 3)  # r > in/groups: down folded into the core
     with torch.no_grad():
         torch.testing.assert_close(ours(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+class Heads(nn.Module):
+    """A 3-output head, a 3-channel conv_out and 1x1 conv: LyCORIS accepts rank 8 on them."""
+
+    def __init__(self, linear: type[nn.Linear] = nn.Linear) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, 16, 3, padding=1)
+        self.conv_out = nn.Conv2d(16, 3, 3, padding=1)
+        self.pw_out = nn.Conv2d(16, 3, 1)
+        self.classifier = linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv_in(x))
+        return self.conv_out(h).mean((2, 3)) + self.pw_out(h).mean((2, 3)) + self.classifier(h.mean((2, 3)))
+
+
+def lycoris_file(lycoris, base: nn.Module, path, tucker: bool, dim: int = 8) -> object:
+    net = lycoris.create_lycoris(
+        copy.deepcopy(base), 1.0, linear_dim=dim, linear_alpha=4.0, conv_dim=dim, conv_alpha=2.0, algo="lora",
+        use_tucker=tucker,
+    )
+    net.apply_to()
+    with torch.no_grad():
+        for lora in net.loras:
+            lora.lora_up.weight.normal_(0.0, 0.3)
+    net.save_weights(str(path), torch.float32, None)
+    return net
+
+
+@pytest.mark.parametrize("tucker", [True, False], ids=["tucker", "plain"])
+def test_import_rank_above_layer_max_is_exact(lycoris, tmp_path, tucker):
+    base = Heads().eval()
+    path = tmp_path / "lyco.safetensors"
+    net = lycoris_file(lycoris, base, path, tucker)
+    ours = import_lycoris(copy.deepcopy(base), path, backend="reference").eval()
+    layers = dict(flora_layers(ours))
+    assert set(layers) == {"conv_in", "conv_out", "pw_out", "classifier"}
+    assert layers["classifier"].ranks == (3, 3)  # was: "LoRA rank 8 ... larger than the layer allows"
+    assert layers["conv_out"].ranks[0] == 3 and layers["pw_out"].ranks == (3, 3, 1, 1)
+    for lora in net.loras:
+        name = lora.lora_name[len("lycoris_"):]
+        torch.testing.assert_close(layers[name].delta_weight(), lora.get_diff_weight()[0], atol=ATOL, rtol=RTOL)
+    x = torch.randn(2, 4, 6, 6)
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        for lora in net.loras:
+            m = expected.get_submodule(lora.lora_name[len("lycoris_"):])
+            m.weight.add_(lora.get_diff_weight()[0])
+        torch.testing.assert_close(ours(x), expected(x), atol=ATOL, rtol=RTOL)
+
+
+def test_import_on_timm_linear_subclass(lycoris, tmp_path):
+    from flora_kernels.layers import wrap
+
+    timm_layers = pytest.importorskip("timm.layers")
+    base = Heads(linear=timm_layers.Linear).eval()
+    assert type(base.classifier) is not nn.Linear
+    path = tmp_path / "lyco.safetensors"
+    net = lycoris_file(lycoris, base, path, tucker=True, dim=2)
+    assert any(lora.lora_name == "lycoris_classifier" for lora in net.loras)
+    try:
+        wrap(timm_layers.Linear(2, 2), rank=1)
+    except TypeError:
+        # The plan (validation, exact tensors) accepts the subclass already; the layers wrap it
+        # once they accept nn.Linear subclasses.
+        plan = plan_lycoris(copy.deepcopy(base), path)
+        assert "classifier" in {a.name for a in plan.adapters}
+        pytest.skip("flora_kernels.layers.wrap does not accept nn.Linear subclasses yet")
+    ours = import_lycoris(copy.deepcopy(base), path, backend="reference").eval()
+    lora = next(lora for lora in net.loras if lora.lora_name == "lycoris_classifier")
+    layer = dict(flora_layers(ours))["classifier"]
+    torch.testing.assert_close(layer.delta_weight(), lora.get_diff_weight()[0], atol=ATOL, rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------- against the formula
@@ -193,10 +266,6 @@ def _bad(base: Net, case: str):
     if case == "up shape":
         s["lycoris_fc.lora_up.weight"] = torch.randn(7, 3)
         return s, r"lycoris_fc\.lora_up\.weight: expected shape \(6, 3\).*got \(7, 3\)"
-    if case == "rank too large":
-        s["lycoris_fc.lora_down.weight"] = torch.randn(7, 8)
-        s["lycoris_fc.lora_up.weight"] = torch.randn(6, 7)
-        return s, r"lycoris_fc\.lora_down\.weight: LoRA rank 7 \(shape \(7, 8\)\) is larger than .*\(6, 8\)"
     if case == "missing up":
         del s["lycoris_gconv.lora_up.weight"]
         return s, r"lycoris_gconv\.lora_up\.weight: missing"
@@ -206,7 +275,7 @@ def _bad(base: Net, case: str):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["loha", "unknown module", "shape", "up shape", "rank too large", "missing up", "dora"])
+@pytest.mark.parametrize("case", ["loha", "unknown module", "shape", "up shape", "missing up", "dora"])
 def test_import_errors_name_key_and_shapes_and_leave_model(base, case):
     state, pattern = _bad(base, case)
     target = copy.deepcopy(base)
@@ -223,3 +292,113 @@ def test_import_refuses_reflect_padding():
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         import_lycoris(net, state)
     assert_unchanged(net, snap)
+
+
+# ----------------------------------------------------------------------------- export (kohya/LyCORIS keys)
+
+
+class ExportNet(Net):
+    """Net plus a 1x1 conv (no lora_mid) and a Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.c3 = nn.Conv3d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c3(x[:, :2].unsqueeze(2).expand(-1, -1, 3, -1, -1)).mean((1, 2, 3, 4))
+        x = torch.tanh(self.gconv(torch.tanh(self.pw(torch.tanh(self.dw(self.conv(x)))))))
+        return self.fc(torch.tanh(self.c1(x.flatten(2)).mean(-1))) + y[:, None]
+
+
+EXPORTED = ["conv", "pw", "dw", "gconv", "c1", "c3", "fc"]
+
+
+def flora_net(base: nn.Module, rank, scale: float = 0.7, targets=EXPORTED) -> nn.Module:
+    import flora_kernels as fk
+
+    model = fk.inject_flora(copy.deepcopy(base), fk.FLoRAConfig(
+        rank=rank, kernel_rank=2, scale=scale, target_modules=targets, backend="reference"))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in flora_layers(model):
+            layer.core.copy_(torch.randn(layer.core.shape, generator=gen))
+            for f in layer.factors:
+                f.copy_(torch.randn(f.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mid", [True, False], ids=["mid", "plain"])
+@pytest.mark.parametrize("rank", [(3, 2), (2, 3)], ids=["rout>rin", "rout<rin"])
+def test_export_loads_in_lycoris_with_same_outputs(lycoris, tmp_path, rank, mid):
+    from flora_kernels.convert.lycoris import export_lycoris
+
+    base = ExportNet().eval()
+    model = flora_net(base, rank)
+    path = tmp_path / "flora.safetensors"
+    tensors = export_lycoris(model, path, mid=mid)
+    r = max(rank)
+    if mid:
+        assert tensors["lycoris_conv.lora_mid.weight"].shape == (r, r, 3, 3)  # padded to max(r_out, r_in)
+        assert tensors["lycoris_conv.lora_up.weight"].shape == (8, r, 1, 1)
+        assert tensors["lycoris_conv.lora_down.weight"].shape == (r, 4, 1, 1)
+        r3 = max(rank[0], min(rank[1], 2))  # in_channels 2 caps r_in
+        assert tensors["lycoris_c3.lora_mid.weight"].shape == (r3, r3, 3, 3, 3)
+    else:
+        assert not any(k.endswith("lora_mid.weight") for k in tensors)
+        assert tensors["lycoris_conv.lora_down.weight"].shape == (rank[0], 4, 3, 3)  # r_out <= r_in * 2 * 2
+    assert "lycoris_pw.lora_mid.weight" not in tensors and tensors["lycoris_pw.lora_up.weight"].shape[2:] == (1, 1)
+    assert tensors["lycoris_fc.lora_down.weight"].shape == (min(rank), 8)
+    for key, t in tensors.items():
+        if key.endswith(".alpha"):  # scale folded into up: alpha = r
+            assert float(t) == tensors[key.replace("alpha", "lora_down.weight")].shape[0]
+
+    target = copy.deepcopy(base)
+    net, _ = lycoris.create_lycoris_from_weights(1.0, str(path), target)
+    net.apply_to()
+    assert sorted(lora.lora_name for lora in net.loras) == sorted(f"lycoris_{n}" for n in EXPORTED)
+    assert all(lora.tucker == (mid and lora.lora_name not in ("lycoris_pw", "lycoris_fc")) for lora in net.loras)
+    layers = dict(flora_layers(model))
+    for lora in net.loras:
+        layer = layers[lora.lora_name[len("lycoris_"):]]
+        torch.testing.assert_close(lora.get_diff_weight()[0], layer.delta_weight(), atol=ATOL, rtol=RTOL)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+def test_export_kohya_prefixes_round_trip(tmp_path):
+    from flora_kernels.convert.lycoris import KOHYA_PREFIXES, export_lycoris, to_lycoris
+
+    base = ExportNet().eval()
+    model = flora_net(base, (3, 2), scale=0.3)
+    assert "lora_unet" in KOHYA_PREFIXES
+    path = tmp_path / "sub" / "unet.safetensors"
+    export_lycoris(model, path, prefix="lora_unet", dtype=torch.float64)
+    back = import_lycoris(copy.deepcopy(base), path, prefix="lora_unet", backend="reference").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-5)
+    te = flora_net(nn.Sequential(nn.Linear(8, 6)).eval(), 2, targets=None)
+    both = to_lycoris({"lora_unet": model, "lora_te1": te})
+    assert {k.split(".")[0] for k in both} == {f"lora_unet_{n}" for n in EXPORTED} | {"lora_te1_0"}
+
+
+def test_export_errors():
+    import flora_kernels as fk
+    from flora_kernels.convert.lycoris import to_lycoris
+
+    with pytest.raises(ValueError, match="has no FLoRA layers"):
+        to_lycoris(nn.Linear(2, 2))
+    refl = fk.inject_flora(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), fk.FLoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        to_lycoris(refl)
+    lin = fk.merge_flora(fk.inject_flora(nn.Sequential(nn.Linear(3, 4)), fk.FLoRAConfig(rank=2)))
+    with pytest.raises(ValueError, match="unmerge_flora"):
+        to_lycoris(lin)
+    clash = nn.Module()
+    clash.a_b, clash.a = nn.Linear(2, 2), nn.Module()
+    clash.a.b = nn.Linear(2, 2)
+    fk.inject_flora(clash, fk.FLoRAConfig(rank=1))
+    with pytest.raises(ValueError, match="both map to key 'lycoris_a_b'"):
+        to_lycoris(clash)

@@ -156,6 +156,67 @@ def test_export_rejects_dilated_conv_and_merged(tmp_path):
         export_peft(net2, tmp_path)
 
 
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(4, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.dw(torch.tanh(self.pw(x)))).mean((2, 3)))
+
+
+def depthwise_model() -> tuple[nn.Module, nn.Module]:
+    base = Depthwise().eval()
+    model = fk.inject_flora(copy.deepcopy(base), fk.FLoRAConfig(rank=2, kernel_rank=2, backend="reference"))
+    randomize(model)
+    return base, model.eval()
+
+
+def test_export_size_estimate_matches_what_is_written():
+    from flora_kernels.convert.peft import peft_size
+
+    for base, model in [(None, flora_model(Net().eval(), (3, 2))), depthwise_model()]:
+        _, tensors = to_peft(model, oversized="write")
+        for name, layer in flora_layers(model):
+            sz = peft_size(layer)
+            a, b = (tensors[f"base_model.model.{name}.lora_{s}.weight"] for s in "AB")
+            assert (tuple(a.shape), tuple(b.shape)) == (sz.lora_a, sz.lora_b), name
+            assert sz.peft == a.numel() + b.numel()
+            assert sz.flora == layer.core.numel() + sum(f.numel() for f in layer.factors)
+
+
+def test_export_refuses_oversized_grouped_conv(tmp_path):
+    _, model = depthwise_model()
+    with pytest.raises(ValueError) as err:
+        export_peft(model, tmp_path / "out")
+    msg = str(err.value)
+    # dw: PEFT lora_A (64, 32, 3, 3) + lora_B (32, 2, 1, 1) = 18496 elements vs FLoRA 2*32+1*1+2*1*2*2+2*3*2 = 85.
+    assert "1 module(s) would be more than 64x their FLoRA adapter" in msg
+    assert "dw (Conv2d (32, 1, 3, 3), groups=32): PEFT lora_A (64, 32, 3, 3) + lora_B (32, 2, 1, 1)" in msg
+    assert "(218x)" in msg and "fk.save_flora" in msg and "export_lycoris" in msg and "oversized='skip'" in msg
+    assert not (tmp_path / "out").exists()  # nothing written
+    cfg = export_peft(model, tmp_path / "out", max_size_ratio=300)  # the threshold is a parameter
+    assert cfg["exclude_modules"] is None
+
+
+@pytest.mark.parametrize("mode", ["write", "skip"])
+def test_export_oversized_write_or_skip(tmp_path, mode):
+    base, model = depthwise_model()
+    cfg = export_peft(model, tmp_path, oversized=mode)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk["exclude_modules"] == cfg["exclude_modules"] == (["dw"] if mode == "skip" else None)
+    pm = load_peft(base, tmp_path)
+    x = torch.randn(2, 4, 5, 5)
+    if mode == "skip":
+        dict(flora_layers(model))["dw"].adapter_enabled = False  # the function PEFT now computes
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="oversized: expected one of"):
+        to_peft(model, oversized="ignore")
+
+
 # ----------------------------------------------------------------------------- import
 
 
@@ -240,9 +301,12 @@ def _bad(case: str):
         return s, cfg, r"fc\.lora_B\.weight: expected shape \(6, 2\).*got \(7, 2\)"
     if case == "rank vs config":
         return s, {**cfg, "rank_pattern": {"fc": 3}}, r"fc\.lora_A\.weight: expected shape \(3, 8\).*got \(2, 8\)"
-    if case == "rank too large":
-        s = {"fc2.lora_A.weight": torch.randn(7, 6), "fc2.lora_B.weight": torch.randn(5, 7)}
-        return s, {**cfg, "r": 7}, r"fc2\.lora_A\.weight: LoRA rank 7 \(shape \(7, 6\)\) is larger than .*\(5, 6\)"
+    if case == "embedding tensor of a non-embedding":
+        s["base_model.model.fc2.weight"] = torch.randn(5, 6)
+        return s, cfg, r"fc2\.weight: unknown key \(shape \(5, 6\)\)"
+    if case == "base_layer shape":
+        s["base_model.model.fc.base_layer.weight"] = torch.randn(7, 8)
+        return s, cfg, r"fc\.base_layer\.weight: expected shape \(6, 8\) \(the model's fc\.weight.*got \(7, 8\)"
     if case == "missing B":
         del s["base_model.model.fc.lora_B.weight"]
         return s, cfg, r"fc\.lora_B\.weight: missing"
@@ -255,8 +319,8 @@ def _bad(case: str):
 
 
 @pytest.mark.parametrize(
-    "case", ["unknown key", "unknown module", "shape", "B shape", "rank vs config", "rank too large",
-             "missing B", "dora", "lora bias"],
+    "case", ["unknown key", "unknown module", "shape", "B shape", "rank vs config", "embedding tensor of a non-embedding",
+             "base_layer shape", "missing B", "dora", "lora bias"],
 )
 def test_import_errors_name_key_and_shapes_and_leave_model(base, case):
     state, cfg, pattern = _bad(case)
@@ -304,3 +368,123 @@ def test_imported_adapter_saves_and_loads_with_flora_format(base, x, tmp_path):
     again = fk.load_flora(copy.deepcopy(base), tmp_path / "flora").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), pm(x), atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- real checkpoints
+
+
+class Heads(nn.Module):
+    """A 3-output head and a 3-channel conv_out (UNet/VAE style): PEFT accepts r = 8 on both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, 16, 3, padding=1)
+        self.conv_out = nn.Conv2d(16, 3, 3, padding=1)
+        self.pw_out = nn.Conv2d(16, 3, 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv_in(x))
+        return self.conv_out(h).mean((2, 3)) + self.pw_out(h).mean((2, 3)) + self.head(h.mean((2, 3)))
+
+
+def test_import_rank_above_layer_max_is_exact(tmp_path):
+    base = Heads().eval()
+    pm = peft_model(base, ["conv_in", "conv_out", "pw_out", "head"], r=8, lora_alpha=16)
+    pm.save_pretrained(str(tmp_path))
+    model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
+    layers = dict(flora_layers(model))
+    assert layers["head"].ranks == (3, 3)  # was: "LoRA rank 8 ... larger than the layer allows"
+    assert layers["conv_out"].ranks == (3, 16, 3, 3)
+    assert layers["pw_out"].ranks == (3, 3, 1, 1)
+    assert layers["conv_in"].ranks == (8, 4, 3, 3)  # fits: unchanged form
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(x), atol=ATOL, rtol=RTOL)
+        for name, layer in layers.items():
+            peft_layer = pm.base_model.model.get_submodule(name)
+            torch.testing.assert_close(layer.delta_weight(), peft_layer.get_delta_weight("default"), atol=1e-5, rtol=1e-5)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(tied: bool = False) -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_import_base_layer_and_saved_embedding_tensors(tmp_path):
+    """lm_head targeted: save_embedding_layers=True writes lm_head.base_layer.weight (changed here,
+    as after resizing the vocabulary, so loading it matters)."""
+    base = tiny_llama()
+    pm = peft_model(base, ["q_proj", "v_proj", "lm_head"], r=4, lora_alpha=8)
+    with torch.no_grad():
+        pm.base_model.model.lm_head.base_layer.weight.add_(torch.randn(40, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path), save_embedding_layers=True)
+    keys = set(peft.utils.save_and_load.load_peft_weights(str(tmp_path)))
+    assert "base_model.model.lm_head.base_layer.weight" in keys
+    model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
+    ids = torch.randint(0, 40, (2, 5))
+    torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=RTOL)
+    assert not model.lm_head.base.weight.requires_grad  # base tensors stay frozen
+
+
+def test_import_modules_to_save_with_embedding_layers_saved(tmp_path):
+    """The untargeted input embedding is saved whole (changed here, as after resizing); PEFT then
+    also writes <m>.modules_to_save.* and <m>.original_module.* keys for lm_head."""
+    base = tiny_llama()
+    pm = peft_model(base, ["q_proj"], r=2, lora_alpha=2, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.weight.add_(torch.randn(40, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path), save_embedding_layers=True)
+    keys = set(peft.utils.save_and_load.load_peft_weights(str(tmp_path)))
+    assert {"base_model.model.lm_head.original_module.weight", "base_model.model.lm_head.modules_to_save.weight",
+            "base_model.model.model.embed_tokens.weight"} <= keys
+    model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
+    ids = torch.randint(0, 40, (2, 5))
+    torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=RTOL)
+    assert model.lm_head.weight.requires_grad
+    assert not model.model.embed_tokens.weight.requires_grad  # base tensors stay frozen
+
+
+def test_embedding_adapter_delta_and_pending_import(tmp_path):
+    from flora_kernels.convert.peft import _supported, embedding_spec
+    from flora_kernels.tucker import tucker_reconstruct
+
+    base = tiny_llama()
+    pm = peft_model(base, ["q_proj", "embed_tokens"], r=4, lora_alpha=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path))
+    state = peft.utils.save_and_load.load_peft_weights(str(tmp_path))
+    key = "base_model.model.model.embed_tokens.lora_embedding_"
+    emb = base.model.embed_tokens
+    spec = embedding_spec("model.embed_tokens", (key + "A", state[key + "A"]), (key + "B", state[key + "B"]),
+                          emb, 4, 6 / 4)
+    peft_delta = pm.base_model.model.model.embed_tokens.get_delta_weight("default")
+    torch.testing.assert_close(tucker_reconstruct(spec.core, spec.factors, spec.scale).float(), peft_delta)
+    if _supported(emb):  # once a FLoRA Embedding layer exists
+        model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
+        ids = torch.randint(0, 40, (2, 5))
+        torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=RTOL)
+        return
+    target = copy.deepcopy(base)
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=r"embed_tokens\.lora_embedding_A: a PEFT LoRA embedding adapter .*no FLoRA "
+                                         r"Embedding layer"):
+        import_peft(target, tmp_path)
+    assert_unchanged(target, snap)

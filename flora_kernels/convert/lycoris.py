@@ -1,4 +1,5 @@
-"""Exact import of LyCORIS LoRA/LoCon adapters (optionally Tucker-decomposed) as FLoRA layers.
+"""Exact import of LyCORIS LoRA/LoCon adapters (optionally Tucker-decomposed) as FLoRA layers,
+and export of FLoRA adapters in that (kohya/LyCORIS) format.
 
 LyCORIS (package ``lycoris-lora``) saves one flat state dict. Each adapted module ``name`` is
 keyed ``{prefix}_{name with "." -> "_"}`` (prefix ``lycoris`` by default; kohya-style files
@@ -16,45 +17,67 @@ and its LoCon layer adds the weight delta with the base op's own stride/padding/
 
 That is a FLoRA adapter (DESIGN.md section 2) exactly:
 
-- Tucker: ``U_out = up``, ``U_in = down^T``, ``G = mid``, kernel factors ``I_k``, ``s = scale``.
-  When r > in/groups (e.g. depthwise convs), ``down`` is folded into the core instead:
-  ``G = mid x_1 down^T`` (r, in/groups, *k), ``U_in = I``.
+- Tucker: ``U_out = up``, ``U_in = down^T``, ``G = mid``, kernel factors ``I_k``, ``s = scale``
+  (when r > in/groups, e.g. depthwise convs, ``fit_ranks`` below brings the input rank to
+  in/groups).
 - plain LoCon conv: ``U_out = up``, ``G = down`` (r, in/groups, *k), ``U_in = I``, ``U_k = I``
   (the input and kernel ranks grow to full size).
 - Linear: ``U_out = up``, ``U_in = down^T``, ``G = I_r``.
 
+A rank above what a mode allows (r = 8 on a 3-output head) is re-decomposed exactly at the
+largest ranks the layer allows, in the factors' span (``fit_ranks``). Linear and ConvNd
+subclasses (e.g. timm's ``Linear``) are accepted like their base classes.
+
 Not supported (raise, naming the key): other LyCORIS algorithms (LoHa ``hada_*``, LoKr
-``lokr_*``, ...), DoRA (``dora_scale``), norms, a rank larger than the layer's maximal rank
-min(out, in/groups * prod(k)), a conv with a non-zero padding mode and padding (LyCORIS's
+``lokr_*``, ...), DoRA (``dora_scale``), norms, a conv with a non-zero padding mode and padding (LyCORIS's
 delta conv pads with zeros). LyCORIS's ``bypass_mode`` forward is the same function except
 for dilated and grouped convs, where it is not a weight delta; the import follows the default
 (weight-delta) forward, which is also what LyCORIS merges.
+
+Export (``export_lycoris`` / ``to_lycoris``), exact, scale folded into ``up`` (alpha = r):
+
+- Conv with a kernel larger than 1 (``mid=True``): ``mid = G x_2 U_k1 ...`` (r_out, r_in, *k)
+  zero-padded to (r, r, *k) with r = max(r_out, r_in), its first index pairing with ``up``;
+  ``up = s * U_out`` (out, r, 1...), ``down = U_in^T`` (r, in/groups, 1...), zero-padded.
+  Read by lycoris-lora and, for Conv2d, A1111 and ComfyUI; not by diffusers.
+- Linear, 1x1 convs, and every conv with ``mid=False``: plain LoRA/LoCon with the core folded
+  in (``up`` (out, r[, 1...]), ``down`` (r, in[/groups, *k])), r = min(r_out, r_in * prod of
+  the kernel ranks); readable by every tool (diffusers included).
+- Refused: merged adapters, non-zero padding modes with padding (the delta conv pads with
+  zeros), key collisions between module names.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..convspec import ConvSpec
-from ..layers.registry import LEGACY_TYPES as LAYER_FOR
+from ..layers import FLoRALayer, flora_layers
+from ..reference import core_kernel
 from .peft import (
     AdapterSpec,
     ImportPlan,
+    _fold_conv_group,
+    _fold_linear,
+    _supported,
+    _supported_names,
     check_float_tensor,
     check_no_flora,
     check_shape,
+    fit_ranks,
     identity,
     imported_config,
     install,
-    max_rank,
 )
 
 LYCORIS_PREFIX = "lycoris"
+KOHYA_PREFIXES = ("lycoris", "lora_unet", "lora_te", "lora_te1", "lora_te2")
 _PARAMS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha")
 _OTHER_ALGOS = {
     "hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA (weight decomposition)", "oft_": "OFT",
@@ -86,6 +109,15 @@ def _unsupported(key: str, t: object) -> ValueError:
     return ValueError(
         f"{key}: {what} (shape {shape}); only LoRA/LoCon keys {list(_PARAMS)} (Tucker optional) can be imported"
     )
+
+
+def _check_zero_padding(name: str, base: nn.Module) -> None:
+    spec = ConvSpec.of(base)
+    if spec.padding_mode != "zeros" and any(x for lo_hi in spec.pads for x in lo_hi):
+        raise ValueError(
+            f"{name}: LyCORIS's delta conv pads with zeros, but the base {type(base).__name__} uses "
+            f"padding_mode={spec.padding_mode!r} with padding {spec.pads}: not expressible exactly"
+        )
 
 
 def plan_lycoris(
@@ -127,11 +159,8 @@ def plan_lycoris(
         key_u, up = p["lora_up.weight"]
         mid_kt = p.get("lora_mid.weight")
         base = modules[name]
-        if type(base) not in LAYER_FOR:
-            raise TypeError(
-                f"{key_d}: module {name!r} is a {type(base).__name__}; expected one of "
-                f"{', '.join(t.__name__ for t in LAYER_FOR)}"
-            )
+        if not _supported(base):
+            raise TypeError(f"{key_d}: module {name!r} is a {type(base).__name__}; expected one of {_supported_names()}")
         w = tuple(base.weight.shape)
         if down.dim() < 2:
             raise ValueError(f"{key_d}: expected shape (r, {w[1]}, ...), got {tuple(down.shape)}")
@@ -144,41 +173,27 @@ def plan_lycoris(
         else:
             alpha = 0.0
         scale = (alpha if alpha else float(r)) / r
-        if r > max_rank(w):
-            raise ValueError(
-                f"{key_d}: LoRA rank {r} (shape {tuple(down.shape)}) is larger than the layer {name!r} of "
-                f"weight shape {w} allows (max rank {max_rank(w)})"
-            )
         if isinstance(base, nn.Linear):
             check_shape(key_d, down, (r, w[1]), f" (r={r}, in_features={w[1]})")
             check_shape(key_u, up, (w[0], r), f" (out_features={w[0]}, r={r})")
             if mid_kt is not None:
                 raise ValueError(f"{mid_kt[0]}: a Linear adapter has no mid (shape {tuple(mid_kt[1].shape)})")
-            adapters.append(AdapterSpec(name, identity(r), [up.double(), down.double().t()], scale))
+            adapters.append(fit_ranks(AdapterSpec(name, identity(r), [up.double(), down.double().t()], scale), w))
             continue
-        spec = ConvSpec.of(base)
-        if spec.padding_mode != "zeros" and any(x for lo_hi in spec.pads for x in lo_hi):
-            raise ValueError(
-                f"{name}: LyCORIS's delta conv pads with zeros, but the base {type(base).__name__} uses "
-                f"padding_mode={spec.padding_mode!r} with padding {spec.pads}: not expressible exactly"
-            )
+        _check_zero_padding(name, base)
         ks, ones, cg = tuple(w[2:]), (1,) * (len(w) - 2), w[1]
         check_shape(key_u, up, (w[0], r, *ones), f" (out_channels={w[0]}, r={r})")
         u_out = up.double().reshape(w[0], r)
         kernel_eye = [identity(k) for k in ks]
         if mid_kt is None:
             check_shape(key_d, down, (r, cg, *ks), f" (r={r}, in_channels/groups={cg}, kernel {ks})")
-            adapters.append(AdapterSpec(name, down.double(), [u_out, identity(cg), *kernel_eye], scale))
+            adapters.append(fit_ranks(AdapterSpec(name, down.double(), [u_out, identity(cg), *kernel_eye], scale), w))
             continue
         key_m, mid = mid_kt
         check_shape(key_d, down, (r, cg, *ones), f" (r={r}, in_channels/groups={cg}, Tucker 1x1 down)")
         check_shape(key_m, mid, (r, r, *ks), f" (r={r}, kernel {ks})")
         d = down.double().reshape(r, cg)
-        if r <= cg:
-            adapters.append(AdapterSpec(name, mid.double(), [u_out, d.t(), *kernel_eye], scale))
-        else:  # the input rank cannot exceed in/groups: fold down into the core
-            core = torch.movedim(torch.tensordot(mid.double(), d, dims=([1], [0])), -1, 1)
-            adapters.append(AdapterSpec(name, core, [u_out, identity(cg), *kernel_eye], scale))
+        adapters.append(fit_ranks(AdapterSpec(name, mid.double(), [u_out, d.t(), *kernel_eye], scale), w))
     return ImportPlan(adapters)
 
 
@@ -205,4 +220,92 @@ def import_lycoris(
     return install(model, plan, imported_config(plan, dropout, strategy, backend))
 
 
-__all__ = ["LYCORIS_PREFIX", "import_lycoris", "plan_lycoris"]
+# ----------------------------------------------------------------------------- export
+
+
+def _lycoris_tensors(layer: FLoRALayer, mid: bool) -> dict[str, Tensor]:
+    """{"lora_up.weight", "lora_down.weight"[, "lora_mid.weight"], "alpha"} for one layer (float64)."""
+    base = layer.base
+    w = tuple(base.weight.shape)
+    ones = (1,) * (len(w) - 2)
+    s = layer.scale
+    if isinstance(base, nn.Linear):
+        down, up = _fold_linear(layer)
+        return {"lora_up.weight": s * up, "lora_down.weight": down, "alpha": torch.tensor(float(down.shape[0]))}
+    if not mid or math.prod(w[2:]) == 1:
+        down, up = _fold_conv_group(layer)
+        r = down.shape[0]
+        return {"lora_up.weight": (s * up).reshape(w[0], r, *ones), "lora_down.weight": down,
+                "alpha": torch.tensor(float(r))}
+    core = layer.core.detach().double()
+    fs = [f.detach().double() for f in layer.factors]
+    r_out, r_in = core.shape[:2]
+    r = max(r_out, r_in)
+    k = core_kernel(core, fs)  # (r_out, r_in, *k)
+    m = k.new_zeros(r, r, *k.shape[2:])
+    m[:r_out, :r_in] = k
+    up = fs[0].new_zeros(w[0], r)
+    up[:, :r_out] = s * fs[0]
+    down = fs[1].new_zeros(r, w[1])
+    down[:r_in] = fs[1].t()
+    return {"lora_up.weight": up.reshape(w[0], r, *ones), "lora_down.weight": down.reshape(r, w[1], *ones),
+            "lora_mid.weight": m, "alpha": torch.tensor(float(r))}
+
+
+def to_lycoris(
+    model: nn.Module | Mapping[str, nn.Module], prefix: str = LYCORIS_PREFIX, *, mid: bool = True,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """The kohya/LyCORIS state dict of the FLoRA adapters of ``model`` (see the module docstring).
+
+    Args:
+        model: a model with FLoRA layers, or ``{prefix: model}`` for one file covering several
+            models (e.g. ``{"lora_unet": unet, "lora_te1": te1, "lora_te2": te2}``).
+        prefix: key prefix (``lycoris``, ``lora_unet``, ``lora_te``, ``lora_te1``, ``lora_te2``
+            are what the tools use) when ``model`` is one module.
+        mid: write ``lora_mid`` for kernels larger than 1 (compact); False writes plain LoCon.
+        dtype: of the weights written (default: each adapter's dtype); ``alpha`` is float32.
+
+    Returns:
+        ``{"<prefix>_<module path, '.' -> '_'>.lora_up.weight": ..., ...}`` on the CPU.
+    """
+    models = dict(model) if isinstance(model, Mapping) else {prefix: model}
+    out: dict[str, Tensor] = {}
+    owner: dict[str, str] = {}
+    for pre, m in models.items():
+        if not isinstance(pre, str) or not isinstance(m, nn.Module):
+            raise TypeError(f"model: expected a module or a {{prefix: module}} mapping, got {pre!r}: {type(m).__name__}")
+        layers = flora_layers(m)
+        if not layers:
+            raise ValueError(f"export_lycoris: the model for prefix {pre!r} has no FLoRA layers (call inject_flora)")
+        for name, layer in layers:
+            if layer.merged:
+                raise ValueError(f"{name}: the adapter is merged into the base weight; call unmerge_flora first")
+            if not isinstance(layer.base, nn.Linear):
+                _check_zero_padding(name, layer.base)
+            lyco = _lycoris_name(pre, name)
+            if lyco in owner:
+                raise ValueError(f"export_lycoris: modules {owner[lyco]!r} and {pre}:{name!r} both map to key {lyco!r}")
+            owner[lyco] = f"{pre}:{name}"
+            dt = dtype or layer.core.dtype
+            for param, t in _lycoris_tensors(layer, mid).items():
+                t = t.float() if param == "alpha" else t.to(dt)
+                out[f"{lyco}.{param}"] = t.detach().contiguous().cpu()
+    return out
+
+
+def export_lycoris(
+    model: nn.Module | Mapping[str, nn.Module], path: str | os.PathLike, prefix: str = LYCORIS_PREFIX, *,
+    mid: bool = True, dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """Write ``to_lycoris(model, prefix, mid=mid, dtype=dtype)`` as one ``.safetensors`` file, loadable by
+    lycoris-lora (``create_lycoris_from_weights``), kohya sd-scripts, A1111 and ComfyUI (see the
+    module docstring for who reads ``lora_mid``) and by ``import_lycoris``. Returns the tensors."""
+    tensors = to_lycoris(model, prefix, mid=mid, dtype=dtype)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return tensors
+
+
+__all__ = ["KOHYA_PREFIXES", "LYCORIS_PREFIX", "export_lycoris", "import_lycoris", "plan_lycoris", "to_lycoris"]

@@ -24,6 +24,10 @@ Export (``export_peft`` / ``to_peft``), folding the core into the factors:
   grouped delta is written exactly with r = g * r_g: rank block j of ``A`` is non-zero only on
   the input channels of group j and holds the per-group ``A`` above; ``B`` is as above. PEFT
   cannot *merge* grouped conv adapters (its own limit); the unmerged forward is exact.
+- Size: PEFT's dense grouped lora_A is g^2 times a per-group A (EfficientNet-B0 at rank 4:
+  gigabytes against a sub-MiB FLoRA adapter). Each module's size is estimated first
+  (``peft_size``); modules above ``max_size_ratio`` times their FLoRA adapter are refused unless
+  ``oversized="write"`` or ``"skip"`` (left out, listed in ``exclude_modules``).
 - Not expressible (raise): a dilated conv with kernel > 1 (PEFT's lora_A drops the dilation),
   a non-zero padding mode with non-zero padding (lora_A pads with zeros), merged adapters.
 
@@ -35,18 +39,25 @@ adapted names; ``modules_to_save`` the resolved names of the config's modules_to
 
 Import (``import_peft``), exact, ranks growing where needed:
 
-- Linear: ``U_out = B``, ``U_in = A^T``, ``G = I_r``, ``s = scaling`` (r <= min(out, in)).
+- Linear: ``U_out = B``, ``U_in = A^T``, ``G = I_r``, ``s = scaling``.
 - Conv, groups = 1: ``U_out = B``, ``G = A`` (r, in, *k), ``U_in = I_in``, ``U_k = I_k``,
   ``s = scaling``: the input rank grows to the full in-channels and the kernel rank to the
-  full kernel (r <= min(out, in * prod(k))).
+  full kernel.
 - Conv, groups = g: only adapters whose lora_A is block-diagonal over the groups (rank block j
   reads only the input channels of group j: e.g. what ``export_peft`` writes) are weight
   deltas of a grouped conv; others raise. ``U_out`` is the block-expanded B (out, r) and
-  ``G`` the per-group A blocks (r, in / g, *k); when r > out, ``U_out = I_out`` and the core
-  is the full delta.
-- Raise: DoRA, lora biases, Embedding/other layer types, dilated convs (k > 1), non-zero
-  padding modes, unknown keys, mismatched shapes (naming the key and both shapes), ranks
-  larger than the layer. Everything is validated before the model is touched.
+  ``G`` the per-group A blocks (r, in / g, *k).
+- A rank above what a mode allows (PEFT and LyCORIS accept r = 8 on a 3-output head or a
+  3-channel ``conv_out``): the same delta is re-decomposed exactly at the largest ranks the
+  layer allows, in the factors' span (``fit_ranks``: QR of the factors, no dense delta).
+- Embedding adapters (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r)) map to
+  ``U_0 = A^T``, ``U_1 = B``, ``G = I_r`` on the (num, dim) weight, once a FLoRA Embedding layer
+  exists (``_supported``); until then they raise, naming the key.
+- Full base tensors PEFT saves (``<m>.base_layer.weight``, embedding layers under
+  ``save_embedding_layers``) are loaded into the base modules and stay frozen.
+- Raise: DoRA, lora biases, other layer types, dilated convs (k > 1), non-zero padding modes,
+  unknown keys, mismatched shapes (naming the key and both shapes). Everything is validated
+  before the model is touched.
 """
 
 from __future__ import annotations
@@ -67,8 +78,8 @@ from torch import Tensor, nn
 
 from ..config import FLoRAConfig, name_matches
 from ..convspec import ConvSpec
+from ..decompose import tucker_rerank
 from ..layers import FLoRALayer, flora_layers, wrap
-from ..layers.registry import LEGACY_TYPES as LAYER_FOR
 from ..reference import core_kernel
 
 logger = logging.getLogger(__name__)
@@ -79,6 +90,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_BIN_NAME = "adapter_model.bin"
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<param>weight|bias)$")
+_EMB_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])$")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -96,10 +108,27 @@ class AdapterSpec:
 
 @dataclass
 class ImportPlan:
-    """Everything an importer validated, ready to install without further checks."""
+    """Everything an importer validated, ready to install without further checks.
+
+    ``saved``: modules_to_save tensors (loaded, stay trainable); ``base``: replacement tensors of
+    base modules (e.g. PEFT's saved, resized embeddings; loaded, stay frozen).
+    """
 
     adapters: list[AdapterSpec]
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> {param: tensor}
+    base: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> {param: tensor}
+
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _supported(module: nn.Module) -> bool:
+    """Whether the converters can put a FLoRA adapter on ``module`` (subclasses included)."""
+    return isinstance(module, SUPPORTED_TYPES)
+
+
+def _supported_names() -> str:
+    return ", ".join(t.__name__ for t in SUPPORTED_TYPES) + " (or subclasses)"
 
 
 def _shape(t: Any) -> tuple[int, ...] | str:
@@ -123,20 +152,22 @@ def target_module(model: nn.Module, name: str, key: str) -> nn.Module:
     modules = dict(model.named_modules())
     m = modules.get(name)
     if m is None or not name:
-        cands = [n for n, mm in modules.items() if type(mm) in LAYER_FOR]
+        cands = [n for n, mm in modules.items() if _supported(mm)]
         shown = ", ".join(cands[:12]) + (", ..." if len(cands) > 12 else "")
         raise ValueError(f"{key}: the model has no module {name!r} (adaptable modules: {shown})")
-    if type(m) not in LAYER_FOR:
-        raise TypeError(
-            f"{key}: module {name!r} is a {type(m).__name__}; expected one of "
-            f"{', '.join(t.__name__ for t in LAYER_FOR)}"
-        )
+    if not _supported(m):
+        raise TypeError(f"{key}: module {name!r} is a {type(m).__name__}; expected one of {_supported_names()}")
     return m
 
 
-def max_rank(weight_shape: tuple[int, ...]) -> int:
-    """The largest rank of the (out) x (in/groups * k...) matricization of a weight."""
-    return min(weight_shape[0], math.prod(weight_shape[1:]))
+def fit_ranks(spec: AdapterSpec, weight_shape: tuple[int, ...]) -> AdapterSpec:
+    """``spec`` unchanged when every core mode fits its weight mode; else the same delta re-decomposed
+    exactly at the largest ranks the layer allows (``tucker_rerank`` in the factors' span: QR of
+    the factors, never the dense delta). E.g. LoRA rank 8 on a 3-output head -> ranks (3, 3)."""
+    if all(r <= i for r, i in zip(spec.core.shape, weight_shape, strict=True)):
+        return spec
+    core, factors = tucker_rerank(spec.core.double(), [f.double() for f in spec.factors])
+    return AdapterSpec(spec.name, core, factors, spec.scale)
 
 
 def check_geometry_exact(name: str, base: nn.Module, fmt: str, what: str) -> None:
@@ -164,8 +195,10 @@ def identity(n: int) -> Tensor:
 def install(
     model: nn.Module, plan: ImportPlan, cfg: FLoRAConfig
 ) -> nn.Module:
-    """Wrap every planned module in a FLoRA layer holding the planned tensors, then freeze the
-    rest like ``inject_flora`` (adapters and ``plan.saved`` modules stay trainable)."""
+    """Wrap every planned module in a FLoRA layer holding the planned tensors, load ``plan.base``
+    into the base modules, then freeze the rest like ``inject_flora`` (adapters and
+    ``plan.saved`` modules stay trainable)."""
+    base_modules = {name: model.get_submodule(name) for name in plan.base}
     layers: dict[str, FLoRALayer] = {}
     for a in plan.adapters:
         base = model.get_submodule(a.name)
@@ -183,6 +216,10 @@ def install(
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for name, tensors in plan.base.items():
+        state = base_modules[name].state_dict(keep_vars=True)
+        for pname, t in tensors.items():
+            state[pname].copy_(t)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
@@ -264,16 +301,95 @@ def _anchored(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def to_peft(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+OVERSIZED_CHOICES = ("raise", "write", "skip")
+MAX_SIZE_RATIO = 64.0
+
+
+@dataclass(frozen=True)
+class PeftSize:
+    """Estimated size of one module's PEFT export against its FLoRA adapter (element counts)."""
+
+    peft: int
+    flora: int
+    lora_a: tuple[int, ...]
+    lora_b: tuple[int, ...]
+
+    @property
+    def ratio(self) -> float:
+        return self.peft / max(self.flora, 1)
+
+
+def _mib(numel: int, dtype: torch.dtype) -> str:
+    return f"{numel * torch.empty((), dtype=dtype).element_size() / 2**20:.3g} MiB"
+
+
+def peft_size(layer: FLoRALayer) -> PeftSize:
+    """The shapes ``to_peft`` writes for ``layer`` and their size, from the ranks alone.
+
+    Linear: r = min(r_out, r_in). Conv: per group r_g = r_out (or r_in * prod(kernel ranks)
+    when smaller); a grouped conv's lora_A is dense over all input channels with r = g * r_g,
+    g^2 times a per-group A: what makes depthwise convs explode.
+    """
+    base, ranks = layer.base, layer.ranks
+    w = tuple(base.weight.shape)
+    if isinstance(base, nn.Linear):
+        r = min(ranks[0], ranks[1])
+        a, b = (r, w[1]), (w[0], r)
+    else:
+        r_g = min(ranks[0], math.prod(ranks[1:]))
+        a, b = (base.groups * r_g, base.in_channels, *w[2:]), (w[0], r_g, *(1,) * (len(w) - 2))
+    flora = layer.core.numel() + sum(f.numel() for f in layer.factors)
+    return PeftSize(math.prod(a) + math.prod(b), flora, a, b)
+
+
+def _oversized_error(big: dict[str, PeftSize], layers: dict[str, FLoRALayer], ratio: float) -> ValueError:
+    lines = []
+    for name, sz in sorted(big.items(), key=lambda kv: -kv[1].peft):
+        base, dt = layers[name].base, layers[name].core.dtype
+        groups = f", groups={base.groups}" if getattr(base, "groups", 1) > 1 else ""
+        lines.append(
+            f"  {name} ({type(base).__name__} {tuple(base.weight.shape)}{groups}): PEFT lora_A {sz.lora_a} + lora_B "
+            f"{sz.lora_b} = {_mib(sz.peft, dt)}, FLoRA {_mib(sz.flora, dt)} ({sz.ratio:.0f}x)"
+        )
+    total = sum(sz.peft for sz in big.values())
+    return ValueError(
+        f"export_peft: {len(big)} module(s) would be more than {ratio:g}x their FLoRA adapter in PEFT's format "
+        f"({_mib(total, next(iter(layers.values())).core.dtype)} together; PEFT's lora_A cannot be grouped, so a "
+        f"grouped conv is written densely):\n" + "\n".join(lines) + "\nAlternatives: fk.save_flora (FLoRA's own "
+        "format, exact and compact), fk.convert.export_lycoris (kohya/LyCORIS keys, grouped convs stay compact), "
+        "or export_peft(..., oversized='skip') to leave these modules out (listed in the config's exclude_modules) "
+        "or oversized='write' to write them anyway (max_size_ratio sets the threshold)."
+    )
+
+
+def to_peft(
+    model: nn.Module, *, oversized: str = "raise", max_size_ratio: float = MAX_SIZE_RATIO
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """PEFT LoRA ``(adapter_config dict, state dict)`` equal in function to ``model``'s FLoRA
     adapters (see the module docstring for the construction and its limits).
 
+    Every module's PEFT size is estimated first (``peft_size``). A module larger than
+    ``max_size_ratio`` times its FLoRA adapter (grouped/depthwise convs) is refused by default
+    (``oversized="raise"``, naming the modules, their sizes and the alternatives); ``"write"``
+    writes it anyway, ``"skip"`` leaves it out and lists it in the config's ``exclude_modules``.
+
     Raises:
-        ValueError: no FLoRA layers, a merged adapter, or a conv geometry PEFT cannot express.
+        ValueError: no FLoRA layers, a merged adapter, a conv geometry PEFT cannot express, or
+        oversized modules under ``oversized="raise"``.
     """
-    layers = flora_layers(model)
-    if not layers:
+    if oversized not in OVERSIZED_CHOICES:
+        raise ValueError(f"oversized: expected one of {OVERSIZED_CHOICES}, got {oversized!r}")
+    all_layers = dict(flora_layers(model))
+    if not all_layers:
         raise ValueError("export_peft: the model has no FLoRA layers (call inject_flora first)")
+    sizes = {name: peft_size(layer) for name, layer in all_layers.items()}
+    big = {name: sz for name, sz in sizes.items() if sz.peft > max_size_ratio * sz.flora}
+    if big and oversized == "raise":
+        raise _oversized_error(big, all_layers, max_size_ratio)
+    skipped = sorted(big) if oversized == "skip" else []
+    layers = [(n, layer) for n, layer in all_layers.items() if n not in skipped]
+    if not layers:
+        raise ValueError(f"export_peft: oversized='skip' leaves no module to export (skipped {skipped})")
     tensors: dict[str, Tensor] = {}
     per_module: dict[str, tuple[int, float]] = {}
     dropouts = set()
@@ -332,17 +448,23 @@ def to_peft(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
         "use_dora": False,
         "lora_bias": False,
         "init_lora_weights": True,
+        "exclude_modules": skipped or None,
     }
     return config, {k: v.cpu() for k, v in tensors.items()}
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def export_peft(
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None, *,
+    oversized: str = "raise", max_size_ratio: float = MAX_SIZE_RATIO,
+) -> dict[str, Any]:
     """Write ``model``'s FLoRA adapters as a PEFT LoRA adapter directory (``adapter_config.json``
     + ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight`` /
     ``lora_B.weight``), loadable with ``PeftModel.from_pretrained(base_model, path)`` on the
-    same base model. Returns the config written. See ``to_peft`` for the errors.
+    same base model. Returns the config written (modules left out by ``oversized="skip"`` are
+    its ``exclude_modules``). See ``to_peft`` for ``oversized`` and the errors; nothing is
+    written when it raises.
     """
-    config, tensors = to_peft(model)
+    config, tensors = to_peft(model, oversized=oversized, max_size_ratio=max_size_ratio)
     config["base_model_name_or_path"] = base_model_name_or_path
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, PEFT_CONFIG_NAME), "w") as f:
@@ -428,10 +550,57 @@ def _plan_conv_grouped(key: str, a: Tensor, b: Tensor, base: nn.Module) -> tuple
     return u_out, core
 
 
+def _peft_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
+    """(r, scaling) of module ``name``: rank/alpha patterns and rsLoRA honoured."""
+    r = int(_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+    return r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def embedding_spec(name: str, a: tuple[str, Tensor], b: tuple[str, Tensor], module: nn.Module, r: int,
+                   scale: float) -> AdapterSpec:
+    """A PEFT embedding adapter as a Tucker delta of the (num_embeddings, dim) weight.
+
+    ``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B`` (dim, r); PEFT adds
+    ``scaling * (B A)^T``, so U_0 = A^T, U_1 = B, G = I_r.
+    """
+    (key_a, ta), (key_b, tb) = a, b
+    num, dim = module.weight.shape
+    check_shape(key_a, ta, (r, num), f" (r={r} from the config, num_embeddings={num})")
+    check_shape(key_b, tb, (dim, r), f" (embedding_dim={dim}, r={r})")
+    return AdapterSpec(name, identity(r), [ta.double().t(), tb.double()], scale)
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """ids of the embedding modules whose full tensors PEFT may save (``save_embedding_layers``)."""
+    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        m = fn() if callable(fn) else None
+        if isinstance(m, nn.Module):
+            found.append(m)
+    return {id(m) for m in found}
+
+
+def _base_tensor(key: str, t: Tensor, module: nn.Module, owner: str, pname: str) -> Tensor:
+    own = module.state_dict()
+    if pname not in own:
+        raise ValueError(f"{key}: module {owner!r} has no tensor {pname!r} (it has {sorted(own)})")
+    why = f" (the model's {owner}.{pname}; resize the model's embeddings first if the vocabulary grew)"
+    check_shape(key, t, tuple(own[pname].shape), why)
+    return check_float_tensor(key, t)
+
+
 def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple[ImportPlan, dict[str, Any]]:
     """Validate a PEFT LoRA adapter against ``model`` and compute the exact FLoRA tensors.
 
-    Touches nothing. Returns the plan and the LoRA config dict.
+    Keys understood (after the optional ``base_model.model.`` prefix): ``<m>.lora_A.weight`` /
+    ``lora_B.weight``; ``<m>.lora_embedding_A`` / ``_B``; ``<m>.base_layer.<param>`` (the full
+    base tensor PEFT saves for an adapted, e.g. resized, embedding or head: loaded into the base
+    module, frozen); the tensors of embedding layers (``save_embedding_layers``: loaded, frozen);
+    modules_to_save tensors (``<m>.<param>`` or ``<m>.modules_to_save.<param>``; PEFT's
+    ``<m>.original_module.*`` copy of the untrained module is ignored). Touches nothing. Returns
+    the plan and the LoRA config dict.
     """
     cfg, state = _read_peft(path_or_state, config)
     _check_lora_config(cfg)
@@ -440,8 +609,11 @@ def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple
         mts = [mts]
     modules = dict(model.named_modules())
     saved_names = {n for n in modules if n and any(n == p or n.endswith("." + p) for p in mts)}
+    embeddings = _embedding_ids(model)
     groups: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    emb_groups: dict[str, dict[str, tuple[str, Tensor]]] = {}
     saved: dict[str, dict[str, Tensor]] = {}
+    base_tensors: dict[str, dict[str, Tensor]] = {}
     for key, t in state.items():
         rel = key.removeprefix(PEFT_PREFIX)
         m = _LORA_KEY.match(rel)
@@ -450,26 +622,58 @@ def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple
             continue
         if m:
             raise ValueError(f"{key}: LoRA biases (shape {_shape(t)}) have no FLoRA equivalent")
+        m = _EMB_KEY.match(rel)
+        if m:
+            emb_groups.setdefault(m.group("module"), {})[m.group("ab")] = (key, check_float_tensor(key, t))
+            continue
         owner = next((n for n in sorted(saved_names, key=len, reverse=True) if rel.startswith(n + ".")), None)
-        if owner is None:
-            raise ValueError(
-                f"{key}: unknown key (shape {_shape(t)}); expected <module>.lora_A.weight / lora_B.weight or a "
-                f"parameter of modules_to_save {list(mts)}"
-            )
-        pname = rel[len(owner) + 1:]
-        own = modules[owner].state_dict()
-        if pname not in own:
-            raise ValueError(f"{key}: module {owner!r} has no tensor {pname!r} (it has {sorted(own)})")
-        check_shape(key, t, tuple(own[pname].shape), f" (the model's {owner}.{pname})")
-        saved.setdefault(owner, {})[pname] = t
+        if owner is not None:
+            pname = rel[len(owner) + 1:]
+            if pname.startswith("original_module."):
+                continue
+            pname = pname.removeprefix("modules_to_save.")
+            own = modules[owner].state_dict()
+            if pname not in own:
+                raise ValueError(f"{key}: module {owner!r} has no tensor {pname!r} (it has {sorted(own)})")
+            check_shape(key, t, tuple(own[pname].shape), f" (the model's {owner}.{pname})")
+            saved.setdefault(owner, {})[pname] = t
+            continue
+        mod_name, sep, pname = rel.partition(".base_layer.")
+        if not sep:
+            mod_name, _, pname = rel.rpartition(".")
+            if id(modules.get(mod_name)) not in embeddings:
+                raise ValueError(
+                    f"{key}: unknown key (shape {_shape(t)}); expected <module>.lora_A.weight / lora_B.weight, "
+                    f"<module>.lora_embedding_A / _B, <module>.base_layer.<tensor>, an embedding layer's tensor or "
+                    f"a parameter of modules_to_save {list(mts)}"
+                )
+        if mod_name not in modules:
+            raise ValueError(f"{key}: the model has no module {mod_name!r} (shape {_shape(t)})")
+        base_tensors.setdefault(mod_name, {})[pname] = _base_tensor(key, t, modules[mod_name], mod_name, pname)
     for owner, tensors in saved.items():
         missing = sorted(set(modules[owner].state_dict()) - set(tensors))
         if missing:
             raise ValueError(f"modules_to_save {owner!r}: the adapter lacks {missing}")
-    if not groups:
+    if not groups and not emb_groups:
         raise ValueError("import_peft: the adapter holds no lora_A/lora_B weights")
 
     adapters = []
+    for name, ab in sorted(emb_groups.items()):
+        for side in "AB":
+            if side not in ab:
+                raise ValueError(f"{PEFT_PREFIX}{name}.lora_embedding_{side}: missing (its lora pair is present)")
+        module = modules.get(name)
+        if not isinstance(module, nn.Embedding):
+            got = "no such module" if module is None else f"a {type(module).__name__}"
+            raise TypeError(f"{ab['A'][0]}: expected module {name!r} to be an nn.Embedding, the model has {got}")
+        r, scale = _peft_scale(cfg, name)
+        spec = embedding_spec(name, ab["A"], ab["B"], module, r, scale)
+        if not _supported(module):
+            raise ValueError(
+                f"{ab['A'][0]}: a PEFT LoRA embedding adapter on {name!r}; this version of flora_kernels has no "
+                f"FLoRA Embedding layer, so it cannot be imported yet (supported: {_supported_names()})"
+            )
+        adapters.append(fit_ranks(spec, tuple(module.weight.shape)))
     for name, ab in sorted(groups.items()):
         for side in "AB":
             if side not in ab:
@@ -479,18 +683,11 @@ def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple
         key_b, b = ab["B"]
         base = target_module(model, name, key_a)
         w = tuple(base.weight.shape)
-        r_cfg = int(_pattern_value(cfg.get("rank_pattern"), name, cfg["r"]))
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
-        scale = alpha / math.sqrt(r_cfg) if cfg.get("use_rslora") else alpha / r_cfg
+        r_cfg, scale = _peft_scale(cfg, name)
         if isinstance(base, nn.Linear):
             check_shape(key_a, a, (r_cfg, w[1]), f" (r={r_cfg} from the config, in_features={w[1]})")
             check_shape(key_b, b, (w[0], r_cfg), f" (out_features={w[0]}, r={r_cfg})")
-            if r_cfg > max_rank(w):
-                raise ValueError(
-                    f"{key_a}: LoRA rank {r_cfg} (shape {tuple(a.shape)}) is larger than the layer {name!r} of "
-                    f"weight shape {w} allows (max rank {max_rank(w)})"
-                )
-            adapters.append(AdapterSpec(name, identity(r_cfg), [b.double(), a.double().t()], scale))
+            adapters.append(fit_ranks(AdapterSpec(name, identity(r_cfg), [b.double(), a.double().t()], scale), w))
             continue
         g, ones, ks = base.groups, (1,) * (len(w) - 2), tuple(w[2:])
         in_ch = base.in_channels
@@ -500,21 +697,10 @@ def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple
         check_shape(key_b, b, (w[0], r_cfg // g, *ones), f" (out_channels={w[0]}, r/groups={r_cfg // g})")
         check_geometry_exact(name, base, "PEFT", "lora_A conv")
         a64, b64 = a.double(), b.double().reshape(w[0], r_cfg // g)
-        if g == 1:
-            if r_cfg > max_rank(w):
-                raise ValueError(
-                    f"{key_a}: LoRA rank {r_cfg} (shape {tuple(a.shape)}) is larger than the layer {name!r} of "
-                    f"weight shape {w} allows (max rank {max_rank(w)})"
-                )
-            u_out, core = b64, a64
-        else:
-            u_out, core = _plan_conv_grouped(key_a, a64, b64, base)
-            if r_cfg > w[0]:  # ranks cannot exceed the mode: fold U_out into the core
-                core = torch.tensordot(u_out, core, dims=([1], [0]))
-                u_out = identity(w[0])
+        u_out, core = (b64, a64) if g == 1 else _plan_conv_grouped(key_a, a64, b64, base)
         factors = [u_out, identity(w[1])] + [identity(k) for k in ks]
-        adapters.append(AdapterSpec(name, core, factors, scale))
-    return ImportPlan(adapters, saved), cfg
+        adapters.append(fit_ranks(AdapterSpec(name, core, factors, scale), w))
+    return ImportPlan(adapters, saved, base_tensors), cfg
 
 
 def import_peft(
