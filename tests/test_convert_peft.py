@@ -251,8 +251,8 @@ def test_import_matches_peft(base, x, tmp_path, rslora):
         torch.testing.assert_close(model(x), pm(x), atol=ATOL, rtol=RTOL)
     # Like inject_flora: only adapters and modules_to_save train.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"{t}.core" for t in targets} | {"head.weight", "head.bias"}
-    expected |= {f"{t}.factors.{i}" for t, layer in layers.items() for i in range(len(layer.factors))}
+    expected = {f"{t}.flora_core.default" for t in targets} | {"head.weight", "head.bias"}
+    expected |= {f"{t}.flora_u{i}.default" for t, layer in layers.items() for i in range(len(layer.factors))}
     assert trainable == expected
 
 
@@ -461,8 +461,8 @@ def test_import_modules_to_save_with_embedding_layers_saved(tmp_path):
     assert not model.model.embed_tokens.weight.requires_grad  # base tensors stay frozen
 
 
-def test_embedding_adapter_delta_and_pending_import(tmp_path):
-    from flora_kernels.convert.peft import _supported, embedding_spec
+def test_embedding_adapter_import(tmp_path):
+    from flora_kernels.convert.peft import embedding_spec
     from flora_kernels.tucker import tucker_reconstruct
 
     base = tiny_llama()
@@ -477,14 +477,7 @@ def test_embedding_adapter_delta_and_pending_import(tmp_path):
                           emb, 4, 6 / 4)
     peft_delta = pm.base_model.model.model.embed_tokens.get_delta_weight("default")
     torch.testing.assert_close(tucker_reconstruct(spec.core, spec.factors, spec.scale).float(), peft_delta)
-    if _supported(emb):  # once a FLoRA Embedding layer exists
-        model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
-        ids = torch.randint(0, 40, (2, 5))
-        torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=RTOL)
-        return
-    target = copy.deepcopy(base)
-    snap = snapshot(target)
-    with pytest.raises(ValueError, match=r"embed_tokens\.lora_embedding_A: a PEFT LoRA embedding adapter .*no FLoRA "
-                                         r"Embedding layer"):
-        import_peft(target, tmp_path)
-    assert_unchanged(target, snap)
+    model = import_peft(copy.deepcopy(base), tmp_path, backend="reference").eval()
+    assert type(model.model.embed_tokens).__name__ == "FLoRAEmbedding"
+    ids = torch.randint(0, 40, (2, 5))
+    torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=RTOL)

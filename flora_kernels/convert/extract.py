@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import FLoRAConfig, Rank, check_rank, name_matches
+from ..config import Rank, check_rank, name_matches
 from ..decompose import exact_ranks, tucker_decompose, tucker_rerank
 from ..layers import flora_layers
+from ..model import delete_adapter, logical_name
 from ..tucker import tucker_reconstruct
 from .peft import (
     AdapterSpec,
@@ -34,7 +35,6 @@ from .peft import (
     check_no_flora,
     imported_config,
     install,
-    saved_module_names,
 )
 
 
@@ -227,20 +227,25 @@ def rerank_flora(
         raise ValueError("rerank_flora: the model has no FLoRA layers")
     if rank is None and kernel_rank is None and energy is None:
         raise ValueError("rerank_flora: give rank, kernel_rank or energy")
+    active = getattr(model, "flora_active", [])
+    if len(active) != 1:
+        raise ValueError(f"rerank_flora: expected one active adapter, got {active}; fk.set_adapter one first")
+    adapter = active[0]
     adapters = []
     for name, layer in layers:
+        if adapter not in layer.flora_settings:
+            continue
         if layer.merged:
             raise ValueError(f"{name}: the adapter is merged into the base weight; call unmerge_flora first")
-        caps = layer_ranks(tuple(layer.base.weight.shape), rank, kernel_rank)
-        ranks = tuple(min(c, r) for c, r in zip(caps, layer.ranks))
-        core, factors = tucker_rerank(layer.core, list(layer.factors), ranks, method, energy=energy)
-        adapters.append(AdapterSpec(name, core, factors, layer.scale))
-    cfg = getattr(model, "flora_config", None) or FLoRAConfig()
-    saved = {n: dict(model.get_submodule(n).state_dict()) for n in saved_module_names(model)}
-    for name, layer in layers:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
-    return install(model, ImportPlan(adapters, saved), cfg)
+        core, factors = layer.tensors(adapter)
+        settings = layer.flora_settings[adapter]
+        caps = layer_ranks(tuple(layer.weight_modes().shape), rank, kernel_rank)
+        ranks = tuple(min(c, r) for c, r in zip(caps, settings.ranks))
+        core, factors = tucker_rerank(core, list(factors), ranks, method, energy=energy)
+        adapters.append(AdapterSpec(logical_name(name), core, factors, settings.scale))
+    cfg = model.flora_configs[adapter]
+    delete_adapter(model, adapter)
+    return install(model, ImportPlan(adapters), cfg, adapter_name=adapter)
 
 
 def skeleton_from_state_dicts(

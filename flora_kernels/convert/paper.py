@@ -179,7 +179,7 @@ def _paper_prefixes(state: Mapping[str, Tensor]) -> list[str]:
 
 def _module_candidates(prefix: str) -> list[str]:
     """Our module names a paper key prefix may refer to (most specific first)."""
-    name = prefix[:-1] if prefix.endswith(".") else prefix
+    name = prefix.removesuffix(".")
     if name == PAPER_SUBMODULE:
         name = ""
     elif name.endswith("." + PAPER_SUBMODULE):

@@ -51,8 +51,7 @@ Import (``import_peft``), exact, ranks growing where needed:
   3-channel ``conv_out``): the same delta is re-decomposed exactly at the largest ranks the
   layer allows, in the factors' span (``fit_ranks``: QR of the factors, no dense delta).
 - Embedding adapters (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r)) map to
-  ``U_0 = A^T``, ``U_1 = B``, ``G = I_r`` on the (num, dim) weight, once a FLoRA Embedding layer
-  exists (``_supported``); until then they raise, naming the key.
+  ``U_0 = A^T``, ``U_1 = B``, ``G = I_r`` on the (num, dim) weight of a FLoRAEmbedding.
 - Full base tensors PEFT saves (``<m>.base_layer.weight``, embedding layers under
   ``save_embedding_layers``) are loaded into the base modules and stay frozen.
 - Raise: DoRA, lora biases, other layer types, dilated convs (k > 1), non-zero padding modes,
@@ -79,7 +78,8 @@ from torch import Tensor, nn
 from ..config import FLoRAConfig, name_matches
 from ..convspec import ConvSpec
 from ..decompose import tucker_rerank
-from ..layers import FLoRALayer, flora_layers, wrap
+from ..layers import FLoRALayer, flora_layers
+from ..model import DEFAULT_ADAPTER, install_adapters
 from ..reference import core_kernel
 
 logger = logging.getLogger(__name__)
@@ -192,47 +192,24 @@ def identity(n: int) -> Tensor:
 
 
 @torch.no_grad()
-def install(
-    model: nn.Module, plan: ImportPlan, cfg: FLoRAConfig
-) -> nn.Module:
-    """Wrap every planned module in a FLoRA layer holding the planned tensors, load ``plan.base``
-    into the base modules, then freeze the rest like ``inject_flora`` (adapters and
-    ``plan.saved`` modules stay trainable)."""
-    base_modules = {name: model.get_submodule(name) for name in plan.base}
-    layers: dict[str, FLoRALayer] = {}
-    for a in plan.adapters:
-        base = model.get_submodule(a.name)
-        ranks = tuple(a.core.shape)
-        layer = wrap(
-            base, rank=ranks[:2], kernel_rank=ranks[2:] or None, scale=a.scale, dropout=cfg.dropout,
-            strategy=cfg.strategy, backend=cfg.backend,
-        )
-        if layer.ranks != ranks:  # validated before; guards a future change of clamping
-            raise AssertionError(f"{a.name}: layer ranks {layer.ranks} != planned {ranks}")
-        layer.core.copy_(a.core)
-        for dst, src in zip(layer.factors, a.factors, strict=True):
-            dst.copy_(src)
-        layers[a.name] = layer
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    for name, tensors in plan.base.items():
-        state = base_modules[name].state_dict(keep_vars=True)
+def install(model: nn.Module, plan: ImportPlan, cfg: FLoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Load ``plan.base`` and ``plan.saved`` into their modules, then install the planned
+    adapters through ``model.install_adapters`` (the one install path: wrap, copy, freeze;
+    ``cfg.modules_to_save`` stay trainable)."""
+    for name, tensors in {**plan.base, **plan.saved}.items():
+        state = model.get_submodule(name).state_dict(keep_vars=True)
         for pname, t in tensors.items():
             state[pname].copy_(t)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers.values():
-        for p in [layer.core, *layer.factors]:
-            p.requires_grad_(True)
-    for name, tensors in plan.saved.items():
-        module = model.get_submodule(name)
-        state = module.state_dict(keep_vars=True)
-        for pname, t in tensors.items():
-            state[pname].copy_(t)
-        for p in module.parameters():
-            p.requires_grad_(True)
-    model.flora_config = cfg
+    targets = {
+        a.name: {"rank": tuple(a.core.shape), "scale": a.scale, "dropout": cfg.dropout, "strategy": cfg.strategy,
+                     "backend": cfg.backend}
+        for a in plan.adapters
+    }
+    tensors = {a.name: (a.core, a.factors) for a in plan.adapters}
+    layers = install_adapters(model, targets, adapter_name, cfg, tensors=tensors)
+    for a in plan.adapters:  # validated before; guards a future change of clamping
+        if layers[a.name].flora_settings[adapter_name].ranks != tuple(a.core.shape):
+            raise AssertionError(f"{a.name}: layer ranks differ from the planned {tuple(a.core.shape)}")
     return model
 
 
@@ -254,7 +231,7 @@ def imported_config(plan: ImportPlan, dropout: float, strategy: str, backend: st
 
 
 def saved_module_names(model: nn.Module) -> list[str]:
-    cfg = getattr(model, "flora_config", None)
+    cfg = getattr(model, "flora_config", None)  # the first adapter's config
     if cfg is None or not cfg.modules_to_save:
         return []
     return [n for n, _ in model.named_modules() if n and name_matches(n, cfg.modules_to_save)]
@@ -668,11 +645,6 @@ def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple
             raise TypeError(f"{ab['A'][0]}: expected module {name!r} to be an nn.Embedding, the model has {got}")
         r, scale = _peft_scale(cfg, name)
         spec = embedding_spec(name, ab["A"], ab["B"], module, r, scale)
-        if not _supported(module):
-            raise ValueError(
-                f"{ab['A'][0]}: a PEFT LoRA embedding adapter on {name!r}; this version of flora_kernels has no "
-                f"FLoRA Embedding layer, so it cannot be imported yet (supported: {_supported_names()})"
-            )
         adapters.append(fit_ranks(spec, tuple(module.weight.shape)))
     for name, ab in sorted(groups.items()):
         for side in "AB":
