@@ -1,6 +1,7 @@
 // TORCH_LIBRARY_IMPL(flora, CUDA): validates with the same checks as the CPU kernels, then calls
-// the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Built only where torch
-// has CUDA (setup.py / the JIT path in flora_kernels/backends/cuda.py).
+// the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Activation inputs are read
+// in place (contiguous or channels_last: strides passed to the kernels); outputs are contiguous.
+// Built only where torch has CUDA (setup.py / the JIT path in flora_kernels/backends/cuda.py).
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -14,6 +15,7 @@ namespace flora {
 namespace {
 
 using at::Tensor;
+using cuda::DType;
 
 cuda::DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -33,14 +35,35 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "flora::", what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// The (n, g, c, p) view of an activation (N, groups * C, *spatial) read in place: any layout whose
+// spatial dims collapse to one stride (contiguous, channels_last, ...). Otherwise `t` is replaced
+// by a contiguous copy first.
+cuda::Act act_view(Tensor& t, int64_t groups) {
+  int64_t P = 1, sp = 0;
+  bool ok = true;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (P == 1)
+      sp = t.stride(d);  // the innermost spatial dim of size > 1
+    else if (t.stride(d) != sp * P)
+      ok = false;
+    P *= t.size(d);
+  }
+  if (!ok) {
+    t = t.contiguous();
+    return act_view(t, groups);
+  }
+  const int64_t C = t.size(1) / groups;
+  return cuda::Act{t.size(0), groups, C, P, t.stride(0), C * t.stride(1), t.stride(1), sp};
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
 Tensor tucker_reconstruct_cuda(const Tensor& core_, const Tensor& u0_, const Tensor& u1_, double scale,
                                const c10::optional<Tensor>& base_) {
   const ReconDims d = check_reconstruct(core_, u0_, u1_);
   check_cuda(core_, "core");
   c10::cuda::CUDAGuard guard(core_.device());
-  const auto limit = cuda::reconstruct_max_row(dtype_of(core_));
-  TORCH_CHECK(d.r1 * d.T <= limit, "tucker_reconstruct (CUDA): expected r_1 * taps <= ", limit,
-              " (the shared-memory row buffer), got ", d.r1, " * ", d.T);
   Tensor core = core_.contiguous(), u0 = u0_.contiguous(), u1 = u1_.contiguous();
   Tensor base;
   if (base_.has_value() && base_->defined()) {
@@ -48,9 +71,11 @@ Tensor tucker_reconstruct_cuda(const Tensor& core_, const Tensor& u0_, const Ten
     base = base_->contiguous();
   }
   Tensor out = at::empty({d.I0, d.I1, d.T}, core.options().dtype(base.defined() ? base.scalar_type() : core.scalar_type()));
+  Tensor ws = at::empty({cuda::reconstruct_workspace_bytes(dtype_of(core), d.r0, d.r1, d.T, d.I0)},
+                        core.options().dtype(at::kByte));
   check_launch(cuda::reconstruct(dtype_of(core), dtype_of(out), core.data_ptr(), u0.data_ptr(), u1.data_ptr(),
-                                 base.defined() ? base.data_ptr() : nullptr, out.data_ptr(), d.r0, d.r1, d.T, d.I0,
-                                 d.I1, scale, c10::cuda::getCurrentCUDAStream().stream()),
+                                 base.defined() ? base.data_ptr() : nullptr, out.data_ptr(), ws.data_ptr(), d.r0, d.r1,
+                                 d.T, d.I0, d.I1, scale, stream()),
                "tucker_reconstruct");
   return out;
 }
@@ -70,22 +95,22 @@ std::tuple<Tensor, Tensor, Tensor> tucker_reconstruct_backward_cuda(const Tensor
   Tensor rm = at::empty({d.I1, d.r0, d.T}, core.options().dtype(acc));
   check_launch(cuda::reconstruct_backward(dtype_of(core), grad.data_ptr(), core.data_ptr(), u0.data_ptr(),
                                           u1.data_ptr(), dcore.data_ptr(), du0.data_ptr(), du1.data_ptr(),
-                                          q.data_ptr(), rm.data_ptr(), d.r0, d.r1, d.T, d.I0, d.I1, scale,
-                                          c10::cuda::getCurrentCUDAStream().stream()),
+                                          q.data_ptr(), rm.data_ptr(), d.r0, d.r1, d.T, d.I0, d.I1, scale, stream()),
                "tucker_reconstruct_backward");
   return {dcore, du0, du1};
 }
 
 Tensor adapter_shrink_cuda(const Tensor& x_, const Tensor& u_in_, int64_t groups, double p, int64_t seed) {
-  const ChanView v = check_in_factor(x_, u_in_, groups, "x", "u_in");
+  check_in_factor(x_, u_in_, groups, "x", "u_in");
   check_cuda(x_, "x");
   check_dropout(p);
   c10::cuda::CUDAGuard guard(x_.device());
-  Tensor x = x_.contiguous(), u = u_in_.contiguous();
+  Tensor x = x_, u = u_in_.contiguous();
+  const cuda::Act v = act_view(x, groups);
   const int64_t r = u.size(1);
-  Tensor z = at::empty(with_channels(x, groups * r), x.options());
-  check_launch(cuda::mix(dtype_of(x), x.data_ptr(), u.data_ptr(), groups, 0, 1, r, z.data_ptr(), v.R, v.C, r, v.P, 1.0, false,
-                         make_drop(p, seed), DropParams{}, c10::cuda::getCurrentCUDAStream().stream()),
+  Tensor z = at::empty(with_channels(x, groups * r), x.options().memory_format(at::MemoryFormat::Contiguous));
+  check_launch(cuda::mix(dtype_of(x), x.data_ptr(), v, u.data_ptr(), 0, 1, r, z.data_ptr(), r, 1.0, false,
+                         make_drop(p, seed), DropParams{}, stream()),
                "adapter_shrink");
   return z;
 }
@@ -94,41 +119,45 @@ void adapter_expand_cuda(Tensor& y, const Tensor& z_, const Tensor& u_out_, int6
   const ExpandDims e = check_expand(y, z_, u_out_, groups);
   check_cuda(y, "y");
   c10::cuda::CUDAGuard guard(y.device());
-  Tensor z = z_.contiguous(), u = u_out_.contiguous();
-  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), u.data_ptr(), groups, e.Og * e.r, e.r, 1, y.data_ptr(), e.v.R, e.r,
-                         e.Og, e.v.P, scale, true, DropParams{}, DropParams{}, c10::cuda::getCurrentCUDAStream().stream()),
+  Tensor z = z_, u = u_out_.contiguous();
+  const cuda::Act v = act_view(z, groups);
+  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), v, u.data_ptr(), e.Og * e.r, e.r, 1, y.data_ptr(), e.Og, scale,
+                         true, DropParams{}, DropParams{}, stream()),
                "adapter_expand_");
 }
 
 Tensor adapter_expand_grad_input_cuda(const Tensor& dy_, const Tensor& u_out_, int64_t groups, double scale) {
-  const ChanView v = check_out_factor(dy_, u_out_, groups);
+  const ChanView cv = check_out_factor(dy_, u_out_, groups);
   check_cuda(dy_, "dy");
   c10::cuda::CUDAGuard guard(dy_.device());
-  Tensor dy = dy_.contiguous(), u = u_out_.contiguous();
+  Tensor dy = dy_, u = u_out_.contiguous();
+  const cuda::Act v = act_view(dy, groups);
   const int64_t r = u.size(1);
-  Tensor dz = at::empty(with_channels(dy, groups * r), dy.options());
-  check_launch(cuda::mix(dtype_of(dy), dy.data_ptr(), u.data_ptr(), groups, v.C * r, 1, r, dz.data_ptr(), v.R, v.C, r, v.P, scale,
-                         false, DropParams{}, DropParams{}, c10::cuda::getCurrentCUDAStream().stream()),
+  Tensor dz = at::empty(with_channels(dy, groups * r), dy.options().memory_format(at::MemoryFormat::Contiguous));
+  check_launch(cuda::mix(dtype_of(dy), dy.data_ptr(), v, u.data_ptr(), cv.C * r, 1, r, dz.data_ptr(), r, scale, false,
+                         DropParams{}, DropParams{}, stream()),
                "adapter_expand_grad_input");
   return dz;
 }
 
 void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, int64_t groups, double p, int64_t seed,
                             bool accumulate) {
-  const ChanView v = check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
+  check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
   check_cuda(dz_, "dz");
   check_dropout(p);
   c10::cuda::CUDAGuard guard(dz_.device());
-  Tensor dz = dz_.contiguous(), u = u_in_.contiguous();
+  Tensor dz = dz_, u = u_in_.contiguous();
+  const cuda::Act v = act_view(dz, groups);
   const int64_t C = u.size(0);
-  check_launch(cuda::mix(dtype_of(dz), dz.data_ptr(), u.data_ptr(), groups, 0, v.C, 1, dx.data_ptr(), v.R, v.C, C, v.P, 1.0,
-                         accumulate, DropParams{}, make_drop(p, seed), c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(cuda::mix(dtype_of(dz), dz.data_ptr(), v, u.data_ptr(), 0, v.c, 1, dx.data_ptr(), C, 1.0, accumulate,
+                         DropParams{}, make_drop(p, seed), stream()),
                "adapter_shrink_grad_input");
 }
 
 Tensor adapter_shrink_grad_input_cuda(const Tensor& dz, const Tensor& u_in, int64_t groups, double p, int64_t seed) {
   check_shrink_grad_input(dz, u_in, groups);
-  Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)), dz.options());
+  Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)),
+                        dz.options().memory_format(at::MemoryFormat::Contiguous));
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, false);
   return dx;
 }
@@ -141,14 +170,16 @@ void adapter_shrink_grad_input_inplace_cuda(Tensor& dx, const Tensor& dz, const 
 
 Tensor adapter_factor_grad_cuda(const Tensor& a_, const Tensor& b_, int64_t groups, bool per_group, double scale,
                                 double p, int64_t seed) {
-  const auto [va, vb] = check_factor_grad(a_, b_, groups, p);
+  check_factor_grad(a_, b_, groups, p);
   check_cuda(a_, "a");
   c10::cuda::CUDAGuard guard(a_.device());
-  Tensor a = a_.contiguous(), b = b_.contiguous();
-  Tensor out = at::empty({(per_group ? groups : 1) * va.C, vb.C}, a.options());
-  check_launch(cuda::corr(dtype_of(a), a.data_ptr(), b.data_ptr(), out.data_ptr(), va.R, va.C, vb.C, va.P, groups,
-                          per_group, scale,
-                          make_drop(p, seed), c10::cuda::getCurrentCUDAStream().stream()),
+  Tensor a = a_, b = b_;
+  const cuda::Act va = act_view(a, groups), vb = act_view(b, groups);
+  Tensor out = at::empty({(per_group ? groups : 1) * va.c, vb.c}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  const DType dt = dtype_of(a);
+  Tensor ws = at::empty({cuda::corr_workspace_bytes(dt, va, vb, per_group)}, a.options().dtype(at::kByte));
+  check_launch(cuda::corr(dt, a.data_ptr(), va, b.data_ptr(), vb, out.data_ptr(), per_group, scale, make_drop(p, seed),
+                          ws.numel() ? ws.data_ptr() : nullptr, stream()),
                "adapter_factor_grad");
   return out;
 }
@@ -159,8 +190,7 @@ Tensor dropout_mask_cuda(const Tensor& x, double p, int64_t seed) {
   check_dropout(p);
   c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::dropout_mask(dtype_of(out), out.data_ptr(), out.numel(), make_drop(p, seed),
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(cuda::dropout_mask(dtype_of(out), out.data_ptr(), out.numel(), make_drop(p, seed), stream()),
                "dropout_mask");
   return out;
 }
