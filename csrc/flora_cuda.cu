@@ -444,20 +444,57 @@ cudaError_t with_type(DType dt, F&& f) {
 
 int64_t acc_bytes(DType dt) { return dt == DType::F64 ? 8 : 4; }
 
-// Split of a token reduction over kred = n * p into chunks of a multiple of BK: enough blocks to
-// fill the GPU (about 1024), chunks of at least 256 tokens.
-struct CorrPlan {
+// Split of a long reduction (k) into chunks of a multiple of BK: enough blocks to fill the GPU
+// (about 1024), chunks of at least 256. slices = partial sums to add (splits, times the groups
+// when they are summed too); out_elems = elements of the (Gout, M, N) result.
+struct SplitPlan {
   int64_t splits, kchunk, slices, out_elems;
 };
 
-CorrPlan corr_plan(const Act& av, const Act& bv, bool per_group) {
-  const int64_t kred = av.n * av.p, G = av.groups;
-  const int64_t tiles = ((av.c + BM - 1) / BM) * ((bv.c + BN - 1) / BN) * G;
-  int64_t splits = std::clamp<int64_t>((1024 + tiles - 1) / tiles, 1, std::max<int64_t>(1, kred / 256));
+SplitPlan plan_split(int64_t M, int64_t N, int64_t K, int64_t G, bool per_group) {
+  const int64_t tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN) * G;
+  int64_t splits = std::clamp<int64_t>((1024 + tiles - 1) / tiles, 1, std::max<int64_t>(1, K / 256));
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, kMaxGrid / G));
-  const int64_t kchunk = std::max<int64_t>(BK, ((kred + splits - 1) / splits + BK - 1) / BK * BK);
-  splits = std::max<int64_t>(1, (kred + kchunk - 1) / kchunk);
-  return {splits, kchunk, splits * (per_group ? 1 : G), (per_group ? G : 1) * av.c * bv.c};
+  const int64_t kchunk = std::max<int64_t>(BK, ((K + splits - 1) / splits + BK - 1) / BK * BK);
+  splits = std::max<int64_t>(1, (K + kchunk - 1) / kchunk);
+  return {splits, kchunk, splits * (per_group ? 1 : G), (per_group ? G : 1) * M * N};
+}
+
+int64_t split_ws_bytes(const SplitPlan& pl, int64_t acc_bytes) {
+  return pl.slices > 1 ? pl.slices * pl.out_elems * acc_bytes : 0;
+}
+
+// out (Gout, M, N) contiguous = alpha * sum over k (and over the G groups unless per_group) of
+// A B^T: straight into out when there is one partial, else fp32 (fp64) partials in ws (at least
+// split_ws_bytes) summed by reduce_kernel. g.a / g.b describe the operands; g.da the mask on a
+// (its 1 / (1 - p) belongs in alpha).
+template <typename TA, typename TB, typename TO>
+cudaError_t launch_split(GemmArgs g, const SplitPlan& pl, int64_t M, int64_t N, int64_t K, int64_t G, bool per_group,
+                         void* out, void* ws, double alpha, cudaStream_t stream) {
+  using A = acc2<TA, TB>;
+  g.d.row = Idx2(1, N);
+  g.d.col = Idx2(1, 1);
+  g.d.gs = per_group ? M * N : 0;
+  if (pl.slices == 1) {
+    g.d.p = out;
+    g.alpha = alpha;
+    return launch_gemm<TA, TB, TO>(g, M, N, K, G, pl.splits, pl.kchunk, stream);
+  }
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  g.d.p = ws;
+  g.d.slice = pl.out_elems;
+  g.d.slice_g = per_group ? 0 : pl.splits;
+  g.alpha = 1.0;
+  cudaError_t err = launch_gemm<TA, TB, A>(g, M, N, K, G, pl.splits, pl.kchunk, stream);
+  if (err != cudaSuccess) return err;
+  const bool vec = aligned16(ws) && pl.out_elems % kVec<A> == 0;
+  reduce_kernel<A, TO><<<blocks_for(pl.out_elems), kThreads, 0, stream>>>(static_cast<const A*>(ws), static_cast<TO*>(out),
+                                                                          pl.out_elems, pl.slices, alpha, vec);
+  return cudaGetLastError();
+}
+
+SplitPlan corr_plan(const Act& av, const Act& bv, bool per_group) {
+  return plan_split(av.c, bv.c, av.n * av.p, av.groups, per_group);
 }
 
 }  // namespace
@@ -506,9 +543,13 @@ cudaError_t reconstruct(DType core_dt, DType out_dt, const void* core, const voi
   });
 }
 
+int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0) {
+  return split_ws_bytes(plan_split(r0, r1 * T, I0, 1, true), acc_bytes(dt));
+}
+
 cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, const void* u0, const void* u1,
-                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, int64_t r0, int64_t r1,
-                                 int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream) {
+                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, void* ws_c, int64_t r0,
+                                 int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream) {
   if (I0 * T > kMaxDim || I1 * T > kMaxDim || r0 * r1 * T > kMaxDim) return cudaErrorInvalidValue;
   const int64_t RT = r1 * T;
   return with_type(dt, [&](auto tag) {
@@ -537,18 +578,15 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
     r.d.row = Idx2(T, r0 * T, 1);
     r.d.col = Idx2(1, T);
     if ((err = launch_gemm<TT, TT, A>(r, I1 * T, r0, I0, 1, stream)) != cudaSuccess) return err;
-    GemmArgs c;  // dcore[a, bt] = scale * sum_i u0[i, a] Q[i, bt]
+    GemmArgs c;  // dcore[a, bt] = scale * sum_i u0[i, a] Q[i, bt]: a reduction over I0, split
     c.a.p = u0;
     c.a.row = Idx2(1, 1);
     c.a.col = Idx2(1, r0);
     c.b.p = ws_q;
     c.b.row = Idx2(1, 1);
     c.b.col = Idx2(1, RT);
-    c.d.p = dcore;
-    c.d.row = Idx2(1, RT);
-    c.d.col = Idx2(1, 1);
-    c.alpha = scale;
-    if ((err = launch_gemm<TT, A, TT>(c, r0, RT, I0, 1, stream)) != cudaSuccess) return err;
+    err = launch_split<TT, A, TT>(c, plan_split(r0, RT, I0, 1, true), r0, RT, I0, 1, true, dcore, ws_c, scale, stream);
+    if (err != cudaSuccess) return err;
     GemmArgs u;  // du0[i, a] = scale * sum_bt Q[i, bt] core[a, bt]
     u.a.p = ws_q;
     u.a.row = Idx2(1, RT);
@@ -606,18 +644,16 @@ cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t 
 }
 
 int64_t corr_workspace_bytes(DType dt, const Act& av, const Act& bv, bool per_group) {
-  const CorrPlan pl = corr_plan(av, bv, per_group);
-  return pl.slices > 1 ? pl.slices * pl.out_elems * acc_bytes(dt) : 0;
+  return split_ws_bytes(corr_plan(av, bv, per_group), acc_bytes(dt));
 }
 
 cudaError_t corr(DType dt, const void* a, const Act& av, const void* b, const Act& bv, void* out, bool per_group,
                  double alpha, DropParams da, void* ws, cudaStream_t stream) {
-  const int64_t G = av.groups, C = av.c, Kc = bv.c, P = av.p;
+  const int64_t G = av.groups, C = av.c, P = av.p;
   if (G < 1 || bv.groups != G || bv.n != av.n || bv.p != P || av.n * P > kMaxDim) return cudaErrorInvalidValue;
-  const CorrPlan pl = corr_plan(av, bv, per_group);
+  const SplitPlan pl = corr_plan(av, bv, per_group);
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
-    using A = acc_of<TT>;
     GemmArgs g;  // rows c, columns k, reduction over q = (n, p)
     g.a.p = a;
     g.a.row = Idx2(1, av.sc, 0, P);
@@ -628,26 +664,9 @@ cudaError_t corr(DType dt, const void* a, const Act& av, const void* b, const Ac
     g.b.row = Idx2(1, bv.sc);
     g.b.col = Idx2(P, bv.sn, bv.sp);
     g.b.gs = bv.sg;
-    g.d.row = Idx2(1, Kc);
-    g.d.col = Idx2(1, 1);
-    g.d.gs = per_group ? C * Kc : 0;
     g.da = da;
-    const double scale = alpha * (da.active ? da.inv_keep : 1.0);
-    if (pl.slices == 1) {
-      g.d.p = out;
-      g.alpha = scale;
-      return launch_gemm<TT, TT, TT>(g, C, Kc, av.n * P, G, pl.splits, pl.kchunk, stream);
-    }
-    if (ws == nullptr) return cudaErrorInvalidValue;
-    g.d.p = ws;
-    g.d.slice = pl.out_elems;
-    g.d.slice_g = per_group ? 0 : pl.splits;
-    cudaError_t err = launch_gemm<TT, TT, A>(g, C, Kc, av.n * P, G, pl.splits, pl.kchunk, stream);
-    if (err != cudaSuccess) return err;
-    const bool vec = aligned16(ws) && pl.out_elems % kVec<A> == 0;
-    reduce_kernel<A, TT><<<blocks_for(pl.out_elems), kThreads, 0, stream>>>(
-        static_cast<const A*>(ws), static_cast<TT*>(out), pl.out_elems, pl.slices, scale, vec);
-    return cudaGetLastError();
+    return launch_split<TT, TT, TT>(g, pl, C, bv.c, av.n * P, G, per_group, out, ws,
+                                    alpha * (da.active ? da.inv_keep : 1.0), stream);
   });
 }
 

@@ -39,10 +39,13 @@ cudaError_t reconstruct(DType core_dt, DType out_dt, const void* core, const voi
                         int64_t I1, double scale, cudaStream_t stream);
 
 // Adjoint of reconstruct (without base): dcore, du0, du1 from grad (I0, I1, T), all in dt, contiguous.
-// ws_q: I0 * r1 * T and ws_r: I1 * r0 * T accumulator elements (float; double for F64).
+// ws_q: I0 * r1 * T and ws_r: I1 * r0 * T accumulator elements (float; double for F64); ws_c:
+// reconstruct_backward_workspace_bytes (the split partials of dcore's reduction over I0; may be
+// null when that is 0).
+int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0);
 cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, const void* u0, const void* u1,
-                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, int64_t r0, int64_t r1,
-                                 int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
+                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, void* ws_c, int64_t r0,
+                                 int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
 
 // out[n, g, o, p] (= or +=) alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] * mask_in * in[n, g, c, p]
 // in: the strided view iv; out contiguous (N, groups * O, *spatial); mask_in indexes the logical

@@ -93,9 +93,12 @@ std::tuple<Tensor, Tensor, Tensor> tucker_reconstruct_backward_cuda(const Tensor
   const auto acc = core.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor q = at::empty({d.I0, d.r1, d.T}, core.options().dtype(acc));
   Tensor rm = at::empty({d.I1, d.r0, d.T}, core.options().dtype(acc));
+  Tensor wc = at::empty({cuda::reconstruct_backward_workspace_bytes(dtype_of(core), d.r0, d.r1, d.T, d.I0)},
+                        core.options().dtype(at::kByte));
   check_launch(cuda::reconstruct_backward(dtype_of(core), grad.data_ptr(), core.data_ptr(), u0.data_ptr(),
                                           u1.data_ptr(), dcore.data_ptr(), du0.data_ptr(), du1.data_ptr(),
-                                          q.data_ptr(), rm.data_ptr(), d.r0, d.r1, d.T, d.I0, d.I1, scale, stream()),
+                                          q.data_ptr(), rm.data_ptr(), wc.numel() ? wc.data_ptr() : nullptr, d.r0,
+                                          d.r1, d.T, d.I0, d.I1, scale, stream()),
                "tucker_reconstruct_backward");
   return {dcore, du0, du1};
 }

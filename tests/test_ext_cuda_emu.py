@@ -45,6 +45,7 @@ def emu(tmp_path_factory):
     lib = ctypes.CDLL(str(mod.build(tmp_path_factory.mktemp("cuda_emu"))))
     lib.h_reconstruct_ws.restype = ctypes.c_long
     lib.h_corr_ws.restype = ctypes.c_long
+    lib.h_reconstruct_backward_ws.restype = ctypes.c_long
     return lib
 
 
@@ -93,7 +94,8 @@ def test_fastdiv_matches_integer_division(emu):
 
 # (r0, r1, taps, I0, I1): tiny; a Linear-like tile edge (I0 > 64, I1 > 32, r not a multiple of 8);
 # conv taps (T = 9, strided runs: scalar path); 16-byte path (I1 and r multiples of 8).
-RECON = [(2, 3, 1, 4, 5), (5, 7, 1, 70, 37), (3, 4, 9, 10, 6), (16, 8, 1, 40, 64)]
+# I0 = 600: dcore's reduction over I0 split into partials.
+RECON = [(2, 3, 1, 4, 5), (5, 7, 1, 70, 37), (3, 4, 9, 10, 6), (16, 8, 1, 40, 64), (4, 3, 2, 600, 9)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,8 +114,11 @@ def test_emulated_reconstruct(emu, dims, dtype):
     grads = [torch.empty_like(core), torch.empty_like(u0), torch.empty_like(u1)]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     wq, wr = torch.empty(i0 * r1 * t, dtype=acc), torch.empty(i1 * r0 * t, dtype=acc)
+    wc = torch.empty(emu.h_reconstruct_backward_ws(DT[dtype], L(r0), L(r1), L(t), L(i0)), dtype=torch.uint8)
+    assert (wc.numel() > 0) == (i0 >= 512)  # dcore's reduction over I0 is split when long
     assert emu.h_reconstruct_backward(DT[dtype], _p(g), _p(core), _p(u0), _p(u1), *map(_p, grads), _p(wq), _p(wr),
-                                      L(r0), L(r1), L(t), L(i0), L(i1), D(0.7)) == 0
+                                      _p(wc) if wc.numel() else ctypes.c_void_p(0), L(r0), L(r1), L(t), L(i0),
+                                      L(i1), D(0.7)) == 0
     for name, a, b in zip(("dcore", "du0", "du1"), grads, ops.tucker_reconstruct_backward(g, core, u0, u1, 0.7)):
         _close(name, a, b, 4 * tol)
 

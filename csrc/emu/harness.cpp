@@ -13,9 +13,13 @@ int h_reconstruct(int cdt, int odt, const void* core, const void* u0, const void
                   void* ws, long r0, long r1, long T, long I0, long I1, double s) {
   return reconstruct(DType(cdt), DType(odt), core, u0, u1, base, out, ws, r0, r1, T, I0, I1, s, nullptr);
 }
+long h_reconstruct_backward_ws(int dt, long r0, long r1, long T, long I0) {
+  return reconstruct_backward_workspace_bytes(DType(dt), r0, r1, T, I0);
+}
 int h_reconstruct_backward(int dt, const void* g, const void* core, const void* u0, const void* u1, void* dc, void* d0,
-                           void* d1, void* wq, void* wr, long r0, long r1, long T, long I0, long I1, double s) {
-  return reconstruct_backward(DType(dt), g, core, u0, u1, dc, d0, d1, wq, wr, r0, r1, T, I0, I1, s, nullptr);
+                           void* d1, void* wq, void* wr, void* wc, long r0, long r1, long T, long I0, long I1,
+                           double s) {
+  return reconstruct_backward(DType(dt), g, core, u0, u1, dc, d0, d1, wq, wr, wc, r0, r1, T, I0, I1, s, nullptr);
 }
 // iv: (n, groups, c, p, sn, sg, sc, sp) of `in`.
 int h_mix(int dt, const void* in, const long* iv, const void* w, long w_gs, long ws_o, long ws_c, void* out, long O,
