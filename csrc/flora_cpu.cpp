@@ -12,6 +12,7 @@
 //   adapter_shrink(x, u_in (C, r), groups, p, seed)       z = u_in^T . dropout(x)   (per group)
 //   adapter_expand_(y!, z, u_out (groups*O, r), groups, scale)
 //                                                         y += scale * u_out_g . z  (group g uses rows g*O..)
+//   adapter_expand(z, u_out, groups, scale, bias?)       y = bias + scale * u_out_g . z (a new tensor)
 //   adapter_expand_grad_input(dy, u_out, groups, scale)   dz = scale * u_out_g^T . dy
 //   adapter_shrink_grad_input(dz, u_in, groups, p, seed)  dx = mask * (u_in . dz)
 //   adapter_shrink_grad_input_(dx!, dz, u_in, ...)        dx += mask * (u_in . dz)
@@ -402,6 +403,26 @@ void adapter_expand_cpu(Tensor& y, const Tensor& z_, const Tensor& u_out_, int64
   });
 }
 
+Tensor adapter_expand_out_cpu(const Tensor& z, const Tensor& u_out, int64_t groups, double scale,
+                              const c10::optional<Tensor>& bias) {
+  const auto shape = check_expand_out(z, u_out, bias);
+  check_cpu(z, "z");
+  Tensor y = at::empty(shape, z.options().memory_format(at::MemoryFormat::Contiguous));
+  const ExpandDims e = check_expand(y, z, u_out, groups);
+  const bool with_bias = bias.has_value() && bias->defined();
+  if (with_bias) {
+    std::vector<int64_t> bshape(y.dim(), 1);
+    bshape[1] = y.size(1);
+    y.copy_(bias->view(bshape).expand_as(y));
+  }
+  Tensor zc = z.contiguous(), u = u_out.contiguous();
+  FLORA_DISPATCH(y.scalar_type(), "adapter_expand", [&] {
+    mix_cpu<scalar_t>(zc.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, e.Og * e.r, e.r, 1,
+                      y.data_ptr<scalar_t>(), e.v.R, e.r, e.Og, e.v.P, scale, with_bias, DropParams{}, DropParams{});
+  });
+  return y;
+}
+
 Tensor adapter_expand_grad_input_cpu(const Tensor& dy_, const Tensor& u_out_, int64_t groups, double scale) {
   const ChanView v = check_out_factor(dy_, u_out_, groups);
   check_cpu(dy_, "dy");
@@ -478,6 +499,7 @@ TORCH_LIBRARY(flora, m) {
         " -> (Tensor, Tensor, Tensor)", tags);
   m.def("adapter_shrink(Tensor x, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
   m.def("adapter_expand_(Tensor(a!) y, Tensor z, Tensor u_out, int groups, float scale) -> ()", tags);
+  m.def("adapter_expand(Tensor z, Tensor u_out, int groups, float scale, Tensor? bias) -> Tensor", tags);
   m.def("adapter_expand_grad_input(Tensor dy, Tensor u_out, int groups, float scale) -> Tensor", tags);
   m.def("adapter_shrink_grad_input(Tensor dz, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
   m.def("adapter_shrink_grad_input_(Tensor(a!) dx, Tensor dz, Tensor u_in, int groups, float p, int seed) -> ()", tags);
@@ -490,6 +512,7 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("tucker_reconstruct_backward", &tucker_reconstruct_backward_cpu);
   m.impl("adapter_shrink", &adapter_shrink_cpu);
   m.impl("adapter_expand_", &adapter_expand_cpu);
+  m.impl("adapter_expand", &adapter_expand_out_cpu);
   m.impl("adapter_expand_grad_input", &adapter_expand_grad_input_cpu);
   m.impl("adapter_shrink_grad_input", &adapter_shrink_grad_input_cpu);
   m.impl("adapter_shrink_grad_input_", &adapter_shrink_grad_input_inplace_cpu);

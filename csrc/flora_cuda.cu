@@ -127,7 +127,9 @@ struct Opnd {  // an input tile source: element (row, k) of group g at p + g * g
 
 struct Out {  // element (m, n) of group g, split s at p + (s + g * slice_g) * slice + g * gs + row(m) + col(n)
   void* p = nullptr;
-  const void* src = nullptr;  // added to the result (same layout; may be p itself), or null
+  const void* src = nullptr;   // added to the result (same layout; may be p itself), or null
+  const void* bias = nullptr;  // bias[g * bias_gs + n] added to the result, or null
+  int64_t bias_gs = 0;
   Idx2 row, col;
   int64_t gs = 0, slice = 0, slice_g = 0;
   int vec = kNone;
@@ -287,6 +289,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
                        static_cast<int64_t>(g) * d.gs;
   TO* out = static_cast<TO*>(d.p) + off0;
   const TO* src = d.src ? static_cast<const TO*>(d.src) + off0 : nullptr;
+  const TO* bias = d.bias ? static_cast<const TO*>(d.bias) + static_cast<int64_t>(g) * d.bias_gs : nullptr;
   const bool along_rows = d.vec == kAlongRows;
   const E inv_keep = static_cast<E>(args.dd.inv_keep);
   for (int e = threadIdx.x; e < BM * BN / V; e += kThreads) {
@@ -303,6 +306,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
         E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
         if (args.dd.active) v = drop_keep(args.dd, off0 + o + i) ? v * inv_keep : E(0);
         if (src) v += static_cast<E>(to_acc(s[i]));
+        if (bias) v += static_cast<E>(to_acc(bias[along_rows ? n : n + i]));
         s[i] = from_acc<TO>(v);
       }
       *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(s);
@@ -315,6 +319,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
           E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
           if (args.dd.active) v = drop_keep(args.dd, off0 + o) ? v * inv_keep : E(0);
           if (src) v += static_cast<E>(to_acc(src[o]));
+          if (bias) v += static_cast<E>(to_acc(bias[ni]));
           out[o] = from_acc<TO>(v);
         }
       }
@@ -615,8 +620,8 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
 }
 
 cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-                void* out, int64_t O, double alpha, bool accumulate, DropParams din, DropParams dout,
-                cudaStream_t stream) {
+                void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
+                DropParams dout, cudaStream_t stream) {
   const int64_t G = iv.groups, C = iv.c, P = iv.p;
   if (iv.p > kMaxDim || G < 1) return cudaErrorInvalidValue;
   return with_type(dt, [&](auto tag) {
@@ -633,6 +638,8 @@ cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t 
     a.b.gs = w_gs;
     a.d.p = out;
     a.d.src = accumulate ? out : nullptr;
+    a.d.bias = bias;
+    a.d.bias_gs = O;
     a.d.row = Idx2(P, G * O * P, 1);
     a.d.col = Idx2(1, P);
     a.d.gs = O * P;

@@ -47,12 +47,12 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
                                  void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, void* ws_c, int64_t r0,
                                  int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
 
-// out[n, g, o, p] (= or +=) alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] * mask_in * in[n, g, c, p]
-// in: the strided view iv; out contiguous (N, groups * O, *spatial); mask_in indexes the logical
-// element of in, mask_out the element of out.
+// out[n, g, o, p] (= or +=) bias[g * O + o] + alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] *
+// mask_in * in[n, g, c, p]. in: the strided view iv; out contiguous (N, groups * O, *spatial); bias
+// (groups * O) or null; mask_in indexes the logical element of in, mask_out the element of out.
 cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-                void* out, int64_t O, double alpha, bool accumulate, DropParams din, DropParams dout,
-                cudaStream_t stream);
+                void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
+                DropParams dout, cudaStream_t stream);
 
 // out[c, k] = alpha * sum_{n,g,p} mask * a[n, g, c, p] * b[n, g, k, p] (out (C, K)); per_group: out
 // (groups, C, K), slice g summing only group g. a, b strided views with equal n, groups, p.

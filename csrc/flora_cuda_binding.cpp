@@ -112,7 +112,7 @@ Tensor adapter_shrink_cuda(const Tensor& x_, const Tensor& u_in_, int64_t groups
   const cuda::Act v = act_view(x, groups);
   const int64_t r = u.size(1);
   Tensor z = at::empty(with_channels(x, groups * r), x.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::mix(dtype_of(x), x.data_ptr(), v, u.data_ptr(), 0, 1, r, z.data_ptr(), r, 1.0, false,
+  check_launch(cuda::mix(dtype_of(x), x.data_ptr(), v, u.data_ptr(), 0, 1, r, z.data_ptr(), nullptr, r, 1.0, false,
                          make_drop(p, seed), DropParams{}, stream()),
                "adapter_shrink");
   return z;
@@ -124,9 +124,26 @@ void adapter_expand_cuda(Tensor& y, const Tensor& z_, const Tensor& u_out_, int6
   c10::cuda::CUDAGuard guard(y.device());
   Tensor z = z_, u = u_out_.contiguous();
   const cuda::Act v = act_view(z, groups);
-  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), v, u.data_ptr(), e.Og * e.r, e.r, 1, y.data_ptr(), e.Og, scale,
+  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), v, u.data_ptr(), e.Og * e.r, e.r, 1, y.data_ptr(), nullptr, e.Og, scale,
                          true, DropParams{}, DropParams{}, stream()),
                "adapter_expand_");
+}
+
+Tensor adapter_expand_out_cuda(const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale,
+                               const c10::optional<Tensor>& bias_) {
+  const auto shape = check_expand_out(z_, u_out_, bias_);
+  check_cuda(z_, "z");
+  c10::cuda::CUDAGuard guard(z_.device());
+  Tensor y = at::empty(shape, z_.options().memory_format(at::MemoryFormat::Contiguous));
+  const ExpandDims e = check_expand(y, z_, u_out_, groups);
+  Tensor z = z_, u = u_out_.contiguous();
+  Tensor bias = bias_.has_value() && bias_->defined() ? bias_->contiguous() : Tensor();
+  const cuda::Act v = act_view(z, groups);
+  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), v, u.data_ptr(), e.Og * e.r, e.r, 1, y.data_ptr(),
+                         bias.defined() ? bias.data_ptr() : nullptr, e.Og, scale, false, DropParams{}, DropParams{},
+                         stream()),
+               "adapter_expand");
+  return y;
 }
 
 Tensor adapter_expand_grad_input_cuda(const Tensor& dy_, const Tensor& u_out_, int64_t groups, double scale) {
@@ -137,7 +154,7 @@ Tensor adapter_expand_grad_input_cuda(const Tensor& dy_, const Tensor& u_out_, i
   const cuda::Act v = act_view(dy, groups);
   const int64_t r = u.size(1);
   Tensor dz = at::empty(with_channels(dy, groups * r), dy.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::mix(dtype_of(dy), dy.data_ptr(), v, u.data_ptr(), cv.C * r, 1, r, dz.data_ptr(), r, scale, false,
+  check_launch(cuda::mix(dtype_of(dy), dy.data_ptr(), v, u.data_ptr(), cv.C * r, 1, r, dz.data_ptr(), nullptr, r, scale, false,
                          DropParams{}, DropParams{}, stream()),
                "adapter_expand_grad_input");
   return dz;
@@ -152,7 +169,7 @@ void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, 
   Tensor dz = dz_, u = u_in_.contiguous();
   const cuda::Act v = act_view(dz, groups);
   const int64_t C = u.size(0);
-  check_launch(cuda::mix(dtype_of(dz), dz.data_ptr(), v, u.data_ptr(), 0, v.c, 1, dx.data_ptr(), C, 1.0, accumulate,
+  check_launch(cuda::mix(dtype_of(dz), dz.data_ptr(), v, u.data_ptr(), 0, v.c, 1, dx.data_ptr(), nullptr, C, 1.0, accumulate,
                          DropParams{}, make_drop(p, seed), stream()),
                "adapter_shrink_grad_input");
 }
@@ -205,6 +222,7 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("tucker_reconstruct_backward", &tucker_reconstruct_backward_cuda);
   m.impl("adapter_shrink", &adapter_shrink_cuda);
   m.impl("adapter_expand_", &adapter_expand_cuda);
+  m.impl("adapter_expand", &adapter_expand_out_cuda);
   m.impl("adapter_expand_grad_input", &adapter_expand_grad_input_cuda);
   m.impl("adapter_shrink_grad_input", &adapter_shrink_grad_input_cuda);
   m.impl("adapter_shrink_grad_input_", &adapter_shrink_grad_input_inplace_cuda);

@@ -144,25 +144,29 @@ def test_emulated_adapter_kernels(emu, shape, dtype):
     x = _layout(torch.randn(n, g * c, *sp, dtype=dtype), cl)
     u_in, u_out = torch.randn(c, r, dtype=dtype), torch.randn(g * o, r, dtype=dtype)
     z = torch.empty(n, g * r, *sp, dtype=dtype)  # shrink, as the CUDA binding launches it
-    assert emu.h_mix(DT[dtype], _p(x), _act(x, g), _p(u_in), L(0), L(1), L(r), _p(z), L(r), D(1.0), 0, D(p), L(seed),
+    assert emu.h_mix(DT[dtype], _p(x), _act(x, g), _p(u_in), L(0), L(1), L(r), _p(z), _p(None), L(r), D(1.0), 0, D(p), L(seed),
                      D(0), L(0)) == 0
     _close("shrink", z, ops.adapter_shrink(x.contiguous(), u_in, g, p, seed), tol)
     zl = _layout(z, cl)
     y = torch.randn(n, g * o, *sp, dtype=dtype)
     y_ref = y.clone()
-    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y), L(o), D(0.5), 1, D(0),
+    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y), _p(None), L(o), D(0.5), 1, D(0),
                      L(0), D(0), L(0)) == 0
     ops.adapter_expand_(y_ref, z, u_out, g, 0.5)
     _close("expand_", y, y_ref, tol)
+    bias, y_new = torch.randn(g * o, dtype=dtype), torch.empty_like(y)  # y = bias + s U_out z (no read of y)
+    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y_new), _p(bias), L(o),
+                     D(0.5), 0, D(0), L(0), D(0), L(0)) == 0
+    _close("expand(bias)", y_new, ops.adapter_expand(z, u_out, g, 0.5, bias), tol)
     dy = _layout(torch.randn_like(y), cl)
     dz = torch.empty_like(z)
-    assert emu.h_mix(DT[dtype], _p(dy), _act(dy, g), _p(u_out), L(o * r), L(1), L(r), _p(dz), L(r), D(0.5), 0, D(0),
+    assert emu.h_mix(DT[dtype], _p(dy), _act(dy, g), _p(u_out), L(o * r), L(1), L(r), _p(dz), _p(None), L(r), D(0.5), 0, D(0),
                      L(0), D(0), L(0)) == 0
     _close("expand_grad_input", dz, ops.adapter_expand_grad_input(dy.contiguous(), u_out, g, 0.5), tol)
     dx = torch.randn(x.shape, dtype=dtype)
     dx_ref = dx.clone()
     dzl = _layout(dz, cl)
-    assert emu.h_mix(DT[dtype], _p(dzl), _act(dzl, g), _p(u_in), L(0), L(r), L(1), _p(dx), L(c), D(1.0), 1, D(0),
+    assert emu.h_mix(DT[dtype], _p(dzl), _act(dzl, g), _p(u_in), L(0), L(r), L(1), _p(dx), _p(None), L(c), D(1.0), 1, D(0),
                      L(0), D(p), L(seed)) == 0
     ops.adapter_shrink_grad_input_(dx_ref, dz, u_in, g, p, seed)
     _close("shrink_grad_input_", dx, dx_ref, tol)

@@ -22,9 +22,9 @@ int h_reconstruct_backward(int dt, const void* g, const void* core, const void* 
   return reconstruct_backward(DType(dt), g, core, u0, u1, dc, d0, d1, wq, wr, wc, r0, r1, T, I0, I1, s, nullptr);
 }
 // iv: (n, groups, c, p, sn, sg, sc, sp) of `in`.
-int h_mix(int dt, const void* in, const long* iv, const void* w, long w_gs, long ws_o, long ws_c, void* out, long O,
-          double alpha, int acc, double pin, long sin, double pout, long sout) {
-  return mix(DType(dt), in, act(iv), w, w_gs, ws_o, ws_c, out, O, alpha, acc != 0, make_drop(pin, sin),
+int h_mix(int dt, const void* in, const long* iv, const void* w, long w_gs, long ws_o, long ws_c, void* out,
+          const void* bias, long O, double alpha, int acc, double pin, long sin, double pout, long sout) {
+  return mix(DType(dt), in, act(iv), w, w_gs, ws_o, ws_c, out, bias, O, alpha, acc != 0, make_drop(pin, sin),
              make_drop(pout, sout), nullptr);
 }
 long h_corr_ws(int dt, const long* av, const long* bv, int per_group) {

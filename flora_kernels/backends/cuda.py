@@ -18,6 +18,7 @@ The ops (schemas in csrc/flora_cpu.cpp, semantics in docs/kernels/cuda.md):
     tucker_reconstruct(core (r0,r1,T), u0, u1, scale, base?) -> (I0, I1, T)
     tucker_reconstruct_backward(grad, core, u0, u1, scale) -> (dcore, du0, du1)
     adapter_shrink(x, u_in, groups, p, seed) / adapter_expand_(y!, z, u_out, groups, scale)
+    adapter_expand(z, u_out, groups, scale, bias?) -> bias + scale * u_out . z (a new tensor)
     adapter_expand_grad_input / adapter_shrink_grad_input(_) / adapter_factor_grad / dropout_mask
 """
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _OPS = (
-    "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_",
+    "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
     "adapter_factor_grad", "dropout_mask",
 )
@@ -190,6 +191,11 @@ def _register_fakes() -> None:
     def _(y, z, u_out, groups, scale):
         _same_device(y, z, u_out)
 
+    @lib.register_fake("flora::adapter_expand")
+    def _(z, u_out, groups, scale, bias):
+        _same_device(z, u_out, bias)
+        return with_channels(z, u_out.shape[0])
+
     @lib.register_fake("flora::adapter_expand_grad_input")
     def _(dy, u_out, groups, scale):
         _same_device(dy, u_out)
@@ -287,14 +293,19 @@ class _Project(torch.autograd.Function):
 
 
 class _LinearFactorized(torch.autograd.Function):
-    """y = x W^T + b + S B^T, S = dropout(x) U_in, B = scale * U_out G; x (M, in) contiguous."""
+    """y = x W^T + b + S B^T, S = dropout(x) U_in, B = scale * U_out G; x (M, in) contiguous.
+
+    The adapter sits inside the base GEMM's accumulate: y = b + S B^T is written first (one pass
+    over y, y never read), then the base GEMM adds x W^T into it with beta = 1 (``addmm_``: cuBLAS
+    on CUDA, BLAS on CPU); the backward likewise writes dx = mask * (dS U_in^T) first and adds dy W.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, core, u_out, u_in, scale, p, seed):
-        y = F.linear(x, weight, bias).contiguous()
         b = (u_out @ core) * scale
         s = _ops().adapter_shrink(x, u_in, 1, p, seed)
-        _ops().adapter_expand_(y, s, b, 1, 1.0)
+        y = _ops().adapter_expand(s, b, 1, 1.0, bias)
+        y.addmm_(x, weight.t())
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.save_for_backward(x, weight, s, b, core, u_out, u_in)
         return y
@@ -309,8 +320,8 @@ class _LinearFactorized(torch.autograd.Function):
         dx = dw = dbias = dcore = du_out = du_in = None
         ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if (need_x or need_ui) else None
         if need_x:
-            dx = (dy @ weight).contiguous()
-            ops.adapter_shrink_grad_input_(dx, ds, u_in, 1, ctx.p, ctx.seed)
+            dx = ops.adapter_shrink_grad_input(ds, u_in, 1, ctx.p, ctx.seed)
+            dx.addmm_(dy, weight)
         if need_w:
             dw = dy.t() @ x
         if need_b:
