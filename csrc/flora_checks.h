@@ -137,6 +137,21 @@ inline std::vector<int64_t> check_expand_out(const at::Tensor& z, const at::Tens
   return with_channels(z, u_out.size(0));
 }
 
+// Arguments of adapter_linear_grad: dy (M, O), s (M, r), b (O, r), one dtype and device.
+inline void check_linear_grad(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& b) {
+  check_tensor(dy, "dy");
+  check_tensor(s, "s");
+  check_tensor(b, "b");
+  check_like(s, dy, "s", "dy");
+  check_like(b, dy, "b", "dy");
+  check_dim(dy, 2, "dy", "(tokens, out features)");
+  check_dim(s, 2, "s", "(tokens, rank)");
+  check_dim(b, 2, "b", "(out features, rank)");
+  TORCH_CHECK(s.size(0) == dy.size(0), "s: expected ", dy.size(0), " rows (the tokens of dy), got shape ", s.sizes());
+  TORCH_CHECK(b.size(0) == dy.size(1) && b.size(1) == s.size(1), "b: expected shape (", dy.size(1), ", ", s.size(1),
+              ") for dy of shape ", dy.sizes(), " and s of shape ", s.sizes(), ", got ", b.sizes());
+}
+
 struct ReconDims {
   int64_t r0, r1, T, I0, I1;
 };

@@ -19,6 +19,7 @@
 //   adapter_factor_grad(a, b, groups, per_group, scale, p, seed)
 //       out[c, k] = scale * sum dropout(a)[., c, .] b[., k, .], summed over groups, or one
 //       (C, K) block per group stacked to (groups * C, K) when per_group
+//   adapter_linear_grad(dy (M, O), s (M, r), b (O, r))   (dS = dy b, dB = dy^T s): both from one read of dy
 //   dropout_mask(x, p, seed)                              the multiplier (0 or 1/(1-p)) per element of x
 #include <Python.h>
 
@@ -475,6 +476,12 @@ Tensor adapter_factor_grad_cpu(const Tensor& a_, const Tensor& b_, int64_t group
   return out;
 }
 
+std::tuple<Tensor, Tensor> adapter_linear_grad_cpu(const Tensor& dy, const Tensor& s, const Tensor& b) {
+  check_linear_grad(dy, s, b);
+  check_cpu(dy, "dy");
+  return {adapter_expand_grad_input_cpu(dy, b, 1, 1.0), adapter_factor_grad_cpu(dy, s, 1, false, 1.0, 0.0, 0)};
+}
+
 Tensor dropout_mask_cpu(const Tensor& x, double p, int64_t seed) {
   check_tensor(x, "x");
   check_cpu(x, "x");
@@ -504,6 +511,7 @@ TORCH_LIBRARY(flora, m) {
   m.def("adapter_shrink_grad_input(Tensor dz, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
   m.def("adapter_shrink_grad_input_(Tensor(a!) dx, Tensor dz, Tensor u_in, int groups, float p, int seed) -> ()", tags);
   m.def("adapter_factor_grad(Tensor a, Tensor b, int groups, bool per_group, float scale, float p, int seed) -> Tensor", tags);
+  m.def("adapter_linear_grad(Tensor dy, Tensor s, Tensor b) -> (Tensor, Tensor)", tags);
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor", tags);
 }
 
@@ -517,6 +525,7 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("adapter_shrink_grad_input", &adapter_shrink_grad_input_cpu);
   m.impl("adapter_shrink_grad_input_", &adapter_shrink_grad_input_inplace_cpu);
   m.impl("adapter_factor_grad", &adapter_factor_grad_cpu);
+  m.impl("adapter_linear_grad", &adapter_linear_grad_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
 }
 

@@ -231,7 +231,9 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
   __shared__ __align__(16) E Cs[BM][BN + kVec<E>];
   const uint32_t g = args.splits.div(blockIdx.z), split = blockIdx.z - g * args.splits.d;
   const uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const uint32_t kbeg = split * args.kchunk, kend = args.K - kbeg < args.kchunk ? args.K : kbeg + args.kchunk;
+  // k range of this split: [kbeg, kend), empty (the partial is zeros) when the split lies past K.
+  const uint32_t kbeg = split * args.kchunk;
+  const uint32_t kend = kbeg >= args.K ? kbeg : (args.K - kbeg < args.kchunk ? args.K : kbeg + args.kchunk);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
   const int r_lo = warp * 16 + gq;
   using AccT = typename std::conditional<kMma, float, Acc>::type;
@@ -493,8 +495,8 @@ cudaError_t launch_split(GemmArgs g, const SplitPlan& pl, int64_t M, int64_t N, 
   cudaError_t err = launch_gemm<TA, TB, A>(g, M, N, K, G, pl.splits, pl.kchunk, stream);
   if (err != cudaSuccess) return err;
   const bool vec = aligned16(ws) && pl.out_elems % kVec<A> == 0;
-  reduce_kernel<A, TO><<<blocks_for(pl.out_elems), kThreads, 0, stream>>>(static_cast<const A*>(ws), static_cast<TO*>(out),
-                                                                          pl.out_elems, pl.slices, alpha, vec);
+  reduce_kernel<A, TO><<<blocks_for(pl.out_elems), kThreads, 0, stream>>>(
+      static_cast<const A*>(ws), static_cast<TO*>(out), pl.out_elems, pl.slices, alpha, vec);
   return cudaGetLastError();
 }
 
@@ -548,8 +550,30 @@ cudaError_t reconstruct(DType core_dt, DType out_dt, const void* core, const voi
   });
 }
 
-int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0) {
-  return split_ws_bytes(plan_split(r0, r1 * T, I0, 1, true), acc_bytes(dt));
+namespace {
+// Split partials of the backward's long reductions, packed in one workspace (16-byte aligned parts):
+// dcore's over I0, and for T = 1 (a Linear's dW) Q's over I1 and Rm's over I0.
+struct BackwardWs {
+  SplitPlan c, q, r;
+  int64_t c_bytes, q_bytes, r_bytes;
+};
+
+int64_t round16(int64_t b) { return (b + 15) / 16 * 16; }
+
+BackwardWs backward_ws(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1) {
+  const int64_t ab = acc_bytes(dt);
+  BackwardWs w{plan_split(r0, r1 * T, I0, 1, true), plan_split(I0, r1, I1, 1, true), plan_split(I1, r0, I0, 1, true),
+               0, 0, 0};
+  w.c_bytes = round16(split_ws_bytes(w.c, ab));
+  w.q_bytes = T == 1 ? round16(split_ws_bytes(w.q, ab)) : 0;
+  w.r_bytes = T == 1 ? round16(split_ws_bytes(w.r, ab)) : 0;
+  return w;
+}
+}  // namespace
+
+int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1) {
+  const BackwardWs w = backward_ws(dt, r0, r1, T, I0, I1);
+  return w.c_bytes + w.q_bytes + w.r_bytes;
 }
 
 cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, const void* u0, const void* u1,
@@ -557,6 +581,9 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
                                  int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream) {
   if (I0 * T > kMaxDim || I1 * T > kMaxDim || r0 * r1 * T > kMaxDim) return cudaErrorInvalidValue;
   const int64_t RT = r1 * T;
+  const BackwardWs w = backward_ws(dt, r0, r1, T, I0, I1);
+  if (w.c_bytes + w.q_bytes + w.r_bytes > 0 && ws_c == nullptr) return cudaErrorInvalidValue;
+  char* wsp = static_cast<char*>(ws_c);
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
     using A = acc_of<TT>;
@@ -570,7 +597,8 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
     q.d.p = ws_q;
     q.d.row = Idx2(T, RT, 1);
     q.d.col = Idx2(1, T);
-    cudaError_t err = launch_gemm<TT, TT, A>(q, I0 * T, r1, I1, 1, stream);
+    cudaError_t err = T == 1 ? launch_split<TT, TT, A>(q, w.q, I0, r1, I1, 1, true, ws_q, wsp + w.c_bytes, 1.0, stream)
+                             : launch_gemm<TT, TT, A>(q, I0 * T, r1, I1, 1, stream);
     if (err != cudaSuccess) return err;
     GemmArgs r;  // Rm[(j, t), a] = sum_i grad[i, j, t] u0[i, a]  -> ws_r (I1, r0, T)
     r.a.p = grad;
@@ -582,7 +610,9 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
     r.d.p = ws_r;
     r.d.row = Idx2(T, r0 * T, 1);
     r.d.col = Idx2(1, T);
-    if ((err = launch_gemm<TT, TT, A>(r, I1 * T, r0, I0, 1, stream)) != cudaSuccess) return err;
+    err = T == 1 ? launch_split<TT, TT, A>(r, w.r, I1, r0, I0, 1, true, ws_r, wsp + w.c_bytes + w.q_bytes, 1.0, stream)
+                 : launch_gemm<TT, TT, A>(r, I1 * T, r0, I0, 1, stream);
+    if (err != cudaSuccess) return err;
     GemmArgs c;  // dcore[a, bt] = scale * sum_i u0[i, a] Q[i, bt]: a reduction over I0, split
     c.a.p = u0;
     c.a.row = Idx2(1, 1);
@@ -590,7 +620,7 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
     c.b.p = ws_q;
     c.b.row = Idx2(1, 1);
     c.b.col = Idx2(1, RT);
-    err = launch_split<TT, A, TT>(c, plan_split(r0, RT, I0, 1, true), r0, RT, I0, 1, true, dcore, ws_c, scale, stream);
+    err = launch_split<TT, A, TT>(c, w.c, r0, RT, I0, 1, true, dcore, wsp, scale, stream);
     if (err != cudaSuccess) return err;
     GemmArgs u;  // du0[i, a] = scale * sum_bt Q[i, bt] core[a, bt]
     u.a.p = ws_q;
@@ -619,11 +649,28 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
   });
 }
 
+namespace {
+// A Linear-shaped mix (P = 1, one group) with a plain output and a long reduction over few output
+// tiles (the shrink x U_in, dS = dy B: M tokens x r, K = features) splits k to fill the GPU.
+bool mix_splits(const Act& iv, int64_t O, const void* bias, bool accumulate, const DropParams& dout) {
+  return iv.p == 1 && iv.groups == 1 && bias == nullptr && !accumulate && !dout.active &&
+         plan_split(iv.n, O, iv.c, 1, true).slices > 1;
+}
+}  // namespace
+
+int64_t mix_workspace_bytes(DType dt, const Act& iv, int64_t O, const void* bias, bool accumulate,
+                            const DropParams& dout) {
+  return mix_splits(iv, O, bias, accumulate, dout) ? split_ws_bytes(plan_split(iv.n, O, iv.c, 1, true), acc_bytes(dt))
+                                                   : 0;
+}
+
 cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
                 void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
-                DropParams dout, cudaStream_t stream) {
+                DropParams dout, void* ws, cudaStream_t stream) {
   const int64_t G = iv.groups, C = iv.c, P = iv.p;
   if (iv.p > kMaxDim || G < 1) return cudaErrorInvalidValue;
+  const bool split = mix_splits(iv, O, bias, accumulate, dout);
+  if (split && ws == nullptr) return cudaErrorInvalidValue;
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
     GemmArgs a;  // rows m = (n, p), k = c, columns o; out contiguous (N, G, O, P)
@@ -646,6 +693,9 @@ cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t 
     a.alpha = alpha * (din.active ? din.inv_keep : 1.0);
     a.da = din;
     a.dd = dout;
+    if (split)
+      return launch_split<TT, TT, TT>(a, plan_split(iv.n, O, C, 1, true), iv.n, O, C, 1, true, out, ws, a.alpha,
+                                      stream);
     return launch_gemm<TT, TT, TT>(a, iv.n * P, O, C, G, stream);
   });
 }
@@ -674,6 +724,84 @@ cudaError_t corr(DType dt, const void* a, const Act& av, const void* b, const Ac
     g.da = da;
     return launch_split<TT, TT, TT>(g, pl, C, bv.c, av.n * P, G, per_group, out, ws,
                                     alpha * (da.active ? da.inv_keep : 1.0), stream);
+  });
+}
+
+namespace {
+constexpr int64_t kL2ChunkBytes = 8 << 20;
+
+struct LinearGradPlan {
+  int64_t chunk, nchunks;
+  SplitPlan per_chunk;  // db's split of one chunk
+  int64_t slices;           // db partials over all chunks
+  int64_t db_bytes, ds_bytes;
+};
+
+LinearGradPlan linear_grad_plan(DType dt, int64_t M, int64_t O, int64_t r, int64_t chunk_rows) {
+  const int64_t esize = dt == DType::F64 ? 8 : (dt == DType::F32 ? 4 : 2);
+  int64_t chunk = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(256, kL2ChunkBytes / std::max<int64_t>(1, O * esize));
+  chunk = std::min(chunk, M);
+  const int64_t nchunks = (M + chunk - 1) / chunk;
+  const SplitPlan pc = plan_split(O, r, chunk, 1, true), pd = plan_split(chunk, r, O, 1, true);  // db, ds
+  const int64_t slices = nchunks * pc.splits, last = M - (nchunks - 1) * chunk;
+  const int64_t db_bytes = slices > 1 ? slices * O * r * acc_bytes(dt) : 0;
+  const int64_t ds_bytes = std::max(split_ws_bytes(pd, acc_bytes(dt)),
+                                    split_ws_bytes(plan_split(last, r, O, 1, true), acc_bytes(dt)));
+  return {chunk, nchunks, pc, slices, (db_bytes + 15) / 16 * 16, ds_bytes};
+}
+}  // namespace
+
+int64_t linear_grad_workspace_bytes(DType dt, int64_t M, int64_t O, int64_t r, int64_t chunk_rows) {
+  const LinearGradPlan pl = linear_grad_plan(dt, M, O, r, chunk_rows);
+  return pl.db_bytes + pl.ds_bytes;
+}
+
+cudaError_t linear_grad(DType dt, const void* dy, const void* s, const void* b, void* ds, void* db, int64_t M,
+                        int64_t O, int64_t r, int64_t chunk_rows, void* ws, cudaStream_t stream) {
+  const LinearGradPlan pl = linear_grad_plan(dt, M, O, r, chunk_rows);
+  if (pl.db_bytes + pl.ds_bytes > 0 && ws == nullptr) return cudaErrorInvalidValue;
+  void* ws_ds = static_cast<char*>(ws) + pl.db_bytes;  // ds partials, reused by every chunk (stream order)
+  return with_type(dt, [&](auto tag) {
+    using TT = decltype(tag);
+    using A = acc_of<TT>;
+    const int64_t out_elems = O * r;
+    for (int64_t c = 0; c < pl.nchunks; ++c) {
+      const int64_t c0 = c * pl.chunk, rows = std::min(pl.chunk, M - c0);
+      const TT* dyc = static_cast<const TT*>(dy) + c0 * O;
+      GemmArgs d;  // ds[m, k] = sum_o dy[m, o] b[o, k] over the chunk's rows (k split): dy from memory
+      d.a.p = dyc;
+      d.a.row = Idx2(1, O);
+      d.a.col = Idx2(1, 1);
+      d.b.p = b;
+      d.b.row = Idx2(1, 1);
+      d.b.col = Idx2(1, r);
+      cudaError_t err = launch_split<TT, TT, TT>(d, plan_split(rows, r, O, 1, true), rows, r, O, 1, true,
+                                                 static_cast<TT*>(ds) + c0 * r, ws_ds, 1.0, stream);
+      if (err != cudaSuccess) return err;
+      GemmArgs g;  // db[o, k] (+)= sum_m dy[m, o] s[m, k] over the same rows: dy from L2
+      g.a.p = dyc;
+      g.a.row = Idx2(1, 1);
+      g.a.col = Idx2(1, O);
+      g.b.p = static_cast<const TT*>(s) + c0 * r;
+      g.b.row = Idx2(1, 1);
+      g.b.col = Idx2(1, r);
+      g.d.row = Idx2(1, r);
+      g.d.col = Idx2(1, 1);
+      if (pl.slices == 1) {
+        g.d.p = db;
+        err = launch_gemm<TT, TT, TT>(g, O, r, rows, 1, 1, pl.per_chunk.kchunk, stream);
+      } else {
+        g.d.p = static_cast<A*>(ws) + c * pl.per_chunk.splits * out_elems;
+        g.d.slice = out_elems;
+        err = launch_gemm<TT, TT, A>(g, O, r, rows, 1, pl.per_chunk.splits, pl.per_chunk.kchunk, stream);
+      }
+      if (err != cudaSuccess) return err;
+    }
+    if (pl.slices == 1) return cudaSuccess;
+    const bool vec = aligned16(ws) && out_elems % kVec<A> == 0;
+    reduce_kernel<A, TT><<<blocks_for(out_elems), kThreads, 0, stream>>>(
+        static_cast<const A*>(ws), static_cast<TT*>(db), out_elems, pl.slices, 1.0, vec);
+    return cudaGetLastError();
   });
 }
 

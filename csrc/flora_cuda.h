@@ -40,9 +40,9 @@ cudaError_t reconstruct(DType core_dt, DType out_dt, const void* core, const voi
 
 // Adjoint of reconstruct (without base): dcore, du0, du1 from grad (I0, I1, T), all in dt, contiguous.
 // ws_q: I0 * r1 * T and ws_r: I1 * r0 * T accumulator elements (float; double for F64); ws_c:
-// reconstruct_backward_workspace_bytes (the split partials of dcore's reduction over I0; may be
-// null when that is 0).
-int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0);
+// reconstruct_backward_workspace_bytes (the split partials of the long reductions; may be null
+// when that is 0).
+int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1);
 cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, const void* u0, const void* u1,
                                  void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, void* ws_c, int64_t r0,
                                  int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
@@ -50,9 +50,12 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
 // out[n, g, o, p] (= or +=) bias[g * O + o] + alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] *
 // mask_in * in[n, g, c, p]. in: the strided view iv; out contiguous (N, groups * O, *spatial); bias
 // (groups * O) or null; mask_in indexes the logical element of in, mask_out the element of out.
+// ws: mix_workspace_bytes (split-k partials of a Linear-shaped reduction; null when that is 0).
+int64_t mix_workspace_bytes(DType dt, const Act& iv, int64_t O, const void* bias, bool accumulate,
+                            const DropParams& dout);
 cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
                 void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
-                DropParams dout, cudaStream_t stream);
+                DropParams dout, void* ws, cudaStream_t stream);
 
 // out[c, k] = alpha * sum_{n,g,p} mask * a[n, g, c, p] * b[n, g, k, p] (out (C, K)); per_group: out
 // (groups, C, K), slice g summing only group g. a, b strided views with equal n, groups, p.
@@ -60,6 +63,14 @@ cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t 
 int64_t corr_workspace_bytes(DType dt, const Act& av, const Act& bv, bool per_group);
 cudaError_t corr(DType dt, const void* a, const Act& av, const void* b, const Act& bv, void* out, bool per_group,
                  double alpha, DropParams da, void* ws, cudaStream_t stream);
+
+// The two Linear gradients that read dy: ds = dy b (M, r) and db = dy^T s (O, r); dy (M, O), s (M, r),
+// b (O, r) contiguous. dy is processed in chunks of chunk_rows tokens (0: about 8 MiB of dy, so a
+// chunk stays in L2): ds of the chunk streams it from memory, db of the chunk re-reads it from L2;
+// db's partials (per chunk and split) go to ws (linear_grad_workspace_bytes) and are summed at the end.
+int64_t linear_grad_workspace_bytes(DType dt, int64_t M, int64_t O, int64_t r, int64_t chunk_rows);
+cudaError_t linear_grad(DType dt, const void* dy, const void* s, const void* b, void* ds, void* db, int64_t M,
+                        int64_t O, int64_t r, int64_t chunk_rows, void* ws, cudaStream_t stream);
 
 // out[i] = the dropout multiplier of element i (0 or 1 / (1 - p)); out contiguous.
 cudaError_t dropout_mask(DType dt, void* out, int64_t n, DropParams d, cudaStream_t stream);

@@ -59,6 +59,18 @@ cuda::Act act_view(Tensor& t, int64_t groups) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// cuda::mix with its split-k workspace (if any) from torch's caching allocator.
+void run_mix(const Tensor& in, const cuda::Act& v, const Tensor& w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
+             Tensor& out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din, DropParams dout,
+             const char* what) {
+  const DType dt = dtype_of(in);
+  const int64_t bytes = cuda::mix_workspace_bytes(dt, v, O, bias, accumulate, dout);
+  Tensor ws = at::empty({bytes}, in.options().dtype(at::kByte));
+  check_launch(cuda::mix(dt, in.data_ptr(), v, w.data_ptr(), w_gs, ws_o, ws_c, out.data_ptr(), bias, O, alpha,
+                         accumulate, din, dout, bytes ? ws.data_ptr() : nullptr, stream()),
+               what);
+}
+
 Tensor tucker_reconstruct_cuda(const Tensor& core_, const Tensor& u0_, const Tensor& u1_, double scale,
                                const c10::optional<Tensor>& base_) {
   const ReconDims d = check_reconstruct(core_, u0_, u1_);
@@ -93,7 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> tucker_reconstruct_backward_cuda(const Tensor
   const auto acc = core.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor q = at::empty({d.I0, d.r1, d.T}, core.options().dtype(acc));
   Tensor rm = at::empty({d.I1, d.r0, d.T}, core.options().dtype(acc));
-  Tensor wc = at::empty({cuda::reconstruct_backward_workspace_bytes(dtype_of(core), d.r0, d.r1, d.T, d.I0)},
+  Tensor wc = at::empty({cuda::reconstruct_backward_workspace_bytes(dtype_of(core), d.r0, d.r1, d.T, d.I0, d.I1)},
                         core.options().dtype(at::kByte));
   check_launch(cuda::reconstruct_backward(dtype_of(core), grad.data_ptr(), core.data_ptr(), u0.data_ptr(),
                                           u1.data_ptr(), dcore.data_ptr(), du0.data_ptr(), du1.data_ptr(),
@@ -112,9 +124,7 @@ Tensor adapter_shrink_cuda(const Tensor& x_, const Tensor& u_in_, int64_t groups
   const cuda::Act v = act_view(x, groups);
   const int64_t r = u.size(1);
   Tensor z = at::empty(with_channels(x, groups * r), x.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::mix(dtype_of(x), x.data_ptr(), v, u.data_ptr(), 0, 1, r, z.data_ptr(), nullptr, r, 1.0, false,
-                         make_drop(p, seed), DropParams{}, stream()),
-               "adapter_shrink");
+  run_mix(x, v, u, 0, 1, r, z, nullptr, r, 1.0, false, make_drop(p, seed), DropParams{}, "adapter_shrink");
   return z;
 }
 
@@ -124,9 +134,7 @@ void adapter_expand_cuda(Tensor& y, const Tensor& z_, const Tensor& u_out_, int6
   c10::cuda::CUDAGuard guard(y.device());
   Tensor z = z_, u = u_out_.contiguous();
   const cuda::Act v = act_view(z, groups);
-  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), v, u.data_ptr(), e.Og * e.r, e.r, 1, y.data_ptr(), nullptr, e.Og, scale,
-                         true, DropParams{}, DropParams{}, stream()),
-               "adapter_expand_");
+  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, nullptr, e.Og, scale, true, DropParams{}, DropParams{}, "adapter_expand_");
 }
 
 Tensor adapter_expand_out_cuda(const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale,
@@ -139,10 +147,8 @@ Tensor adapter_expand_out_cuda(const Tensor& z_, const Tensor& u_out_, int64_t g
   Tensor z = z_, u = u_out_.contiguous();
   Tensor bias = bias_.has_value() && bias_->defined() ? bias_->contiguous() : Tensor();
   const cuda::Act v = act_view(z, groups);
-  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), v, u.data_ptr(), e.Og * e.r, e.r, 1, y.data_ptr(),
-                         bias.defined() ? bias.data_ptr() : nullptr, e.Og, scale, false, DropParams{}, DropParams{},
-                         stream()),
-               "adapter_expand");
+  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, bias.defined() ? bias.data_ptr() : nullptr, e.Og, scale, false,
+          DropParams{}, DropParams{}, "adapter_expand");
   return y;
 }
 
@@ -154,9 +160,8 @@ Tensor adapter_expand_grad_input_cuda(const Tensor& dy_, const Tensor& u_out_, i
   const cuda::Act v = act_view(dy, groups);
   const int64_t r = u.size(1);
   Tensor dz = at::empty(with_channels(dy, groups * r), dy.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::mix(dtype_of(dy), dy.data_ptr(), v, u.data_ptr(), cv.C * r, 1, r, dz.data_ptr(), nullptr, r, scale, false,
-                         DropParams{}, DropParams{}, stream()),
-               "adapter_expand_grad_input");
+  run_mix(dy, v, u, cv.C * r, 1, r, dz, nullptr, r, scale, false, DropParams{}, DropParams{},
+          "adapter_expand_grad_input");
   return dz;
 }
 
@@ -169,9 +174,8 @@ void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, 
   Tensor dz = dz_, u = u_in_.contiguous();
   const cuda::Act v = act_view(dz, groups);
   const int64_t C = u.size(0);
-  check_launch(cuda::mix(dtype_of(dz), dz.data_ptr(), v, u.data_ptr(), 0, v.c, 1, dx.data_ptr(), nullptr, C, 1.0, accumulate,
-                         DropParams{}, make_drop(p, seed), stream()),
-               "adapter_shrink_grad_input");
+  run_mix(dz, v, u, 0, v.c, 1, dx, nullptr, C, 1.0, accumulate, DropParams{}, make_drop(p, seed),
+          "adapter_shrink_grad_input");
 }
 
 Tensor adapter_shrink_grad_input_cuda(const Tensor& dz, const Tensor& u_in, int64_t groups, double p, int64_t seed) {
@@ -204,6 +208,21 @@ Tensor adapter_factor_grad_cuda(const Tensor& a_, const Tensor& b_, int64_t grou
   return out;
 }
 
+std::tuple<Tensor, Tensor> adapter_linear_grad_cuda(const Tensor& dy_, const Tensor& s_, const Tensor& b_) {
+  check_linear_grad(dy_, s_, b_);
+  check_cuda(dy_, "dy");
+  c10::cuda::CUDAGuard guard(dy_.device());
+  Tensor dy = dy_.contiguous(), s = s_.contiguous(), b = b_.contiguous();
+  const int64_t M = dy.size(0), O = dy.size(1), r = s.size(1);
+  Tensor ds = at::empty({M, r}, dy.options()), db = at::empty({O, r}, dy.options());
+  const DType dt = dtype_of(dy);
+  Tensor ws = at::empty({cuda::linear_grad_workspace_bytes(dt, M, O, r, 0)}, dy.options().dtype(at::kByte));
+  check_launch(cuda::linear_grad(dt, dy.data_ptr(), s.data_ptr(), b.data_ptr(), ds.data_ptr(), db.data_ptr(), M, O, r, 0,
+                                 ws.numel() ? ws.data_ptr() : nullptr, stream()),
+               "adapter_linear_grad");
+  return {ds, db};
+}
+
 Tensor dropout_mask_cuda(const Tensor& x, double p, int64_t seed) {
   check_tensor(x, "x");
   check_cuda(x, "x");
@@ -227,6 +246,7 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("adapter_shrink_grad_input", &adapter_shrink_grad_input_cuda);
   m.impl("adapter_shrink_grad_input_", &adapter_shrink_grad_input_inplace_cuda);
   m.impl("adapter_factor_grad", &adapter_factor_grad_cuda);
+  m.impl("adapter_linear_grad", &adapter_linear_grad_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
 }
 

@@ -46,6 +46,7 @@ def emu(tmp_path_factory):
     lib.h_reconstruct_ws.restype = ctypes.c_long
     lib.h_corr_ws.restype = ctypes.c_long
     lib.h_reconstruct_backward_ws.restype = ctypes.c_long
+    lib.h_linear_grad_ws.restype = ctypes.c_long
     return lib
 
 
@@ -94,8 +95,9 @@ def test_fastdiv_matches_integer_division(emu):
 
 # (r0, r1, taps, I0, I1): tiny; a Linear-like tile edge (I0 > 64, I1 > 32, r not a multiple of 8);
 # conv taps (T = 9, strided runs: scalar path); 16-byte path (I1 and r multiples of 8).
-# I0 = 600: dcore's reduction over I0 split into partials.
-RECON = [(2, 3, 1, 4, 5), (5, 7, 1, 70, 37), (3, 4, 9, 10, 6), (16, 8, 1, 40, 64), (4, 3, 2, 600, 9)]
+# I0 = 600: dcore's reduction over I0 split into partials (and Rm's at T = 1); I1 = 530: Q's.
+RECON = [(2, 3, 1, 4, 5), (5, 7, 1, 70, 37), (3, 4, 9, 10, 6), (16, 8, 1, 40, 64), (4, 3, 2, 600, 9),
+         (3, 5, 1, 600, 530)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -114,8 +116,8 @@ def test_emulated_reconstruct(emu, dims, dtype):
     grads = [torch.empty_like(core), torch.empty_like(u0), torch.empty_like(u1)]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     wq, wr = torch.empty(i0 * r1 * t, dtype=acc), torch.empty(i1 * r0 * t, dtype=acc)
-    wc = torch.empty(emu.h_reconstruct_backward_ws(DT[dtype], L(r0), L(r1), L(t), L(i0)), dtype=torch.uint8)
-    assert (wc.numel() > 0) == (i0 >= 512)  # dcore's reduction over I0 is split when long
+    wc = torch.empty(emu.h_reconstruct_backward_ws(DT[dtype], L(r0), L(r1), L(t), L(i0), L(i1)), dtype=torch.uint8)
+    assert (wc.numel() > 0) == (max(i0, i1 if t == 1 else 0) >= 512)  # long reductions are split
     assert emu.h_reconstruct_backward(DT[dtype], _p(g), _p(core), _p(u0), _p(u1), *map(_p, grads), _p(wq), _p(wr),
                                       _p(wc) if wc.numel() else ctypes.c_void_p(0), L(r0), L(r1), L(t), L(i0),
                                       L(i1), D(0.7)) == 0
@@ -133,6 +135,7 @@ ADAPTER = [
     (2, 2, 9, 8, (4, 4), 5, False),
     (2, 2, 16, 3, (3, 5), 2, True),
     (1, 1, 33, 16, (8, 9), 40, True),
+    (300, 1, 600, 5, (), 9, False),  # shrink / dS with a long reduction: split over k
 ]
 
 
@@ -144,30 +147,32 @@ def test_emulated_adapter_kernels(emu, shape, dtype):
     x = _layout(torch.randn(n, g * c, *sp, dtype=dtype), cl)
     u_in, u_out = torch.randn(c, r, dtype=dtype), torch.randn(g * o, r, dtype=dtype)
     z = torch.empty(n, g * r, *sp, dtype=dtype)  # shrink, as the CUDA binding launches it
+    wsb = ctypes.c_long(0)  # the split-k workspace the launch needed
     assert emu.h_mix(DT[dtype], _p(x), _act(x, g), _p(u_in), L(0), L(1), L(r), _p(z), _p(None), L(r), D(1.0), 0, D(p), L(seed),
-                     D(0), L(0)) == 0
+                     D(0), L(0), ctypes.byref(wsb)) == 0
     _close("shrink", z, ops.adapter_shrink(x.contiguous(), u_in, g, p, seed), tol)
+    assert (wsb.value > 0) == (not sp and g == 1 and c >= 512)
     zl = _layout(z, cl)
     y = torch.randn(n, g * o, *sp, dtype=dtype)
     y_ref = y.clone()
     assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y), _p(None), L(o), D(0.5), 1, D(0),
-                     L(0), D(0), L(0)) == 0
+                     L(0), D(0), L(0), ctypes.byref(wsb)) == 0
     ops.adapter_expand_(y_ref, z, u_out, g, 0.5)
     _close("expand_", y, y_ref, tol)
     bias, y_new = torch.randn(g * o, dtype=dtype), torch.empty_like(y)  # y = bias + s U_out z (no read of y)
     assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y_new), _p(bias), L(o),
-                     D(0.5), 0, D(0), L(0), D(0), L(0)) == 0
+                     D(0.5), 0, D(0), L(0), D(0), L(0), ctypes.byref(wsb)) == 0
     _close("expand(bias)", y_new, ops.adapter_expand(z, u_out, g, 0.5, bias), tol)
     dy = _layout(torch.randn_like(y), cl)
     dz = torch.empty_like(z)
     assert emu.h_mix(DT[dtype], _p(dy), _act(dy, g), _p(u_out), L(o * r), L(1), L(r), _p(dz), _p(None), L(r), D(0.5), 0, D(0),
-                     L(0), D(0), L(0)) == 0
+                     L(0), D(0), L(0), ctypes.byref(wsb)) == 0
     _close("expand_grad_input", dz, ops.adapter_expand_grad_input(dy.contiguous(), u_out, g, 0.5), tol)
     dx = torch.randn(x.shape, dtype=dtype)
     dx_ref = dx.clone()
     dzl = _layout(dz, cl)
     assert emu.h_mix(DT[dtype], _p(dzl), _act(dzl, g), _p(u_in), L(0), L(r), L(1), _p(dx), _p(None), L(c), D(1.0), 1, D(0),
-                     L(0), D(p), L(seed)) == 0
+                     L(0), D(p), L(seed), ctypes.byref(wsb)) == 0
     ops.adapter_shrink_grad_input_(dx_ref, dz, u_in, g, p, seed)
     _close("shrink_grad_input_", dx, dx_ref, tol)
 
@@ -198,6 +203,22 @@ def test_emulated_token_reduction_splits(emu):
     a, b = _act(torch.empty(600, 40), 1), _act(torch.empty(600, 16), 1)
     assert emu.h_corr_ws(DT[torch.float32], a, b, 0) > 0
     assert emu.h_corr_ws(DT[torch.float32], _act(torch.empty(3, 7), 1), _act(torch.empty(3, 5), 1), 0) == 0
+
+
+# (tokens, out features, rank, chunk rows): one chunk; several chunks (the last one short), each split.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(70, 40, 16, 0), (1100, 24, 5, 520)], ids=str)
+def test_emulated_linear_grad(emu, dims, dtype):
+    m, o, r, chunk = dims
+    dy, s, b = torch.randn(m, o, dtype=dtype), torch.randn(m, r, dtype=dtype), torch.randn(o, r, dtype=dtype)
+    ds, db = torch.empty(m, r, dtype=dtype), torch.empty(o, r, dtype=dtype)
+    ws = torch.empty(emu.h_linear_grad_ws(DT[dtype], L(m), L(o), L(r), L(chunk)), dtype=torch.uint8)
+    assert (ws.numel() > 0) == (chunk > 0)
+    assert emu.h_linear_grad(DT[dtype], _p(dy), _p(s), _p(b), _p(ds), _p(db), L(m), L(o), L(r), L(chunk),
+                             _p(ws) if ws.numel() else ctypes.c_void_p(0)) == 0
+    ds_ref, db_ref = torch.ops.flora.adapter_linear_grad(dy, s, b)
+    _close("ds", ds, ds_ref, TOL[dtype])
+    _close("db", db, db_ref, 4 * TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -179,6 +179,9 @@ def _op_cases(dtype, device, channels_last):
             (f"factor_grad_per_group-{tag}", lambda dy=dy, z=z, g=g:
                 ops.adapter_factor_grad(lay(dy), lay(z), g, True, 0.5, 0.0, 0)),
         ]
+    dy, s, b = rnd(3000, 264), rnd(3000, 16), rnd(264, 16)
+    cases += [(f"linear_grad[{k}]", lambda k=k: ops.adapter_linear_grad(dy.to(device), s.to(device), b.to(device))[k])
+              for k in range(2)]
     for r0, r1, t, i0, i1 in [(16, 16, 1, 700, 520), (4, 5, 9, 24, 16)]:
         core, u0, u1, base = rnd(r0, r1, t), rnd(i0, r0), rnd(i1, r1), rnd(i0, i1, t)
         grad = rnd(i0, i1, t)
@@ -220,6 +223,8 @@ def test_cuda_opcheck(cuda_ok):
         ops.adapter_shrink_grad_input: (z, u_in, 2, 0.2, 5),
         ops.adapter_shrink_grad_input_: (x.clone(), z, u_in, 2, 0.2, 5),
         ops.adapter_factor_grad: (x, z, 2, False, 1.0, 0.2, 5),
+        ops.adapter_linear_grad: (torch.randn(7, 8, device="cuda"), torch.randn(7, 3, device="cuda"),
+                                  torch.randn(8, 3, device="cuda")),
         ops.dropout_mask: (x, 0.3, 11),
     }
     for op, args in samples.items():

@@ -100,6 +100,14 @@ def test_adapter_ops_match_formulas(shape, dtype, p):
     close(du_out, du_out_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_linear_grad_matches_formulas(dtype):
+    dy, s, b = torch.randn(37, 20, dtype=dtype), torch.randn(37, 5, dtype=dtype), torch.randn(20, 5, dtype=dtype)
+    ds, db = ops().adapter_linear_grad(dy, s, b)
+    close(ds, dy.double() @ b.double(), dtype)
+    close(db, dy.double().t() @ s.double(), dtype)
+
+
 def test_dropout_mask_is_seeded_and_scaled():
     x = torch.randn(64, 257)
     m1 = ops().dropout_mask(x, 0.25, 7)
@@ -163,6 +171,8 @@ def _samples(dtype=torch.float32):
         "adapter_shrink_grad_input": [(z, u_in, 2, 0.2, 5)],
         "adapter_shrink_grad_input_": [(x.clone(), z, u_in, 2, 0.2, 5)],
         "adapter_factor_grad": [(x, z, 2, False, 1.0, 0.2, 5), (y, z, 2, True, 0.5, 0.0, 0)],
+        "adapter_linear_grad": [(torch.randn(7, 8, dtype=dtype), torch.randn(7, 3, dtype=dtype),
+                                 torch.randn(8, 3, dtype=dtype))],
         "dropout_mask": [(x, 0.3, 11)],
     }
 
@@ -196,6 +206,10 @@ def _bad_calls():
         "expand-out-bias-shape": lambda: ops().adapter_expand(z, u_out, 2, 1.0, f(7)),
         "expand-out-bias-dtype": lambda: ops().adapter_expand(z, u_out, 2, 1.0, f(8).double()),
         "expand-out-factor-dim": lambda: ops().adapter_expand(z, f(8), 2, 1.0, None),
+        "linear-grad-s-rows": lambda: ops().adapter_linear_grad(f(7, 8), f(6, 3), f(8, 3)),
+        "linear-grad-b-shape": lambda: ops().adapter_linear_grad(f(7, 8), f(7, 3), f(8, 2)),
+        "linear-grad-3d-dy": lambda: ops().adapter_linear_grad(f(7, 8, 1), f(7, 3), f(8, 3)),
+        "linear-grad-dtype": lambda: ops().adapter_linear_grad(f(7, 8), f(7, 3).double(), f(8, 3)),
         "expand-grad-factor-rows": lambda: ops().adapter_expand_grad_input(y, f(4, 2), 2, 1.0),
         "shrink-grad-rank": lambda: ops().adapter_shrink_grad_input(z, f(3, 3), 2, 0.0, 0),
         "shrink-grad-inplace-channels": lambda: ops().adapter_shrink_grad_input_(f(2, 5, 5), z, u_in, 2, 0.0, 0),

@@ -20,6 +20,7 @@ The ops (schemas in csrc/flora_cpu.cpp, semantics in docs/kernels/cuda.md):
     adapter_shrink(x, u_in, groups, p, seed) / adapter_expand_(y!, z, u_out, groups, scale)
     adapter_expand(z, u_out, groups, scale, bias?) -> bias + scale * u_out . z (a new tensor)
     adapter_expand_grad_input / adapter_shrink_grad_input(_) / adapter_factor_grad / dropout_mask
+    adapter_linear_grad(dy, s, b) -> (dy b, dy^T s): a Linear's dS and dB from one read of dy
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _OPS = (
     "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
-    "adapter_factor_grad", "dropout_mask",
+    "adapter_factor_grad", "adapter_linear_grad", "dropout_mask",
 )
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Mirrors reconstruct_max_row() in csrc/flora_cuda.cu: r_1 * taps kept in 48 KiB of shared memory.
@@ -215,6 +216,11 @@ def _register_fakes() -> None:
         _same_device(a, b)
         return a.new_empty(((groups if per_group else 1) * (a.shape[1] // groups), b.shape[1] // groups))
 
+    @lib.register_fake("flora::adapter_linear_grad")
+    def _(dy, s, b):
+        _same_device(dy, s, b)
+        return dy.new_empty((dy.shape[0], s.shape[1])), dy.new_empty((dy.shape[1], s.shape[1]))
+
     @lib.register_fake("flora::dropout_mask")
     def _(x, p, seed):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -318,7 +324,12 @@ class _LinearFactorized(torch.autograd.Function):
         ops = _ops()
         dy = dy.contiguous()
         dx = dw = dbias = dcore = du_out = du_in = None
-        ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if (need_x or need_ui) else None
+        need_ds, need_db = need_x or need_ui, need_core or need_uo
+        if need_ds and need_db:
+            ds, db = ops.adapter_linear_grad(dy, s, b)  # dS = dy B, dB = dy^T S: one read of dy
+        else:
+            ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if need_ds else None
+            db = ops.adapter_factor_grad(dy, s, 1, False, 1.0, 0.0, 0) if need_db else None  # (out, r_in)
         if need_x:
             dx = ops.adapter_shrink_grad_input(ds, u_in, 1, ctx.p, ctx.seed)
             dx.addmm_(dy, weight)
@@ -326,8 +337,7 @@ class _LinearFactorized(torch.autograd.Function):
             dw = dy.t() @ x
         if need_b:
             dbias = dy.sum(0)
-        if need_core or need_uo:
-            db = ops.adapter_factor_grad(dy, s, 1, False, 1.0, 0.0, 0)  # dB = dy^T S, (out, r_in)
+        if need_db:
             if need_core:
                 dcore = (u_out.t() @ db) * ctx.scale
             if need_uo:
