@@ -107,7 +107,8 @@ def test_emulated_reconstruct(emu, dims, dtype):
     ops, tol = torch.ops.flora, TOL[dtype]
     core, u0, u1 = torch.randn(r0, r1, t, dtype=dtype), torch.randn(i0, r0, dtype=dtype), torch.randn(i1, r1, dtype=dtype)
     ws = torch.empty(emu.h_reconstruct_ws(DT[dtype], L(r0), L(r1), L(t), L(i0)), dtype=torch.uint8)
-    for base in (None, torch.randn(i0, i1, t, dtype=torch.float16), torch.randn(i0, i1, t, dtype=dtype)):
+    bases = (None, torch.randn(i0, i1, t, dtype=torch.float16), torch.randn(i0, i1, t, dtype=dtype))
+    for base in bases if i0 * i1 < 10**5 else bases[2:]:  # the big case (for the backward's splits): one base
         out = torch.empty(i0, i1, t, dtype=dtype if base is None else base.dtype)
         assert emu.h_reconstruct(DT[dtype], DT[out.dtype], _p(core), _p(u0), _p(u1), _p(base), _p(out), _p(ws),
                                  L(r0), L(r1), L(t), L(i0), L(i1), D(0.7)) == 0

@@ -34,14 +34,12 @@ inline thread_local dim3 tIdx, bIdx;
 inline dim3 bDim, gDim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-inline int n_threads = 0;
 alignas(16) inline unsigned char dyn_smem[48 * 1024];
 template <class F>
 void launch(dim3 g, dim3 b, size_t smem, F&& f) {
   if (smem > sizeof(dyn_smem)) throw 1;
   bDim = b; gDim = g;
   const int nt = b.x * b.y * b.z;
-  n_threads = nt;
   for (unsigned bz = 0; bz < g.z; ++bz)
     for (unsigned by = 0; by < g.y; ++by)
       for (unsigned bx = 0; bx < g.x; ++bx) {
@@ -65,16 +63,6 @@ void launch(dim3 g, dim3 b, size_t smem, F&& f) {
 #define blockDim emu::bDim
 #define gridDim emu::gDim
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
-template <class T>
-T __shfl_down_sync(unsigned, T v, int off) {
-  static T buf[1024];
-  const int t = threadIdx.x, lane = t & 31, w = t >> 5;
-  buf[t] = v;
-  emu::warp_barriers[w]->arrive_and_wait();
-  const T r = (lane + off < 32 && t + off < emu::n_threads) ? buf[t + off] : v;
-  emu::warp_barriers[w]->arrive_and_wait();
-  return r;
-}
 namespace emu {
 inline float half_bits_to_float(uint16_t h, __nv_bfloat16*) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
