@@ -50,7 +50,8 @@ _OPS = (
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask",
 )
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Mirrors reconstruct_max_row() in csrc/flora_cuda.cu: r_1 * taps kept in 48 KiB of shared memory.
+# The limit of the first CUDA reconstruct kernel (r_1 * taps in 48 KiB of shared memory); the tiled
+# GEMM kernels that replaced it have none, so CudaBackend._reconstruct_reason is now only conservative.
 _CUDA_MAX_ROW = {torch.float64: 48 * 1024 // 8}
 _CUDA_MAX_ROW_DEFAULT = 48 * 1024 // 4
 BUILD_HINT = (
@@ -280,8 +281,9 @@ class _Project(torch.autograd.Function):
         ctx.save_for_backward(t, u0, u1)
         if t.device.type == "cpu":
             # u0^T t_k u1 is a reconstruct with t as the core and the transposed factors: two GEMMs,
-            # no wasted du0 / du1 work. (The CUDA reconstruct kernel keeps a core row in shared
-            # memory, sized for small cores: CUDA keeps the backward op with a zero core.)
+            # no wasted du0 / du1 work. (On CUDA that reconstruct's second GEMM would be one tile
+            # with a reduction over I1, run by one block: CUDA keeps the backward op with a zero
+            # core, whose reductions over the weight's rows are split across blocks.)
             return _ops().tucker_reconstruct(t, u0.t(), u1.t(), 1.0, None)
         zero_core = t.new_zeros((u0.shape[1], u1.shape[1], t.shape[2]))
         return _ops().tucker_reconstruct_backward(t, zero_core, u0, u1, 1.0)[0]
