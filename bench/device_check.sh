@@ -15,6 +15,8 @@
 #   4. JIT-build the extension: flora_kernels.backends.cuda.build_extension(verbose=True)
 #      (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); a failure is logged and the script goes on
 #   5. FLORA_TEST_GPU=1 python -m pytest -q -m gpu tests
+#   5b. compute-sanitizer --tool memcheck and --tool racecheck over the op-level CUDA tests
+#      (tests/test_ext_gpu.py -k ops_match; 90 s each); in a dry run the commands are logged
 #   6. flora-bench --device cuda --out/--md/--plot/--csv $OUT/results.*, with --max-minutes set
 #      from the time left so it writes its files before the hard timeout
 # Files back (<= 8): log.txt, summary.txt, nvidia-smi.txt, results.{json,md,png,csv}.
@@ -119,6 +121,29 @@ if [ "$DRY_RUN" = "1" ]; then
 else
     FLORA_TEST_GPU=1 step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=60 tests || true
 fi
+
+# 5b. the CUDA kernels under compute-sanitizer: memcheck (out-of-bounds / misaligned accesses,
+# e.g. a 16-byte vector path taken where it must not be) and racecheck (shared-memory hazards of
+# the tiled GEMM), on the op-level tests (every op, NCHW and channels_last, bf16: the mma path).
+SANITIZER="$(command -v compute-sanitizer || true)"
+for d in "${CUDA_HOME:-/usr/local/cuda}/bin" "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")"; do
+    [ -z "$SANITIZER" ] && [ -x "$d/compute-sanitizer" ] && SANITIZER="$d/compute-sanitizer"
+done
+SAN_TESTS=(-m pytest -q -m gpu -p no:cacheprovider -x tests/test_ext_gpu.py)
+for tool in memcheck racecheck; do
+    if [ "$tool" = memcheck ]; then sel="ops_match and bfloat16"; else sel="ops_match and bfloat16 and nchw"; fi
+    if [ -z "$SANITIZER" ]; then
+        echo "== sanitizer-$tool: SKIPPED (no compute-sanitizer here); would run: compute-sanitizer --tool $tool --target-processes all --error-exitcode 1 $PY ${SAN_TESTS[*]} -k '$sel'" | tee -a "$LOG"
+        echo "sanitizer-$tool SKIPPED 0s (no compute-sanitizer)" >>"$SUMMARY"
+        [ "$DRY_RUN" = "1" ] || FAILED=1
+    elif [ "$DRY_RUN" = "1" ]; then
+        echo "== sanitizer-$tool: SKIPPED (dry run, no GPU); would run: $SANITIZER --tool $tool --target-processes all --error-exitcode 1 $PY ${SAN_TESTS[*]} -k '$sel'" | tee -a "$LOG"
+        echo "sanitizer-$tool SKIPPED 0s (dry run)" >>"$SUMMARY"
+    else
+        FLORA_TEST_GPU=1 step "sanitizer-$tool" 90 "$SANITIZER" --tool "$tool" --target-processes all --error-exitcode 1 \
+            "$PY" "${SAN_TESTS[@]}" -k "$sel" || true
+    fi
+done
 
 # 6. the full benchmark table; --max-minutes keeps it inside the time left (writes its files)
 REM=$(left)

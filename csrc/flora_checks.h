@@ -118,6 +118,40 @@ inline ExpandDims check_expand(const at::Tensor& y, const at::Tensor& z, const a
   return ExpandDims{v, v.C, y.size(1) / groups};
 }
 
+// Arguments of adapter_expand (out of place): z (N, groups * r, *sp), u_out (groups * O, r), bias
+// (groups * O) or none. Returns the output's shape (N, groups * O, *sp).
+inline std::vector<int64_t> check_expand_out(const at::Tensor& z, const at::Tensor& u_out,
+                                             const c10::optional<at::Tensor>& bias) {
+  check_tensor(z, "z");
+  check_tensor(u_out, "u_out");
+  check_like(u_out, z, "u_out", "z");
+  check_dim(u_out, 2, "u_out", "(out channels, rank)");
+  TORCH_CHECK(z.dim() >= 2, "z: expected a tensor of shape (N, channels, *spatial) with at least 2 dims, got shape ",
+              z.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias");
+    check_like(*bias, z, "bias", "z");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == u_out.size(0), "bias: expected shape (", u_out.size(0),
+                ",) (the rows of u_out), got ", bias->sizes());
+  }
+  return with_channels(z, u_out.size(0));
+}
+
+// Arguments of adapter_linear_grad: dy (M, O), s (M, r), b (O, r), one dtype and device.
+inline void check_linear_grad(const at::Tensor& dy, const at::Tensor& s, const at::Tensor& b) {
+  check_tensor(dy, "dy");
+  check_tensor(s, "s");
+  check_tensor(b, "b");
+  check_like(s, dy, "s", "dy");
+  check_like(b, dy, "b", "dy");
+  check_dim(dy, 2, "dy", "(tokens, out features)");
+  check_dim(s, 2, "s", "(tokens, rank)");
+  check_dim(b, 2, "b", "(out features, rank)");
+  TORCH_CHECK(s.size(0) == dy.size(0), "s: expected ", dy.size(0), " rows (the tokens of dy), got shape ", s.sizes());
+  TORCH_CHECK(b.size(0) == dy.size(1) && b.size(1) == s.size(1), "b: expected shape (", dy.size(1), ", ", s.size(1),
+              ") for dy of shape ", dy.sizes(), " and s of shape ", s.sizes(), ", got ", b.sizes());
+}
+
 struct ReconDims {
   int64_t r0, r1, T, I0, I1;
 };

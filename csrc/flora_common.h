@@ -42,12 +42,18 @@ FLORA_HD uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// Whether element idx is kept (always, when inactive).
+FLORA_HD bool drop_keep(const DropParams& d, int64_t idx) {
+  if (!d.active) return true;
+  const uint64_t h = splitmix64(d.seed ^ splitmix64(static_cast<uint64_t>(idx)));
+  return static_cast<uint32_t>(h >> 40) >= d.threshold;
+}
+
 // The multiplier of element idx: 0 (dropped) or 1 / (1 - p) (kept); 1 when inactive.
 template <typename acc_t>
 FLORA_HD acc_t drop_scale(const DropParams& d, int64_t idx) {
   if (!d.active) return acc_t(1);
-  const uint64_t h = splitmix64(d.seed ^ splitmix64(static_cast<uint64_t>(idx)));
-  return static_cast<uint32_t>(h >> 40) >= d.threshold ? static_cast<acc_t>(d.inv_keep) : acc_t(0);
+  return drop_keep(d, idx) ? static_cast<acc_t>(d.inv_keep) : acc_t(0);
 }
 
 }  // namespace flora

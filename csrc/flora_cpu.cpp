@@ -12,12 +12,14 @@
 //   adapter_shrink(x, u_in (C, r), groups, p, seed)       z = u_in^T . dropout(x)   (per group)
 //   adapter_expand_(y!, z, u_out (groups*O, r), groups, scale)
 //                                                         y += scale * u_out_g . z  (group g uses rows g*O..)
+//   adapter_expand(z, u_out, groups, scale, bias?)       y = bias + scale * u_out_g . z (a new tensor)
 //   adapter_expand_grad_input(dy, u_out, groups, scale)   dz = scale * u_out_g^T . dy
 //   adapter_shrink_grad_input(dz, u_in, groups, p, seed)  dx = mask * (u_in . dz)
 //   adapter_shrink_grad_input_(dx!, dz, u_in, ...)        dx += mask * (u_in . dz)
 //   adapter_factor_grad(a, b, groups, per_group, scale, p, seed)
 //       out[c, k] = scale * sum dropout(a)[., c, .] b[., k, .], summed over groups, or one
 //       (C, K) block per group stacked to (groups * C, K) when per_group
+//   adapter_linear_grad(dy (M, O), s (M, r), b (O, r))   (dS = dy b, dB = dy^T s): both from one read of dy
 //   dropout_mask(x, p, seed)                              the multiplier (0 or 1/(1-p)) per element of x
 #include <Python.h>
 
@@ -402,6 +404,26 @@ void adapter_expand_cpu(Tensor& y, const Tensor& z_, const Tensor& u_out_, int64
   });
 }
 
+Tensor adapter_expand_out_cpu(const Tensor& z, const Tensor& u_out, int64_t groups, double scale,
+                              const c10::optional<Tensor>& bias) {
+  const auto shape = check_expand_out(z, u_out, bias);
+  check_cpu(z, "z");
+  Tensor y = at::empty(shape, z.options().memory_format(at::MemoryFormat::Contiguous));
+  const ExpandDims e = check_expand(y, z, u_out, groups);
+  const bool with_bias = bias.has_value() && bias->defined();
+  if (with_bias) {
+    std::vector<int64_t> bshape(y.dim(), 1);
+    bshape[1] = y.size(1);
+    y.copy_(bias->view(bshape).expand_as(y));
+  }
+  Tensor zc = z.contiguous(), u = u_out.contiguous();
+  FLORA_DISPATCH(y.scalar_type(), "adapter_expand", [&] {
+    mix_cpu<scalar_t>(zc.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, e.Og * e.r, e.r, 1,
+                      y.data_ptr<scalar_t>(), e.v.R, e.r, e.Og, e.v.P, scale, with_bias, DropParams{}, DropParams{});
+  });
+  return y;
+}
+
 Tensor adapter_expand_grad_input_cpu(const Tensor& dy_, const Tensor& u_out_, int64_t groups, double scale) {
   const ChanView v = check_out_factor(dy_, u_out_, groups);
   check_cpu(dy_, "dy");
@@ -454,6 +476,12 @@ Tensor adapter_factor_grad_cpu(const Tensor& a_, const Tensor& b_, int64_t group
   return out;
 }
 
+std::tuple<Tensor, Tensor> adapter_linear_grad_cpu(const Tensor& dy, const Tensor& s, const Tensor& b) {
+  check_linear_grad(dy, s, b);
+  check_cpu(dy, "dy");
+  return {adapter_expand_grad_input_cpu(dy, b, 1, 1.0), adapter_factor_grad_cpu(dy, s, 1, false, 1.0, 0.0, 0)};
+}
+
 Tensor dropout_mask_cpu(const Tensor& x, double p, int64_t seed) {
   check_tensor(x, "x");
   check_cpu(x, "x");
@@ -478,10 +506,12 @@ TORCH_LIBRARY(flora, m) {
         " -> (Tensor, Tensor, Tensor)", tags);
   m.def("adapter_shrink(Tensor x, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
   m.def("adapter_expand_(Tensor(a!) y, Tensor z, Tensor u_out, int groups, float scale) -> ()", tags);
+  m.def("adapter_expand(Tensor z, Tensor u_out, int groups, float scale, Tensor? bias) -> Tensor", tags);
   m.def("adapter_expand_grad_input(Tensor dy, Tensor u_out, int groups, float scale) -> Tensor", tags);
   m.def("adapter_shrink_grad_input(Tensor dz, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
   m.def("adapter_shrink_grad_input_(Tensor(a!) dx, Tensor dz, Tensor u_in, int groups, float p, int seed) -> ()", tags);
   m.def("adapter_factor_grad(Tensor a, Tensor b, int groups, bool per_group, float scale, float p, int seed) -> Tensor", tags);
+  m.def("adapter_linear_grad(Tensor dy, Tensor s, Tensor b) -> (Tensor, Tensor)", tags);
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor", tags);
 }
 
@@ -490,10 +520,12 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("tucker_reconstruct_backward", &tucker_reconstruct_backward_cpu);
   m.impl("adapter_shrink", &adapter_shrink_cpu);
   m.impl("adapter_expand_", &adapter_expand_cpu);
+  m.impl("adapter_expand", &adapter_expand_out_cpu);
   m.impl("adapter_expand_grad_input", &adapter_expand_grad_input_cpu);
   m.impl("adapter_shrink_grad_input", &adapter_shrink_grad_input_cpu);
   m.impl("adapter_shrink_grad_input_", &adapter_shrink_grad_input_inplace_cpu);
   m.impl("adapter_factor_grad", &adapter_factor_grad_cpu);
+  m.impl("adapter_linear_grad", &adapter_linear_grad_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
 }
 

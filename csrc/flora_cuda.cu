@@ -1,32 +1,52 @@
 // CUDA kernels of the flora ops. No torch headers: raw pointers + a stream (API in flora_cuda.h).
-// Accumulation in fp32 (fp64 for fp64 tensors); 64-bit index arithmetic throughout.
+//
+// Every op is one or two launches of one tiled GEMM kernel (gemm_kernel): a block computes a
+// 64 x 32 tile of D[m, n] = alpha * sum_k A[m, k] B[n, k] over its share of k, with
+//   - operands addressed through separable index maps (Idx2: x -> (x / d, x % d) with a 32-bit
+//     magic-number division computed on the host), so NCHW, channels_last, (i, j, taps) weights
+//     and the token axis (n, p) of a conv are all read in place;
+//   - 16-byte loads and stores along whichever tile axis is contiguous in memory (chosen on the
+//     host from the strides and the alignment), a scalar path for the rest (odd sizes, tails);
+//   - bf16/fp16 operands multiplied on tensor cores (mma.sync m16n8k16, fp32 accumulate, sm_80+),
+//     fp32/fp64 and mixed operands on CUDA cores with the same accumulator layout;
+//   - dropout fused: the input mask zeroes elements as they are staged (the 1 / (1 - p) factor
+//     folds into alpha), the output mask is applied in the epilogue;
+//   - the token reductions (factor grads) split over k into fp32 partials, summed by reduce_kernel.
+// No 64-bit division and no IEEE division in device code (the SASS has no CALL.REL).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "flora_cuda.h"
+
+#if defined(FLORA_HOST_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define FLORA_MMA 1
+#else
+#define FLORA_MMA 0
+#endif
 
 namespace flora {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 1 << 20;
-constexpr int64_t kSmemBytes = 48 * 1024;
+constexpr int kThreads = 128;  // 4 warps; warp w owns rows 16w..16w+15 of the tile
+constexpr int BM = 64, BN = 32, BK = 32;
+constexpr int64_t kMaxDim = 0x7fffffffLL;
+constexpr int64_t kMaxGrid = 65535;
 
 template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+constexpr bool is16 = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+template <typename A, typename B>
+using acc2 = typename std::conditional<std::is_same<A, double>::value || std::is_same<B, double>::value, double,
+                                       float>::type;
 template <typename T>
-using acc_of = typename AccOf<T>::type;
+using acc_of = acc2<T, T>;
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte vector (= smem row pad)
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -44,226 +64,378 @@ __device__ __forceinline__ T from_acc(A v) {
   }
 }
 
-int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)); }
+FLORA_HD uint32_t umulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
 
-// Sum over the block (blockDim.x == kThreads); the result is valid in thread 0.
-template <typename A>
-__device__ A block_sum(A v) {
-  __shared__ A warp_sums[kThreads / 32];
-  __syncthreads();  // a previous call may still be reading warp_sums
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
+// x / d for 0 <= x < 2^31 as umulhi(x, mul) >> shift, with mul = ceil(2^(31 + l) / d), l = ceil(log2 d)
+// (round-up reciprocal; the error term is below 2^(31 + l) for every such x).
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(int64_t div) : d(static_cast<uint32_t>(div)) {
+    if (d <= 1) {
+      d = 1;
+      return;
+    }
+    uint32_t l = 0;
+    while ((1ull << l) < d) ++l;
+    const uint64_t p = 31 + l;
+    mul = static_cast<uint32_t>(((1ull << p) + d - 1) / d);
+    shift = static_cast<uint32_t>(p - 32);
+  }
+  FLORA_HD uint32_t div(uint32_t x) const { return d == 1 ? x : umulhi32(x, mul) >> shift; }
+};
+
+// Index map of one tile axis: x -> (q, r) = (x / d, x % d); memory offset q * s_hi + r * s_lo and
+// logical (dropout) index q * l_hi + r * l_lo.
+struct Idx2 {
+  FastDiv div;
+  int64_t s_hi = 0, s_lo = 0, l_hi = 0, l_lo = 0;
+  Idx2() = default;
+  Idx2(int64_t d, int64_t sh, int64_t sl = 0, int64_t lh = 0, int64_t ll = 0)
+      : div(d), s_hi(sh), s_lo(sl), l_hi(lh), l_lo(ll) {}
+  // The memory / logical stride between x and x + 1 inside one run (runs never cross a multiple of d).
+  FLORA_HD int64_t run_stride() const { return div.d > 1 ? s_lo : s_hi; }
+  FLORA_HD int64_t run_lstride() const { return div.d > 1 ? l_lo : l_hi; }
+};
+
+struct Pos {
+  int64_t mem, log;
+};
+
+__device__ __forceinline__ Pos at(const Idx2& ix, uint32_t x) {
+  const uint32_t q = ix.div.div(x), r = x - q * ix.div.d;
+  return {static_cast<int64_t>(q) * ix.s_hi + static_cast<int64_t>(r) * ix.s_lo,
+          static_cast<int64_t>(q) * ix.l_hi + static_cast<int64_t>(r) * ix.l_lo};
+}
+
+// Vector direction of an operand or output tile: runs of kVec elements along k (the tile's column
+// axis) or along the rows, or none (every element loaded on its own).
+enum Vec : int { kNone = 0, kAlongCols = 1, kAlongRows = 2 };
+
+struct Opnd {  // an input tile source: element (row, k) of group g at p + g * gs + row(row) + col(k)
+  const void* p = nullptr;
+  Idx2 row, col;
+  int64_t gs = 0, lgs = 0;
+  int vec = kNone;
+};
+
+struct Out {  // element (m, n) of group g, split s at p + (s + g * slice_g) * slice + g * gs + row(m) + col(n)
+  void* p = nullptr;
+  const void* src = nullptr;   // added to the result (same layout; may be p itself), or null
+  const void* bias = nullptr;  // bias[g * bias_gs + n] added to the result, or null
+  int64_t bias_gs = 0;
+  Idx2 row, col;
+  int64_t gs = 0, slice = 0, slice_g = 0;
+  int vec = kNone;
+};
+
+struct GemmArgs {
+  Opnd a, b;  // a: (M, K) tile rows m; b: (N, K) tile rows n
+  Out d;      // (M, N)
+  uint32_t M = 0, N = 0, K = 0, kchunk = 0;
+  FastDiv splits;  // blockIdx.z = g * splits + split
+  double alpha = 1.0;
+  DropParams da, dd;  // mask on the elements of a (keep / zero; 1 / (1 - p) is in alpha), on d
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(T (&v)[kVec<T>], const T* p) {
+  *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
+}
+
+// Stage rows [row0, row0 + ROWS) x k [k0, k0 + BK) of op into S (zero outside [0, nrows) x [k0, kend)).
+template <int ROWS, bool kDrop, typename T>
+__device__ __forceinline__ void load_tile(T (*S)[BK + kVec<T>], const Opnd& op, uint32_t row0, uint32_t nrows,
+                                          uint32_t k0, uint32_t kend, uint32_t g, const DropParams& dp) {
+  constexpr int V = kVec<T>;
+  const T* base = static_cast<const T*>(op.p) + static_cast<int64_t>(g) * op.gs;
+  const int64_t lbase = static_cast<int64_t>(g) * op.lgs;
+  const bool along_rows = op.vec == kAlongRows;
+  for (int e = threadIdx.x; e < ROWS * BK / V; e += kThreads) {
+    // along_rows: consecutive threads take consecutive row runs of one k; else consecutive k runs of one row.
+    const int rr = along_rows ? (e % (ROWS / V)) * V : e / (BK / V);
+    const int kk = along_rows ? e / (ROWS / V) : (e % (BK / V)) * V;
+    const uint32_t row = row0 + rr, k = k0 + kk;
+    alignas(16) T v[V];
+    const bool full = op.vec != kNone && (along_rows ? row + V <= nrows && k < kend : row < nrows && k + V <= kend);
+    if (full) {
+      const Pos pr = at(op.row, row), pk = at(op.col, k);
+      load_vec(v, base + pr.mem + pk.mem);
+      if (kDrop && dp.active) {
+        const int64_t l0 = lbase + pr.log + pk.log, ls = along_rows ? op.row.run_lstride() : op.col.run_lstride();
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          if (!drop_keep(dp, l0 + i * ls)) v[i] = T{};
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const uint32_t ri = along_rows ? row + i : row, ki = along_rows ? k : k + i;
+        v[i] = T{};
+        if (ri < nrows && ki < kend) {
+          const Pos pr = at(op.row, ri), pk = at(op.col, ki);
+          if (!kDrop || drop_keep(dp, lbase + pr.log + pk.log)) v[i] = base[pr.mem + pk.mem];
+        }
+      }
+    }
+    if (along_rows) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) S[rr + i][kk] = v[i];
+    } else {
+      *reinterpret_cast<uint4*>(&S[rr][kk]) = *reinterpret_cast<const uint4*>(v);
+    }
+  }
+}
+
+#if FLORA_MMA
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(FLORA_HOST_EMU)
+  emu::mma_m16n8k16<T>(c, a, b);
+#else
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t ld32(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+#endif
+
+// D = alpha * A B^T (+ src), masks fused. Accumulators in the mma.sync C layout: lane (gq, tq) of
+// warp w holds rows 16w + gq (+8) and columns 8 nt + 2 tq (+1) of the tile, for nt = 0..3.
+template <typename TA, typename TB, typename TO>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
+  using Acc = acc2<TA, TB>;
+  using E = typename std::conditional<std::is_same<TO, double>::value, double, Acc>::type;
+  constexpr bool kMma = FLORA_MMA && is16<TA> && std::is_same<TA, TB>::value;
+  __shared__ __align__(16) TA As[BM][BK + kVec<TA>];
+  __shared__ __align__(16) TB Bs[BN][BK + kVec<TB>];
+  __shared__ __align__(16) E Cs[BM][BN + kVec<E>];
+  const uint32_t g = args.splits.div(blockIdx.z), split = blockIdx.z - g * args.splits.d;
+  const uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  // k range of this split: [kbeg, kend), empty (the partial is zeros) when the split lies past K.
+  const uint32_t kbeg = split * args.kchunk;
+  const uint32_t kend = kbeg >= args.K ? kbeg : (args.K - kbeg < args.kchunk ? args.K : kbeg + args.kchunk);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  const int r_lo = warp * 16 + gq;
+  using AccT = typename std::conditional<kMma, float, Acc>::type;
+  AccT acc[4][4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = AccT(0);
+
+  for (uint32_t k0 = kbeg; k0 < kend; k0 += BK) {
+    load_tile<BM, true>(As, args.a, m0, args.M, k0, kend, g, args.da);
+    load_tile<BN, false>(Bs, args.b, n0, args.N, k0, kend, g, args.da);
+    __syncthreads();
+    if constexpr (kMma) {
+#if FLORA_MMA
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        const uint32_t a[4] = {ld32(&As[r_lo][kk + 2 * tq]), ld32(&As[r_lo + 8][kk + 2 * tq]),
+                               ld32(&As[r_lo][kk + 2 * tq + 8]), ld32(&As[r_lo + 8][kk + 2 * tq + 8])};
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const uint32_t b[2] = {ld32(&Bs[nt * 8 + gq][kk + 2 * tq]), ld32(&Bs[nt * 8 + gq][kk + 2 * tq + 8])};
+          mma16816<TA>(acc[nt], a, b);
+        }
+      }
+#endif
+    } else {
+#pragma unroll 4
+      for (int kk = 0; kk < BK; ++kk) {
+        const Acc a0 = static_cast<Acc>(to_acc(As[r_lo][kk])), a1 = static_cast<Acc>(to_acc(As[r_lo + 8][kk]));
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const Acc b0 = static_cast<Acc>(to_acc(Bs[nt * 8 + 2 * tq][kk]));
+          const Acc b1 = static_cast<Acc>(to_acc(Bs[nt * 8 + 2 * tq + 1][kk]));
+          acc[nt][0] += a0 * b0;
+          acc[nt][1] += a0 * b1;
+          acc[nt][2] += a1 * b0;
+          acc[nt][3] += a1 * b1;
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // Epilogue: the tile through shared memory, then 16-byte runs along the output's contiguous axis.
+  const E alpha = static_cast<E>(args.alpha);
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) Cs[r_lo + (i >> 1) * 8][nt * 8 + 2 * tq + (i & 1)] = static_cast<E>(acc[nt][i]) * alpha;
   __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : A(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// ---- reconstruct -------------------------------------------------------------------------------
-// Block (i, y): Pi[b, t] = scale * sum_a u0[i, a] core[a, b, t] in shared memory, then the row
-// out[i, :, :] (I1 * T elements, coalesced) split over gridDim.y blocks.
-template <typename core_t, typename out_t>
-__global__ void reconstruct_kernel(const core_t* __restrict__ core, const core_t* __restrict__ u0,
-                                   const core_t* __restrict__ u1, const out_t* __restrict__ base,
-                                   out_t* __restrict__ out, int64_t r0, int64_t r1, int64_t T, int64_t I1,
-                                   double scale) {
-  using A = acc_of<core_t>;
-  using S = typename std::conditional<std::is_same<out_t, double>::value, double, A>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* Pi = reinterpret_cast<A*>(smem_raw);
-  const int64_t i = blockIdx.x, RT = r1 * T, row = I1 * T;
-  for (int64_t bt = threadIdx.x; bt < RT; bt += blockDim.x) {
-    A acc = 0;
-    for (int64_t a = 0; a < r0; ++a) acc += to_acc(u0[i * r0 + a]) * to_acc(core[a * RT + bt]);
-    Pi[bt] = acc * static_cast<A>(scale);
-  }
-  __syncthreads();
-  for (int64_t e = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; e < row; e += (int64_t)gridDim.y * blockDim.x) {
-    const int64_t j = e / T, t = e - j * T;
-    A acc = 0;
-    for (int64_t b = 0; b < r1; ++b) acc += to_acc(u1[j * r1 + b]) * Pi[b * T + t];
-    const int64_t idx = i * row + e;
-    out[idx] = base ? from_acc<out_t>(static_cast<S>(to_acc(base[idx])) + static_cast<S>(acc)) : from_acc<out_t>(acc);
-  }
-}
-
-// Q[i, b, t] = sum_j g[i, j, t] u1[j, b] (grid I0): tile of RT outputs x parts of j, reduced in smem.
-// With transpose = true: Rm[j, a, t] = sum_i g[i, j, t] u0[i, a] (grid I1), the same pattern.
-template <typename T, bool transpose>
-__global__ void contract_kernel(const T* __restrict__ g, const T* __restrict__ u, acc_of<T>* __restrict__ q,
-                                int64_t n_rows, int64_t n_red, int64_t r, int64_t Tt) {
-  using A = acc_of<T>;
-  __shared__ A part_sums[kThreads];
-  const int64_t row = blockIdx.x, RT = r * Tt;
-  const int64_t tile = RT < kThreads ? RT : kThreads;
-  const int64_t nparts = kThreads / tile;
-  const int64_t lane = threadIdx.x % tile, part = threadIdx.x / tile;
-  for (int64_t bt0 = 0; bt0 < RT; bt0 += tile) {
-    const int64_t bt = bt0 + lane;
-    A acc = 0;
-    if (part < nparts && bt < RT) {
-      const int64_t b = bt / Tt, t = bt - b * Tt;
-      for (int64_t j = part; j < n_red; j += nparts) {
-        // transpose: g[j, row, t] (j runs over I0); else g[row, j, t] (j runs over I1).
-        const int64_t gi = transpose ? (j * n_rows + row) * Tt + t : (row * n_red + j) * Tt + t;
-        acc += to_acc(g[gi]) * to_acc(u[j * r + b]);
+  constexpr int V = kVec<TO>;
+  const Out& d = args.d;
+  const int64_t off0 = (static_cast<int64_t>(split) + static_cast<int64_t>(g) * d.slice_g) * d.slice +
+                       static_cast<int64_t>(g) * d.gs;
+  TO* out = static_cast<TO*>(d.p) + off0;
+  const TO* src = d.src ? static_cast<const TO*>(d.src) + off0 : nullptr;
+  const TO* bias = d.bias ? static_cast<const TO*>(d.bias) + static_cast<int64_t>(g) * d.bias_gs : nullptr;
+  const bool along_rows = d.vec == kAlongRows;
+  const E inv_keep = static_cast<E>(args.dd.inv_keep);
+  for (int e = threadIdx.x; e < BM * BN / V; e += kThreads) {
+    const int rr = along_rows ? (e % (BM / V)) * V : e / (BN / V);
+    const int cc = along_rows ? e / (BM / V) : (e % (BN / V)) * V;
+    const uint32_t m = m0 + rr, n = n0 + cc;
+    const bool full = d.vec != kNone && (along_rows ? m + V <= args.M && n < args.N : m < args.M && n + V <= args.N);
+    if (full) {
+      const int64_t o = at(d.row, m).mem + at(d.col, n).mem;
+      alignas(16) TO s[V];
+      if (src) load_vec(s, src + o);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
+        if (args.dd.active) v = drop_keep(args.dd, off0 + o + i) ? v * inv_keep : E(0);
+        if (src) v += static_cast<E>(to_acc(s[i]));
+        if (bias) v += static_cast<E>(to_acc(bias[along_rows ? n : n + i]));
+        s[i] = from_acc<TO>(v);
+      }
+      *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(s);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const uint32_t mi = along_rows ? m + i : m, ni = along_rows ? n : n + i;
+        if (mi < args.M && ni < args.N) {
+          const int64_t o = at(d.row, mi).mem + at(d.col, ni).mem;
+          E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
+          if (args.dd.active) v = drop_keep(args.dd, off0 + o) ? v * inv_keep : E(0);
+          if (src) v += static_cast<E>(to_acc(src[o]));
+          if (bias) v += static_cast<E>(to_acc(bias[ni]));
+          out[o] = from_acc<TO>(v);
+        }
       }
     }
-    part_sums[threadIdx.x] = acc;
-    __syncthreads();
-    if (part == 0 && bt < RT) {
-      A s = 0;
-      for (int64_t p = 0; p < nparts; ++p) s += part_sums[p * tile + lane];
-      q[row * RT + bt] = s;
-    }
-    __syncthreads();
   }
 }
 
-// dcore[a, bt] = scale * sum_i u0[i, a] Q[i, bt]: one block per output.
-template <typename T>
-__global__ void dcore_kernel(const T* __restrict__ u0, const acc_of<T>* __restrict__ q, T* __restrict__ dcore,
-                             int64_t r0, int64_t RT, int64_t I0, double scale) {
-  using A = acc_of<T>;
-  const int64_t a = blockIdx.x / RT, bt = blockIdx.x % RT;
-  A acc = 0;
-  for (int64_t i = threadIdx.x; i < I0; i += blockDim.x) acc += to_acc(u0[i * r0 + a]) * q[i * RT + bt];
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) dcore[blockIdx.x] = from_acc<T>(acc * static_cast<A>(scale));
+// s[0..V) += the 16-byte vector at p (float4 / double2 loads: a local array would live in memory).
+__device__ __forceinline__ void add_vec(float (&s)[4], const float* p) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  s[0] += v.x;
+  s[1] += v.y;
+  s[2] += v.z;
+  s[3] += v.w;
+}
+__device__ __forceinline__ void add_vec(double (&s)[2], const double* p) {
+  const double2 v = *reinterpret_cast<const double2*>(p);
+  s[0] += v.x;
+  s[1] += v.y;
 }
 
-// du0[i, a] = scale * sum_bt Q[i, bt] core[a, bt]
-template <typename T>
-__global__ void du0_kernel(const acc_of<T>* __restrict__ q, const T* __restrict__ core, T* __restrict__ du0,
-                           int64_t I0, int64_t r0, int64_t RT, double scale) {
-  using A = acc_of<T>;
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < I0 * r0;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = idx / r0, a = idx - i * r0;
-    A acc = 0;
-    for (int64_t bt = 0; bt < RT; ++bt) acc += q[i * RT + bt] * to_acc(core[a * RT + bt]);
-    du0[idx] = from_acc<T>(acc * static_cast<A>(scale));
-  }
-}
-
-// du1[j, b] = scale * sum_{a,t} Rm[j, a, t] core[a, b, t]
-template <typename T>
-__global__ void du1_kernel(const acc_of<T>* __restrict__ rm, const T* __restrict__ core, T* __restrict__ du1,
-                           int64_t I1, int64_t r0, int64_t r1, int64_t Tt, double scale) {
-  using A = acc_of<T>;
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < I1 * r1;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t j = idx / r1, b = idx - j * r1;
-    A acc = 0;
-    for (int64_t a = 0; a < r0; ++a)
-      for (int64_t t = 0; t < Tt; ++t) acc += rm[(j * r0 + a) * Tt + t] * to_acc(core[(a * r1 + b) * Tt + t]);
-    du1[idx] = from_acc<T>(acc * static_cast<A>(scale));
-  }
-}
-
-// ---- adapter pieces ----------------------------------------------------------------------------
-template <typename T>
-__global__ void mix_kernel(const T* __restrict__ in, const T* __restrict__ w, int64_t groups, int64_t w_gs,
-                           int64_t ws_o, int64_t ws_c, T* out, int64_t R, int64_t C, int64_t O, int64_t P,
-                           double alpha, bool accumulate, DropParams din, DropParams dout) {
-  using A = acc_of<T>;
-  const int64_t n = R * O * P;
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t p = idx % P, ro = idx / P, o = ro % O, r = ro / O;
-    const int64_t ibase = r * C * P + p;
-    const T* wr = w + (r % groups) * w_gs + o * ws_o;
-    A acc = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t ii = ibase + c * P;
-      acc += to_acc(wr[c * ws_c]) * to_acc(in[ii]) * drop_scale<A>(din, ii);
-    }
-    const A v = acc * static_cast<A>(alpha) * drop_scale<A>(dout, idx);
-    out[idx] = accumulate ? from_acc<T>(to_acc(out[idx]) + v) : from_acc<T>(v);
-  }
-}
-
-// Weight gradients out[(g,) c, k] = alpha * sum mask * a[r, c, p] * b[r, k, p], over the rows r of
-// group g (per_group) or all rows. Each thread keeps kKC partial sums (a chunk of k) in registers,
-// so `a` is read once per chunk of 16 k's and every read is coalesced.
-constexpr int kKC = 16;
-
-// P == 1 (Linear): block = 32 consecutive channels c (one per lane) x 8 warps splitting the rows.
-template <typename T>
-__global__ void corr_p1_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t R,
-                               int64_t C, int64_t K, int64_t groups, bool per_group, double alpha, DropParams da) {
-  using A = acc_of<T>;
-  constexpr int kWarps = kThreads / 32;
-  __shared__ A red[kWarps][32][kKC + 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t g = blockIdx.y, c = (int64_t)blockIdx.x * 32 + lane;
-  const int64_t rows = per_group ? R / groups : R;
-  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-    A acc[kKC];
+// out[e] = alpha * sum_s ws[s * n + e] for e < n (the split-k partials of a token reduction).
+template <typename Acc, typename TO>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(const Acc* __restrict__ ws, TO* __restrict__ out, int64_t n,
+                                                          int64_t slices, double alpha, bool vec) {
+  constexpr int V = kVec<Acc>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * V;
+  // unroll 1: an unrolled grid-stride loop computes its trip count with a 64-bit division.
+#pragma unroll 1
+  for (int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; e < n; e += step) {
+    Acc s[V] = {};
+    if (vec && e + V <= n) {
+#pragma unroll 1
+      for (int64_t sl = 0; sl < slices; ++sl) add_vec(s, ws + sl * n + e);
+    } else {
+#pragma unroll 1
+      for (int64_t sl = 0; sl < slices; ++sl)
 #pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) acc[kk] = A(0);
-    if (c < C) {
-      for (int64_t rr = warp; rr < rows; rr += kWarps) {
-        const int64_t r = per_group ? g + rr * groups : rr;
-        const int64_t ia = r * C + c;
-        const A av = to_acc(a[ia]) * drop_scale<A>(da, ia);
-        const T* br = b + r * K + k0;
-#pragma unroll
-        for (int kk = 0; kk < kKC; ++kk)
-          if (k0 + kk < K) acc[kk] += av * to_acc(br[kk]);
-      }
+        for (int i = 0; i < V; ++i)
+          if (e + i < n) s[i] += ws[sl * n + e + i];
     }
 #pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) red[warp][lane][kk] = acc[kk];
-    __syncthreads();
-    for (int e = threadIdx.x; e < 32 * kKC; e += blockDim.x) {
-      const int l = e / kKC, kk = e % kKC;
-      const int64_t cc = (int64_t)blockIdx.x * 32 + l;
-      if (cc < C && k0 + kk < K) {
-        A sum = 0;
-        for (int w = 0; w < kWarps; ++w) sum += red[w][l][kk];
-        out[(g * C + cc) * K + k0 + kk] = from_acc<T>(sum * static_cast<A>(alpha));
-      }
-    }
-    __syncthreads();
-  }
-}
-
-// P > 1 (conv): one block per (c, g); threads stride over (rows x positions), coalesced over p.
-template <typename T>
-__global__ void corr_sp_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t R,
-                               int64_t C, int64_t K, int64_t P, int64_t groups, bool per_group, double alpha,
-                               DropParams da) {
-  using A = acc_of<T>;
-  const int64_t c = blockIdx.x, g = blockIdx.y;
-  const int64_t rows = per_group ? R / groups : R, n = rows * P;
-  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-    A acc[kKC];
-#pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) acc[kk] = A(0);
-    for (int64_t m = threadIdx.x; m < n; m += blockDim.x) {
-      const int64_t rr = m / P, p = m - rr * P;
-      const int64_t r = per_group ? g + rr * groups : rr;
-      const int64_t ia = (r * C + c) * P + p;
-      const A av = to_acc(a[ia]) * drop_scale<A>(da, ia);
-      const T* br = b + (r * K + k0) * P + p;
-#pragma unroll
-      for (int kk = 0; kk < kKC; ++kk)
-        if (k0 + kk < K) acc[kk] += av * to_acc(br[kk * P]);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) {
-      const A sum = block_sum(acc[kk]);
-      if (threadIdx.x == 0 && k0 + kk < K) out[(g * C + c) * K + k0 + kk] = from_acc<T>(sum * static_cast<A>(alpha));
-    }
+    for (int i = 0; i < V; ++i)
+      if (e + i < n) out[e + i] = from_acc<TO>(s[i] * static_cast<Acc>(alpha));
   }
 }
 
 template <typename T>
-__global__ void dropout_mask_kernel(T* out, int64_t n, DropParams d) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = from_acc<T>(drop_scale<acc_of<T>>(d, i));
+__global__ void __launch_bounds__(kThreads) dropout_mask_kernel(T* out, int64_t n, DropParams d, bool vec) {
+  constexpr int V = kVec<T>;
+  using A = acc_of<T>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * V;
+  // unroll 1: an unrolled grid-stride loop computes its trip count with a 64-bit division.
+#pragma unroll 1
+  for (int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; e < n; e += step) {
+    alignas(16) T v[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = from_acc<T>(drop_scale<A>(d, e + i));
+    if (vec && e + V <= n) {
+      *reinterpret_cast<uint4*>(out + e) = *reinterpret_cast<const uint4*>(v);
+    } else {
+      for (int i = 0; i < V && e + i < n; ++i) out[e + i] = v[i];
+    }
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::clamp<int64_t>((n + 1023) / 1024, 1, 1 << 16)); }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether runs of V elements along `run` are contiguous and 16-byte aligned for every run start
+// (a multiple of V along `run`, any index along `other`).
+bool contiguous_runs(const Idx2& run, const Idx2& other, std::initializer_list<int64_t> strides, int V) {
+  if (run.run_stride() != 1) return false;
+  if (run.div.d > 1 && (run.div.d % V != 0 || run.s_hi % V != 0)) return false;
+  if (other.s_hi % V != 0 || (other.div.d > 1 && other.s_lo % V != 0)) return false;
+  for (int64_t s : strides)
+    if (s % V != 0) return false;
+  return true;
+}
+
+template <typename T>
+int vec_mode(const void* p, const Idx2& row, const Idx2& col, std::initializer_list<int64_t> strides) {
+  if (!aligned16(p)) return kNone;
+  if (contiguous_runs(col, row, strides, kVec<T>)) return kAlongCols;
+  if (contiguous_runs(row, col, strides, kVec<T>)) return kAlongRows;
+  return kNone;
+}
+
+// Launch D (M x N) = alpha A B^T over `groups` groups, k split into `splits` chunks of kchunk.
+template <typename TA, typename TB, typename TO>
+cudaError_t launch_gemm(GemmArgs a, int64_t M, int64_t N, int64_t K, int64_t groups, int64_t splits,
+                        int64_t kchunk, cudaStream_t stream) {
+  const int64_t gx = (M + BM - 1) / BM, gy = (N + BN - 1) / BN, gz = groups * splits;
+  if (M > kMaxDim || N > kMaxDim || K > kMaxDim || gy > kMaxGrid || gz > kMaxGrid || groups < 1 || splits < 1)
+    return cudaErrorInvalidValue;
+  a.M = static_cast<uint32_t>(M);
+  a.N = static_cast<uint32_t>(N);
+  a.K = static_cast<uint32_t>(K);
+  a.kchunk = static_cast<uint32_t>(kchunk);
+  a.splits = FastDiv(splits);
+  a.a.vec = vec_mode<TA>(a.a.p, a.a.row, a.a.col, {a.a.gs});
+  a.b.vec = vec_mode<TB>(a.b.p, a.b.row, a.b.col, {a.b.gs});
+  a.d.vec = (a.d.src && !aligned16(a.d.src)) ? kNone : vec_mode<TO>(a.d.p, a.d.row, a.d.col, {a.d.gs, a.d.slice});
+  if (M == 0 || N == 0) return cudaSuccess;
+  gemm_kernel<TA, TB, TO><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(gz)),
+                            kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename TA, typename TB, typename TO>
+cudaError_t launch_gemm(const GemmArgs& a, int64_t M, int64_t N, int64_t K, int64_t groups, cudaStream_t stream) {
+  return launch_gemm<TA, TB, TO>(a, M, N, K, groups, 1, std::max<int64_t>(BK, (K + BK - 1) / BK * BK), stream);
 }
 
 template <typename F>
@@ -277,84 +449,358 @@ cudaError_t with_type(DType dt, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+int64_t acc_bytes(DType dt) { return dt == DType::F64 ? 8 : 4; }
+
+// Split of a long reduction (k) into chunks of a multiple of BK: enough blocks to fill the GPU
+// (about 1024), chunks of at least 256. slices = partial sums to add (splits, times the groups
+// when they are summed too); out_elems = elements of the (Gout, M, N) result.
+struct SplitPlan {
+  int64_t splits, kchunk, slices, out_elems;
+};
+
+SplitPlan plan_split(int64_t M, int64_t N, int64_t K, int64_t G, bool per_group) {
+  const int64_t tiles = ((M + BM - 1) / BM) * ((N + BN - 1) / BN) * G;
+  int64_t splits = std::clamp<int64_t>((1024 + tiles - 1) / tiles, 1, std::max<int64_t>(1, K / 256));
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, kMaxGrid / G));
+  const int64_t kchunk = std::max<int64_t>(BK, ((K + splits - 1) / splits + BK - 1) / BK * BK);
+  splits = std::max<int64_t>(1, (K + kchunk - 1) / kchunk);
+  return {splits, kchunk, splits * (per_group ? 1 : G), (per_group ? G : 1) * M * N};
+}
+
+int64_t split_ws_bytes(const SplitPlan& pl, int64_t acc_bytes) {
+  return pl.slices > 1 ? pl.slices * pl.out_elems * acc_bytes : 0;
+}
+
+// out (Gout, M, N) contiguous = alpha * sum over k (and over the G groups unless per_group) of
+// A B^T: straight into out when there is one partial, else fp32 (fp64) partials in ws (at least
+// split_ws_bytes) summed by reduce_kernel. g.a / g.b describe the operands; g.da the mask on a
+// (its 1 / (1 - p) belongs in alpha).
+template <typename TA, typename TB, typename TO>
+cudaError_t launch_split(GemmArgs g, const SplitPlan& pl, int64_t M, int64_t N, int64_t K, int64_t G, bool per_group,
+                         void* out, void* ws, double alpha, cudaStream_t stream) {
+  using A = acc2<TA, TB>;
+  g.d.row = Idx2(1, N);
+  g.d.col = Idx2(1, 1);
+  g.d.gs = per_group ? M * N : 0;
+  if (pl.slices == 1) {
+    g.d.p = out;
+    g.alpha = alpha;
+    return launch_gemm<TA, TB, TO>(g, M, N, K, G, pl.splits, pl.kchunk, stream);
+  }
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  g.d.p = ws;
+  g.d.slice = pl.out_elems;
+  g.d.slice_g = per_group ? 0 : pl.splits;
+  g.alpha = 1.0;
+  cudaError_t err = launch_gemm<TA, TB, A>(g, M, N, K, G, pl.splits, pl.kchunk, stream);
+  if (err != cudaSuccess) return err;
+  const bool vec = aligned16(ws) && pl.out_elems % kVec<A> == 0;
+  reduce_kernel<A, TO><<<blocks_for(pl.out_elems), kThreads, 0, stream>>>(
+      static_cast<const A*>(ws), static_cast<TO*>(out), pl.out_elems, pl.slices, alpha, vec);
+  return cudaGetLastError();
+}
+
+SplitPlan corr_plan(const Act& av, const Act& bv, bool per_group) {
+  return plan_split(av.c, bv.c, av.n * av.p, av.groups, per_group);
+}
+
 }  // namespace
 
-int64_t reconstruct_max_row(DType core_dt) {
-  return kSmemBytes / (core_dt == DType::F64 ? static_cast<int64_t>(sizeof(double)) : static_cast<int64_t>(sizeof(float)));
+int64_t reconstruct_workspace_bytes(DType core_dt, int64_t r0, int64_t r1, int64_t T, int64_t I0) {
+  (void)r0;
+  return I0 * r1 * T * acc_bytes(core_dt);
 }
 
 cudaError_t reconstruct(DType core_dt, DType out_dt, const void* core, const void* u0, const void* u1,
-                        const void* base, void* out, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1,
-                        double scale, cudaStream_t stream) {
-  if (r1 * T > reconstruct_max_row(core_dt) || I0 > 0x7fffffffLL) return cudaErrorInvalidValue;
+                        const void* base, void* out, void* ws, int64_t r0, int64_t r1, int64_t T, int64_t I0,
+                        int64_t I1, double scale, cudaStream_t stream) {
+  const int64_t RT = r1 * T;
+  if (I0 * T > kMaxDim || I1 * T > kMaxDim) return cudaErrorInvalidValue;
   return with_type(core_dt, [&](auto core_tag) {
     using CT = decltype(core_tag);
+    using A = acc_of<CT>;
+    GemmArgs p;  // Pi (I0, r1 T) = scale * u0 (I0, r0) core (r0, r1 T)
+    p.a.p = u0;
+    p.a.row = Idx2(1, r0);
+    p.a.col = Idx2(1, 1);
+    p.b.p = core;
+    p.b.row = Idx2(1, 1);
+    p.b.col = Idx2(1, RT);
+    p.d.p = ws;
+    p.d.row = Idx2(1, RT);
+    p.d.col = Idx2(1, 1);
+    p.alpha = scale;
+    cudaError_t err = launch_gemm<CT, CT, A>(p, I0, RT, r0, 1, stream);
+    if (err != cudaSuccess) return err;
     return with_type(out_dt, [&](auto out_tag) {
       using OT = decltype(out_tag);
-      const int64_t row = I1 * T;
-      const int64_t gy = std::max<int64_t>(1, std::min<int64_t>((row + kThreads - 1) / kThreads, 65535));
-      const size_t smem = static_cast<size_t>(r1 * T) * sizeof(acc_of<CT>);
-      reconstruct_kernel<CT, OT><<<dim3(static_cast<unsigned>(I0), static_cast<unsigned>(gy)), kThreads, smem, stream>>>(
-          static_cast<const CT*>(core), static_cast<const CT*>(u0), static_cast<const CT*>(u1),
-          static_cast<const OT*>(base), static_cast<OT*>(out), r0, r1, T, I1, scale);
-      return cudaGetLastError();
+      GemmArgs q;  // out[(i, t), j] = base + sum_b Pi[i, b, t] u1[j, b]
+      q.a.p = ws;
+      q.a.row = Idx2(T, RT, 1);
+      q.a.col = Idx2(1, T);
+      q.b.p = u1;
+      q.b.row = Idx2(1, r1);
+      q.b.col = Idx2(1, 1);
+      q.d.p = out;
+      q.d.src = base;
+      q.d.row = Idx2(T, I1 * T, 1);
+      q.d.col = Idx2(1, T);
+      return launch_gemm<A, CT, OT>(q, I0 * T, I1, r1, 1, stream);
     });
   });
 }
 
+namespace {
+// Split partials of the backward's long reductions, packed in one workspace (16-byte aligned parts):
+// dcore's over I0, and for T = 1 (a Linear's dW) Q's over I1 and Rm's over I0.
+struct BackwardWs {
+  SplitPlan c, q, r;
+  int64_t c_bytes, q_bytes, r_bytes;
+};
+
+int64_t round16(int64_t b) { return (b + 15) / 16 * 16; }
+
+BackwardWs backward_ws(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1) {
+  const int64_t ab = acc_bytes(dt);
+  BackwardWs w{plan_split(r0, r1 * T, I0, 1, true), plan_split(I0, r1, I1, 1, true), plan_split(I1, r0, I0, 1, true),
+               0, 0, 0};
+  w.c_bytes = round16(split_ws_bytes(w.c, ab));
+  w.q_bytes = T == 1 ? round16(split_ws_bytes(w.q, ab)) : 0;
+  w.r_bytes = T == 1 ? round16(split_ws_bytes(w.r, ab)) : 0;
+  return w;
+}
+}  // namespace
+
+int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1) {
+  const BackwardWs w = backward_ws(dt, r0, r1, T, I0, I1);
+  return w.c_bytes + w.q_bytes + w.r_bytes;
+}
+
 cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, const void* u0, const void* u1,
-                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, int64_t r0, int64_t r1,
-                                 int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream) {
-  if (I0 > 0x7fffffffLL || I1 > 0x7fffffffLL || r0 * r1 * T > 0x7fffffffLL) return cudaErrorInvalidValue;
+                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, void* ws_c, int64_t r0,
+                                 int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream) {
+  if (I0 * T > kMaxDim || I1 * T > kMaxDim || r0 * r1 * T > kMaxDim) return cudaErrorInvalidValue;
+  const int64_t RT = r1 * T;
+  const BackwardWs w = backward_ws(dt, r0, r1, T, I0, I1);
+  if (w.c_bytes + w.q_bytes + w.r_bytes > 0 && ws_c == nullptr) return cudaErrorInvalidValue;
+  char* wsp = static_cast<char*>(ws_c);
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
     using A = acc_of<TT>;
-    const TT* g = static_cast<const TT*>(grad);
-    A* q = static_cast<A*>(ws_q);
-    A* rm = static_cast<A*>(ws_r);
-    contract_kernel<TT, false><<<static_cast<unsigned>(I0), kThreads, 0, stream>>>(g, static_cast<const TT*>(u1), q,
-                                                                                    I0, I1, r1, T);
-    contract_kernel<TT, true><<<static_cast<unsigned>(I1), kThreads, 0, stream>>>(g, static_cast<const TT*>(u0), rm,
-                                                                                   I1, I0, r0, T);
-    dcore_kernel<TT><<<static_cast<unsigned>(r0 * r1 * T), kThreads, 0, stream>>>(
-        static_cast<const TT*>(u0), q, static_cast<TT*>(dcore), r0, r1 * T, I0, scale);
-    du0_kernel<TT><<<static_cast<unsigned>(blocks_for(I0 * r0)), kThreads, 0, stream>>>(
-        q, static_cast<const TT*>(core), static_cast<TT*>(du0), I0, r0, r1 * T, scale);
-    du1_kernel<TT><<<static_cast<unsigned>(blocks_for(I1 * r1)), kThreads, 0, stream>>>(
-        rm, static_cast<const TT*>(core), static_cast<TT*>(du1), I1, r0, r1, T, scale);
-    return cudaGetLastError();
+    GemmArgs q;  // Q[(i, t), b] = sum_j grad[i, j, t] u1[j, b]  -> ws_q (I0, r1, T)
+    q.a.p = grad;
+    q.a.row = Idx2(T, I1 * T, 1);
+    q.a.col = Idx2(1, T);
+    q.b.p = u1;
+    q.b.row = Idx2(1, 1);
+    q.b.col = Idx2(1, r1);
+    q.d.p = ws_q;
+    q.d.row = Idx2(T, RT, 1);
+    q.d.col = Idx2(1, T);
+    cudaError_t err = T == 1 ? launch_split<TT, TT, A>(q, w.q, I0, r1, I1, 1, true, ws_q, wsp + w.c_bytes, 1.0, stream)
+                             : launch_gemm<TT, TT, A>(q, I0 * T, r1, I1, 1, stream);
+    if (err != cudaSuccess) return err;
+    GemmArgs r;  // Rm[(j, t), a] = sum_i grad[i, j, t] u0[i, a]  -> ws_r (I1, r0, T)
+    r.a.p = grad;
+    r.a.row = Idx2(T, T, 1);
+    r.a.col = Idx2(1, I1 * T);
+    r.b.p = u0;
+    r.b.row = Idx2(1, 1);
+    r.b.col = Idx2(1, r0);
+    r.d.p = ws_r;
+    r.d.row = Idx2(T, r0 * T, 1);
+    r.d.col = Idx2(1, T);
+    err = T == 1 ? launch_split<TT, TT, A>(r, w.r, I1, r0, I0, 1, true, ws_r, wsp + w.c_bytes + w.q_bytes, 1.0, stream)
+                 : launch_gemm<TT, TT, A>(r, I1 * T, r0, I0, 1, stream);
+    if (err != cudaSuccess) return err;
+    GemmArgs c;  // dcore[a, bt] = scale * sum_i u0[i, a] Q[i, bt]: a reduction over I0, split
+    c.a.p = u0;
+    c.a.row = Idx2(1, 1);
+    c.a.col = Idx2(1, r0);
+    c.b.p = ws_q;
+    c.b.row = Idx2(1, 1);
+    c.b.col = Idx2(1, RT);
+    err = launch_split<TT, A, TT>(c, w.c, r0, RT, I0, 1, true, dcore, wsp, scale, stream);
+    if (err != cudaSuccess) return err;
+    GemmArgs u;  // du0[i, a] = scale * sum_bt Q[i, bt] core[a, bt]
+    u.a.p = ws_q;
+    u.a.row = Idx2(1, RT);
+    u.a.col = Idx2(1, 1);
+    u.b.p = core;
+    u.b.row = Idx2(1, RT);
+    u.b.col = Idx2(1, 1);
+    u.d.p = du0;
+    u.d.row = Idx2(1, r0);
+    u.d.col = Idx2(1, 1);
+    u.alpha = scale;
+    if ((err = launch_gemm<A, TT, TT>(u, I0, r0, RT, 1, stream)) != cudaSuccess) return err;
+    GemmArgs v;  // du1[j, b] = scale * sum_{a,t} Rm[j, a, t] core[a, b, t]; k = (a, t)
+    v.a.p = ws_r;
+    v.a.row = Idx2(1, r0 * T);
+    v.a.col = Idx2(1, 1);
+    v.b.p = core;
+    v.b.row = Idx2(1, T);
+    v.b.col = Idx2(T, RT, 1);
+    v.d.p = du1;
+    v.d.row = Idx2(1, r1);
+    v.d.col = Idx2(1, 1);
+    v.alpha = scale;
+    return launch_gemm<A, TT, TT>(v, I1, r1, r0 * T, 1, stream);
   });
 }
 
-cudaError_t mix(DType dt, const void* in, const void* w, int64_t groups, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-                void* out, int64_t R, int64_t C, int64_t O, int64_t P, double alpha, bool accumulate, DropParams din,
-                DropParams dout, cudaStream_t stream) {
-  if (groups < 1) return cudaErrorInvalidValue;
+namespace {
+// A Linear-shaped mix (P = 1, one group) with a plain output and a long reduction over few output
+// tiles (the shrink x U_in, dS = dy B: M tokens x r, K = features) splits k to fill the GPU.
+bool mix_splits(const Act& iv, int64_t O, const void* bias, bool accumulate, const DropParams& dout) {
+  return iv.p == 1 && iv.groups == 1 && bias == nullptr && !accumulate && !dout.active &&
+         plan_split(iv.n, O, iv.c, 1, true).slices > 1;
+}
+}  // namespace
+
+int64_t mix_workspace_bytes(DType dt, const Act& iv, int64_t O, const void* bias, bool accumulate,
+                            const DropParams& dout) {
+  return mix_splits(iv, O, bias, accumulate, dout) ? split_ws_bytes(plan_split(iv.n, O, iv.c, 1, true), acc_bytes(dt))
+                                                   : 0;
+}
+
+cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
+                void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
+                DropParams dout, void* ws, cudaStream_t stream) {
+  const int64_t G = iv.groups, C = iv.c, P = iv.p;
+  if (iv.p > kMaxDim || G < 1) return cudaErrorInvalidValue;
+  const bool split = mix_splits(iv, O, bias, accumulate, dout);
+  if (split && ws == nullptr) return cudaErrorInvalidValue;
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
-    mix_kernel<TT><<<static_cast<unsigned>(blocks_for(R * O * P)), kThreads, 0, stream>>>(
-        static_cast<const TT*>(in), static_cast<const TT*>(w), groups, w_gs, ws_o, ws_c, static_cast<TT*>(out), R, C,
-        O, P, alpha, accumulate, din, dout);
-    return cudaGetLastError();
+    GemmArgs a;  // rows m = (n, p), k = c, columns o; out contiguous (N, G, O, P)
+    a.a.p = in;
+    a.a.row = Idx2(P, iv.sn, iv.sp, G * C * P, 1);
+    a.a.col = Idx2(1, iv.sc, 0, P);
+    a.a.gs = iv.sg;
+    a.a.lgs = C * P;
+    a.b.p = w;
+    a.b.row = Idx2(1, ws_o);
+    a.b.col = Idx2(1, ws_c);
+    a.b.gs = w_gs;
+    a.d.p = out;
+    a.d.src = accumulate ? out : nullptr;
+    a.d.bias = bias;
+    a.d.bias_gs = O;
+    a.d.row = Idx2(P, G * O * P, 1);
+    a.d.col = Idx2(1, P);
+    a.d.gs = O * P;
+    a.alpha = alpha * (din.active ? din.inv_keep : 1.0);
+    a.da = din;
+    a.dd = dout;
+    if (split)
+      return launch_split<TT, TT, TT>(a, plan_split(iv.n, O, C, 1, true), iv.n, O, C, 1, true, out, ws, a.alpha,
+                                      stream);
+    return launch_gemm<TT, TT, TT>(a, iv.n * P, O, C, G, stream);
   });
 }
 
-cudaError_t corr(DType dt, const void* a, const void* b, void* out, int64_t R, int64_t C, int64_t K, int64_t P,
-                 int64_t groups, bool per_group, double alpha, DropParams da, cudaStream_t stream) {
-  const int64_t gy = per_group ? groups : 1;
-  if (groups < 1 || R % groups != 0 || gy > 65535 || C > 0x7fffffffLL) return cudaErrorInvalidValue;
+int64_t corr_workspace_bytes(DType dt, const Act& av, const Act& bv, bool per_group) {
+  return split_ws_bytes(corr_plan(av, bv, per_group), acc_bytes(dt));
+}
+
+cudaError_t corr(DType dt, const void* a, const Act& av, const void* b, const Act& bv, void* out, bool per_group,
+                 double alpha, DropParams da, void* ws, cudaStream_t stream) {
+  const int64_t G = av.groups, C = av.c, P = av.p;
+  if (G < 1 || bv.groups != G || bv.n != av.n || bv.p != P || av.n * P > kMaxDim) return cudaErrorInvalidValue;
+  const SplitPlan pl = corr_plan(av, bv, per_group);
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
-    if (P == 1) {
-      const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>(gy));
-      corr_p1_kernel<TT><<<grid, kThreads, 0, stream>>>(static_cast<const TT*>(a), static_cast<const TT*>(b),
-                                                          static_cast<TT*>(out), R, C, K, groups, per_group, alpha, da);
-    } else {
-      const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(gy));
-      corr_sp_kernel<TT><<<grid, kThreads, 0, stream>>>(static_cast<const TT*>(a), static_cast<const TT*>(b),
-                                                          static_cast<TT*>(out), R, C, K, P, groups, per_group, alpha,
-                                                          da);
+    GemmArgs g;  // rows c, columns k, reduction over q = (n, p)
+    g.a.p = a;
+    g.a.row = Idx2(1, av.sc, 0, P);
+    g.a.col = Idx2(P, av.sn, av.sp, G * C * P, 1);
+    g.a.gs = av.sg;
+    g.a.lgs = C * P;
+    g.b.p = b;
+    g.b.row = Idx2(1, bv.sc);
+    g.b.col = Idx2(P, bv.sn, bv.sp);
+    g.b.gs = bv.sg;
+    g.da = da;
+    return launch_split<TT, TT, TT>(g, pl, C, bv.c, av.n * P, G, per_group, out, ws,
+                                    alpha * (da.active ? da.inv_keep : 1.0), stream);
+  });
+}
+
+namespace {
+constexpr int64_t kL2ChunkBytes = 8 << 20;
+
+struct LinearGradPlan {
+  int64_t chunk, nchunks;
+  SplitPlan per_chunk;  // db's split of one chunk
+  int64_t slices;           // db partials over all chunks
+  int64_t db_bytes, ds_bytes;
+};
+
+LinearGradPlan linear_grad_plan(DType dt, int64_t M, int64_t O, int64_t r, int64_t chunk_rows) {
+  const int64_t esize = dt == DType::F64 ? 8 : (dt == DType::F32 ? 4 : 2);
+  int64_t chunk = chunk_rows > 0 ? chunk_rows : std::max<int64_t>(256, kL2ChunkBytes / std::max<int64_t>(1, O * esize));
+  chunk = std::min(chunk, M);
+  const int64_t nchunks = (M + chunk - 1) / chunk;
+  const SplitPlan pc = plan_split(O, r, chunk, 1, true), pd = plan_split(chunk, r, O, 1, true);  // db, ds
+  const int64_t slices = nchunks * pc.splits, last = M - (nchunks - 1) * chunk;
+  const int64_t db_bytes = slices > 1 ? slices * O * r * acc_bytes(dt) : 0;
+  const int64_t ds_bytes = std::max(split_ws_bytes(pd, acc_bytes(dt)),
+                                    split_ws_bytes(plan_split(last, r, O, 1, true), acc_bytes(dt)));
+  return {chunk, nchunks, pc, slices, (db_bytes + 15) / 16 * 16, ds_bytes};
+}
+}  // namespace
+
+int64_t linear_grad_workspace_bytes(DType dt, int64_t M, int64_t O, int64_t r, int64_t chunk_rows) {
+  const LinearGradPlan pl = linear_grad_plan(dt, M, O, r, chunk_rows);
+  return pl.db_bytes + pl.ds_bytes;
+}
+
+cudaError_t linear_grad(DType dt, const void* dy, const void* s, const void* b, void* ds, void* db, int64_t M,
+                        int64_t O, int64_t r, int64_t chunk_rows, void* ws, cudaStream_t stream) {
+  const LinearGradPlan pl = linear_grad_plan(dt, M, O, r, chunk_rows);
+  if (pl.db_bytes + pl.ds_bytes > 0 && ws == nullptr) return cudaErrorInvalidValue;
+  void* ws_ds = static_cast<char*>(ws) + pl.db_bytes;  // ds partials, reused by every chunk (stream order)
+  return with_type(dt, [&](auto tag) {
+    using TT = decltype(tag);
+    using A = acc_of<TT>;
+    const int64_t out_elems = O * r;
+    for (int64_t c = 0; c < pl.nchunks; ++c) {
+      const int64_t c0 = c * pl.chunk, rows = std::min(pl.chunk, M - c0);
+      const TT* dyc = static_cast<const TT*>(dy) + c0 * O;
+      GemmArgs d;  // ds[m, k] = sum_o dy[m, o] b[o, k] over the chunk's rows (k split): dy from memory
+      d.a.p = dyc;
+      d.a.row = Idx2(1, O);
+      d.a.col = Idx2(1, 1);
+      d.b.p = b;
+      d.b.row = Idx2(1, 1);
+      d.b.col = Idx2(1, r);
+      cudaError_t err = launch_split<TT, TT, TT>(d, plan_split(rows, r, O, 1, true), rows, r, O, 1, true,
+                                                 static_cast<TT*>(ds) + c0 * r, ws_ds, 1.0, stream);
+      if (err != cudaSuccess) return err;
+      GemmArgs g;  // db[o, k] (+)= sum_m dy[m, o] s[m, k] over the same rows: dy from L2
+      g.a.p = dyc;
+      g.a.row = Idx2(1, 1);
+      g.a.col = Idx2(1, O);
+      g.b.p = static_cast<const TT*>(s) + c0 * r;
+      g.b.row = Idx2(1, 1);
+      g.b.col = Idx2(1, r);
+      g.d.row = Idx2(1, r);
+      g.d.col = Idx2(1, 1);
+      if (pl.slices == 1) {
+        g.d.p = db;
+        err = launch_gemm<TT, TT, TT>(g, O, r, rows, 1, 1, pl.per_chunk.kchunk, stream);
+      } else {
+        g.d.p = static_cast<A*>(ws) + c * pl.per_chunk.splits * out_elems;
+        g.d.slice = out_elems;
+        err = launch_gemm<TT, TT, A>(g, O, r, rows, 1, pl.per_chunk.splits, pl.per_chunk.kchunk, stream);
+      }
+      if (err != cudaSuccess) return err;
     }
+    if (pl.slices == 1) return cudaSuccess;
+    const bool vec = aligned16(ws) && out_elems % kVec<A> == 0;
+    reduce_kernel<A, TT><<<blocks_for(out_elems), kThreads, 0, stream>>>(
+        static_cast<const A*>(ws), static_cast<TT*>(db), out_elems, pl.slices, 1.0, vec);
     return cudaGetLastError();
   });
 }
@@ -362,7 +808,7 @@ cudaError_t corr(DType dt, const void* a, const void* b, void* out, int64_t R, i
 cudaError_t dropout_mask(DType dt, void* out, int64_t n, DropParams d, cudaStream_t stream) {
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
-    dropout_mask_kernel<TT><<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, stream>>>(static_cast<TT*>(out), n, d);
+    dropout_mask_kernel<TT><<<blocks_for(n), kThreads, 0, stream>>>(static_cast<TT*>(out), n, d, aligned16(out));
     return cudaGetLastError();
   });
 }

@@ -1,10 +1,11 @@
-// Plain C++ API of the CUDA kernels (csrc/flora_cuda.cu): raw pointers, sizes and a stream.
-// No torch types here, so the .cu compiles with nvcc alone; the torch binding lives in
-// csrc/flora_cuda_binding.cpp. All tensors are contiguous, row-major, and (except `base`/`out`
-// of reconstruct) of one dtype. Accumulation is in fp32 (fp64 for fp64 inputs).
+// Plain C++ API of the CUDA kernels (csrc/flora_cuda.cu): raw pointers, sizes, element strides and a
+// stream. No torch types here, so the .cu compiles with nvcc alone; the torch binding lives in
+// csrc/flora_cuda_binding.cpp. Accumulation is in fp32 (fp64 when an operand is fp64); bf16/fp16
+// products run on tensor cores (mma.sync m16n8k16, sm_80+).
 //
 // Every launcher returns cudaSuccess or the error of the launch (cudaErrorInvalidValue for
-// arguments it cannot handle, e.g. a reconstruct row buffer beyond shared memory).
+// arguments it cannot handle: a size of 2^31 elements or more along one GEMM dimension, more than
+// 65535 groups).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -18,33 +19,60 @@ namespace cuda {
 
 enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-// Largest r1 * T the reconstruct kernel keeps in shared memory (per row of u0).
-int64_t reconstruct_max_row(DType core_dt);
+// An activation (N, groups * C, *spatial) as (n, g, c, p), p the flattened spatial index: element
+// (n, g, c, p) lives at n * sn + g * sg + c * sc + p * sp. Contiguous (NCHW) and channels_last
+// tensors both have this form, so neither is copied. Dropout masks index the *logical*
+// contiguous element ((n * groups + g) * C + c) * P + p, whatever the strides.
+struct Act {
+  int64_t n, groups, c, p;
+  int64_t sn, sg, sc, sp;
+};
+
+// Bytes of the fp32 (fp64 for F64) partial sums reconstruct needs (ws of reconstruct).
+int64_t reconstruct_workspace_bytes(DType core_dt, int64_t r0, int64_t r1, int64_t T, int64_t I0);
 
 // out[i, j, t] = base[i, j, t] + scale * sum_{a,b} u0[i, a] core[a, b, t] u1[j, b]; base may be null.
-// core/u0/u1 in core_dt; base/out in out_dt. core (r0, r1, T), u0 (I0, r0), u1 (I1, r1), out (I0, I1, T).
+// core/u0/u1 in core_dt; base/out in out_dt. core (r0, r1, T), u0 (I0, r0), u1 (I1, r1), out (I0, I1, T),
+// all contiguous. Two GEMMs: Pi = scale * u0 core (I0, r1 T) into ws, then out = base + Pi x_1 u1.
 cudaError_t reconstruct(DType core_dt, DType out_dt, const void* core, const void* u0, const void* u1,
-                        const void* base, void* out, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1,
-                        double scale, cudaStream_t stream);
+                        const void* base, void* out, void* ws, int64_t r0, int64_t r1, int64_t T, int64_t I0,
+                        int64_t I1, double scale, cudaStream_t stream);
 
-// Adjoint of reconstruct (without base): dcore, du0, du1 from grad (I0, I1, T), all in dt.
-// ws_q: I0 * r1 * T and ws_r: I1 * r0 * T accumulator elements (float; double for F64).
+// Adjoint of reconstruct (without base): dcore, du0, du1 from grad (I0, I1, T), all in dt, contiguous.
+// ws_q: I0 * r1 * T and ws_r: I1 * r0 * T accumulator elements (float; double for F64); ws_c:
+// reconstruct_backward_workspace_bytes (the split partials of the long reductions; may be null
+// when that is 0).
+int64_t reconstruct_backward_workspace_bytes(DType dt, int64_t r0, int64_t r1, int64_t T, int64_t I0, int64_t I1);
 cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, const void* u0, const void* u1,
-                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, int64_t r0, int64_t r1,
-                                 int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
+                                 void* dcore, void* du0, void* du1, void* ws_q, void* ws_r, void* ws_c, int64_t r0,
+                                 int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
 
-// out[r, o, p] (= or +=) alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] * mask_in * in[r, c, p]
-// with g = r % groups; in (R, C, P), out (R, O, P); the masks index the flat element of in / out.
-cudaError_t mix(DType dt, const void* in, const void* w, int64_t groups, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-                void* out, int64_t R, int64_t C, int64_t O, int64_t P, double alpha, bool accumulate, DropParams din,
-                DropParams dout, cudaStream_t stream);
+// out[n, g, o, p] (= or +=) bias[g * O + o] + alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] *
+// mask_in * in[n, g, c, p]. in: the strided view iv; out contiguous (N, groups * O, *spatial); bias
+// (groups * O) or null; mask_in indexes the logical element of in, mask_out the element of out.
+// ws: mix_workspace_bytes (split-k partials of a Linear-shaped reduction; null when that is 0).
+int64_t mix_workspace_bytes(DType dt, const Act& iv, int64_t O, const void* bias, bool accumulate,
+                            const DropParams& dout);
+cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
+                void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
+                DropParams dout, void* ws, cudaStream_t stream);
 
-// out[c, k] = alpha * sum_{r,p} mask * a[r, c, p] * b[r, k, p]; a (R, C, P), b (R, K, P), out (C, K);
-// per_group: out (groups, C, K), block g summing only the rows r with r % groups == g.
-cudaError_t corr(DType dt, const void* a, const void* b, void* out, int64_t R, int64_t C, int64_t K, int64_t P,
-                 int64_t groups, bool per_group, double alpha, DropParams da, cudaStream_t stream);
+// out[c, k] = alpha * sum_{n,g,p} mask * a[n, g, c, p] * b[n, g, k, p] (out (C, K)); per_group: out
+// (groups, C, K), slice g summing only group g. a, b strided views with equal n, groups, p.
+// Token reductions are split over the (n, p) axis: ws holds the fp32 (fp64) partials.
+int64_t corr_workspace_bytes(DType dt, const Act& av, const Act& bv, bool per_group);
+cudaError_t corr(DType dt, const void* a, const Act& av, const void* b, const Act& bv, void* out, bool per_group,
+                 double alpha, DropParams da, void* ws, cudaStream_t stream);
 
-// out[i] = the dropout multiplier of element i (0 or 1 / (1 - p)).
+// The two Linear gradients that read dy: ds = dy b (M, r) and db = dy^T s (O, r); dy (M, O), s (M, r),
+// b (O, r) contiguous. dy is processed in chunks of chunk_rows tokens (0: about 8 MiB of dy, so a
+// chunk stays in L2): ds of the chunk streams it from memory, db of the chunk re-reads it from L2;
+// db's partials (per chunk and split) go to ws (linear_grad_workspace_bytes) and are summed at the end.
+int64_t linear_grad_workspace_bytes(DType dt, int64_t M, int64_t O, int64_t r, int64_t chunk_rows);
+cudaError_t linear_grad(DType dt, const void* dy, const void* s, const void* b, void* ds, void* db, int64_t M,
+                        int64_t O, int64_t r, int64_t chunk_rows, void* ws, cudaStream_t stream);
+
+// out[i] = the dropout multiplier of element i (0 or 1 / (1 - p)); out contiguous.
 cudaError_t dropout_mask(DType dt, void* out, int64_t n, DropParams d, cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,6 +1,7 @@
 // TORCH_LIBRARY_IMPL(flora, CUDA): validates with the same checks as the CPU kernels, then calls
-// the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Built only where torch
-// has CUDA (setup.py / the JIT path in flora_kernels/backends/cuda.py).
+// the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Activation inputs are read
+// in place (contiguous or channels_last: strides passed to the kernels); outputs are contiguous.
+// Built only where torch has CUDA (setup.py / the JIT path in flora_kernels/backends/cuda.py).
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -14,6 +15,7 @@ namespace flora {
 namespace {
 
 using at::Tensor;
+using cuda::DType;
 
 cuda::DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -33,14 +35,47 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "flora::", what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// The (n, g, c, p) view of an activation (N, groups * C, *spatial) read in place: any layout whose
+// spatial dims collapse to one stride (contiguous, channels_last, ...). Otherwise `t` is replaced
+// by a contiguous copy first.
+cuda::Act act_view(Tensor& t, int64_t groups) {
+  int64_t P = 1, sp = 0;
+  bool ok = true;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (P == 1)
+      sp = t.stride(d);  // the innermost spatial dim of size > 1
+    else if (t.stride(d) != sp * P)
+      ok = false;
+    P *= t.size(d);
+  }
+  if (!ok) {
+    t = t.contiguous();
+    return act_view(t, groups);
+  }
+  const int64_t C = t.size(1) / groups;
+  return cuda::Act{t.size(0), groups, C, P, t.stride(0), C * t.stride(1), t.stride(1), sp};
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// cuda::mix with its split-k workspace (if any) from torch's caching allocator.
+void run_mix(const Tensor& in, const cuda::Act& v, const Tensor& w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
+             Tensor& out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din, DropParams dout,
+             const char* what) {
+  const DType dt = dtype_of(in);
+  const int64_t bytes = cuda::mix_workspace_bytes(dt, v, O, bias, accumulate, dout);
+  Tensor ws = at::empty({bytes}, in.options().dtype(at::kByte));
+  check_launch(cuda::mix(dt, in.data_ptr(), v, w.data_ptr(), w_gs, ws_o, ws_c, out.data_ptr(), bias, O, alpha,
+                         accumulate, din, dout, bytes ? ws.data_ptr() : nullptr, stream()),
+               what);
+}
+
 Tensor tucker_reconstruct_cuda(const Tensor& core_, const Tensor& u0_, const Tensor& u1_, double scale,
                                const c10::optional<Tensor>& base_) {
   const ReconDims d = check_reconstruct(core_, u0_, u1_);
   check_cuda(core_, "core");
   c10::cuda::CUDAGuard guard(core_.device());
-  const auto limit = cuda::reconstruct_max_row(dtype_of(core_));
-  TORCH_CHECK(d.r1 * d.T <= limit, "tucker_reconstruct (CUDA): expected r_1 * taps <= ", limit,
-              " (the shared-memory row buffer), got ", d.r1, " * ", d.T);
   Tensor core = core_.contiguous(), u0 = u0_.contiguous(), u1 = u1_.contiguous();
   Tensor base;
   if (base_.has_value() && base_->defined()) {
@@ -48,9 +83,11 @@ Tensor tucker_reconstruct_cuda(const Tensor& core_, const Tensor& u0_, const Ten
     base = base_->contiguous();
   }
   Tensor out = at::empty({d.I0, d.I1, d.T}, core.options().dtype(base.defined() ? base.scalar_type() : core.scalar_type()));
+  Tensor ws = at::empty({cuda::reconstruct_workspace_bytes(dtype_of(core), d.r0, d.r1, d.T, d.I0)},
+                        core.options().dtype(at::kByte));
   check_launch(cuda::reconstruct(dtype_of(core), dtype_of(out), core.data_ptr(), u0.data_ptr(), u1.data_ptr(),
-                                 base.defined() ? base.data_ptr() : nullptr, out.data_ptr(), d.r0, d.r1, d.T, d.I0,
-                                 d.I1, scale, c10::cuda::getCurrentCUDAStream().stream()),
+                                 base.defined() ? base.data_ptr() : nullptr, out.data_ptr(), ws.data_ptr(), d.r0, d.r1,
+                                 d.T, d.I0, d.I1, scale, stream()),
                "tucker_reconstruct");
   return out;
 }
@@ -68,25 +105,26 @@ std::tuple<Tensor, Tensor, Tensor> tucker_reconstruct_backward_cuda(const Tensor
   const auto acc = core.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor q = at::empty({d.I0, d.r1, d.T}, core.options().dtype(acc));
   Tensor rm = at::empty({d.I1, d.r0, d.T}, core.options().dtype(acc));
+  Tensor wc = at::empty({cuda::reconstruct_backward_workspace_bytes(dtype_of(core), d.r0, d.r1, d.T, d.I0, d.I1)},
+                        core.options().dtype(at::kByte));
   check_launch(cuda::reconstruct_backward(dtype_of(core), grad.data_ptr(), core.data_ptr(), u0.data_ptr(),
                                           u1.data_ptr(), dcore.data_ptr(), du0.data_ptr(), du1.data_ptr(),
-                                          q.data_ptr(), rm.data_ptr(), d.r0, d.r1, d.T, d.I0, d.I1, scale,
-                                          c10::cuda::getCurrentCUDAStream().stream()),
+                                          q.data_ptr(), rm.data_ptr(), wc.numel() ? wc.data_ptr() : nullptr, d.r0,
+                                          d.r1, d.T, d.I0, d.I1, scale, stream()),
                "tucker_reconstruct_backward");
   return {dcore, du0, du1};
 }
 
 Tensor adapter_shrink_cuda(const Tensor& x_, const Tensor& u_in_, int64_t groups, double p, int64_t seed) {
-  const ChanView v = check_in_factor(x_, u_in_, groups, "x", "u_in");
+  check_in_factor(x_, u_in_, groups, "x", "u_in");
   check_cuda(x_, "x");
   check_dropout(p);
   c10::cuda::CUDAGuard guard(x_.device());
-  Tensor x = x_.contiguous(), u = u_in_.contiguous();
+  Tensor x = x_, u = u_in_.contiguous();
+  const cuda::Act v = act_view(x, groups);
   const int64_t r = u.size(1);
-  Tensor z = at::empty(with_channels(x, groups * r), x.options());
-  check_launch(cuda::mix(dtype_of(x), x.data_ptr(), u.data_ptr(), groups, 0, 1, r, z.data_ptr(), v.R, v.C, r, v.P, 1.0, false,
-                         make_drop(p, seed), DropParams{}, c10::cuda::getCurrentCUDAStream().stream()),
-               "adapter_shrink");
+  Tensor z = at::empty(with_channels(x, groups * r), x.options().memory_format(at::MemoryFormat::Contiguous));
+  run_mix(x, v, u, 0, 1, r, z, nullptr, r, 1.0, false, make_drop(p, seed), DropParams{}, "adapter_shrink");
   return z;
 }
 
@@ -94,41 +132,56 @@ void adapter_expand_cuda(Tensor& y, const Tensor& z_, const Tensor& u_out_, int6
   const ExpandDims e = check_expand(y, z_, u_out_, groups);
   check_cuda(y, "y");
   c10::cuda::CUDAGuard guard(y.device());
-  Tensor z = z_.contiguous(), u = u_out_.contiguous();
-  check_launch(cuda::mix(dtype_of(y), z.data_ptr(), u.data_ptr(), groups, e.Og * e.r, e.r, 1, y.data_ptr(), e.v.R, e.r,
-                         e.Og, e.v.P, scale, true, DropParams{}, DropParams{}, c10::cuda::getCurrentCUDAStream().stream()),
-               "adapter_expand_");
+  Tensor z = z_, u = u_out_.contiguous();
+  const cuda::Act v = act_view(z, groups);
+  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, nullptr, e.Og, scale, true, DropParams{}, DropParams{}, "adapter_expand_");
+}
+
+Tensor adapter_expand_out_cuda(const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale,
+                               const c10::optional<Tensor>& bias_) {
+  const auto shape = check_expand_out(z_, u_out_, bias_);
+  check_cuda(z_, "z");
+  c10::cuda::CUDAGuard guard(z_.device());
+  Tensor y = at::empty(shape, z_.options().memory_format(at::MemoryFormat::Contiguous));
+  const ExpandDims e = check_expand(y, z_, u_out_, groups);
+  Tensor z = z_, u = u_out_.contiguous();
+  Tensor bias = bias_.has_value() && bias_->defined() ? bias_->contiguous() : Tensor();
+  const cuda::Act v = act_view(z, groups);
+  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, bias.defined() ? bias.data_ptr() : nullptr, e.Og, scale, false,
+          DropParams{}, DropParams{}, "adapter_expand");
+  return y;
 }
 
 Tensor adapter_expand_grad_input_cuda(const Tensor& dy_, const Tensor& u_out_, int64_t groups, double scale) {
-  const ChanView v = check_out_factor(dy_, u_out_, groups);
+  const ChanView cv = check_out_factor(dy_, u_out_, groups);
   check_cuda(dy_, "dy");
   c10::cuda::CUDAGuard guard(dy_.device());
-  Tensor dy = dy_.contiguous(), u = u_out_.contiguous();
+  Tensor dy = dy_, u = u_out_.contiguous();
+  const cuda::Act v = act_view(dy, groups);
   const int64_t r = u.size(1);
-  Tensor dz = at::empty(with_channels(dy, groups * r), dy.options());
-  check_launch(cuda::mix(dtype_of(dy), dy.data_ptr(), u.data_ptr(), groups, v.C * r, 1, r, dz.data_ptr(), v.R, v.C, r, v.P, scale,
-                         false, DropParams{}, DropParams{}, c10::cuda::getCurrentCUDAStream().stream()),
-               "adapter_expand_grad_input");
+  Tensor dz = at::empty(with_channels(dy, groups * r), dy.options().memory_format(at::MemoryFormat::Contiguous));
+  run_mix(dy, v, u, cv.C * r, 1, r, dz, nullptr, r, scale, false, DropParams{}, DropParams{},
+          "adapter_expand_grad_input");
   return dz;
 }
 
 void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, int64_t groups, double p, int64_t seed,
                             bool accumulate) {
-  const ChanView v = check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
+  check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
   check_cuda(dz_, "dz");
   check_dropout(p);
   c10::cuda::CUDAGuard guard(dz_.device());
-  Tensor dz = dz_.contiguous(), u = u_in_.contiguous();
+  Tensor dz = dz_, u = u_in_.contiguous();
+  const cuda::Act v = act_view(dz, groups);
   const int64_t C = u.size(0);
-  check_launch(cuda::mix(dtype_of(dz), dz.data_ptr(), u.data_ptr(), groups, 0, v.C, 1, dx.data_ptr(), v.R, v.C, C, v.P, 1.0,
-                         accumulate, DropParams{}, make_drop(p, seed), c10::cuda::getCurrentCUDAStream().stream()),
-               "adapter_shrink_grad_input");
+  run_mix(dz, v, u, 0, v.c, 1, dx, nullptr, C, 1.0, accumulate, DropParams{}, make_drop(p, seed),
+          "adapter_shrink_grad_input");
 }
 
 Tensor adapter_shrink_grad_input_cuda(const Tensor& dz, const Tensor& u_in, int64_t groups, double p, int64_t seed) {
   check_shrink_grad_input(dz, u_in, groups);
-  Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)), dz.options());
+  Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)),
+                        dz.options().memory_format(at::MemoryFormat::Contiguous));
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, false);
   return dx;
 }
@@ -141,16 +194,33 @@ void adapter_shrink_grad_input_inplace_cuda(Tensor& dx, const Tensor& dz, const 
 
 Tensor adapter_factor_grad_cuda(const Tensor& a_, const Tensor& b_, int64_t groups, bool per_group, double scale,
                                 double p, int64_t seed) {
-  const auto [va, vb] = check_factor_grad(a_, b_, groups, p);
+  check_factor_grad(a_, b_, groups, p);
   check_cuda(a_, "a");
   c10::cuda::CUDAGuard guard(a_.device());
-  Tensor a = a_.contiguous(), b = b_.contiguous();
-  Tensor out = at::empty({(per_group ? groups : 1) * va.C, vb.C}, a.options());
-  check_launch(cuda::corr(dtype_of(a), a.data_ptr(), b.data_ptr(), out.data_ptr(), va.R, va.C, vb.C, va.P, groups,
-                          per_group, scale,
-                          make_drop(p, seed), c10::cuda::getCurrentCUDAStream().stream()),
+  Tensor a = a_, b = b_;
+  const cuda::Act va = act_view(a, groups), vb = act_view(b, groups);
+  Tensor out = at::empty({(per_group ? groups : 1) * va.c, vb.c}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  const DType dt = dtype_of(a);
+  Tensor ws = at::empty({cuda::corr_workspace_bytes(dt, va, vb, per_group)}, a.options().dtype(at::kByte));
+  check_launch(cuda::corr(dt, a.data_ptr(), va, b.data_ptr(), vb, out.data_ptr(), per_group, scale, make_drop(p, seed),
+                          ws.numel() ? ws.data_ptr() : nullptr, stream()),
                "adapter_factor_grad");
   return out;
+}
+
+std::tuple<Tensor, Tensor> adapter_linear_grad_cuda(const Tensor& dy_, const Tensor& s_, const Tensor& b_) {
+  check_linear_grad(dy_, s_, b_);
+  check_cuda(dy_, "dy");
+  c10::cuda::CUDAGuard guard(dy_.device());
+  Tensor dy = dy_.contiguous(), s = s_.contiguous(), b = b_.contiguous();
+  const int64_t M = dy.size(0), O = dy.size(1), r = s.size(1);
+  Tensor ds = at::empty({M, r}, dy.options()), db = at::empty({O, r}, dy.options());
+  const DType dt = dtype_of(dy);
+  Tensor ws = at::empty({cuda::linear_grad_workspace_bytes(dt, M, O, r, 0)}, dy.options().dtype(at::kByte));
+  check_launch(cuda::linear_grad(dt, dy.data_ptr(), s.data_ptr(), b.data_ptr(), ds.data_ptr(), db.data_ptr(), M, O, r, 0,
+                                 ws.numel() ? ws.data_ptr() : nullptr, stream()),
+               "adapter_linear_grad");
+  return {ds, db};
 }
 
 Tensor dropout_mask_cuda(const Tensor& x, double p, int64_t seed) {
@@ -159,8 +229,7 @@ Tensor dropout_mask_cuda(const Tensor& x, double p, int64_t seed) {
   check_dropout(p);
   c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::dropout_mask(dtype_of(out), out.data_ptr(), out.numel(), make_drop(p, seed),
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+  check_launch(cuda::dropout_mask(dtype_of(out), out.data_ptr(), out.numel(), make_drop(p, seed), stream()),
                "dropout_mask");
   return out;
 }
@@ -172,10 +241,12 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("tucker_reconstruct_backward", &tucker_reconstruct_backward_cuda);
   m.impl("adapter_shrink", &adapter_shrink_cuda);
   m.impl("adapter_expand_", &adapter_expand_cuda);
+  m.impl("adapter_expand", &adapter_expand_out_cuda);
   m.impl("adapter_expand_grad_input", &adapter_expand_grad_input_cuda);
   m.impl("adapter_shrink_grad_input", &adapter_shrink_grad_input_cuda);
   m.impl("adapter_shrink_grad_input_", &adapter_shrink_grad_input_inplace_cuda);
   m.impl("adapter_factor_grad", &adapter_factor_grad_cuda);
+  m.impl("adapter_linear_grad", &adapter_linear_grad_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
 }
 

@@ -1,16 +1,17 @@
 """The CUDA kernels of csrc/flora_cuda.cu run on the CPU through a host emulation of the CUDA
 execution model (csrc/emu/), compared with the extension's CPU ops (themselves checked against
-einsum in test_ext_ops.py). This checks the CUDA index math, shared-memory reductions and warp
-shuffles where no GPU is available; it does not check timing or memory-model subtleties.
+einsum in test_ext_ops.py). This checks the kernels' index math (the separable index maps and
+their magic-number division, 16-byte and scalar load/store paths, tile edges, split-k partials),
+shared-memory staging, the mma.sync fragment layout (emulated lane by lane) and fused dropout
+where no GPU is available; it does not check timing or memory-model subtleties.
 
-Slow (every block runs 256 OS threads): opt in with FLORA_TEST_CUDA_EMU=1. Needs the CUDA
+Slow (every block runs 128 OS threads): opt in with FLORA_TEST_CUDA_EMU=1. Needs the CUDA
 toolkit headers and a C++20 compiler; skipped otherwise, and when the extension is not built.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 
 import pytest
@@ -28,6 +29,8 @@ pytestmark = [
 DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 L, D = ctypes.c_long, ctypes.c_double
+# bf16/fp16 run the mma.sync path, fp32/fp64 the CUDA-core path.
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +42,31 @@ def emu(tmp_path_factory):
     spec.loader.exec_module(mod)
     if mod.cuda_include() is None:
         pytest.skip("CUDA toolkit headers not found")
-    return ctypes.CDLL(str(mod.build(tmp_path_factory.mktemp("cuda_emu"))))
+    lib = ctypes.CDLL(str(mod.build(tmp_path_factory.mktemp("cuda_emu"))))
+    lib.h_reconstruct_ws.restype = ctypes.c_long
+    lib.h_corr_ws.restype = ctypes.c_long
+    lib.h_reconstruct_backward_ws.restype = ctypes.c_long
+    lib.h_linear_grad_ws.restype = ctypes.c_long
+    return lib
 
 
 def _p(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _act(t: torch.Tensor, groups: int):
+    """(n, groups, c, p, sn, sg, sc, sp) of t read in place, as the CUDA binding passes it."""
+    p, sp = 1, 0
+    for d in range(t.dim() - 1, 1, -1):
+        if t.shape[d] == 1:
+            continue
+        if p == 1:
+            sp = t.stride(d)
+        else:
+            assert t.stride(d) == sp * p, "spatial dims must collapse (the binding copies otherwise)"
+        p *= t.shape[d]
+    c = t.shape[1] // groups
+    return (ctypes.c_long * 8)(t.shape[0], groups, c, p, t.stride(0), c * t.stride(1), t.stride(1), sp)
 
 
 def _close(name, a, b, tol):
@@ -51,55 +74,158 @@ def _close(name, a, b, tol):
     assert err <= tol * max(1.0, b.double().abs().max().item()), f"{name}: max error {err:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("dims", [(2, 3, 4, 3, 5), (1, 1, 1, 2, 300), (2, 30, 9, 2, 3)], ids=str)
+def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t with its channel dim innermost in memory (channels_last, any rank), or t itself."""
+    if not channels_last or t.dim() < 3:
+        return t
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def test_fastdiv_matches_integer_division(emu):
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.cat([torch.arange(0, 4096), torch.randint(0, 2**31 - 1, (4096,), generator=gen),
+                    torch.tensor([2**31 - 1, 2**31 - 2, 2**30, 2**30 - 1])]).to(torch.int64)
+    divisors = list(range(1, 300)) + [1000, 3136, 4095, 4096, 4097, 65535, 2**20 + 7, 2**30 - 1, 2**30, 2**31 - 1]
+    x32 = xs.to(torch.int32)  # all < 2^31: same bits as uint32
+    q = torch.empty_like(x32)
+    for d in divisors:
+        emu.h_fastdiv(L(d), _p(x32), _p(q), L(x32.numel()))
+        assert torch.equal(q.to(torch.int64), xs // d), f"divisor {d}"
+
+
+# (r0, r1, taps, I0, I1): tiny; a Linear-like tile edge (I0 > 64, I1 > 32, r not a multiple of 8);
+# conv taps (T = 9, strided runs: scalar path); 16-byte path (I1 and r multiples of 8).
+# I0 = 600: dcore's reduction over I0 split into partials (and Rm's at T = 1); I1 = 530: Q's.
+RECON = [(2, 3, 1, 4, 5), (5, 7, 1, 70, 37), (3, 4, 9, 10, 6), (16, 8, 1, 40, 64), (4, 3, 2, 600, 9),
+         (3, 5, 1, 600, 530)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", RECON, ids=str)
 def test_emulated_reconstruct(emu, dims, dtype):
     r0, r1, t, i0, i1 = dims
     ops, tol = torch.ops.flora, TOL[dtype]
     core, u0, u1 = torch.randn(r0, r1, t, dtype=dtype), torch.randn(i0, r0, dtype=dtype), torch.randn(i1, r1, dtype=dtype)
-    for base in (None, torch.randn(i0, i1, t, dtype=torch.float16)):
+    ws = torch.empty(emu.h_reconstruct_ws(DT[dtype], L(r0), L(r1), L(t), L(i0)), dtype=torch.uint8)
+    bases = (None, torch.randn(i0, i1, t, dtype=torch.float16), torch.randn(i0, i1, t, dtype=dtype))
+    for base in bases if i0 * i1 < 10**5 else bases[2:]:  # the big case (for the backward's splits): one base
         out = torch.empty(i0, i1, t, dtype=dtype if base is None else base.dtype)
-        assert emu.h_reconstruct(DT[dtype], DT[out.dtype], _p(core), _p(u0), _p(u1), _p(base), _p(out), L(r0), L(r1),
-                                 L(t), L(i0), L(i1), D(0.7)) == 0
+        assert emu.h_reconstruct(DT[dtype], DT[out.dtype], _p(core), _p(u0), _p(u1), _p(base), _p(out), _p(ws),
+                                 L(r0), L(r1), L(t), L(i0), L(i1), D(0.7)) == 0
         _close("reconstruct", out, ops.tucker_reconstruct(core, u0, u1, 0.7, base), max(tol, TOL[out.dtype]))
     g = torch.randn(i0, i1, t, dtype=dtype)
     grads = [torch.empty_like(core), torch.empty_like(u0), torch.empty_like(u1)]
-    wq, wr = torch.empty(i0 * r1 * t), torch.empty(i1 * r0 * t)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    wq, wr = torch.empty(i0 * r1 * t, dtype=acc), torch.empty(i1 * r0 * t, dtype=acc)
+    wc = torch.empty(emu.h_reconstruct_backward_ws(DT[dtype], L(r0), L(r1), L(t), L(i0), L(i1)), dtype=torch.uint8)
+    assert (wc.numel() > 0) == (max(i0, i1 if t == 1 else 0) >= 512)  # long reductions are split
     assert emu.h_reconstruct_backward(DT[dtype], _p(g), _p(core), _p(u0), _p(u1), *map(_p, grads), _p(wq), _p(wr),
-                                      L(r0), L(r1), L(t), L(i0), L(i1), D(0.7)) == 0
+                                      _p(wc) if wc.numel() else ctypes.c_void_p(0), L(r0), L(r1), L(t), L(i0),
+                                      L(i1), D(0.7)) == 0
     for name, a, b in zip(("dcore", "du0", "du1"), grads, ops.tucker_reconstruct_backward(g, core, u0, u1, 0.7)):
         _close(name, a, b, 4 * tol)
 
 
-# (N, groups, C per group, rank, spatial, out per group)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(3, 1, 7, 5, (), 4), (2, 3, 4, 2, (5,), 3), (1, 2, 5, 17, (3, 2), 2)], ids=str)
+# (N, groups, C per group, rank, spatial, out per group, channels_last): Linear (P = 1) with odd
+# and 16-byte-aligned channel counts; grouped conv1d/2d with P a multiple of 8 (row runs) and odd
+# P (scalar); channels_last inputs read in place.
+ADAPTER = [
+    (70, 1, 40, 5, (), 37, False),
+    (9, 1, 7, 17, (), 4, False),
+    (2, 3, 4, 2, (5,), 3, False),
+    (2, 2, 9, 8, (4, 4), 5, False),
+    (2, 2, 16, 3, (3, 5), 2, True),
+    (1, 1, 33, 16, (8, 9), 40, True),
+    (300, 1, 600, 5, (), 9, False),  # shrink / dS with a long reduction: split over k
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADAPTER, ids=str)
 def test_emulated_adapter_kernels(emu, shape, dtype):
-    n, g, c, r, sp, o = shape
+    n, g, c, r, sp, o, cl = shape
     ops, tol, p, seed = torch.ops.flora, TOL[dtype], 0.3, 77
-    R, P = n * g, math.prod(sp)
-    x, u_in, u_out = torch.randn(n, g * c, *sp, dtype=dtype), torch.randn(c, r, dtype=dtype), torch.randn(g * o, r, dtype=dtype)
+    x = _layout(torch.randn(n, g * c, *sp, dtype=dtype), cl)
+    u_in, u_out = torch.randn(c, r, dtype=dtype), torch.randn(g * o, r, dtype=dtype)
     z = torch.empty(n, g * r, *sp, dtype=dtype)  # shrink, as the CUDA binding launches it
-    emu.h_mix(DT[dtype], _p(x), _p(u_in), L(g), L(0), L(1), L(r), _p(z), L(R), L(c), L(r), L(P), D(1.0), 0, D(p), L(seed), D(0), L(0))
-    _close("shrink", z, ops.adapter_shrink(x, u_in, g, p, seed), tol)
+    wsb = ctypes.c_long(0)  # the split-k workspace the launch needed
+    assert emu.h_mix(DT[dtype], _p(x), _act(x, g), _p(u_in), L(0), L(1), L(r), _p(z), _p(None), L(r), D(1.0), 0, D(p), L(seed),
+                     D(0), L(0), ctypes.byref(wsb)) == 0
+    _close("shrink", z, ops.adapter_shrink(x.contiguous(), u_in, g, p, seed), tol)
+    assert (wsb.value > 0) == (not sp and g == 1 and c >= 512)
+    zl = _layout(z, cl)
     y = torch.randn(n, g * o, *sp, dtype=dtype)
     y_ref = y.clone()
-    emu.h_mix(DT[dtype], _p(z), _p(u_out), L(g), L(o * r), L(r), L(1), _p(y), L(R), L(r), L(o), L(P), D(0.5), 1, D(0), L(0), D(0), L(0))
+    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y), _p(None), L(o), D(0.5), 1, D(0),
+                     L(0), D(0), L(0), ctypes.byref(wsb)) == 0
     ops.adapter_expand_(y_ref, z, u_out, g, 0.5)
     _close("expand_", y, y_ref, tol)
-    dy, dz = torch.randn_like(y), torch.empty_like(z)
-    emu.h_mix(DT[dtype], _p(dy), _p(u_out), L(g), L(o * r), L(1), L(r), _p(dz), L(R), L(o), L(r), L(P), D(0.5), 0, D(0), L(0), D(0), L(0))
-    _close("expand_grad_input", dz, ops.adapter_expand_grad_input(dy, u_out, g, 0.5), tol)
-    dx = torch.randn_like(x)
+    bias, y_new = torch.randn(g * o, dtype=dtype), torch.empty_like(y)  # y = bias + s U_out z (no read of y)
+    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y_new), _p(bias), L(o),
+                     D(0.5), 0, D(0), L(0), D(0), L(0), ctypes.byref(wsb)) == 0
+    _close("expand(bias)", y_new, ops.adapter_expand(z, u_out, g, 0.5, bias), tol)
+    dy = _layout(torch.randn_like(y), cl)
+    dz = torch.empty_like(z)
+    assert emu.h_mix(DT[dtype], _p(dy), _act(dy, g), _p(u_out), L(o * r), L(1), L(r), _p(dz), _p(None), L(r), D(0.5), 0, D(0),
+                     L(0), D(0), L(0), ctypes.byref(wsb)) == 0
+    _close("expand_grad_input", dz, ops.adapter_expand_grad_input(dy.contiguous(), u_out, g, 0.5), tol)
+    dx = torch.randn(x.shape, dtype=dtype)
     dx_ref = dx.clone()
-    emu.h_mix(DT[dtype], _p(dz), _p(u_in), L(g), L(0), L(r), L(1), _p(dx), L(R), L(r), L(c), L(P), D(1.0), 1, D(0), L(0), D(p), L(seed))
+    dzl = _layout(dz, cl)
+    assert emu.h_mix(DT[dtype], _p(dzl), _act(dzl, g), _p(u_in), L(0), L(r), L(1), _p(dx), _p(None), L(c), D(1.0), 1, D(0),
+                     L(0), D(p), L(seed), ctypes.byref(wsb)) == 0
     ops.adapter_shrink_grad_input_(dx_ref, dz, u_in, g, p, seed)
     _close("shrink_grad_input_", dx, dx_ref, tol)
-    for per_group, a, b, C, K, pp, alpha in [(False, x, dz, c, r, p, 1.0), (True, dy, z, o, r, 0.0, 0.5)]:
-        out = torch.empty((g if per_group else 1) * C, K, dtype=dtype)
-        assert emu.h_corr(DT[dtype], _p(a), _p(b), _p(out), L(R), L(C), L(K), L(P), L(g), int(per_group), D(alpha),
-                          D(pp), L(seed)) == 0
-        _close(f"factor_grad(per_group={per_group})", out, ops.adapter_factor_grad(a, b, g, per_group, alpha, pp, seed), 4 * tol)
+
+
+# Token reductions: (N, groups, C, K, spatial, channels_last); the larger ones split over tokens.
+CORR = [(3, 1, 7, 5, (), False), (600, 1, 40, 16, (), False), (4, 3, 5, 2, (7,), False), (8, 2, 9, 16, (8, 8), True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CORR, ids=str)
+def test_emulated_factor_grad(emu, shape, dtype):
+    n, g, c, k, sp, cl = shape
+    ops, tol, seed = torch.ops.flora, TOL[dtype], 5
+    a = _layout(torch.randn(n, g * c, *sp, dtype=dtype), cl)
+    b = _layout(torch.randn(n, g * k, *sp, dtype=dtype), cl)
+    for per_group, p, alpha in [(False, 0.3, 1.0), (True, 0.0, 0.5), (True, 0.2, 1.5)]:
+        av, bv = _act(a, g), _act(b, g)
+        ws = torch.empty(emu.h_corr_ws(DT[dtype], av, bv, int(per_group)), dtype=torch.uint8)
+        out = torch.empty((g if per_group else 1) * c, k, dtype=dtype)
+        assert emu.h_corr(DT[dtype], _p(a), av, _p(b), bv, _p(out), int(per_group), D(alpha), D(p), L(seed),
+                          _p(ws) if ws.numel() else ctypes.c_void_p(0)) == 0
+        ref = ops.adapter_factor_grad(a.contiguous(), b.contiguous(), g, per_group, alpha, p, seed)
+        _close(f"factor_grad(per_group={per_group}, p={p})", out, ref, 4 * tol)
+
+
+def test_emulated_token_reduction_splits(emu):
+    """The Linear-sized token reduction takes the split-k path (partials + reduce kernel)."""
+    a, b = _act(torch.empty(600, 40), 1), _act(torch.empty(600, 16), 1)
+    assert emu.h_corr_ws(DT[torch.float32], a, b, 0) > 0
+    assert emu.h_corr_ws(DT[torch.float32], _act(torch.empty(3, 7), 1), _act(torch.empty(3, 5), 1), 0) == 0
+
+
+# (tokens, out features, rank, chunk rows): one chunk; several chunks (the last one short), each split.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(70, 40, 16, 0), (1100, 24, 5, 520)], ids=str)
+def test_emulated_linear_grad(emu, dims, dtype):
+    m, o, r, chunk = dims
+    dy, s, b = torch.randn(m, o, dtype=dtype), torch.randn(m, r, dtype=dtype), torch.randn(o, r, dtype=dtype)
+    ds, db = torch.empty(m, r, dtype=dtype), torch.empty(o, r, dtype=dtype)
+    ws = torch.empty(emu.h_linear_grad_ws(DT[dtype], L(m), L(o), L(r), L(chunk)), dtype=torch.uint8)
+    assert (ws.numel() > 0) == (chunk > 0)
+    assert emu.h_linear_grad(DT[dtype], _p(dy), _p(s), _p(b), _p(ds), _p(db), L(m), L(o), L(r), L(chunk),
+                             _p(ws) if ws.numel() else ctypes.c_void_p(0)) == 0
+    ds_ref, db_ref = torch.ops.flora.adapter_linear_grad(dy, s, b)
+    _close("ds", ds, ds_ref, TOL[dtype])
+    _close("db", db, db_ref, 4 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 37, 1030])
+def test_emulated_dropout_mask(emu, dtype, numel):
+    x = torch.randn(numel, dtype=dtype)
     m = torch.empty_like(x)
-    emu.h_mask(DT[dtype], _p(m), L(m.numel()), D(p), L(seed))
-    assert torch.equal(m, ops.dropout_mask(x, p, seed))
+    assert emu.h_mask(DT[dtype], _p(m), L(numel), D(0.3), L(11)) == 0
+    assert torch.equal(m, torch.ops.flora.dropout_mask(x, 0.3, 11))

@@ -130,3 +130,102 @@ def test_cuda_bad_input_raises(cuda_ok):
     with pytest.raises(RuntimeError, match="expected"):
         torch.ops.flora.tucker_reconstruct(torch.randn(2, 3, 0, device="cuda"), torch.randn(4, 2, device="cuda"),
                                            torch.randn(5, 3, device="cuda"), 1.0, None)
+
+
+# ---- op level: each CUDA op against the CPU op on the same (rounded) inputs ---------------------------
+_OP_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _close_op(name, got, want, dtype):
+    got, want = got.double().cpu(), want.double()
+    err = (got - want).abs().max().item()
+    assert err <= _OP_TOL[dtype] * max(1.0, want.abs().max().item()), f"{name} ({dtype}): max error {err:.3g}"
+
+
+def _op_cases(dtype, device, channels_last):
+    """(name, thunk(device, channels_last)) for every op on Linear- and conv-shaped inputs."""
+    ops = torch.ops.flora
+    gen = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    def lay(t):
+        t = t.to(device)
+        return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    cases = []
+    for n, g, c, r, sp, o in [(300, 1, 72, 16, (), 40), (4, 2, 16, 4, (9, 8), 8), (3, 1, 7, 3, (5, 3), 5)]:
+        x, z, dy = rnd(n, g * c, *sp), rnd(n, g * r, *sp), rnd(n, g * o, *sp)
+        u_in, u_out, bias = rnd(c, r), rnd(g * o, r), rnd(g * o)
+        y = rnd(n, g * o, *sp)
+        tag = f"N{n}-g{g}-C{c}-sp{len(sp)}"
+
+        def expand_(x=x, z=z, y=y, u_out=u_out, g=g):
+            yy = y.to(device).contiguous()
+            ops.adapter_expand_(yy, lay(z), u_out.to(device), g, 0.5)
+            return yy
+
+        cases += [
+            (f"shrink-{tag}", lambda x=x, u_in=u_in, g=g: ops.adapter_shrink(lay(x), u_in.to(device), g, 0.3, 7)),
+            (f"expand_-{tag}", expand_),
+            (f"expand-{tag}", lambda z=z, u_out=u_out, bias=bias, g=g:
+                ops.adapter_expand(lay(z), u_out.to(device), g, 0.5, bias.to(device))),
+            (f"expand_grad_input-{tag}", lambda dy=dy, u_out=u_out, g=g:
+                ops.adapter_expand_grad_input(lay(dy), u_out.to(device), g, 0.5)),
+            (f"shrink_grad_input-{tag}", lambda z=z, u_in=u_in, g=g:
+                ops.adapter_shrink_grad_input(lay(z), u_in.to(device), g, 0.3, 7)),
+            (f"factor_grad-{tag}", lambda x=x, z=z, g=g: ops.adapter_factor_grad(lay(x), lay(z), g, False, 1.0, 0.3, 7)),
+            (f"factor_grad_per_group-{tag}", lambda dy=dy, z=z, g=g:
+                ops.adapter_factor_grad(lay(dy), lay(z), g, True, 0.5, 0.0, 0)),
+        ]
+    dy, s, b = rnd(3000, 264), rnd(3000, 16), rnd(264, 16)
+    cases += [(f"linear_grad[{k}]", lambda k=k: ops.adapter_linear_grad(dy.to(device), s.to(device), b.to(device))[k])
+              for k in range(2)]
+    for r0, r1, t, i0, i1 in [(16, 16, 1, 700, 520), (4, 5, 9, 24, 16)]:
+        core, u0, u1, base = rnd(r0, r1, t), rnd(i0, r0), rnd(i1, r1), rnd(i0, i1, t)
+        grad = rnd(i0, i1, t)
+        cases += [
+            (f"reconstruct-{i0}x{i1}x{t}", lambda core=core, u0=u0, u1=u1, base=base:
+                ops.tucker_reconstruct(core.to(device), u0.to(device), u1.to(device), 0.7, base.to(device))),
+        ] + [
+            (f"reconstruct_backward[{k}]-{i0}x{i1}x{t}", lambda k=k, core=core, u0=u0, u1=u1, grad=grad:
+                ops.tucker_reconstruct_backward(grad.to(device), core.to(device), u0.to(device), u1.to(device),
+                                                0.7)[k])
+            for k in range(3)
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_ops_match_cpu_ops(cuda_ok, dtype, channels_last):
+    """Every op on CUDA (channels_last inputs read in place) against the CPU op on the same inputs."""
+    for name, fn in _op_cases(dtype, "cuda", channels_last):
+        got = fn()
+        want = dict(_op_cases(dtype, "cpu", False))[name]()
+        _close_op(name, got, want, dtype)
+
+
+def test_cuda_opcheck(cuda_ok):
+    """The op contracts (schema, fake impls, strides) on CUDA tensors."""
+    ops = torch.ops.flora
+    x, z, y = (torch.randn(2, c, 5, device="cuda") for c in (6, 4, 8))
+    u_in, u_out = torch.randn(3, 2, device="cuda"), torch.randn(8, 2, device="cuda")
+    core, u0, u1 = (torch.randn(*s, device="cuda") for s in ((2, 3, 4), (5, 2), (6, 3)))
+    samples = {
+        ops.tucker_reconstruct: (core, u0, u1, 0.5, None),
+        ops.tucker_reconstruct_backward: (torch.randn(5, 6, 4, device="cuda"), core, u0, u1, 0.5),
+        ops.adapter_shrink: (x, u_in, 2, 0.5, 3),
+        ops.adapter_expand_: (y.clone(), z, u_out, 2, 0.5),
+        ops.adapter_expand: (z, u_out, 2, 0.5, torch.randn(8, device="cuda")),
+        ops.adapter_expand_grad_input: (y, u_out, 2, 0.5),
+        ops.adapter_shrink_grad_input: (z, u_in, 2, 0.2, 5),
+        ops.adapter_shrink_grad_input_: (x.clone(), z, u_in, 2, 0.2, 5),
+        ops.adapter_factor_grad: (x, z, 2, False, 1.0, 0.2, 5),
+        ops.adapter_linear_grad: (torch.randn(7, 8, device="cuda"), torch.randn(7, 3, device="cuda"),
+                                  torch.randn(8, 3, device="cuda")),
+        ops.dropout_mask: (x, 0.3, 11),
+    }
+    for op, args in samples.items():
+        torch.library.opcheck(op, args)

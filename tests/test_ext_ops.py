@@ -74,6 +74,11 @@ def test_adapter_ops_match_formulas(shape, dtype, p):
     ops().adapter_expand_(y2, zz, u_out, g, 0.7)
     y_ref = y.double() + 0.7 * torch.einsum("goa,ngap->ngop", u_out.double().reshape(g, o, r), _chan(zz.double(), g)).reshape(y.shape)
     close(y2, y_ref, dtype)
+    # expand out of place, with and without a bias: y = bias + s * U_out_g z
+    bias = torch.randn(g * o, dtype=dtype)
+    bias_b = bias.double().reshape(1, g * o, *([1] * len(sp)))
+    close(ops().adapter_expand(zz, u_out, g, 0.7, bias), y_ref - y.double() + bias_b, dtype)
+    close(ops().adapter_expand(zz, u_out, g, 0.7, None), y_ref - y.double(), dtype)
     # expand grad input: dz = s * U_out_g^T dy
     dy = torch.randn_like(y)
     dz = ops().adapter_expand_grad_input(dy, u_out, g, 0.7)
@@ -93,6 +98,14 @@ def test_adapter_ops_match_formulas(shape, dtype, p):
     du_out = ops().adapter_factor_grad(dy, zz, g, True, 0.7, 0.0, 0)
     du_out_ref = 0.7 * torch.einsum("ngop,ngap->goa", _chan(dy.double(), g), _chan(zz.double(), g)).reshape(g * o, r)
     close(du_out, du_out_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_linear_grad_matches_formulas(dtype):
+    dy, s, b = torch.randn(37, 20, dtype=dtype), torch.randn(37, 5, dtype=dtype), torch.randn(20, 5, dtype=dtype)
+    ds, db = ops().adapter_linear_grad(dy, s, b)
+    close(ds, dy.double() @ b.double(), dtype)
+    close(db, dy.double().t() @ s.double(), dtype)
 
 
 def test_dropout_mask_is_seeded_and_scaled():
@@ -153,10 +166,13 @@ def _samples(dtype=torch.float32):
         "tucker_reconstruct_backward": [(torch.randn(5, 6, 4, dtype=dtype), core, u0, u1, 0.5)],
         "adapter_shrink": [(x, u_in, 2, 0.0, 0), (x, u_in, 2, 0.5, 3)],
         "adapter_expand_": [(y.clone(), z, u_out, 2, 0.5)],
+        "adapter_expand": [(z, u_out, 2, 0.5, None), (z, u_out, 2, 0.5, torch.randn(8, dtype=dtype))],
         "adapter_expand_grad_input": [(y, u_out, 2, 0.5)],
         "adapter_shrink_grad_input": [(z, u_in, 2, 0.2, 5)],
         "adapter_shrink_grad_input_": [(x.clone(), z, u_in, 2, 0.2, 5)],
         "adapter_factor_grad": [(x, z, 2, False, 1.0, 0.2, 5), (y, z, 2, True, 0.5, 0.0, 0)],
+        "adapter_linear_grad": [(torch.randn(7, 8, dtype=dtype), torch.randn(7, 3, dtype=dtype),
+                                 torch.randn(8, 3, dtype=dtype))],
         "dropout_mask": [(x, 0.3, 11)],
     }
 
@@ -187,6 +203,13 @@ def _bad_calls():
         "expand-y-channels": lambda: ops().adapter_expand_(f(2, 7, 5), z, u_out, 2, 1.0),
         "expand-spatial": lambda: ops().adapter_expand_(f(2, 8, 4), z, u_out, 2, 1.0),
         "expand-noncontiguous-y": lambda: ops().adapter_expand_(f(2, 5, 8).transpose(1, 2), z, u_out, 2, 1.0),
+        "expand-out-bias-shape": lambda: ops().adapter_expand(z, u_out, 2, 1.0, f(7)),
+        "expand-out-bias-dtype": lambda: ops().adapter_expand(z, u_out, 2, 1.0, f(8).double()),
+        "expand-out-factor-dim": lambda: ops().adapter_expand(z, f(8), 2, 1.0, None),
+        "linear-grad-s-rows": lambda: ops().adapter_linear_grad(f(7, 8), f(6, 3), f(8, 3)),
+        "linear-grad-b-shape": lambda: ops().adapter_linear_grad(f(7, 8), f(7, 3), f(8, 2)),
+        "linear-grad-3d-dy": lambda: ops().adapter_linear_grad(f(7, 8, 1), f(7, 3), f(8, 3)),
+        "linear-grad-dtype": lambda: ops().adapter_linear_grad(f(7, 8), f(7, 3).double(), f(8, 3)),
         "expand-grad-factor-rows": lambda: ops().adapter_expand_grad_input(y, f(4, 2), 2, 1.0),
         "shrink-grad-rank": lambda: ops().adapter_shrink_grad_input(z, f(3, 3), 2, 0.0, 0),
         "shrink-grad-inplace-channels": lambda: ops().adapter_shrink_grad_input_(f(2, 5, 5), z, u_in, 2, 0.0, 0),

@@ -4,7 +4,8 @@
 
 Rewrites every ``kernel<<<grid, block, smem, stream>>>(args)`` launch into
 ``emu::launch(grid, block, smem, [&] { kernel(args); })`` and the dynamic shared-memory
-declaration into a host buffer, then compiles it with the host C++ compiler against the CUDA
+declaration into a host buffer, then compiles it with the host C++ compiler and FLORA_HOST_EMU
+defined (the mma.sync instructions become the emulation in cuda_host_emu.h) against the CUDA
 toolkit headers (cuda_runtime_api.h, cuda_fp16.h, cuda_bf16.h; no libcudart, no GPU).
 """
 
@@ -73,7 +74,7 @@ def build(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "flora_cuda_emu.cpp").write_text(transform((CSRC / "flora_cuda.cu").read_text()))
     lib = out_dir / "libflora_cuda_emu.so"
-    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{inc}", f"-I{CSRC}",
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-DFLORA_HOST_EMU", f"-I{inc}", f"-I{CSRC}",
            f"-I{HERE}", f"-I{out_dir}", str(HERE / "harness.cpp"), "-o", str(lib), "-lpthread"]
     subprocess.run(cmd, check=True)
     return lib

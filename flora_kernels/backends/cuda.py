@@ -18,7 +18,9 @@ The ops (schemas in csrc/flora_cpu.cpp, semantics in docs/kernels/cuda.md):
     tucker_reconstruct(core (r0,r1,T), u0, u1, scale, base?) -> (I0, I1, T)
     tucker_reconstruct_backward(grad, core, u0, u1, scale) -> (dcore, du0, du1)
     adapter_shrink(x, u_in, groups, p, seed) / adapter_expand_(y!, z, u_out, groups, scale)
+    adapter_expand(z, u_out, groups, scale, bias?) -> bias + scale * u_out . z (a new tensor)
     adapter_expand_grad_input / adapter_shrink_grad_input(_) / adapter_factor_grad / dropout_mask
+    adapter_linear_grad(dy, s, b) -> (dy b, dy^T s): a Linear's dS and dB from one read of dy
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _OPS = (
-    "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_",
+    "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
-    "adapter_factor_grad", "dropout_mask",
+    "adapter_factor_grad", "adapter_linear_grad", "dropout_mask",
 )
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Mirrors reconstruct_max_row() in csrc/flora_cuda.cu: r_1 * taps kept in 48 KiB of shared memory.
+# The limit of the first CUDA reconstruct kernel (r_1 * taps in 48 KiB of shared memory); the tiled
+# GEMM kernels that replaced it have none, so CudaBackend._reconstruct_reason is now only conservative.
 _CUDA_MAX_ROW = {torch.float64: 48 * 1024 // 8}
 _CUDA_MAX_ROW_DEFAULT = 48 * 1024 // 4
 BUILD_HINT = (
@@ -190,6 +193,11 @@ def _register_fakes() -> None:
     def _(y, z, u_out, groups, scale):
         _same_device(y, z, u_out)
 
+    @lib.register_fake("flora::adapter_expand")
+    def _(z, u_out, groups, scale, bias):
+        _same_device(z, u_out, bias)
+        return with_channels(z, u_out.shape[0])
+
     @lib.register_fake("flora::adapter_expand_grad_input")
     def _(dy, u_out, groups, scale):
         _same_device(dy, u_out)
@@ -208,6 +216,11 @@ def _register_fakes() -> None:
     def _(a, b, groups, per_group, scale, p, seed):
         _same_device(a, b)
         return a.new_empty(((groups if per_group else 1) * (a.shape[1] // groups), b.shape[1] // groups))
+
+    @lib.register_fake("flora::adapter_linear_grad")
+    def _(dy, s, b):
+        _same_device(dy, s, b)
+        return dy.new_empty((dy.shape[0], s.shape[1])), dy.new_empty((dy.shape[1], s.shape[1]))
 
     @lib.register_fake("flora::dropout_mask")
     def _(x, p, seed):
@@ -268,8 +281,9 @@ class _Project(torch.autograd.Function):
         ctx.save_for_backward(t, u0, u1)
         if t.device.type == "cpu":
             # u0^T t_k u1 is a reconstruct with t as the core and the transposed factors: two GEMMs,
-            # no wasted du0 / du1 work. (The CUDA reconstruct kernel keeps a core row in shared
-            # memory, sized for small cores: CUDA keeps the backward op with a zero core.)
+            # no wasted du0 / du1 work. (On CUDA that reconstruct's second GEMM would be one tile
+            # with a reduction over I1, run by one block: CUDA keeps the backward op with a zero
+            # core, whose reductions over the weight's rows are split across blocks.)
             return _ops().tucker_reconstruct(t, u0.t(), u1.t(), 1.0, None)
         zero_core = t.new_zeros((u0.shape[1], u1.shape[1], t.shape[2]))
         return _ops().tucker_reconstruct_backward(t, zero_core, u0, u1, 1.0)[0]
@@ -287,14 +301,19 @@ class _Project(torch.autograd.Function):
 
 
 class _LinearFactorized(torch.autograd.Function):
-    """y = x W^T + b + S B^T, S = dropout(x) U_in, B = scale * U_out G; x (M, in) contiguous."""
+    """y = x W^T + b + S B^T, S = dropout(x) U_in, B = scale * U_out G; x (M, in) contiguous.
+
+    The adapter sits inside the base GEMM's accumulate: y = b + S B^T is written first (one pass
+    over y, y never read), then the base GEMM adds x W^T into it with beta = 1 (``addmm_``: cuBLAS
+    on CUDA, BLAS on CPU); the backward likewise writes dx = mask * (dS U_in^T) first and adds dy W.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, core, u_out, u_in, scale, p, seed):
-        y = F.linear(x, weight, bias).contiguous()
         b = (u_out @ core) * scale
         s = _ops().adapter_shrink(x, u_in, 1, p, seed)
-        _ops().adapter_expand_(y, s, b, 1, 1.0)
+        y = _ops().adapter_expand(s, b, 1, 1.0, bias)
+        y.addmm_(x, weight.t())
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.save_for_backward(x, weight, s, b, core, u_out, u_in)
         return y
@@ -307,16 +326,20 @@ class _LinearFactorized(torch.autograd.Function):
         ops = _ops()
         dy = dy.contiguous()
         dx = dw = dbias = dcore = du_out = du_in = None
-        ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if (need_x or need_ui) else None
+        need_ds, need_db = need_x or need_ui, need_core or need_uo
+        if need_ds and need_db:
+            ds, db = ops.adapter_linear_grad(dy, s, b)  # dS = dy B, dB = dy^T S: one read of dy
+        else:
+            ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if need_ds else None
+            db = ops.adapter_factor_grad(dy, s, 1, False, 1.0, 0.0, 0) if need_db else None  # (out, r_in)
         if need_x:
-            dx = (dy @ weight).contiguous()
-            ops.adapter_shrink_grad_input_(dx, ds, u_in, 1, ctx.p, ctx.seed)
+            dx = ops.adapter_shrink_grad_input(ds, u_in, 1, ctx.p, ctx.seed)
+            dx.addmm_(dy, weight)
         if need_w:
             dw = dy.t() @ x
         if need_b:
             dbias = dy.sum(0)
-        if need_core or need_uo:
-            db = ops.adapter_factor_grad(dy, s, 1, False, 1.0, 0.0, 0)  # dB = dy^T S, (out, r_in)
+        if need_db:
             if need_core:
                 dcore = (u_out.t() @ db) * ctx.scale
             if need_uo:
