@@ -481,3 +481,23 @@ def test_embedding_adapter_import(tmp_path):
     assert type(model.model.embed_tokens).__name__ == "FLoRAEmbedding"
     ids = torch.randint(0, 40, (2, 5))
     torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_export_gpt2_conv1d_and_embedding_loads_in_peft(tmp_path):
+    """transformers Conv1D (fan_in_fan_out) and an nn.Embedding (lora_embedding_A/B, padding
+    row kept at zero) export exactly; layer types PEFT cannot express are refused by name."""
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    model = fk.inject_flora(copy.deepcopy(base), fk.FLoRAConfig(rank=3, scale=0.7, target_modules=["c_attn", "c_fc", "wte"]))
+    with torch.no_grad():
+        for _, layer in flora_layers(model):
+            layer.core.normal_(0, 0.5)
+    export_peft(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    other = fk.inject_flora(nn.Sequential(nn.ConvTranspose2d(2, 3, 3)), fk.FLoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"PEFT export: module '0' is a FLoRAConvTranspose2d.*fk.save_flora"):
+        export_peft(other, tmp_path / "x")

@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..convspec import ConvSpec
-from ..layers import FLoRALayer, flora_layers
+from ..layers import FLoRALayer, FLoRALinear, flora_layers
 from ..reference import core_kernel
 from .peft import (
     AdapterSpec,
@@ -70,6 +70,7 @@ from .peft import (
     check_float_tensor,
     check_no_flora,
     check_shape,
+    export_kind,
     fit_ranks,
     identity,
     imported_config,
@@ -225,11 +226,10 @@ def import_lycoris(
 
 def _lycoris_tensors(layer: FLoRALayer, mid: bool) -> dict[str, Tensor]:
     """{"lora_up.weight", "lora_down.weight"[, "lora_mid.weight"], "alpha"} for one layer (float64)."""
-    base = layer.base
-    w = tuple(base.weight.shape)
+    w = tuple(layer.weight_modes().shape)
     ones = (1,) * (len(w) - 2)
     s = layer.scale
-    if isinstance(base, nn.Linear):
+    if isinstance(layer, FLoRALinear):
         down, up = _fold_linear(layer)
         return {"lora_up.weight": s * up, "lora_down.weight": down, "alpha": torch.tensor(float(down.shape[0]))}
     if not mid or math.prod(w[2:]) == 1:
@@ -281,7 +281,7 @@ def to_lycoris(
         for name, layer in layers:
             if layer.merged:
                 raise ValueError(f"{name}: the adapter is merged into the base weight; call unmerge_flora first")
-            if not isinstance(layer.base, nn.Linear):
+            if export_kind(name, layer, "LyCORIS") == "conv":
                 _check_zero_padding(name, layer.base)
             lyco = _lycoris_name(pre, name)
             if lyco in owner:

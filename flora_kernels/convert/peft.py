@@ -78,7 +78,8 @@ from torch import Tensor, nn
 from ..config import FLoRAConfig, name_matches
 from ..convspec import ConvSpec
 from ..decompose import tucker_rerank
-from ..layers import FLoRALayer, flora_layers
+from ..layers import FLoRAConv1d, FLoRAConv2d, FLoRAConv3d, FLoRAEmbedding, FLoRALayer, FLoRALinear, flora_layers
+from ..layers.linear import is_hf_conv1d
 from ..model import DEFAULT_ADAPTER, install_adapters
 from ..reference import core_kernel
 
@@ -300,6 +301,22 @@ def _mib(numel: int, dtype: torch.dtype) -> str:
     return f"{numel * torch.empty((), dtype=dtype).element_size() / 2**20:.3g} MiB"
 
 
+def export_kind(name: str, layer: FLoRALayer, fmt: str) -> str:
+    """How ``layer`` is written in format ``fmt`` ("PEFT" or "LyCORIS"): "linear" (Linear and
+    transformers Conv1D), "conv" or "embedding" (PEFT only); raises for what it cannot express."""
+    if isinstance(layer, FLoRALinear) and not (fmt == "LyCORIS" and is_hf_conv1d(layer.base_layer)):
+        return "linear"
+    if isinstance(layer, (FLoRAConv1d, FLoRAConv2d, FLoRAConv3d)):
+        return "conv"
+    if fmt == "PEFT" and isinstance(layer, FLoRAEmbedding):
+        return "embedding"
+    raise ValueError(
+        f"{fmt} export: module {name!r} is a {type(layer).__name__} (on a {type(layer.base_layer).__name__}), which "
+        f"{fmt}'s LoRA format cannot express; keep it in FLoRA's own format (fk.save_flora) or leave it out of the "
+        "export (adapt it under another adapter name)"
+    )
+
+
 def peft_size(layer: FLoRALayer) -> PeftSize:
     """The shapes ``to_peft`` writes for ``layer`` and their size, from the ranks alone.
 
@@ -308,10 +325,10 @@ def peft_size(layer: FLoRALayer) -> PeftSize:
     g^2 times a per-group A: what makes depthwise convs explode.
     """
     base, ranks = layer.base, layer.ranks
-    w = tuple(base.weight.shape)
-    if isinstance(base, nn.Linear):
+    w = tuple(layer.weight_modes().shape)
+    if isinstance(layer, (FLoRALinear, FLoRAEmbedding)):
         r = min(ranks[0], ranks[1])
-        a, b = (r, w[1]), (w[0], r)
+        a, b = ((r, w[1]), (w[0], r)) if isinstance(layer, FLoRALinear) else ((r, w[0]), (w[1], r))
     else:
         r_g = min(ranks[0], math.prod(ranks[1:]))
         a, b = (base.groups * r_g, base.in_channels, *w[2:]), (w[0], r_g, *(1,) * (len(w) - 2))
@@ -359,6 +376,7 @@ def to_peft(
     all_layers = dict(flora_layers(model))
     if not all_layers:
         raise ValueError("export_peft: the model has no FLoRA layers (call inject_flora first)")
+    kinds = {name: export_kind(name, layer, "PEFT") for name, layer in all_layers.items()}
     sizes = {name: peft_size(layer) for name, layer in all_layers.items()}
     big = {name: sz for name, sz in sizes.items() if sz.peft > max_size_ratio * sz.flora}
     if big and oversized == "raise":
@@ -376,7 +394,17 @@ def to_peft(
             raise ValueError(f"{name}: the adapter is merged into the base weight; call unmerge_flora first")
         dropouts.add(layer.dropout)
         dt = layer.core.dtype
-        if isinstance(base, nn.Linear):
+        if kinds[name] == "embedding":  # PEFT: delta = (B A)^T * scaling on the (num, dim) table
+            a_l, b_l = _fold_linear(layer)  # b_l a_l = dW / s, (num, r) (r, dim)
+            if base.padding_idx is not None:  # FLoRA keeps the padding row of dW at zero
+                b_l = b_l.index_fill(0, torch.tensor([base.padding_idx]), 0.0)
+            r = a_l.shape[0]
+            alpha, fold = _alpha_for(layer.scale, r)
+            tensors[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = b_l.t().to(dt).contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = (a_l.t() * (layer.scale if fold else 1.0)).to(dt).contiguous()
+            per_module[name] = (r, alpha)
+            continue
+        if kinds[name] == "linear":
             a, b = _fold_linear(layer)
             r = a.shape[0]
         else:
@@ -420,7 +448,9 @@ def to_peft(
         "alpha_pattern": {_anchored(n): a for n, (_, a) in per_module.items() if a != alpha0},
         "modules_to_save": saved or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # transformers Conv1D stores (in, out); PEFT flips this per layer where it does not fit
+        "fan_in_fan_out": all(is_hf_conv1d(all_layers[n].base_layer) for n in names if kinds[n] == "linear")
+        and any(kinds[n] == "linear" for n in names),
         "use_rslora": False,
         "use_dora": False,
         "lora_bias": False,
