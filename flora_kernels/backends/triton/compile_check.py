@@ -4,7 +4,7 @@ launches them, and check their registers, spills and shared memory.
     python -m flora_kernels.backends.triton.compile_check [--all-configs] [--arch 90 80]
         [--dtypes bf16 fp16 fp32] [--scenarios ...] [--kernels SUBSTR ...] [--jobs N]
 
-The launches are recorded, not written down: every scenario (the DESIGN benchmark shapes:
+The launches are recorded, not written down: every scenario (the benchmark shapes:
 Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout; Conv2d N = 64, C = 256,
 56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; the depthwise 7 x 7 ConvNeXt conv) runs
 forward and backward through the backend's entry points on meta tensors, with each
