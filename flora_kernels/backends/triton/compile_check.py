@@ -5,7 +5,8 @@ launches them, and check their registers, spills and shared memory.
         [--dtypes bf16 fp16 fp32] [--scenarios ...] [--kernels SUBSTR ...] [--jobs N]
 
 The launches are recorded, not written down: every scenario (the benchmark shapes:
-Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout; Conv2d N = 64, C = 256,
+Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout (the dropout step
+also trains the bias); Conv2d N = 64, C = 256,
 56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; the depthwise 7 x 7 ConvNeXt conv) runs
 forward and backward through the backend's entry points on meta tensors, with each
 ``flora_triton`` op's real implementation in place of its fake and each kernel launch captured
@@ -162,7 +163,8 @@ def _linear(strategy: str, p: float) -> Callable[[torch.dtype], None]:
         from . import linear
 
         t, d_in, d_out, r = 8192, 4096, 4096, 16
-        x, w, bias = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt), _leaf(d_out, dtype=dt)
+        x, w = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt)
+        bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
         core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
         fn = linear.linear_factorized if strategy == "factorized" else linear.linear_merged
         _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])

@@ -140,16 +140,16 @@ def _gemm_ext_kernel(
 
 @triton.jit
 def _ds_db_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, T, N, R, sdt, sdn, sbn, sbr, sst, ssr, T_PER, N_PER, TSPLIT,
+    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr, T, N, R, sdt, sdn, sbn, sbr, sst, ssr,
+    T_PER, N_PER, TSPLIT,
     DBIAS: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):
     """One pass over dy (T, N) for dS = dy B and dB = dy^T S (and the bias gradient).
 
     Program (i, j) covers tokens [i T_PER, (i+1) T_PER) and channels [j N_PER, (j+1) N_PER) and
     writes fp32 split-K partials: ds_part[j, t, a] = sum over its channels of dy[t, n] B[n, a];
-    db_part[i, n, a] = sum over its tokens of dy[t, n] S[t, a] for a < R, and with DBIAS
-    db_part[i, n, R] = sum over its tokens of dy[t, n] (S extended by a column of ones).
-    db_part has R + DBIAS columns; RP >= R + DBIAS."""
+    db_part[i, n, a] = sum over its tokens of dy[t, n] S[t, a]; with DBIAS
+    dbias_part[i, n] = sum over its tokens of dy[t, n]."""
     pid = tl.program_id(0)
     i = pid % TSPLIT
     j = pid // TSPLIT
@@ -164,22 +164,24 @@ def _ds_db_kernel(
         mask_n = offs_n < n_hi
         bt = tl.load(b_ptr + offs_n[:, None] * sbn + offs_r[None, :] * sbr, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
         db = tl.zeros((BC, RP), dtype=tl.float32)
+        dbias = tl.zeros((BC,), dtype=tl.float32)
         for t0 in range(t_lo, t_hi, BL):
             offs_t = (t0 + tl.arange(0, BL)).to(tl.int64)
             mask_t = offs_t < t_hi
             dyt = tl.load(dy_ptr + offs_t[:, None] * sdt + offs_n[None, :] * sdn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
             st = tl.load(s_ptr + offs_t[:, None] * sst + offs_r[None, :] * ssr, mask=mask_t[:, None] & mask_r[None, :], other=0.0)
-            if DBIAS:
-                st = tl.where(mask_t[:, None] & (offs_r == R)[None, :], 1.0, st.to(tl.float32))
             db = tl.dot(tl.trans(dyt), st.to(dyt.dtype), db, input_precision=PREC)
+            if DBIAS:
+                dbias += tl.sum(dyt.to(tl.float32), axis=0)
             ds = tl.dot(dyt, bt.to(dyt.dtype), input_precision=PREC)
             dst = ds_part_ptr + (j * T + offs_t)[:, None] * R + offs_r[None, :]
             m = mask_t[:, None] & mask_r[None, :]
             ds += tl.load(dst, mask=m & (n0 > n_lo), other=0.0)  # the previous channel blocks' sum
             tl.store(dst, ds, mask=m)
         tl.debug_barrier()  # makes this block's dS stores visible to the threads that load them next
-        tl.store(db_part_ptr + (i * N + offs_n)[:, None] * (R + DBIAS) + offs_r[None, :], db,
-                 mask=mask_n[:, None] & (offs_r < R + DBIAS)[None, :])
+        tl.store(db_part_ptr + (i * N + offs_n)[:, None] * R + offs_r[None, :], db, mask=mask_n[:, None] & mask_r[None, :])
+        if DBIAS:
+            tl.store(dbias_part_ptr + i * N + offs_n, dbias, mask=mask_n)
 
 
 _gemm_ext_kernel.configs_for = gemm_configs  # compile_check compiles what the pruning keeps per target
@@ -236,27 +238,28 @@ def ds_db(
     torch._check(tuple(b.shape) == (n, r) and tuple(s.shape) == (t, r),
                  lambda: f"ds_db: expected b {(n, r)} and s {(t, r)}, got {tuple(b.shape)} and {tuple(s.shape)}")
     torch._check(r <= MAX_RANK, lambda: f"rank: expected <= {MAX_RANK}, got {r}")
-    rw = r + int(need_dbias)
-    if dy.numel() == 0 or r == 0 and not need_dbias:
-        dbw = dy.new_zeros((n, rw), dtype=torch.float32)
-        ds = dy.new_zeros((t, r))
-    else:
-        bl, bc = (32, 32) if INTERPRET else (64, 64)
-        n_cb, n_tb = triton.cdiv(n, bc), triton.cdiv(t, bl)
-        n_per = triton.cdiv(n_cb, split_n or min(n_cb, 16)) * bc
-        sn = triton.cdiv(n, n_per)
-        t_per = triton.cdiv(n_tb, split_t or split_for(n_tb, sn, dy.device)) * bl
-        st = triton.cdiv(t, t_per)
-        ds_part = torch.empty((sn, t, r), dtype=torch.float32, device=dy.device)
-        db_part = torch.empty((st, n, rw), dtype=torch.float32, device=dy.device)
-        _ds_db_kernel[(st * sn,)](
-            dy, b, s, ds_part, db_part, t, n, r, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
-            s.stride(0), s.stride(1), t_per, n_per, st,
-            DBIAS=int(need_dbias), RP=rank_pad(rw), PREC=dot_precision(dy.dtype), BL=bl, BC=bc,
-        )
-        ds = ds_part.sum(0).to(dy.dtype)
-        dbw = db_part.sum(0)
-    return ds, dbw[:, :r].contiguous().to(b.dtype), dbw[:, r].contiguous().to(dy.dtype) if need_dbias else None
+    dbias = None
+    if dy.numel() == 0:
+        ds, db = dy.new_zeros((t, r)), b.new_zeros((n, r))
+        dbias = dy.new_zeros((n,)) if need_dbias else None
+        return ds, db, dbias
+    bl, bc = (32, 32) if INTERPRET or dy.dtype == torch.float32 else (64, 64)  # fp32: FMA dots, smaller tiles
+    n_cb, n_tb = triton.cdiv(n, bc), triton.cdiv(t, bl)
+    n_per = triton.cdiv(n_cb, split_n or min(n_cb, 16)) * bc
+    sn = triton.cdiv(n, n_per)
+    t_per = triton.cdiv(n_tb, split_t or split_for(n_tb, sn, dy.device)) * bl
+    st = triton.cdiv(t, t_per)
+    ds_part = torch.empty((sn, t, r), dtype=torch.float32, device=dy.device)
+    db_part = torch.empty((st, n, r), dtype=torch.float32, device=dy.device)
+    dbias_part = torch.empty((st, n) if need_dbias else (0,), dtype=torch.float32, device=dy.device)
+    _ds_db_kernel[(st * sn,)](
+        dy, b, s, ds_part, db_part, dbias_part, t, n, r, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+        s.stride(0), s.stride(1), t_per, n_per, st,
+        DBIAS=need_dbias, RP=rank_pad(r), PREC=dot_precision(dy.dtype), BL=bl, BC=bc,
+    )
+    if need_dbias:
+        dbias = dbias_part.sum(0).to(dy.dtype)
+    return ds_part.sum(0).to(dy.dtype), db_part.sum(0).to(b.dtype), dbias
 
 
 def _tokens(t: Tensor) -> Tensor:
