@@ -27,6 +27,14 @@ def block(n: int, hi: int) -> int:
     return max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def tile_cap(dtype: torch.dtype, hi: int = 64) -> int:
+    """The largest tile side of the skinny kernels: ``hi``, halved for fp32 (exact fp32 dots run on
+    FMA units and hold both operands in registers; larger fp32 tiles spill), 32 under the interpreter."""
+    if INTERPRET:
+        return 32
+    return hi // 2 if dtype == torch.float32 else hi
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 products for fp32 inputs (like torch's default
     matmul, no TF32), TF32 for the fp32 second-stage products of half-precision inputs."""

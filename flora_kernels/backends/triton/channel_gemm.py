@@ -22,7 +22,17 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    INTERPRET, MAX_RANK, block, dot_precision, keep_mask, mask_words, pack_bits, rank_pad, split_for, unpack_bits,
+    INTERPRET,
+    MAX_RANK,
+    block,
+    dot_precision,
+    keep_mask,
+    mask_words,
+    pack_bits,
+    rank_pad,
+    split_for,
+    tile_cap,
+    unpack_bits,
 )
 
 # ----------------------------------------------------------------------------- kernels
@@ -191,7 +201,7 @@ def project(
     if x.numel() == 0 or r == 0:
         return z.zero_()
     u = u.contiguous().to(x.dtype)
-    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, 32 if INTERPRET else 64)
+    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, tile_cap(x.dtype))
     if bits is not None:
         _check_bits(bits, n, length, c, groups)
         torch._check(p > 0, lambda: "bits: only written with dropout (p > 0)")
@@ -258,7 +268,7 @@ def reduce(
     x, length, sxn, sxc, sxl = ncl(x)
     z, _, szn, szc, szl = ncl(z)
     rows = cg if shared else c
-    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, 32 if INTERPRET else 64)
+    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, tile_cap(x.dtype))
     programs = triton.cdiv(cg, bc) * (1 if shared else groups)
     items = (n * groups if shared else n) * triton.cdiv(length, bl)
     sp = split or split_for(items, programs, x.device)

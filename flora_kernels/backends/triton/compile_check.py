@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import multiprocessing
 import os
 import re
@@ -109,9 +108,9 @@ class Launch:
 def _recording(out: list[Launch], scenario: str) -> Iterator[None]:
     """Captures every kernel launch (instead of running it) and runs each ``flora_triton`` custom
     op's implementation (instead of its fake) while active; launchers size splits for BENCH_SMS."""
-    import triton.runtime.jit as jit
     from torch._library.custom_ops import OPDEFS
     from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import jit
 
     from . import _common
 
@@ -255,8 +254,8 @@ def config_name(job: Job) -> str:
     return "-".join([*(f"{k}{v}" for k, v in kv.items()), f"w{warps}", f"s{stages}"])
 
 
-_PTXAS_RE = re.compile(r"Used (\d+) registers.*?(\d+) bytes spill stores, (\d+) bytes spill loads", re.S)
-_PTXAS_RE2 = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+_PTXAS_RE = re.compile(r"Used (\d+) registers.*?(\d+) bytes spill stores, (\d+) bytes spill loads", re.DOTALL)
+_PTXAS_RE2 = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.DOTALL)
 
 
 def parse_ptxas(log: str) -> tuple[int, int, int]:

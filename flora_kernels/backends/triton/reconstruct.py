@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...tucker import mode_n_product
-from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad, split_for
+from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad, split_for, tile_cap
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -212,7 +212,7 @@ def tucker2_adjoint(
     r0p, r1p, prec = rank_pad(r0), rank_pad(r1), dot_precision(dt)
     du0 = dk = du1 = None
     if need_du0 or need_dk:
-        bm, bn = (32, 32) if INTERPRET else (64, 64)
+        bm = bn = tile_cap(dt)
         nm, nn = triton.cdiv(i0, bm), triton.cdiv(i1, bn)
         sp = split or split_for(nn, nm * t, dev)
         per = triton.cdiv(nn, sp)
@@ -227,7 +227,7 @@ def tucker2_adjoint(
         du0 = du0_part.sum(0).to(dt) if need_du0 else None
         dk = dk_part.sum(0).to(dt) if need_dk else None
     if need_du1:
-        bm, bn = (32, 32) if INTERPRET else (64, 64)
+        bm = bn = tile_cap(dt)
         nm, nn = triton.cdiv(i0, bm), triton.cdiv(i1, bn)
         sp = split or split_for(nm, nn * t, dev)
         per = triton.cdiv(nm, sp)
