@@ -10,7 +10,9 @@ factor) or per output channel (U: (G * Cg, r), the output factor).
 - ``expand``:  Y[n, g*Co + o, l] = base + mask * sum_a Z[n, g*r + a, l] U[., a] (expansion, dx)
 - ``reduce``:  dU[., a] = sum over tokens (and groups if U is shared) of drop(X) Z  (dU, dB)
 
-``drop`` is inverted dropout whose mask is recomputed from (seed, logical element index).
+``drop`` is inverted dropout whose mask is recomputed from (seed, logical element index);
+with groups = 1, ``project`` can also write the mask packed (1 bit per element) for ``reduce``
+and the Linear dx GEMM to read instead.
 Accumulation is fp32; rank r <= MAX_RANK sits padded in registers.
 """
 

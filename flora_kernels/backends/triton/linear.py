@@ -3,15 +3,16 @@ the merged path (reconstruct kernel + torch matmul).
 
 Factorized, with B = s U_out G (out, r_in) folded in torch (tiny, differentiable):
 
-    forward:  S = drop(x) U_in                          (T, r_in)   channel_gemm.project
-              y = x W^T + bias + S B^T                  one GEMM, the rank part as extra K steps
-    backward: dS = dy B                                  (T, r_in)   channel_gemm.project
+    forward:  S = drop(x) U_in                          (T, r_in)   channel_gemm.project (+ mask bits)
+              y = x W^T + bias + S B^T                  one GEMM, the rank part as an extra K step
+    backward: dS = dy B, dB = dy^T S, dbias = sum_t dy  one pass over dy (ds_db), split-K partials
               dx = dy W + mask * (dS U_in^T)             one GEMM over an extended K loop
-              dU_in = drop(x)^T dS, dB = dy^T S          token reductions, no T x out temporaries
+              dU_in = drop(x)^T dS                       token reduction, no T x out temporaries
 
-The dropout mask is recomputed from a seed in every kernel; nothing of size T x in is stored.
-The base weight and bias are frozen: the op returns no weight gradient (the backend refuses a
-call whose weight requires grad); the bias gradient is dy summed over tokens.
+Dropout: the shrink draws the Philox mask from a seed once and writes it packed, 1 bit per
+element (T x ceil(in / 32) int32 words, saved for the backward); the dx GEMM and dU_in read
+the bits. The base weight is frozen: the op returns no weight gradient (the backend refuses a
+call whose weight requires grad); the bias gradient comes from the same pass over dy as dS.
 """
 
 from __future__ import annotations
