@@ -48,6 +48,11 @@ def num_programs_target(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def fills_device(programs: int, device: torch.device) -> bool:
+    """Whether ``programs`` programs make about two waves on the device (always under the interpreter)."""
+    return programs >= num_programs_target(device)
+
+
 def split_for(work_items: int, programs: int, device: torch.device) -> int:
     """How many ways to split a reduction loop of ``work_items`` so that ``programs`` programs
     per split fill the device; partial results are summed afterwards."""

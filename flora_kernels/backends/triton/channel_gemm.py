@@ -28,6 +28,7 @@ from ._common import (
     MAX_RANK,
     block,
     dot_precision,
+    fills_device,
     keep_mask,
     mask_words,
     pack_bits,
@@ -204,6 +205,8 @@ def project(
         return z.zero_()
     u = u.contiguous().to(x.dtype)
     bl, bc = block(length, 32 if INTERPRET else 64), block(cg, tile_cap(x.dtype))
+    while bl > 16 and not fills_device(triton.cdiv(length, bl) * n * groups, x.device):
+        bl //= 2  # under two waves (e.g. T = 8192 tokens: 128 programs of 64 on 132 SMs): smaller token blocks
     if bits is not None:
         _check_bits(bits, n, length, c, groups)
         torch._check(p > 0, lambda: "bits: only written with dropout (p > 0)")
