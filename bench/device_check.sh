@@ -12,6 +12,10 @@
 #   2. python -m flora_kernels info    (versions, device, backends before the build)
 #   3. install without deps (FLORA_SKIP_EXT=1 pip install --no-deps --no-build-isolation -e .),
 #      falling back to PYTHONPATH=. when that fails
+#   3b. Triton: micro-benchmarks at the benchmark shapes (each gemm_ext variant vs F.linear /
+#      torch.matmul, every other kernel vs its floor; python -m
+#      flora_kernels.backends.triton.microbench -> $OUT/triton_microbench.json), then the bf16
+#      GPU correctness tests of the Triton backend (pytest -m gpu tests/test_triton_*.py)
 #   4. JIT-build the extension: flora_kernels.backends.cuda.build_extension(verbose=True)
 #      (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); a failure is logged and the script goes on
 #   5. FLORA_TEST_GPU=1 python -m pytest -q -m gpu tests
@@ -19,7 +23,7 @@
 #      (tests/test_ext_gpu.py -k ops_match; 90 s each); in a dry run the commands are logged
 #   6. flora-bench --device cuda --out/--md/--plot/--csv $OUT/results.*, with --max-minutes set
 #      from the time left so it writes its files before the hard timeout
-# Files back (<= 8): log.txt, summary.txt, nvidia-smi.txt, results.{json,md,png,csv}.
+# Files back (<= 8): log.txt, summary.txt, nvidia-smi.txt, triton_microbench.json, results.{json,md,png,csv}.
 # Exit status: 0 when every step passed, else 1 (the log says which failed).
 
 set -u -o pipefail
@@ -99,6 +103,15 @@ else
         echo "install failed: using PYTHONPATH=$PWD" | tee -a "$LOG"
 fi
 step info 60 "$PY" -m flora_kernels info
+
+# 3b. Triton micro-benchmarks and bf16 correctness (a dry run lists the cases and floors only)
+if [ "$DRY_RUN" = "1" ]; then
+    step triton-microbench 60 "$PY" -m flora_kernels.backends.triton.microbench --dry-run --out "$OUT/triton_microbench.json"
+    step triton-bf16-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py || true
+else
+    step triton-microbench 120 "$PY" -m flora_kernels.backends.triton.microbench --out "$OUT/triton_microbench.json" || true
+    FLORA_TEST_GPU=1 step triton-bf16-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=60 tests/test_triton_backend.py tests/test_triton_linear.py tests/test_triton_conv.py tests/test_triton_reconstruct.py || true
+fi
 
 # 4. JIT-build the compiled extension (guarded: a failure is logged, the script goes on)
 BUILD_PY='import flora_kernels.backends.cuda as c

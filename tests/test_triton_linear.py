@@ -92,8 +92,8 @@ def test_linear_dropout_p0_exact():
 
     x, w = torch.randn(33, 20, device=DEVICE), torch.randn(17, 20, device=DEVICE)
     u_in, b = torch.randn(20, 3, device=DEVICE), torch.randn(17, 3, device=DEVICE)
-    y1, s1 = L.linear_fwd(x, w, None, u_in, b, 0.0, 1)
-    y2, s2 = L.linear_fwd(x, w, None, u_in, b, 0.0, 2)
+    y1, s1, _ = L.linear_fwd(x, w, None, u_in, b, 0.0, 1)
+    y2, s2, _ = L.linear_fwd(x, w, None, u_in, b, 0.0, 2)
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
 
 
@@ -120,5 +120,104 @@ def test_opcheck_linear_ops():
     opcheck(L.linear_fwd, (rq(11, 9), w, None, rq(9, 3), rq(7, 3), 0.3, 5))
     x, u_in, b = torch.randn(11, 9, device=DEVICE), torch.randn(9, 3, device=DEVICE), torch.randn(7, 3, device=DEVICE)
     dy, s = torch.randn(11, 7, device=DEVICE), torch.randn(11, 3, device=DEVICE)
-    opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, 0.2, 3, True, True, True))
-    opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, 0.0, 0, True, False, True))
+    bits = L.linear_fwd(x, w, None, u_in, b, 0.2, 3)[2]
+    opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, bits, 0.2, True, True, True, True))
+    opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, bits.new_empty(0), 0.0, False, True, False, True))
+
+
+def _unpack(bits: torch.Tensor, c: int) -> torch.Tensor:
+    """(T, ceil(c / 32)) int32 words -> (T, c) bool, bit j of word w = channel 32 w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits[:, :, None] >> shifts) & 1).reshape(bits.shape[0], -1)[:, :c] != 0
+
+
+@pytest.mark.parametrize("in_f", [40, 64, 7])
+def test_shrink_bits_are_the_dropout_mask(in_f):
+    """The packed mask the shrink writes (1 bit per element) is the mask it applied."""
+    from flora_kernels.backends.triton import linear as L
+
+    t, p = 37, 0.4
+    bits = torch.full((t, -(-in_f // 32)), -1, dtype=torch.int32, device=DEVICE)
+    drop = L.shrink(torch.ones(t, in_f, device=DEVICE), torch.eye(in_f, device=DEVICE), p, 99, bits)
+    assert torch.equal(_unpack(bits, in_f), drop != 0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "splits", "need_dbias"),
+    [(torch.float32, (None, None), True), (torch.float32, (3, 2), False), (torch.float16, (3, 2), True),
+     (torch.float16, (1, 1), False)],
+    ids=["fp32-default-dbias", "fp32-3x2", "fp16-3x2-dbias", "fp16-1x1"],
+)
+def test_ds_db_one_pass(dtype, splits, need_dbias):
+    """dS = dy B, dB = dy^T S and dbias = sum_t dy from one pass over dy, split-K partials, odd shapes."""
+    from flora_kernels.backends.triton import linear as L
+
+    t, n, r = 101, 75, 5
+    dy, b, s = (torch.randn(*shape, device=DEVICE, dtype=torch.float64) for shape in ((t, n), (n, r), (t, r)))
+    ds, db, dbias = L.ds_db(dy.to(dtype), b.to(dtype), s.to(dtype), need_dbias, *splits)
+    lo = [v.to(dtype) for v in (dy, b, s)]
+    assert_bounded(ds, lo[0] @ lo[1], dy @ b, dtype, "dS")
+    assert_bounded(db, lo[0].t() @ lo[2], dy.t() @ s, dtype, "dB")
+    if need_dbias:
+        assert_bounded(dbias, lo[0].sum(0), dy.sum(0), dtype, "dbias")
+    else:
+        assert dbias is None
+
+
+def test_gemm_autotune_buckets_tokens_and_layout(monkeypatch):
+    """One tuning per (power-of-two token bucket, operand layout): token counts inside a bucket
+    reuse the tuned config (no re-tune), a new bucket or a transposed operand tunes anew."""
+    import triton
+
+    from flora_kernels.backends.triton import linear as L
+
+    kern = L._gemm_ext_kernel
+    configs = [triton.Config({"BM": bm, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4) for bm in (32, 16)]
+    benched: list[int] = []
+
+    def bench(*args, config, **kwargs):
+        benched.append(config.kwargs["BM"])
+        return [float(config.kwargs["BM"])] * 3
+
+    monkeypatch.setattr(kern, "configs", configs)
+    monkeypatch.setattr(L, "gemm_configs", lambda dtype, arch: configs)  # what the pruning keeps
+    monkeypatch.setattr(kern, "cache", {})
+    monkeypatch.setattr(kern, "_bench", bench)
+    k, n, r = 24, 40, 3
+    w, u, v = torch.randn(n, k, device=DEVICE), torch.randn(40, r, device=DEVICE), torch.randn(r, n, device=DEVICE)
+    w_t_contig = w.t().contiguous()  # the same (K, N) operand, N-contiguous instead of K-contiguous
+
+    def run(m, b):
+        a, a2 = torch.randn(m, k, device=DEVICE), torch.randn(m, r, device=DEVICE)
+        y = L.gemm_ext(a, b, a2, v, None)
+        torch.testing.assert_close(y, a @ b + a2 @ v, rtol=1e-4, atol=1e-4)
+        return len(kern.cache)
+
+    assert [run(m, w.t()) for m in (33, 40, 64)] == [1, 1, 1]  # one bucket (64): tuned once
+    assert run(65, w.t()) == 2  # bucket 128
+    assert run(50, w_t_contig) == 3  # same bucket as 33..64, other layout
+    assert len(benched) == 3 * len(configs)
+    assert L.token_bucket(1) == 16 and L.token_bucket(8192) == 8192 and L.token_bucket(8193) == 16384
+    assert L.operand_layout(u, w.t()) == 3 and L.operand_layout(u, w_t_contig) == 2
+
+
+def test_torch_compile_linear_dropout_bias(monkeypatch):
+    """The dropout path (mask bits saved for the backward) and the one-pass dS/dB/dbias trace under
+    torch.compile (aot_eager, fullgraph) and match eager, output and every gradient."""
+    _dropout_setup(monkeypatch, seed=77)
+    torch._dynamo.reset()
+    x = torch.randn(2, 19, 33, device=DEVICE, requires_grad=True)
+    w = torch.randn(21, 33, device=DEVICE) / 33**0.5
+    bias = torch.randn(21, device=DEVICE, requires_grad=True)
+    core = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    fs = [torch.randn(n, r, device=DEVICE, requires_grad=True) for n, r in ((21, 4), (33, 3))]
+
+    def fn(x, bias, core, f0, f1):
+        return fk.flora_linear(x, w, bias, core, [f0, f1], 0.5, dropout_p=0.3, strategy="factorized", backend="triton")
+
+    inputs = [x, bias, core, *fs]
+    y_c = torch.compile(fn, backend="aot_eager", fullgraph=True)(*inputs)
+    y_e = fn(*inputs)
+    dy = torch.randn_like(y_e)
+    for a, b in zip([y_c, *torch.autograd.grad(y_c, inputs, dy)], [y_e, *torch.autograd.grad(y_e, inputs, dy)]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Shared helpers for the Triton kernels: interpreter detection, block sizes, dropout mask."""
+"""Shared helpers for the Triton kernels: interpreter detection, block sizes, dropout masks
+(Philox from a seed, and the packed 1-bit-per-element form the Linear kernels share)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def block(n: int, hi: int) -> int:
     return max(16, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def tile_cap(dtype: torch.dtype, hi: int = 64) -> int:
+    """The largest tile side of the skinny kernels: ``hi``, halved for fp32 (exact fp32 dots run on
+    FMA units and hold both operands in registers; larger fp32 tiles spill), 32 under the interpreter."""
+    if INTERPRET:
+        return 32
+    return hi // 2 if dtype == torch.float32 else hi
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 products for fp32 inputs (like torch's default
     matmul, no TF32), TF32 for the fp32 second-stage products of half-precision inputs."""
@@ -37,6 +46,11 @@ def num_programs_target(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 1
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fills_device(programs: int, device: torch.device) -> bool:
+    """Whether ``programs`` programs make about two waves on the device (always under the interpreter)."""
+    return programs >= num_programs_target(device)
 
 
 def split_for(work_items: int, programs: int, device: torch.device) -> int:
@@ -70,3 +84,29 @@ def keep_mask(seed, offsets, p):
     the input, so every kernel that touches an element recomputes the same mask.
     """
     return tl.rand(seed, offsets) >= p
+
+
+#: Channels per word of a packed dropout bitmask (int32 words).
+BITS_PER_WORD = 32
+
+
+def mask_words(c: int) -> int:
+    """int32 words per token row of a packed dropout bitmask over ``c`` channels."""
+    return -(-int(c) // BITS_PER_WORD)
+
+
+@triton.jit
+def pack_bits(keep, BL: tl.constexpr, BC: tl.constexpr):
+    """A (BL, BC) boolean tile -> (BL, BC // 32) int32 words, bit j of word w = keep[:, 32 w + j].
+
+    The bits are disjoint, so their (wrapping) int32 sum is their bitwise or."""
+    shift = tl.arange(0, BC) % 32
+    bits = keep.to(tl.int32) << shift[None, :]
+    return tl.sum(tl.reshape(bits, (BL, BC // 32, 32)), axis=2)
+
+
+@triton.jit
+def unpack_bits(bits_ptr, rows, cols, stride_row, mask):
+    """Keep mask at (rows[:, None], cols[None, :]) from int32 words ``bits[row, col // 32]`` (bit col % 32)."""
+    w = tl.load(bits_ptr + rows[:, None] * stride_row + (cols // 32)[None, :], mask=mask, other=0)
+    return ((w >> (cols % 32).to(tl.int32)[None, :]) & 1) != 0

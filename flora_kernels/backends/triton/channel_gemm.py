@@ -10,7 +10,9 @@ factor) or per output channel (U: (G * Cg, r), the output factor).
 - ``expand``:  Y[n, g*Co + o, l] = base + mask * sum_a Z[n, g*r + a, l] U[., a] (expansion, dx)
 - ``reduce``:  dU[., a] = sum over tokens (and groups if U is shared) of drop(X) Z  (dU, dB)
 
-``drop`` is inverted dropout whose mask is recomputed from (seed, logical element index).
+``drop`` is inverted dropout whose mask is recomputed from (seed, logical element index);
+with groups = 1, ``project`` can also write the mask packed (1 bit per element) for ``reduce``
+and the Linear dx GEMM to read instead.
 Accumulation is fp32; rank r <= MAX_RANK sits padded in registers.
 """
 
@@ -21,16 +23,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, MAX_RANK, block, dot_precision, keep_mask, rank_pad, split_for
+from ._common import (
+    INTERPRET,
+    MAX_RANK,
+    block,
+    dot_precision,
+    fills_device,
+    keep_mask,
+    mask_words,
+    pack_bits,
+    rank_pad,
+    split_for,
+    tile_cap,
+    unpack_bits,
+)
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _project_kernel(
-    x_ptr, u_ptr, z_ptr, L, C, Cg, R, G, sxn, sxc, sxl, szn, szc, szl, sug, p, seed,
-    DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+    x_ptr, u_ptr, z_ptr, bits_ptr, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, sug, p, seed,
+    DROPOUT: tl.constexpr, BITS: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):
+    """z = drop(x) U per group; with BITS (G = 1, BC % 32 = 0) also bits[n, l, c // 32] |= keep << c % 32."""
     pid = tl.program_id(0).to(tl.int64)
     n_lb = tl.cdiv(L, BL)
     pid_b = pid // n_lb
@@ -51,6 +67,10 @@ def _project_kernel(
         if DROPOUT:
             keep = keep_mask(seed, (n * C + cc[None, :]) * L + offs_l[:, None], p)
             xt = tl.where(keep, xt.to(tl.float32) / (1.0 - p), 0.0).to(xt.dtype)
+            if BITS:
+                offs_w = c0 // 32 + tl.arange(0, BC // 32)
+                tl.store(bits_ptr + (n * L + offs_l[:, None]) * W + offs_w[None, :], pack_bits(keep, BL, BC),
+                         mask=mask_l[:, None] & (offs_w < W)[None, :])
         u = tl.load(u_ptr + g * sug + offs_c[:, None] * R + offs_r[None, :], mask=mask_c[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(xt, u.to(xt.dtype), acc, input_precision=PREC)
     dst = z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl
@@ -94,11 +114,13 @@ def _expand_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    x_ptr, z_ptr, part_ptr, N, L, C, Cg, R, G, sxn, sxc, sxl, szn, szc, szl, p, seed, SPLIT,
-    SHARED: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    x_ptr, z_ptr, bits_ptr, part_ptr, N, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, p, seed, SPLIT,
+    SHARED: tl.constexpr, DROP: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
     BL: tl.constexpr, BC: tl.constexpr,
 ):
-    """part[split, (g*Cg if not SHARED) + c, a] = sum_{tokens of split} drop(X)[n, g*Cg + c, l] Z[n, g*R + a, l]."""
+    """part[split, (g*Cg if not SHARED) + c, a] = sum_{tokens of split} drop(X)[n, g*Cg + c, l] Z[n, g*R + a, l].
+
+    DROP: 0 no dropout, 1 the Philox mask of (seed, index), 2 the packed mask bits[n, l, c // 32] (G = 1)."""
     pid = tl.program_id(0).to(tl.int64)
     split = pid % SPLIT
     rest = pid // SPLIT
@@ -128,8 +150,11 @@ def _reduce_kernel(
         cc = g * Cg + offs_c
         xt = tl.load(x_ptr + n * sxn + cc[None, :] * sxc + offs_l[:, None] * sxl,
                      mask=mask_l[:, None] & mask_c[None, :], other=0.0)
-        if DROPOUT:
+        if DROP == 1:
             keep = keep_mask(seed, (n * C + cc[None, :]) * L + offs_l[:, None], p)
+            xt = tl.where(keep, xt.to(tl.float32) / (1.0 - p), 0.0).to(xt.dtype)
+        elif DROP == 2:
+            keep = unpack_bits(bits_ptr, n * L + offs_l, cc, W, mask_l[:, None] & mask_c[None, :])
             xt = tl.where(keep, xt.to(tl.float32) / (1.0 - p), 0.0).to(xt.dtype)
         zt = tl.load(z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl,
                      mask=mask_l[:, None] & mask_r[None, :], other=0.0)
@@ -161,11 +186,14 @@ def _check_rank(r: int) -> None:
 
 
 def project(
-    x: Tensor, u: Tensor, groups: int, z: Tensor, shared: bool, p: float = 0.0, seed: int = 0
+    x: Tensor, u: Tensor, groups: int, z: Tensor, shared: bool, p: float = 0.0, seed: int = 0,
+    bits: Tensor | None = None,
 ) -> Tensor:
     """Writes z (N, G*r, *spatial) = grouped 1x1 of drop(x) (N, G*Cg, *spatial) by U and returns it.
 
-    u: (Cg, r) if ``shared`` else (G*Cg, r). z: any layout whose spatial dims flatten into one stride."""
+    u: (Cg, r) if ``shared`` else (G*Cg, r). z: any layout whose spatial dims flatten into one stride.
+    ``bits`` (p > 0, groups = 1): an int32 (N, L, mask_words(C)) tensor that receives the keep mask,
+    1 bit per element, for kernels that reuse it (``reduce(..., bits=)``, the Linear dx GEMM)."""
     _check_rank(u.shape[1])
     n, c = x.shape[0], x.shape[1]
     cg, r = c // groups, u.shape[1]
@@ -176,13 +204,27 @@ def project(
     if x.numel() == 0 or r == 0:
         return z.zero_()
     u = u.contiguous().to(x.dtype)
-    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, 32 if INTERPRET else 64)
+    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, tile_cap(x.dtype))
+    while bl > 16 and not fills_device(triton.cdiv(length, bl) * n * groups, x.device):
+        bl //= 2  # under two waves (e.g. T = 8192 tokens: 128 programs of 64 on 132 SMs): smaller token blocks
+    if bits is not None:
+        _check_bits(bits, n, length, c, groups)
+        torch._check(p > 0, lambda: "bits: only written with dropout (p > 0)")
+        bc = max(bc, 32)
     grid = (triton.cdiv(length, bl) * n * groups,)
     _project_kernel[grid](
-        x, u, z, length, c, cg, r, groups, sxn, sxc, sxl, szn, szc, szl, 0 if shared else cg * r,
-        float(p), int(seed), DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
+        x, u, z, bits if bits is not None else z, length, c, cg, r, groups, mask_words(c),
+        sxn, sxc, sxl, szn, szc, szl, 0 if shared else cg * r, float(p), int(seed),
+        DROPOUT=p > 0, BITS=bits is not None, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
     )
     return z
+
+
+def _check_bits(bits: Tensor, n: int, length: int, c: int, groups: int) -> None:
+    want = (n, length, mask_words(c))
+    torch._check(groups == 1, lambda: f"bits: a packed dropout mask needs groups = 1, got {groups}")
+    torch._check(bits.dtype == torch.int32 and tuple(bits.shape) == want and bits.is_contiguous(),
+                 lambda: f"bits: expected a contiguous int32 tensor of shape {want}, got {bits.dtype} {tuple(bits.shape)}")
 
 
 def expand(
@@ -217,26 +259,32 @@ def expand(
 
 
 def reduce(
-    x: Tensor, z: Tensor, groups: int, shared: bool, p: float = 0.0, seed: int = 0, split: int | None = None
+    x: Tensor, z: Tensor, groups: int, shared: bool, p: float = 0.0, seed: int = 0, split: int | None = None,
+    bits: Tensor | None = None,
 ) -> Tensor:
     """dU = sum over tokens of drop(x)[n, g*Cg + c, l] z[n, g*r + a, l], fp32 partials reduced in torch.
 
     x: (N, G*Cg, *spatial), z: (N, G*r, *spatial). Returns (Cg, r) summed over groups if ``shared``,
-    else (G*Cg, r), in x's dtype."""
+    else (G*Cg, r), in x's dtype. The mask (p > 0) is read from ``bits`` (see ``project``) when
+    given, else recomputed from ``seed``."""
     n, c = x.shape[0], x.shape[1]
     cg, r = c // groups, z.shape[1] // groups
     _check_rank(r)
     x, length, sxn, sxc, sxl = ncl(x)
     z, _, szn, szc, szl = ncl(z)
     rows = cg if shared else c
-    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, 32 if INTERPRET else 64)
+    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, tile_cap(x.dtype))
     programs = triton.cdiv(cg, bc) * (1 if shared else groups)
     items = (n * groups if shared else n) * triton.cdiv(length, bl)
     sp = split or split_for(items, programs, x.device)
     part = torch.zeros((sp, rows, r), dtype=torch.float32, device=x.device)
+    if bits is not None:
+        _check_bits(bits, n, length, c, groups)
+    drop = 0 if p <= 0 else (2 if bits is not None else 1)
     if x.numel() and r:
         _reduce_kernel[(programs * sp,)](
-            x, z, part, n, length, c, cg, r, groups, sxn, sxc, sxl, szn, szc, szl, float(p), int(seed), sp,
-            SHARED=shared, DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
+            x, z, bits if bits is not None else part, part, n, length, c, cg, r, groups, mask_words(c),
+            sxn, sxc, sxl, szn, szc, szl, float(p), int(seed), sp,
+            SHARED=shared, DROP=drop, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
         )
     return part.sum(0).to(x.dtype)

@@ -1,87 +1,397 @@
-"""Compile every Triton kernel of this backend for a CUDA target, without a GPU.
+"""Compile the Triton kernels of this backend for CUDA targets without a GPU, as the benchmark
+launches them, and check their registers, spills and shared memory.
 
-    python -m flora_kernels.backends.triton.compile_check [--arch 90] [--dtypes bf16 fp16 fp32]
+    python -m flora_kernels.backends.triton.compile_check [--all-configs] [--arch 90 80]
+        [--dtypes bf16 fp16 fp32] [--scenarios ...] [--kernels SUBSTR ...] [--jobs N]
 
-The CPU interpreter accepts programs that the GPU compiler rejects (dot shapes, mixed-type
-loops, dtype mismatches); this runs the real front end, the TTGIR passes and ptxas (bundled with
-triton) for each kernel at representative block sizes, so a GPU-less machine catches them.
+The launches are recorded, not written down: every scenario (the benchmark shapes:
+Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout (the dropout step
+also trains the bias); Conv2d N = 64, C = 256,
+56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; the depthwise 7 x 7 ConvNeXt conv) runs
+forward and backward through the backend's entry points on meta tensors, with each
+``flora_triton`` op's real implementation in place of its fake and each kernel launch captured
+instead of run (``split_for`` sized for 132 SMs). Each captured launch is then specialised by
+Triton's own binder for the target (16-byte pointer alignment, integers divisible by 16 or
+equal to 1, exactly as at run time), compiled through the GPU front end, the TTGIR passes and
+ptxas (bundled with triton), and reported as one line per kernel x config x dtype x target:
+
+    <kernel> <config> <dtype> regs=<n> spills=<bytes> smem=<bytes> <target> spill_loads=<bytes> <verdict>
+
+``spills`` is ptxas's spill stores, ``smem`` Triton's shared-memory allocation per CTA. The
+exit status is 1 on any compile error, any spill, or shared memory above the target's
+per-block limit (the SM's shared memory less the 1 KiB reserved per CTA); 0 otherwise.
+Without ``--all-configs`` only the first config of each autotuned kernel is compiled.
 TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-_SCALARS_FP32 = {"scale", "p"}
+import torch
+
+#: Shared memory per SM in KiB by compute capability (less 1 KiB per CTA gives the block limit).
+SMEM_KIB = {80: 164, 86: 100, 87: 164, 89: 100, 90: 228}
+#: SMs that ``split_for`` sizes its splits for during recording (H100 SXM and H200).
+BENCH_SMS = 132
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _cases() -> list[tuple[str, Any, dict[str, Any]]]:
-    from . import channel_gemm as cg
-    from . import core_conv as cc
-    from . import linear as lin
-    from . import reconstruct as rec
-
-    return [
-        ("tucker2_fwd", rec._tucker2_fwd_kernel, {"HAS_BASE": True, "R0P": 16, "R1P": 32, "BM": 128, "BN": 64}),
-        ("tucker2_adj_rows", rec._tucker2_adj_rows_kernel,
-         {"NEED_DU0": True, "NEED_DK": True, "R0P": 16, "R1P": 16, "BM": 64, "BN": 64}),
-        ("tucker2_adj_cols", rec._tucker2_adj_cols_kernel, {"R0P": 16, "R1P": 16, "BM": 64, "BN": 64}),
-        ("project", cg._project_kernel, {"DROPOUT": True, "RP": 16, "BL": 64, "BC": 64}),
-        ("expand", cg._expand_kernel, {"HAS_BASE": True, "DROPOUT": True, "RP": 16, "BL": 64, "BO": 64}),
-        ("reduce_shared", cg._reduce_kernel, {"SHARED": True, "DROPOUT": True, "RP": 16, "BL": 64, "BC": 64}),
-        ("reduce_per_channel", cg._reduce_kernel, {"SHARED": False, "DROPOUT": False, "RP": 32, "BL": 64, "BC": 64}),
-        ("gemm_ext", lin._gemm_ext_kernel,
-         {"HAS_BIAS": True, "DROPOUT": True, "RP": 16, "BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}),
-        ("core_conv_fwd", cc._core_conv_fwd_kernel, {"RIP": 16, "ROP": 16, "BL": 64}),
-        ("core_conv_dz", cc._core_conv_dz_kernel, {"RIP": 16, "ROP": 16, "BL": 64}),
-        ("core_conv_dk", cc._core_conv_dk_kernel, {"RIP": 16, "ROP": 16, "BL": 64}),
-    ]
+def smem_limit(arch: int) -> int:
+    """Bytes of shared memory one CTA may allocate on compute capability ``arch``."""
+    if arch not in SMEM_KIB:
+        raise ValueError(f"arch: expected one of {sorted(SMEM_KIB)}, got {arch}")
+    return (SMEM_KIB[arch] - 1) * 1024
 
 
-def compile_kernel(kernel: Any, dtype: str, constexprs: dict[str, Any], arch: int) -> None:
-    """Compile one @triton.jit (or autotuned) kernel: pointers in ``dtype`` (fp32 for partial sums),
-    ints as i32, ``scale``/``p`` as fp32, the given constexprs (PREC added from the dtype)."""
-    import triton
+# ----------------------------------------------------------------------------- recording
+
+
+class _Ptr:
+    """A tensor argument as Triton's binder sees it: dtype and a 16-byte-aligned base address
+    plus the view's storage offset (torch's CUDA allocations are 512-byte aligned)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.dtype = t.dtype
+        self._addr = (1 << 20) + t.storage_offset() * t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._addr
+
+
+@dataclass
+class Launch:
+    """One captured kernel launch: ``fn[grid](*args, **kwargs)`` (tensors as ``_Ptr``)."""
+
+    tag: str  # scenario/op/launch-index
+    kernel: Any  # JITFunction or Autotuner
+    args: tuple
+    kwargs: dict
+
+    @property
+    def fn(self) -> Any:
+        from triton.runtime.autotuner import Autotuner
+
+        return self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
+
+    def configs(self, arch: int) -> list[Any]:
+        """The autotune configs for the target (those the kernel's ``configs_for(dtype, arch)``
+        keeps, if it has one, as its pruning does at run time); one ``None`` for a plain launch."""
+        from triton.runtime.autotuner import Autotuner
+
+        if not isinstance(self.kernel, Autotuner):
+            return [None]
+        configs_for = getattr(self.kernel, "configs_for", None)
+        if configs_for is None:
+            return list(self.kernel.configs)
+        return configs_for(next(a.dtype for a in self.args if isinstance(a, _Ptr)), arch)
+
+    @property
+    def name(self) -> str:
+        return f"{self.fn.__name__.strip('_').removesuffix('_kernel')}[{self.tag}]"
+
+
+@contextlib.contextmanager
+def _recording(out: list[Launch], scenario: str) -> Iterator[None]:
+    """Captures every kernel launch (instead of running it) and runs each ``flora_triton`` custom
+    op's implementation (instead of its fake) while active; launchers size splits for BENCH_SMS."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import jit
+
+    from . import _common
+
+    state = {"op": "", "count": 0}
+
+    def getitem(kernel: Any, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            state["count"] += 1
+            wrapped = tuple(_Ptr(a) if isinstance(a, torch.Tensor) else a for a in args)
+            out.append(Launch(f"{scenario}/{state['op']}.{state['count']}", kernel, wrapped, dict(kwargs)))
+
+        return launch
+
+    class RunImpls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func._schema.name
+            if not name.startswith("flora_triton::"):
+                return func(*args, **(kwargs or {}))
+            state["op"], state["count"] = name.split("::")[1], 0
+            return OPDEFS[name]._init_fn(*args, **(kwargs or {}))
+
+    def autocast(device_type: str, *args: Any, **kwargs: Any) -> Any:  # torch has no autocast state for meta
+        return saved_autocast("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    saved = jit.KernelInterface.__getitem__, _common.num_programs_target, torch.autocast
+    saved_autocast = saved[2]
+    jit.KernelInterface.__getitem__ = getitem  # type: ignore[method-assign]
+    _common.num_programs_target = lambda device: 2 * BENCH_SMS
+    torch.autocast = autocast  # type: ignore[assignment,misc]
+    try:
+        with RunImpls():
+            yield
+    finally:
+        jit.KernelInterface.__getitem__, _common.num_programs_target, torch.autocast = saved  # type: ignore[method-assign,misc]
+
+
+def _leaf(*shape: int, dtype: torch.dtype, grad: bool = False, fmt: torch.memory_format = torch.contiguous_format):
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt).requires_grad_(grad)
+
+
+def _train_step(fn: Callable[..., torch.Tensor], inputs: list[Any]) -> None:
+    y = fn(*inputs)
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    torch.autograd.grad(y, wrt, torch.empty_like(y))
+
+
+def _linear(strategy: str, p: float) -> Callable[[torch.dtype], None]:
+    def run(dt: torch.dtype) -> None:
+        from . import linear
+
+        t, d_in, d_out, r = 8192, 4096, 4096, 16
+        x, w = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt)
+        bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
+        core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
+        fn = linear.linear_factorized if strategy == "factorized" else linear.linear_merged
+        _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
+
+    return run
+
+
+def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int]) -> Callable[[torch.dtype], None]:
+    def run(dt: torch.dtype) -> None:
+        from ...convspec import ConvSpec
+        from . import conv
+
+        n, c, hw, cl = 64, 256, 56, torch.channels_last
+        x = _leaf(n, c, hw, hw, dtype=dt, grad=True, fmt=cl)
+        w, bias = _leaf(c, c // groups, k, k, dtype=dt, fmt=cl), _leaf(c, dtype=dt)
+        core = _leaf(*ranks, k, k, dtype=dt, grad=True)
+        fs = [_leaf(c, ranks[0], dtype=dt, grad=True), _leaf(c // groups, ranks[1], dtype=dt, grad=True),
+              _leaf(k, k, dtype=dt, grad=True), _leaf(k, k, dtype=dt, grad=True)]
+        spec = ConvSpec((1, 1), ((k // 2, k // 2),) * 2, (1, 1), groups, "zeros")
+        fn = conv.conv_factorized if strategy == "factorized" else conv.conv_merged
+        _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], list(a[4:]), 2.0, spec, p), [x, w, bias, core, *fs])
+
+    return run
+
+
+#: name -> what runs: a training step (forward + every gradient but the frozen weight's).
+SCENARIOS: dict[str, Callable[[torch.dtype], None]] = {
+    "linear": _linear("factorized", 0.0),
+    "linear-dropout": _linear("factorized", 0.1),
+    "linear-merged": _linear("merged", 0.0),
+    "conv3x3": _conv("factorized", 0.0, 3, 1, (16, 16)),
+    "conv3x3-dropout": _conv("factorized", 0.1, 3, 1, (16, 16)),
+    "conv3x3-merged": _conv("merged", 0.0, 3, 1, (16, 16)),
+    "dw7x7": _conv("factorized", 0.0, 7, 256, (16, 1)),
+    "dw7x7-merged": _conv("merged", 0.0, 7, 256, (16, 1)),
+}
+
+
+def record(scenario: str, dtype: torch.dtype) -> list[Launch]:
+    """Every kernel launch of one scenario's training step in ``dtype``, in launch order."""
+    out: list[Launch] = []
+    with _recording(out, scenario):
+        SCENARIOS[scenario](dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+@dataclass
+class Job:
+    launch: Launch
+    config: Any  # triton.Config or None
+    dtype: str
+    arch: int
+
+
+@dataclass
+class Result:
+    line: str
+    ok: bool
+    seconds: float
+
+
+def _bind(job: Job) -> tuple[Any, dict, dict, dict, Any]:
+    """Triton's runtime specialisation of the launch for the job's target: (fn, signature,
+    constexprs, attrs, options), as ``JITFunction.run`` computes them."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.autotuner import Autotuner
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    const = {"PREC": "ieee" if dtype == "fp32" else "tf32", **constexprs}
-    sig = {}
-    for name in fn.arg_names:
-        if name in const:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if "part" in name else f"*{dtype}"
-        else:
-            sig[name] = "fp32" if name in _SCALARS_FP32 else "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    fn = job.launch.fn
+    backend = make_backend(GPUTarget("cuda", job.arch, 32))
+    kwargs = {**job.launch.kwargs, **(job.config.all_kwargs() if job.config is not None else {})}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*job.launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return fn, signature, constexprs, attrs, options
+
+
+def config_name(job: Job) -> str:
+    """Block sizes, warps and stages: the autotune config's, else the launch's int constexprs."""
+    if job.config is not None:
+        kv, warps, stages = job.config.kwargs, job.config.num_warps, job.config.num_stages
+    else:
+        kv = {k: v for k, v in job.launch.kwargs.items() if k.startswith("B") and type(v) is int}
+        warps, stages = job.launch.kwargs.get("num_warps", 4), job.launch.kwargs.get("num_stages", 3)
+    return "-".join([*(f"{k}{v}" for k, v in kv.items()), f"w{warps}", f"s{stages}"])
+
+
+_PTXAS_RE = re.compile(r"Used (\d+) registers.*?(\d+) bytes spill stores, (\d+) bytes spill loads", re.DOTALL)
+_PTXAS_RE2 = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.DOTALL)
+
+
+def parse_ptxas(log: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from a ``ptxas -v`` log."""
+    m = _PTXAS_RE.search(log)
+    if m:
+        return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    m = _PTXAS_RE2.search(log)
+    if m:
+        return int(m.group(3)), int(m.group(1)), int(m.group(2))
+    raise ValueError(f"no register/spill report in the ptxas log: {log[:300]!r}")
+
+
+def _ptxas_report(ptx: str, arch: int) -> str:
+    """Runs triton's ptxas -v on ``ptx`` (when the compile came from triton's cache)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", os.path.join(d, "k.cubin")]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+
+def verdict(spill_stores: int, spill_loads: int, smem: int, arch: int) -> str:
+    """"ok", or why the kernel fails the check."""
+    bad = []
+    if spill_stores or spill_loads:
+        bad.append("SPILLS")
+    if smem > smem_limit(arch):
+        bad.append(f"SMEM>{smem_limit(arch)}")
+    return "+".join(bad) if bad else "ok"
+
+
+def compile_job(job: Job) -> Result:
+    """Compile one job and report it (never raises: a compile error is a failing line)."""
+    import triton
+    from triton import knobs
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    head = f"{job.launch.name} {config_name(job)} {job.dtype}"
+    target = sm_arch_from_capability(job.arch)
+    try:
+        fn, signature, constexprs, attrs, options = _bind(job)
+        buf = io.StringIO()
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                target=triton.backends.compiler.GPUTarget("cuda", job.arch, 32),
+                                options=options.__dict__)
+        log = buf.getvalue()
+        if "spill stores" not in log:  # served from triton's cache: ptxas did not run
+            log = _ptxas_report(ck.asm["ptx"], job.arch)
+        regs, stores, loads = parse_ptxas(log)
+        smem = int(ck.metadata.shared)
+    except Exception as e:  # noqa: BLE001 - every job is reported; the exit status fails the run
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = " | ".join(lines[:1] + lines[-2:])[:400]
+        return Result(f"{head} regs=- spills=- smem=- {target} ERROR {type(e).__name__}: {msg}", False,
+                      time.perf_counter() - t0)
+    v = verdict(stores, loads, smem, job.arch)
+    return Result(f"{head} regs={regs} spills={stores} smem={smem} {target} spill_loads={loads} {v}", v == "ok",
+                  time.perf_counter() - t0)
+
+
+def _specialisation_key(job: Job) -> str:
+    fn, signature, constexprs, attrs, options = _bind(job)
+    return repr((fn.__name__, signature, sorted(constexprs.items(), key=str), sorted(attrs.items(), key=str),
+                 sorted(options.__dict__.items(), key=str), job.dtype, job.arch))
+
+
+def plan(scenarios: list[str], dtypes: list[str], archs: list[int], all_configs: bool,
+         kernels: list[str] | None = None) -> list[Job]:
+    """The distinct (specialisation, config, dtype, target) jobs of the scenarios' launches; a
+    kernel variant launched by several scenarios is compiled once, named after the first."""
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for dtype in dtypes:
+        for scenario in scenarios:
+            for launch in record(scenario, _DTYPES[dtype]):
+                if kernels and not any(k in launch.name for k in kernels):
+                    continue
+                for arch in archs:
+                    configs = launch.configs(arch)
+                    for cfg in configs if all_configs else configs[:1]:
+                        job = Job(launch, cfg, dtype, arch)
+                        key = _specialisation_key(job)
+                        if key not in seen:
+                            seen.add(key)
+                            jobs.append(job)
+    return jobs
+
+
+_JOBS: list[Job] = []
+
+
+def _run_index(i: int) -> Result:
+    return compile_job(_JOBS[i])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--all-configs", action="store_true", help="every autotune config (default: the first)")
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (default 90 80)")
+    ap.add_argument("--dtypes", nargs="+", default=list(_DTYPES), choices=list(_DTYPES))
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    ap.add_argument("--kernels", nargs="+", help="only kernels whose name contains one of these")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
+    for a in args.arch:
+        smem_limit(a)
+    t0 = time.perf_counter()
+    global _JOBS
+    _JOBS = plan(args.scenarios, args.dtypes, args.arch, args.all_configs, args.kernels)
+    print(f"# {len(_JOBS)} compiles ({len(args.scenarios)} scenarios, dtypes {' '.join(args.dtypes)}, "
+          f"sm {' '.join(map(str, args.arch))}, {'all configs' if args.all_configs else 'first config'})", flush=True)
     failed = 0
-    for dtype in args.dtypes:
-        for name, kernel, const in _cases():
-            t0 = time.perf_counter()
-            try:
-                compile_kernel(kernel, dtype, const, args.arch)
-                print(f"ok    sm_{args.arch} {dtype:5s} {name} ({time.perf_counter() - t0:.1f}s)", flush=True)
-            except Exception as e:  # noqa: BLE001 - report every kernel, fail at the end
-                failed += 1
-                print(f"FAIL  sm_{args.arch} {dtype:5s} {name}: {type(e).__name__}: {e}", flush=True)
+    if args.jobs > 1 and len(_JOBS) > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = pool.map(_run_index, range(len(_JOBS)))
+            for r in results:
+                failed += not r.ok
+                print(r.line, flush=True)
+    else:
+        for job in _JOBS:
+            r = compile_job(job)
+            failed += not r.ok
+            print(r.line, flush=True)
+    print(f"# {len(_JOBS) - failed} ok, {failed} failing, {time.perf_counter() - t0:.0f}s", flush=True)
     return 1 if failed else 0
 
 

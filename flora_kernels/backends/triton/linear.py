@@ -3,15 +3,16 @@ the merged path (reconstruct kernel + torch matmul).
 
 Factorized, with B = s U_out G (out, r_in) folded in torch (tiny, differentiable):
 
-    forward:  S = drop(x) U_in                          (T, r_in)   channel_gemm.project
-              y = x W^T + bias + S B^T                  one GEMM, the rank part as extra K steps
-    backward: dS = dy B                                  (T, r_in)   channel_gemm.project
+    forward:  S = drop(x) U_in                          (T, r_in)   channel_gemm.project (+ mask bits)
+              y = x W^T + bias + S B^T                  one GEMM, the rank part as an extra K step
+    backward: dS = dy B, dB = dy^T S, dbias = sum_t dy  one pass over dy (ds_db), split-K partials
               dx = dy W + mask * (dS U_in^T)             one GEMM over an extended K loop
-              dU_in = drop(x)^T dS, dB = dy^T S          token reductions, no T x out temporaries
+              dU_in = drop(x)^T dS                       token reduction, no T x out temporaries
 
-The dropout mask is recomputed from a seed in every kernel; nothing of size T x in is stored.
-The base weight and bias are frozen: the op returns no weight gradient (the backend refuses a
-call whose weight requires grad); the bias gradient is dy summed over tokens.
+Dropout: the shrink draws the Philox mask from a seed once and writes it packed, 1 bit per
+element (T x ceil(in / 32) int32 words, saved for the backward); the dx GEMM and dU_in read
+the bits. The base weight is frozen: the op returns no weight gradient (the backend refuses a
+call whose weight requires grad); the bias gradient comes from the same pass over dy as dS.
 """
 
 from __future__ import annotations
@@ -25,32 +26,79 @@ import triton.language as tl
 from torch import Tensor
 
 from . import channel_gemm as cg
-from ._common import INTERPRET, MAX_RANK, dot_precision, keep_mask, new_seed, rank_pad
+from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for, unpack_bits
 from .reconstruct import reconstruct
 
 # ----------------------------------------------------------------------------- kernels
 
 
-def _gemm_configs() -> list[triton.Config]:
+# (BM, BN, BK, warps, stages): tensor-core tiles for fp16/bf16; exact-fp32 (FMA) tiles for fp32
+_HALF_CONFIGS = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4))
+_FP32_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3))
+_INTERPRET_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4)
+
+
+def _config(bm: int, bn: int, bk: int, w: int, s: int) -> triton.Config:
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+
+
+def gemm_configs(dtype: torch.dtype, arch: int) -> list[triton.Config]:
+    """The autotune configs of ``_gemm_ext_kernel`` for operands of ``dtype`` on compute
+    capability ``arch`` (major * 10 + minor); all of them compile without spills at the
+    benchmark shapes (``compile_check --all-configs``)."""
     if INTERPRET:
-        return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4)]
-    return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-        )
-    ]
+        return [_INTERPRET_CONFIG]
+    if dtype == torch.float32:
+        return [_CONFIGS[c] for c in _FP32_CONFIGS]
+    return [_CONFIGS[c] for c in _HALF_CONFIGS if arch >= 90 or c[:2] not in ((128, 256), (256, 128))]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "RP", "HAS_BIAS", "DROPOUT"])
+_CONFIGS = {c: _config(*c) for c in _HALF_CONFIGS + _FP32_CONFIGS}
+
+
+def _device_arch(t: object) -> int:
+    dev = getattr(t, "device", None)
+    if dev is None or dev.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(dev)
+    return 10 * major + minor
+
+
+def _prune_gemm(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
+    keep = gemm_configs(nargs["a_ptr"].dtype, _device_arch(nargs["a_ptr"]))
+    return [c for c in configs if c in keep]
+
+
+def token_bucket(m: int) -> int:
+    """The autotune bucket of a token count: the next power of two (at least 16), so that every
+    sequence length in (2^(k-1), 2^k] shares one tuned config (and CUDA graphs never re-tune)."""
+    return max(16, triton.next_power_of_2(int(m)))
+
+
+def operand_layout(a: Tensor, b: Tensor) -> int:
+    """Autotune key of the operand layout: 2 * (A is K-contiguous) + (B is K-contiguous).
+
+    The forward GEMM (x, W^T: both K-contiguous) is 3; the dx GEMM (dy, W: B N-contiguous) is 2."""
+    return 2 * int(a.stride(1) == 1) + int(b.stride(0) == 1)
+
+
+@triton.autotune(
+    configs=[_INTERPRET_CONFIG] if INTERPRET else list(_CONFIGS.values()),
+    key=["M_BUCKET", "N", "K", "LAYOUT", "RP", "HAS_BIAS", "DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+)
 @triton.jit
 def _gemm_ext_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, y_ptr, M, N, K, R,
-    sam, sak, sbk, sbn, sa2m, sa2r, sb2r, sb2n, sym, syn, p, seed,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, bits_ptr, y_ptr, M, N, K, R, M_BUCKET, LAYOUT,
+    sam, sak, sbk, sbn, sa2m, sa2r, sb2r, sb2n, sym, syn, sbits, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[m, n] = sum_k A[m, k] B[k, n] + keep(n * M + m) / (1 - p) * sum_r A2[m, r] B2[r, n] + bias[n]."""
+    """y[m, n] = keep[m, n] / (1 - p) * sum_r A2[m, r] B2[r, n] + sum_k A[m, k] B[k, n] + bias[n].
+
+    keep (DROPOUT) is bit n % 32 of the int32 word bits[m, n // 32]. The rank part is computed
+    first and masked into the accumulator, so one (BM, BN) accumulator is live at a time.
+    M_BUCKET and LAYOUT only key the autotuner."""
     pid = tl.program_id(0)
     n_pm = tl.cdiv(M, BM)
     n_pn = tl.cdiv(N, BN)
@@ -63,45 +111,103 @@ def _gemm_ext_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK).to(tl.int64)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * sam + offs_k[None, :] * sak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * sbk + offs_n[None, :] * sbn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    # the rank-R extension of the K loop
+    # the rank-R extension of the K loop, first
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
     a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
     if DROPOUT:
-        ext = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
-        keep = keep_mask(seed, offs_n[None, :] * M + offs_m[:, None], p)
-        acc += tl.where(keep, ext / (1.0 - p), 0.0)
-    else:
-        acc = tl.dot(a2, b2.to(a2.dtype), acc, input_precision=PREC)
+        keep = unpack_bits(bits_ptr, offs_m, offs_n, sbits, mask_m[:, None] & mask_n[None, :])
+        acc = tl.where(keep, acc / (1.0 - p), 0.0)
+    # the main K loop: rows and columns past the edge wrap (their results are not stored), so
+    # only the K tail is masked; pointers advance by one K block per step
+    offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
+    offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN)
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + offs_am[:, None] * sam + offs_k[None, :] * sak
+    b_ptrs = b_ptr + offs_k[:, None] * sbk + offs_bn[None, :] * sbn
+    for k0 in range(0, K, BK):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BK * sak
+        b_ptrs += BK * sbk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _ds_db_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr, T, N, R, sdt, sdn, sbn, sbr, sst, ssr,
+    T_PER, N_PER, TSPLIT,
+    DBIAS: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+):
+    """One pass over dy (T, N) for dS = dy B and dB = dy^T S (and the bias gradient).
+
+    Program (i, j) covers tokens [i T_PER, (i+1) T_PER) and channels [j N_PER, (j+1) N_PER) and
+    writes fp32 split-K partials: ds_part[j, t, a] = sum over its channels of dy[t, n] B[n, a];
+    db_part[i, n, a] = sum over its tokens of dy[t, n] S[t, a]; with DBIAS
+    dbias_part[i, n] = sum over its tokens of dy[t, n]."""
+    pid = tl.program_id(0)
+    i = pid % TSPLIT
+    j = pid // TSPLIT
+    t_lo = i * T_PER
+    t_hi = tl.minimum(t_lo + T_PER, T)
+    n_lo = j * N_PER
+    n_hi = tl.minimum(n_lo + N_PER, N)
+    offs_r = tl.arange(0, RP)
+    mask_r = offs_r < R
+    for n0 in range(n_lo, n_hi, BC):
+        offs_n = (n0 + tl.arange(0, BC)).to(tl.int64)
+        mask_n = offs_n < n_hi
+        bt = tl.load(b_ptr + offs_n[:, None] * sbn + offs_r[None, :] * sbr, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        db = tl.zeros((BC, RP), dtype=tl.float32)
+        dbias = tl.zeros((BC,), dtype=tl.float32)
+        for t0 in range(t_lo, t_hi, BL):
+            offs_t = (t0 + tl.arange(0, BL)).to(tl.int64)
+            mask_t = offs_t < t_hi
+            dyt = tl.load(dy_ptr + offs_t[:, None] * sdt + offs_n[None, :] * sdn, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+            st = tl.load(s_ptr + offs_t[:, None] * sst + offs_r[None, :] * ssr, mask=mask_t[:, None] & mask_r[None, :], other=0.0)
+            db = tl.dot(tl.trans(dyt), st.to(dyt.dtype), db, input_precision=PREC)
+            if DBIAS:
+                dbias += tl.sum(dyt.to(tl.float32), axis=0)
+            ds = tl.dot(dyt, bt.to(dyt.dtype), input_precision=PREC)
+            dst = ds_part_ptr + (j * T + offs_t)[:, None] * R + offs_r[None, :]
+            m = mask_t[:, None] & mask_r[None, :]
+            ds += tl.load(dst, mask=m & (n0 > n_lo), other=0.0)  # the previous channel blocks' sum
+            tl.store(dst, ds, mask=m)
+        tl.debug_barrier()  # makes this block's dS stores visible to the threads that load them next
+        tl.store(db_part_ptr + (i * N + offs_n)[:, None] * R + offs_r[None, :], db, mask=mask_n[:, None] & mask_r[None, :])
+        if DBIAS:
+            tl.store(dbias_part_ptr + i * N + offs_n, dbias, mask=mask_n)
+
+
+_gemm_ext_kernel.configs_for = gemm_configs  # compile_check compiles what the pruning keeps per target
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
 def gemm_ext(
-    a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float = 0.0, seed: int = 0
+    a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float = 0.0, bits: Tensor | None = None
 ) -> Tensor:
     """y = a b + mask * (a2 b2) + bias: a (M, K), b (K, N), a2 (M, R), b2 (R, N), any strides.
 
-    The mask (p > 0) is the dropout mask of an (M, N) token-major input. Returns (M, N) in a's dtype."""
+    The mask (p > 0) is read from ``bits``, an int32 (M, mask_words(N)) packed keep mask (as
+    ``shrink`` writes it). Returns (M, N) in a's dtype."""
     m, k = a.shape
     n, r = b.shape[1], a2.shape[1]
     torch._check(b.shape[0] == k and a2.shape[0] == m and tuple(b2.shape) == (r, n),
                  lambda: f"gemm_ext: shapes {tuple(a.shape)} {tuple(b.shape)} {tuple(a2.shape)} {tuple(b2.shape)} do not chain")
     torch._check(a.dtype == b.dtype, lambda: f"expected x and weight of one dtype, got {a.dtype} and {b.dtype}")
     torch._check(r <= MAX_RANK, lambda: f"rank: expected <= {MAX_RANK}, got {r}")
+    torch._check(p <= 0 or bits is not None, lambda: "gemm_ext: dropout (p > 0) needs the packed mask bits")
+    if bits is not None:
+        torch._check(bits.dtype == torch.int32 and tuple(bits.shape) == (m, mask_words(n)) and bits.stride(1) == 1,
+                     lambda: f"bits: expected int32 {(m, mask_words(n))} with unit column stride, got {bits.dtype} {tuple(bits.shape)}")
     y = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if y.numel() == 0:
         return y
@@ -111,12 +217,50 @@ def gemm_ext(
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
     _gemm_ext_kernel[grid](
-        a, b, a2, b2, bias if bias is not None else y, y, m, n, k, r,
+        a, b, a2, b2, bias if bias is not None else y, bits if bits is not None else y, y, m, n, k, r,
+        token_bucket(m), operand_layout(a, b),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
-        y.stride(0), y.stride(1), float(p), int(seed),
+        y.stride(0), y.stride(1), bits.stride(0) if bits is not None else 0, float(p),
         HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(a.dtype),
     )
     return y
+
+
+def ds_db(
+    dy: Tensor, b: Tensor, s: Tensor, need_dbias: bool, split_t: int | None = None, split_n: int | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dS = dy B (T, r) in dy's dtype, dB = dy^T S (out, r) in b's dtype, dbias = dy summed over
+    tokens (out,) in dy's dtype or None) in one pass over dy (T, out); b (out, r), s (T, r).
+
+    The token and channel loops are split ``split_t`` x ``split_n`` ways (default: about two
+    waves of programs, at most 16 channel splits); fp32 partials are summed in torch."""
+    t, n = dy.shape
+    r = b.shape[1]
+    torch._check(tuple(b.shape) == (n, r) and tuple(s.shape) == (t, r),
+                 lambda: f"ds_db: expected b {(n, r)} and s {(t, r)}, got {tuple(b.shape)} and {tuple(s.shape)}")
+    torch._check(r <= MAX_RANK, lambda: f"rank: expected <= {MAX_RANK}, got {r}")
+    dbias = None
+    if dy.numel() == 0:
+        ds, db = dy.new_zeros((t, r)), b.new_zeros((n, r))
+        dbias = dy.new_zeros((n,)) if need_dbias else None
+        return ds, db, dbias
+    bl, bc = (32, 32) if INTERPRET or dy.dtype == torch.float32 else (64, 64)  # fp32: FMA dots, smaller tiles
+    n_cb, n_tb = triton.cdiv(n, bc), triton.cdiv(t, bl)
+    n_per = triton.cdiv(n_cb, split_n or min(n_cb, 16)) * bc
+    sn = triton.cdiv(n, n_per)
+    t_per = triton.cdiv(n_tb, split_t or split_for(n_tb, sn, dy.device)) * bl
+    st = triton.cdiv(t, t_per)
+    ds_part = torch.empty((sn, t, r), dtype=torch.float32, device=dy.device)
+    db_part = torch.empty((st, n, r), dtype=torch.float32, device=dy.device)
+    dbias_part = torch.empty((st, n) if need_dbias else (0,), dtype=torch.float32, device=dy.device)
+    _ds_db_kernel[(st * sn,)](
+        dy, b, s, ds_part, db_part, dbias_part, t, n, r, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+        s.stride(0), s.stride(1), t_per, n_per, st,
+        DBIAS=need_dbias, RP=rank_pad(r), PREC=dot_precision(dy.dtype), BL=bl, BC=bc,
+    )
+    if need_dbias:
+        dbias = dbias_part.sum(0).to(dy.dtype)
+    return ds_part.sum(0).to(dy.dtype), db_part.sum(0).to(b.dtype), dbias
 
 
 def _tokens(t: Tensor) -> Tensor:
@@ -124,11 +268,16 @@ def _tokens(t: Tensor) -> Tensor:
     return t.t().unsqueeze(0)
 
 
-def shrink(x: Tensor, u: Tensor, p: float = 0.0, seed: int = 0) -> Tensor:
-    """S = drop(x) U: x (T, in), u (in, r) -> (T, r) in x's dtype."""
+def shrink(x: Tensor, u: Tensor, p: float = 0.0, seed: int = 0, bits: Tensor | None = None) -> Tensor:
+    """S = drop(x) U: x (T, in), u (in, r) -> (T, r) in x's dtype. ``bits`` (p > 0): an int32
+    (T, mask_words(in)) tensor that receives the keep mask, 1 bit per element."""
     s = torch.empty((x.shape[0], u.shape[1]), dtype=x.dtype, device=x.device)
-    cg.project(_tokens(x), u, 1, _tokens(s), True, p, seed)
+    cg.project(_tokens(x), u, 1, _tokens(s), True, p, seed, bits.unsqueeze(0) if bits is not None else None)
     return s
+
+
+def _bits_shape(x: Tensor, p: float) -> tuple[int, ...]:
+    return (x.shape[0], mask_words(x.shape[1])) if p > 0 else (0,)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -137,54 +286,64 @@ def shrink(x: Tensor, u: Tensor, p: float = 0.0, seed: int = 0) -> Tensor:
 @torch.library.custom_op("flora_triton::linear_fwd", mutates_args=())
 def linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, u_in: Tensor, b: Tensor, p: float, seed: int
-) -> tuple[Tensor, Tensor]:
-    """(y, S): S = drop(x) U_in (T, r), y = x W^T + bias + S B^T (T, out). x (T, in), b (out, r)."""
-    s = shrink(x, u_in, p, seed)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, S, bits): S = drop(x) U_in (T, r), y = x W^T + bias + S B^T (T, out), bits the packed
+    int32 keep mask (T, ceil(in / 32)) of the dropout (empty when p = 0). x (T, in), b (out, r)."""
+    bits = torch.empty(_bits_shape(x, p), dtype=torch.int32, device=x.device)
+    s = shrink(x, u_in, p, seed, bits if p > 0 else None)
     y = gemm_ext(x, weight.t(), s, b.t(), bias)
-    return y, s
+    return y, s, bits
 
 
 @linear_fwd.register_fake
 def _(x, weight, bias, u_in, b, p, seed):  # type: ignore[no-untyped-def]
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], u_in.shape[1]))
+    return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], u_in.shape[1])),
+            x.new_empty(_bits_shape(x, p), dtype=torch.int32))
 
 
 @torch.library.custom_op("flora_triton::linear_bwd", mutates_args=())
 def linear_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, u_in: Tensor, b: Tensor, s: Tensor, p: float, seed: int,
-    need_dx: bool, need_du_in: bool, need_db: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx (T, in), dU_in (in, r), dB (out, r)) of ``linear_fwd``; an empty tensor where not asked."""
-    dx, du_in, db = x.new_empty(0), u_in.new_empty(0), b.new_empty(0)
+    dy: Tensor, x: Tensor, weight: Tensor, u_in: Tensor, b: Tensor, s: Tensor, bits: Tensor, p: float,
+    need_dx: bool, need_du_in: bool, need_db: bool, need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx (T, in), dU_in (in, r), dB (out, r), dbias (out,)) of ``linear_fwd``; an empty tensor
+    where not asked. dS, dB and dbias share one pass over dy (``ds_db``)."""
+    mask = bits if p > 0 else None
+    dx, du_in, db, dbias = x.new_empty(0), u_in.new_empty(0), b.new_empty(0), dy.new_empty(0)
+    ds = None
+    if need_db or need_dbias:
+        ds, db_full, dbias_full = ds_db(dy, b.to(dy.dtype), s, need_dbias)
+        db = db_full.to(b.dtype) if need_db else db
+        dbias = dbias_full if dbias_full is not None else dbias
     if need_dx or need_du_in:
-        ds = shrink(dy, b.to(dy.dtype))
+        ds = ds if ds is not None else shrink(dy, b.to(dy.dtype))
         if need_dx:
-            dx = gemm_ext(dy, weight, ds, u_in.t(), None, p, seed)
+            dx = gemm_ext(dy, weight, ds, u_in.t(), None, p, mask)
         if need_du_in:
-            du_in = cg.reduce(_tokens(x), _tokens(ds), 1, True, p, seed).to(u_in.dtype)
-    if need_db:
-        db = cg.reduce(_tokens(dy), _tokens(s), 1, True).to(b.dtype)
-    return dx, du_in, db
+            du_in = cg.reduce(_tokens(x), _tokens(ds), 1, True, p, bits=mask.unsqueeze(0) if mask is not None else None)
+            du_in = du_in.to(u_in.dtype)
+    return dx, du_in, db, dbias
 
 
 @linear_bwd.register_fake
-def _(dy, x, weight, u_in, b, s, p, seed, need_dx, need_du_in, need_db):  # type: ignore[no-untyped-def]
+def _(dy, x, weight, u_in, b, s, bits, p, need_dx, need_du_in, need_db, need_dbias):  # type: ignore[no-untyped-def]
     return (x.new_empty(x.shape if need_dx else (0,)), u_in.new_empty(u_in.shape if need_du_in else (0,)),
-            b.new_empty(b.shape if need_db else (0,)))
+            b.new_empty(b.shape if need_db else (0,)), dy.new_empty((dy.shape[1],) if need_dbias else (0,)))
 
 
 def _linear_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weight, _bias, u_in, b, p, seed = inputs
-    ctx.save_for_backward(x, weight, u_in, b, output[1])
-    ctx.p, ctx.seed = p, seed
+    x, weight, bias, u_in, b, p, _seed = inputs
+    ctx.save_for_backward(x, weight, u_in, b, output[1], output[2])
+    ctx.p = p
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _linear_backward(ctx, dy: Tensor, _ds: Tensor):  # type: ignore[no-untyped-def]
-    x, weight, u_in, b, s = ctx.saved_tensors
+def _linear_backward(ctx, dy: Tensor, _ds: Tensor, _dbits: Tensor):  # type: ignore[no-untyped-def]
+    x, weight, u_in, b, s, bits = ctx.saved_tensors
     need_x, _, need_bias, need_u, need_b = ctx.needs_input_grad[:5]
-    dx, du_in, db = linear_bwd(dy, x, weight, u_in, b, s, ctx.p, ctx.seed, need_x, need_u, need_b)
-    dbias = dy.sum(0) if need_bias else None
-    return dx if need_x else None, None, dbias, du_in if need_u else None, db if need_b else None, None, None
+    dx, du_in, db, dbias = linear_bwd(dy, x, weight, u_in, b, s, bits, ctx.p, need_x, need_u, need_b, need_bias)
+    return (dx if need_x else None, None, dbias.to(ctx.bias_dtype) if need_bias else None,
+            du_in if need_u else None, db if need_b else None, None, None)
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -202,7 +361,7 @@ def linear_factorized(
     b = (u_out @ core.to(dt)) * scale
     x2 = x.reshape(-1, x.shape[-1])
     seed = new_seed() if dropout_p > 0 else 0
-    y, _ = linear_fwd(x2, weight, bias, u_in, b, dropout_p, seed)
+    y = linear_fwd(x2, weight, bias, u_in, b, dropout_p, seed)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...tucker import mode_n_product
-from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad, split_for
+from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad, split_for, tile_cap
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -38,18 +38,24 @@ def _fwd_configs() -> list[triton.Config]:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4)]
     return [
         triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=2)
-        for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))
+        for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8))
     ]
+
+
+_MAX_FWD_BM = 128  # the largest BM of _fwd_configs
 
 
 @triton.autotune(configs=_fwd_configs(), key=["I0", "I1", "T", "R0P", "R1P"])
 @triton.jit
 def _tucker2_fwd_kernel(
     u0_ptr, k_ptr, u1_ptr, base_ptr, out_ptr, I0, I1, T, R0, R1, scale,
-    HAS_BASE: tl.constexpr, R0P: tl.constexpr, R1P: tl.constexpr, PREC: tl.constexpr,
+    HAS_BASE: tl.constexpr, WIDE: tl.constexpr, R0P: tl.constexpr, R1P: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """out[i, j, t] = base[i, j, t] + scale * sum_ab U0[i, a] K[a, b, t] U1[j, b]."""
+    """out[i, j, t] = base[i, j, t] + scale * sum_ab U0[i, a] K[a, b, t] U1[j, b].
+
+    The tile's element offsets are int32 relative to its first element (int64), unless WIDE
+    (a BM-row slab spans 2^31 elements or more): half the address registers."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid % T  # taps vary fastest: neighbouring programs write interleaved elements
     tile = pid // T
@@ -69,11 +75,15 @@ def _tucker2_fwd_kernel(
     u1 = tl.load(u1_ptr + offs_n[:, None] * R1 + offs_b[None, :], mask=mask_n[:, None] & mask_b[None, :], other=0.0)
     a = tl.dot(u0, k, input_precision=PREC)  # (BM, R1P) fp32
     acc = tl.dot(a, tl.trans(u1).to(tl.float32), input_precision=PREC) * scale
-    offs_out = (offs_m[:, None] * I1 + offs_n[None, :]) * T + t
+    first = (pid_m * BM * I1 + pid_n * BN) * T + t
+    if WIDE:
+        local = (tl.arange(0, BM).to(tl.int64)[:, None] * I1 + tl.arange(0, BN)[None, :]) * T
+    else:
+        local = (tl.arange(0, BM)[:, None] * I1 + tl.arange(0, BN)[None, :]) * T
     mask_out = mask_m[:, None] & mask_n[None, :]
     if HAS_BASE:
-        acc += tl.load(base_ptr + offs_out, mask=mask_out, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_out, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        acc += tl.load(base_ptr + first + local, mask=mask_out, other=0.0).to(tl.float32)
+    tl.store(out_ptr + first + local, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -179,7 +189,8 @@ def tucker2_forward(u0: Tensor, k: Tensor, u1: Tensor, base: Tensor | None, scal
 
     _tucker2_fwd_kernel[grid](
         u0, k, u1, base if base is not None else out, out, i0, i1, t, r0, r1, float(scale),
-        HAS_BASE=base is not None, R0P=rank_pad(r0), R1P=rank_pad(r1), PREC=dot_precision(k.dtype),
+        HAS_BASE=base is not None, WIDE=_MAX_FWD_BM * i1 * t >= 2**31,
+        R0P=rank_pad(r0), R1P=rank_pad(r1), PREC=dot_precision(k.dtype),
     )
     return out
 
@@ -201,7 +212,7 @@ def tucker2_adjoint(
     r0p, r1p, prec = rank_pad(r0), rank_pad(r1), dot_precision(dt)
     du0 = dk = du1 = None
     if need_du0 or need_dk:
-        bm, bn = (32, 32) if INTERPRET else (64, 64)
+        bm = bn = tile_cap(dt)
         nm, nn = triton.cdiv(i0, bm), triton.cdiv(i1, bn)
         sp = split or split_for(nn, nm * t, dev)
         per = triton.cdiv(nn, sp)
@@ -216,7 +227,7 @@ def tucker2_adjoint(
         du0 = du0_part.sum(0).to(dt) if need_du0 else None
         dk = dk_part.sum(0).to(dt) if need_dk else None
     if need_du1:
-        bm, bn = (32, 32) if INTERPRET else (64, 64)
+        bm = bn = tile_cap(dt)
         nm, nn = triton.cdiv(i0, bm), triton.cdiv(i1, bn)
         sp = split or split_for(nm, nn * t, dev)
         per = triton.cdiv(nm, sp)
