@@ -97,10 +97,10 @@ def _tied_with(base: nn.Module, name: str, users: dict[int, list[str]], weight_n
 
 
 def _layer_kwargs(cfg: FLoRAConfig, name: str) -> dict[str, Any]:
-    return dict(
-        rank=cfg.rank_for(name), kernel_rank=cfg.kernel_rank, scale=cfg.scale_for(name), dropout=cfg.dropout,
-        strategy=cfg.strategy, backend=cfg.backend,
-    )
+    return {
+        "rank": cfg.rank_for(name), "kernel_rank": cfg.kernel_rank, "scale": cfg.scale_for(name), "dropout": cfg.dropout,
+        "strategy": cfg.strategy, "backend": cfg.backend,
+    }
 
 
 def _saved_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -378,10 +378,10 @@ def add_weighted_adapter(
         factors = [torch.cat([fs[i] for _, fs in terms], dim=1) for i in range(len(total))]
         core, factors = _clamp_exact(core, factors)
         first = layer.flora_settings[present[0][0]]
-        targets[logical_name(real)] = dict(
-            rank=tuple(core.shape) if core.dim() > 2 else tuple(core.shape), scale=1.0, dropout=first.dropout,
-            strategy=first.strategy, backend=first.backend,
-        )
+        targets[logical_name(real)] = {
+            "rank": tuple(core.shape), "scale": 1.0, "dropout": first.dropout,
+            "strategy": first.strategy, "backend": first.backend,
+        }
         tensors[logical_name(real)] = (core, factors)
     base_cfg = configs[names[0]]
     cfg = FLoRAConfig(
@@ -685,10 +685,10 @@ def _validate(
         expected[f"{key}.flora_core"] = ranks
         for n, (dim, r) in enumerate(zip(meta["weight_shape"], ranks)):
             expected[f"{key}.flora_u{n}"] = (dim, r)
-        targets[logical] = dict(
-            rank=ranks if len(ranks) > 2 else ranks, scale=float(meta["scale"]), dropout=cfg.dropout,
-            strategy=cfg.strategy, backend=cfg.backend,
-        )
+        targets[logical] = {
+            "rank": ranks, "scale": float(meta["scale"]), "dropout": cfg.dropout,
+            "strategy": cfg.strategy, "backend": cfg.backend,
+        }
     for mod in _saved_names(model, cfg.modules_to_save):
         for pname, p in model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True).items():
             expected[f"{KEY_PREFIX}{mod}.{pname}"] = tuple(p.shape)

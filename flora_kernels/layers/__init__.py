@@ -23,6 +23,8 @@ from .mha import FLoRAMultiheadAttention
 from .registry import LAYER_CLASSES, SUPPORTED, flora_layers, layer_class_for, wrap
 
 __all__ = [
+    "LAYER_CLASSES",
+    "SUPPORTED",
     "AdapterSettings",
     "FLoRAConv1d",
     "FLoRAConv2d",
@@ -34,8 +36,6 @@ __all__ = [
     "FLoRALayer",
     "FLoRALinear",
     "FLoRAMultiheadAttention",
-    "LAYER_CLASSES",
-    "SUPPORTED",
     "flora_layers",
     "layer_class_for",
     "wrap",

@@ -36,7 +36,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..backends.base import BACKEND_NAMES, BackendUnavailable, resolve_backend_name
 from ..config import Rank, check_rank
-from ..functional import STRATEGY_CHOICES, tucker_reconstruct
+from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
 
 MAX_MODES = 5
@@ -73,11 +73,11 @@ class _MergedGuard(torch.autograd.Function):
     """Identity whose backward raises: a merged adapter gets no gradient (train unmerged)."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, anchor: Tensor) -> Tensor:  # noqa: ARG004
+    def forward(ctx, y: Tensor, anchor: Tensor) -> Tensor:
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ARG004
+    def backward(ctx, grad: Tensor):
         raise RuntimeError(
             "backward through a merged FLoRA layer: its adapter is folded into the base weight and gets no "
             "gradient; call fk.unmerge_flora(model) (or layer.unmerge()) before training"
@@ -462,7 +462,7 @@ class FLoRALayer(nn.Module):
         """The sample dimension of this layer's input (``adapter_batch``'s ``batch_dim``)."""
         return self.mixed_batch_dim
 
-    def _group_layers(self) -> list["FLoRALayer"]:
+    def _group_layers(self) -> list[FLoRALayer]:
         """The layers whose active set follows the sample groups in ``forward_mixed``."""
         return [self]
 
