@@ -8,6 +8,15 @@ See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
 
 from . import convert
 from .backends import BackendUnavailable, available_backends
+from .backends.autotune import (
+    AutotuneWarning,
+    Decision,
+    autotune_enabled,
+    clear_autotune_cache,
+    dispatch_report,
+    record_dispatch,
+    set_autotune,
+)
 from .config import FLoRAConfig
 from .convspec import ConvSpec
 from .functional import flora_conv, flora_linear, tucker_project, tucker_reconstruct
@@ -29,8 +38,10 @@ from .plan import Plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutotuneWarning",
     "BackendUnavailable",
     "ConvSpec",
+    "Decision",
     "FLoRAConfig",
     "FLoRAConv1d",
     "FLoRAConv2d",
@@ -39,9 +50,12 @@ __all__ = [
     "FLoRALinear",
     "ParamSummary",
     "Plan",
+    "autotune_enabled",
     "available_backends",
+    "clear_autotune_cache",
     "convert",
     "disable_adapter",
+    "dispatch_report",
     "flora_conv",
     "flora_linear",
     "inject_flora",
@@ -49,8 +63,10 @@ __all__ = [
     "merge_and_unload",
     "merge_flora",
     "param_summary",
+    "record_dispatch",
     "save_flora",
     "set_adapter_scale",
+    "set_autotune",
     "tucker_project",
     "tucker_reconstruct",
     "unmerge_flora",
