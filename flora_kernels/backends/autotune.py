@@ -113,7 +113,8 @@ def _label(backend: str, strategy: str | None) -> str:
 @dataclass
 class _State:
     lock: threading.RLock = field(default_factory=threading.RLock)
-    memo: dict[tuple[Call, str], Decision] = field(default_factory=dict)
+    memo: dict[tuple[Call, str], Decision] = field(default_factory=dict)  # measured or cached
+    planned: dict[tuple[Call, str], Decision] = field(default_factory=dict)  # cost model, measuring off
     disk: dict[str, dict] | None = None  # loaded lazily
     disk_path: Path | None = None
     warned: set[str] = field(default_factory=set)
@@ -152,6 +153,7 @@ def clear_autotune_cache(disk: bool = False) -> None:
     """Forget every decision in memory; ``disk=True`` also deletes the cache file."""
     with _STATE.lock:
         _STATE.memo.clear()
+        _STATE.planned.clear()
         _STATE.disk = None
         _STATE.warned.clear()
         if disk:
@@ -432,31 +434,36 @@ def resolve(call: Call, requested: str, runner: Runner | None = None,
     requested = resolve_backend_name(requested)
     if requested != "auto" and call.strategy != "auto":
         b = explicit_backend(requested, call)
-        _note(lambda: Decision(b.name, call.strategy, "explicit", str(call)))
+        if getattr(_STATE.local, "recording", None) is not None:
+            _note(Decision(b.name, call.strategy, "explicit", str(call)))
         return b, call.strategy
     key = (call, requested)
-    d = _STATE.memo.get(key)
-    cands = None
+    compiling = torch.compiler.is_compiling()
+    measuring = runner is not None and autotune_enabled()
+    # memo: decisions while measuring (measured, cached, single, failed -> cost model);
+    # planned: while not measuring (single, cost model). Traced code reads both, writes none.
+    d = _STATE.memo.get(key) if measuring or compiling else None
+    if d is None and (not measuring or compiling):
+        d = _STATE.planned.get(key)
     if d is None:
         cands = candidates(call, requested)
         if len(cands) == 1:
             b, s = cands[0]
-            _note(lambda: Decision(b.name, s, "single", str(call)))
-            return b, s
-        if runner is not None and autotune_enabled() and not torch.compiler.is_compiling():
-            d = _measured(call, requested, cands, runner, tensors, dropout_p)
-    if d is None:
-        b, s = _cost_model(call, cands)  # type: ignore[arg-type]
-        _note(lambda: Decision(b.name, s, "cost-model", str(call)))
-        return b, s
-    _note(lambda: d)
-    b = load_backend(d.backend)
-    return b, d.strategy  # type: ignore[return-value]
+            d = Decision(b.name, s, "single", str(call))
+        elif measuring and not compiling:
+            d = _measured(call, requested, cands, runner, tensors, dropout_p)  # type: ignore[arg-type]
+        else:
+            b, s = _cost_model(call, cands)
+            d = Decision(b.name, s, "cost-model", str(call))
+        if not compiling:
+            (_STATE.memo if measuring else _STATE.planned)[key] = d
+    _note(d)
+    return load_backend(d.backend), d.strategy  # type: ignore[return-value]
 
 
 def _measured(call: Call, requested: str, cands: list[tuple[Backend, str | None]], runner: Runner,
-              tensors: Sequence[Tensor | None], dropout_p: float) -> Decision | None:
-    """The cached or newly measured decision (None if measuring failed: use the cost model)."""
+              tensors: Sequence[Tensor | None], dropout_p: float) -> Decision:
+    """The cached or newly measured decision (the cost model's if measuring failed)."""
     key = (call, requested)
     with _STATE.lock:
         d = _STATE.memo.get(key)
@@ -474,7 +481,8 @@ def _measured(call: Call, requested: str, cands: list[tuple[Backend, str | None]
             except Exception as e:  # noqa: BLE001 - measuring must never break the call
                 _warn_once(f"measure:{call}", f"flora_kernels autotune: could not measure {call} "
                            f"({type(e).__name__}: {e}); using the cost model")
-                return None
+                b, s = _cost_model(call, cands)
+                d = Decision(b.name, s, "cost-model", str(call), (), (("measurement", f"{type(e).__name__}: {e}"),))
             if d.source == "measured":
                 _save(dk, d)
         _STATE.memo[key] = d
@@ -488,13 +496,13 @@ def dispatch_report() -> list[Decision]:
         return list(_STATE.memo.values())
 
 
-def _note(make: Callable[[], Decision]) -> None:
+def _note(d: Decision) -> None:
     """Record a decision for an active ``record_dispatch`` (module on top of its stack)."""
     rec = getattr(_STATE.local, "recording", None)
     if rec is None or torch.compiler.is_compiling():
         return
     stack = _STATE.local.stack
-    rec.setdefault(stack[-1] if stack else "", []).append(make())
+    rec.setdefault(stack[-1] if stack else "", []).append(d)
 
 
 @contextlib.contextmanager

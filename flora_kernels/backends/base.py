@@ -28,6 +28,7 @@ import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,9 +54,11 @@ def _layout(t: Tensor) -> str:
     return "strided"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor argument's metadata. ``layout``: contiguous, channels_last(_3d) or strided."""
+class TensorSpec(NamedTuple):
+    """One tensor argument's metadata. ``layout``: contiguous, channels_last(_3d) or strided.
+
+    (A NamedTuple: built for every tensor of every call, it must be cheap.)
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -64,8 +67,8 @@ class TensorSpec:
     requires_grad: bool
 
     @staticmethod
-    def of(t: Tensor) -> TensorSpec:
-        return TensorSpec(tuple(t.shape), t.dtype, str(t.device), _layout(t), bool(t.requires_grad))
+    def of(t: Tensor) -> "TensorSpec":
+        return TensorSpec(tuple(t.shape), t.dtype, str(t.device), _layout(t), t.requires_grad)
 
     @property
     def device_type(self) -> str:

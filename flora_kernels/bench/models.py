@@ -12,7 +12,8 @@ Providers, each a copy of one randomly initialised model (same weights):
 - ``flora-<strategy>``: the same with the strategy fixed (backend auto).
 - ``flora-<backend>-<strategy>``: both fixed (e.g. flora-reference-auto, flora-cpp-auto).
 - ``lora``: PEFT LoRA at the same rank on every Linear and ungrouped Conv2d (peft's conv LoRA
-  needs the rank divisible by the groups, which depthwise convs are not).
+  needs the rank divisible by the groups, which depthwise convs are not); where peft does not
+  import, the same layer written here (``LoRA``), which ``impl`` says.
 - ``full``: full fine-tuning: every parameter trainable.
 
 One step: forward, ``y.backward(dy)`` with a fixed dy, then the gradients are dropped (no
@@ -215,21 +216,54 @@ def _flora(base: nn.Module, rank: int, strategy: str, backend: str, seed: int) -
 
     m = inject_flora(copy.deepcopy(base), FLoRAConfig(rank=rank, strategy=strategy, backend=backend))
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a non-zero adapter (the paper's zero core would make dW = 0)
+    with torch.no_grad():  # the same non-zero adapter in every copy (the paper's zero core makes dW = 0)
         for _, layer in flora_layers(m):
             layer.core.copy_(torch.randn(layer.core.shape, generator=g) * 0.1)
+            for f in layer.factors:
+                f.copy_(torch.randn(f.shape, generator=g) / math.sqrt(2 * f.shape[1]))
     return m
 
 
-def _lora(base: nn.Module, rank: int) -> tuple[nn.Module, str]:
-    import peft
-    from peft import LoraConfig, get_peft_model
+class LoRA(nn.Module):
+    """PEFT's LoRA layer, written here for when peft is not importable: ``base(x) + B(A(x))``;
+    Linear: A (r, in), B (out, r); Conv2d: A a conv with the base geometry to r channels, B 1x1."""
 
+    def __init__(self, base: nn.Module, r: int) -> None:
+        super().__init__()
+        self.base = base
+        if isinstance(base, nn.Linear):
+            self.lora_A, self.lora_B = nn.Linear(base.in_features, r, bias=False), nn.Linear(r, base.out_features, bias=False)
+        else:
+            self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                                    bias=False)
+            self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.02)  # non-zero, like a trained adapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+def _lora(base: nn.Module, rank: int) -> tuple[nn.Module, str]:
     targets = [n for n, mod in base.named_modules()
-               if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)]
+               if type(mod) is nn.Linear or (type(mod) is nn.Conv2d and mod.groups == 1)]
+    where = f"r={rank} on {len(targets)} Linear/ungrouped Conv2d"
+    m = copy.deepcopy(base)
+    try:
+        import peft
+        from peft import LoraConfig, get_peft_model
+    except Exception as e:  # noqa: BLE001 - e.g. transformers failing to import torchvision
+        for n in targets:
+            parent, _, child = n.rpartition(".")
+            owner = m.get_submodule(parent) if parent else m
+            setattr(owner, child, LoRA(getattr(owner, child), rank))
+        m.requires_grad_(False)
+        for mod in m.modules():
+            if isinstance(mod, LoRA):
+                mod.lora_A.requires_grad_(True)
+                mod.lora_B.requires_grad_(True)
+        return m, f"LoRA written here (peft not importable: {type(e).__name__}: {str(e).splitlines()[0]}), {where}"
     cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
-    m = get_peft_model(copy.deepcopy(base), cfg)
-    return m, f"peft {peft.__version__} LoRA r={rank} on {len(targets)} Linear/ungrouped Conv2d"
+    return get_peft_model(m, cfg), f"peft {peft.__version__} LoRA, {where}"
 
 
 def build(name: str, base: nn.Module, rank: int, seed: int) -> ModelCase:
@@ -278,6 +312,9 @@ def _quantile(v: Sequence[float], q: float) -> float:
 def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: int = 8, image_size: int = 96,
               rank: int = 8, rounds: int = 7, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
     """Time ``providers`` on model ``name``; returns {model, impl, rows: [...], ...} (see module doc)."""
+    from ..backends.autotune import clear_autotune_cache
+
+    clear_autotune_cache()  # decisions in memory from an earlier model must not count as this one's
     torch.manual_seed(seed)
     base, src = make_model(name, image_size)
     base.requires_grad_(False)
@@ -293,6 +330,12 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
             cases.append(build(n, base, rank, seed))
         except ImportError as e:
             skipped[n] = f"{type(e).__name__}: {e}"
+    # first step (measured dispatch happens here for flora-auto), then the checks, then the rounds
+    first = {}
+    for c in cases:
+        t0 = time.perf_counter()
+        _step(c.model, x, dy)
+        first[c.name] = time.perf_counter() - t0
     # correctness of the FLoRA providers: output and input gradient vs the reference path
     checks = {}
     flora = [c for c in cases if c.name.startswith("flora")]
@@ -300,21 +343,18 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
         ref = _flora(base, rank, "factorized", "reference", seed)
         y_ref = ref(x)
         (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+        y_ref = y_ref.detach()
         for c in flora:
             y = c.model(x)
             (dx,) = torch.autograd.grad(y, x, dy)
+            y = y.detach()
             err = max(float((y - y_ref).norm() / y_ref.norm()), float((dx - dx_ref).norm() / dx_ref.norm()))
+            y = dx = None
             checks[c.name] = err
             if not err <= 1e-3:
                 raise AssertionError(f"{name}: provider {c.name} disagrees with the reference path "
                                      f"(relative error {err:.2e})")
         del ref, y_ref, dx_ref
-    # first step (measured dispatch happens here for flora-auto), then interleaved rounds
-    first = {}
-    for c in cases:
-        t0 = time.perf_counter()
-        _step(c.model, x, dy)
-        first[c.name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     ratios: dict[str, list[float]] = {c.name: [] for c in cases}
     gc_was = gc.isenabled()
