@@ -238,16 +238,19 @@ def _models_main(args: argparse.Namespace) -> int:
     except (ValueError, AssertionError) as e:
         print(f"flora-bench: {e}", file=sys.stderr)
         return 2 if isinstance(e, AssertionError) else 1
-    text = models.markdown(results)
+    from .bench.env import environment
+
+    env = environment(args.device)
+    head = (f"Run {env['date_utc']} on {env['device_name']}, torch {env['torch']}, load average "
+            f"{env['loadavg_start']} at the end; command: flora-bench {' '.join(sys.argv[1:])}\n\n")
+    text = head + models.markdown(results)
     print(text)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)
     if args.out:
-        from .bench.env import environment
-
         with open(args.out, "w") as f:
-            json.dump({"env": environment(args.device), "argv": sys.argv[1:], "models": results}, f, indent=1)
+            json.dump({"env": env, "argv": sys.argv[1:], "models": results}, f, indent=1)
     return 0
 
 

@@ -340,3 +340,18 @@ def test_call_description():
     r = c.with_strategy("merged").reconstruct_call()
     assert r.op == "reconstruct" and r.base == c.weight and r.factors == c.factors
     assert "channels_last" in str(c) and "strategy=auto" in str(c)
+
+
+def test_cost_model_knows_threads():
+    """The 3x3 conv training step: factorized at 1 thread, merged at 2 (big ops scale, skinny ones do not)."""
+    from flora_kernels import plan
+
+    spec = fk.ConvSpec.make((3, 3), 1, 1)
+    args = ((8, 64, 28, 28), (64, 64, 3, 3), (16, 16, 3, 3), spec, 4, "cpu", True, True, False)
+    one, two = plan.plan_conv(*args, threads=1), plan.plan_conv(*args, threads=2)
+    assert (one.strategy, two.strategy) == ("factorized", "merged")
+    assert plan.profile("cpu", 8).peak_flops == 4 * plan.profile("cpu", 2).peak_flops
+    x = torch.randn(8, 64, 28, 28, requires_grad=True)
+    c = Call.describe("conv", x=x, weight=torch.randn(64, 64, 3, 3), core=torch.randn(16, 16, 3, 3, requires_grad=True),
+                      factors=[torch.randn(64, 16), torch.randn(64, 16), torch.randn(3, 3), torch.randn(3, 3)], conv=spec)
+    assert plan.plan_call(c) == plan.plan_conv(*args, threads=torch.get_num_threads())

@@ -18,7 +18,7 @@ layout, device, grad flags, dropout, threads) and requested backend:
 3. else the cost model (``flora_kernels.plan``) picks the strategy and auto's order the backend.
 
 Controls: ``FLORA_AUTOTUNE=0/1`` (default: 1, see docs/ARCHITECTURE.md for why), overridden by
-``set_autotune(True/False)``; ``FLORA_AUTOTUNE_BUDGET_MS`` (default 300) bounds the timing of
+``set_autotune(True/False)``; ``FLORA_AUTOTUNE_BUDGET_MS`` (default 100) bounds the timing of
 one signature; ``FLORA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/flora_kernels`` or
 ``~/.cache/flora_kernels``) holds ``autotune.json``. A corrupt, stale or unwritable cache is
 ignored with a warning, never fatal. Inspect with ``dispatch_report()`` (every decision) and
@@ -60,7 +60,7 @@ from .base import (
 )
 
 CACHE_FORMAT = 1
-DEFAULT_BUDGET_MS = 300.0
+DEFAULT_BUDGET_MS = 100.0
 MIN_ROUNDS, MAX_ROUNDS = 2, 7
 # Relative-norm error against the reference path a candidate may show, per dtype (fp32 on
 # CUDA allows TF32).

@@ -9,6 +9,8 @@ Providers, each a copy of one randomly initialised model (same weights):
   gradient through every layer (what any adapter must pay at least). Every ratio is to it.
 - ``flora-auto``: every Linear/ConvNd adapted by ``fk.inject_flora`` at ``rank``,
   backend and strategy "auto" (measured dispatch as configured).
+- ``flora-planned``: like flora-auto with measured dispatch off (the cost model and auto's
+  backend order decide), to weigh measuring's first-step cost against its gain.
 - ``flora-<strategy>``: the same with the strategy fixed (backend auto).
 - ``flora-<backend>-<strategy>``: both fixed (e.g. flora-reference-auto, flora-cpp-auto).
 - ``lora``: PEFT LoRA at the same rank on every Linear and ungrouped Conv2d (peft's conv LoRA
@@ -27,6 +29,7 @@ against ``flora-reference-factorized`` on the same (non-zero) adapter values, an
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import statistics
@@ -176,8 +179,9 @@ class ConvNeXtAtto(nn.Module):
         return self.head(self.norm(self.stages(self.stem(x)).mean((2, 3))))
 
 
+@functools.cache
 def timm_reason() -> str | None:
-    """Why timm's models are not used here (None: they are)."""
+    """Why timm's models are not used here (None: they are); asked once per process."""
     try:
         import timm  # noqa: F401
     except Exception as e:  # noqa: BLE001 - e.g. a torchvision wheel whose C ops do not load
@@ -205,9 +209,12 @@ def make_model(name: str, image_size: int) -> tuple[nn.Module, str]:
 # ---- providers ---------------------------------------------------------------------------------
 @dataclass
 class ModelCase:
+    """One provider's model; ``autotune``: measured dispatch on/off while it runs (None: as set)."""
+
     name: str
     model: nn.Module
     impl: str
+    autotune: bool | None = None
 
 
 def _flora(base: nn.Module, rank: int, strategy: str, backend: str, seed: int) -> nn.Module:
@@ -243,15 +250,23 @@ class LoRA(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(x))
 
 
+@functools.cache
+def _peft_reason() -> str | None:
+    """Why peft is not used (None: it is); asked once per process."""
+    try:
+        import peft  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - e.g. transformers failing to import torchvision
+        return f"peft not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def _lora(base: nn.Module, rank: int) -> tuple[nn.Module, str]:
     targets = [n for n, mod in base.named_modules()
                if type(mod) is nn.Linear or (type(mod) is nn.Conv2d and mod.groups == 1)]
     where = f"r={rank} on {len(targets)} Linear/ungrouped Conv2d"
     m = copy.deepcopy(base)
-    try:
-        import peft
-        from peft import LoraConfig, get_peft_model
-    except Exception as e:  # noqa: BLE001 - e.g. transformers failing to import torchvision
+    why = _peft_reason()
+    if why is not None:
         for n in targets:
             parent, _, child = n.rpartition(".")
             owner = m.get_submodule(parent) if parent else m
@@ -261,7 +276,10 @@ def _lora(base: nn.Module, rank: int) -> tuple[nn.Module, str]:
             if isinstance(mod, LoRA):
                 mod.lora_A.requires_grad_(True)
                 mod.lora_B.requires_grad_(True)
-        return m, f"LoRA written here (peft not importable: {type(e).__name__}: {str(e).splitlines()[0]}), {where}"
+        return m, f"LoRA written here ({why}), {where}"
+    import peft
+    from peft import LoraConfig, get_peft_model
+
     cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
     return get_peft_model(m, cfg), f"peft {peft.__version__} LoRA, {where}"
 
@@ -279,6 +297,9 @@ def build(name: str, base: nn.Module, rank: int, seed: int) -> ModelCase:
     if name == "lora":
         m, impl = _lora(base, rank)
         return ModelCase(name, m, impl)
+    if name == "flora-planned":
+        m = _flora(base, rank, "auto", "auto", seed)
+        return ModelCase(name, m, f"fk.inject_flora(rank={rank}), measured dispatch off", autotune=False)
     parts = name.split("-")
     strategies = STRATEGIES + ("auto",)
     if parts[0] == "flora" and len(parts) == 2 and parts[1] in strategies:
@@ -293,13 +314,19 @@ def build(name: str, base: nn.Module, rank: int, seed: int) -> ModelCase:
 
 
 # ---- the run -----------------------------------------------------------------------------------
-def _step(m: nn.Module, x: Tensor, dy: Tensor) -> Tensor:
-    y = m(x)
-    y.backward(dy)
-    for p in m.parameters():
+def _step(c: ModelCase, x: Tensor, dy: Tensor) -> None:
+    from ..backends import autotune
+
+    before = autotune._STATE.switch
+    if c.autotune is not None:
+        autotune.set_autotune(c.autotune)
+    try:
+        c.model(x).backward(dy)
+    finally:
+        autotune.set_autotune(before)
+    for p in c.model.parameters():
         p.grad = None
     x.grad = None
-    return y.detach()
 
 
 def _quantile(v: Sequence[float], q: float) -> float:
@@ -334,7 +361,7 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
     first = {}
     for c in cases:
         t0 = time.perf_counter()
-        _step(c.model, x, dy)
+        _step(c, x, dy)
         first[c.name] = time.perf_counter() - t0
     # correctness of the FLoRA providers: output and input gradient vs the reference path
     checks = {}
@@ -345,7 +372,7 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
         (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
         y_ref = y_ref.detach()
         for c in flora:
-            y = c.model(x)
+            y = c.model(x)  # decisions are made by now (first step)
             (dx,) = torch.autograd.grad(y, x, dy)
             y = y.detach()
             err = max(float((y - y_ref).norm() / y_ref.norm()), float((dx - dx_ref).norm() / dx_ref.norm()))
@@ -362,13 +389,13 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
     try:
         for _ in range(1):  # warm-up round
             for c in cases:
-                _step(c.model, x, dy)
+                _step(c, x, dy)
         for r in range(rounds):
             k = r % len(cases)
             this = {}
             for c in cases[k:] + cases[:k]:
                 t0 = time.perf_counter()
-                _step(c.model, x, dy)
+                _step(c, x, dy)
                 this[c.name] = time.perf_counter() - t0
             for n, t in this.items():
                 times[n].append(t)
@@ -402,7 +429,7 @@ def _dispatch_summary(cases: Sequence[ModelCase], x: Tensor, dy: Tensor) -> dict
         if not c.name.startswith("flora"):
             continue
         with record_dispatch(c.model) as rep:
-            _step(c.model, x, dy)
+            _step(c, x, dy)
         counts: dict[str, int] = {}
         for ds in rep.values():
             for d in ds:
