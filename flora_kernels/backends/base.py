@@ -67,7 +67,7 @@ class TensorSpec(NamedTuple):
     requires_grad: bool
 
     @staticmethod
-    def of(t: Tensor) -> "TensorSpec":
+    def of(t: Tensor) -> TensorSpec:
         return TensorSpec(tuple(t.shape), t.dtype, str(t.device), _layout(t), t.requires_grad)
 
     @property
