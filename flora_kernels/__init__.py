@@ -8,6 +8,15 @@ See README.md for the tour and docs/ARCHITECTURE.md for the data flow.
 
 from . import convert
 from .backends import BackendUnavailable, available_backends
+from .backends.autotune import (
+    AutotuneWarning,
+    Decision,
+    autotune_enabled,
+    clear_autotune_cache,
+    dispatch_report,
+    record_dispatch,
+    set_autotune,
+)
 from .config import FLoRAConfig
 from .convert.extract import extract_flora
 from .convspec import ConvSpec
@@ -48,8 +57,10 @@ from .plan import Plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutotuneWarning",
     "BackendUnavailable",
     "ConvSpec",
+    "Decision",
     "FLoRAConfig",
     "FLoRAConv1d",
     "FLoRAConv2d",
@@ -67,10 +78,13 @@ __all__ = [
     "adapter_batch",
     "add_adapter",
     "add_weighted_adapter",
+    "autotune_enabled",
     "available_backends",
+    "clear_autotune_cache",
     "convert",
     "delete_adapter",
     "disable_adapter",
+    "dispatch_report",
     "extract_flora",
     "flora_conv",
     "flora_linear",
@@ -79,9 +93,11 @@ __all__ = [
     "merge_and_unload",
     "merge_flora",
     "param_summary",
+    "record_dispatch",
     "save_flora",
     "set_adapter",
     "set_adapter_scale",
+    "set_autotune",
     "tucker_decompose",
     "tucker_project",
     "tucker_reconstruct",

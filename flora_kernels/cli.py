@@ -3,6 +3,7 @@
     flora-bench --quick                       # CPU: small shapes, a few minutes on 2 cores
     flora-bench --device cpu --out r.json --md r.md --plot r.png
     flora-bench --device cuda --providers 'base,flora-*-auto,lora' --modes full,infer
+    flora-bench --models resnet18,vit_tiny,convnext_atto --threads 1 --md m.md   # whole-model steps
     python -m flora_kernels info              # versions, device, available backends
 
 Exit status: 0 on success, 2 when a provider fails its correctness check (the message names
@@ -106,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a correctness failure mark the provider FAIL and go on (exit status 2 at the end)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and adapter (default: 0)")
+    m = p.add_argument_group("model cases (--models): the training step of whole models, ratios to the frozen model")
+    m.add_argument(
+        "--models",
+        type=_csv_list,
+        default=None,
+        help="comma-separated models out of resnet18, vit_tiny, convnext_atto (or 'all'): run these instead of "
+        "the layer shapes; --providers then picks out of frozen, full, lora, flora-<strategy>, "
+        "flora-<backend>-<strategy> (default: frozen, flora-auto, flora-factorized, flora-merged, lora, full)",
+    )
+    m.add_argument("--batch", type=int, default=8, help="model cases: batch size (default: 8)")
+    m.add_argument("--image-size", type=int, default=96, help="model cases: input resolution (default: 96)")
+    m.add_argument("--rank", type=int, default=8, help="model cases: adapter rank, FLoRA and LoRA (default: 8)")
+    m.add_argument("--rounds", type=int, default=7, help="model cases: timed interleaved rounds (default: 7)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list shapes, providers and modes, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -151,6 +165,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.models:
+        return _models_main(args)
     try:
         shapes = resolve_shapes(args.shapes, args.device, args.quick)
         modes = harness.normalize_modes(args.modes)
@@ -203,6 +219,39 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     result["meta"]["argv"] = list(sys.argv[1:] if argv is None else argv)
     result["notes"] = notes + result.get("notes", [])
     return _report(args, result, status)
+
+
+def _models_main(args: argparse.Namespace) -> int:
+    """``flora-bench --models``: whole-model training steps; prints Markdown, writes --md / --out."""
+    import json
+
+    from .bench import models
+
+    names = list(models.MODELS) if args.models == ["all"] else args.models
+    providers = args.providers or list(models.DEFAULT_PROVIDERS)
+    log = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
+    results = []
+    try:
+        for name in names:
+            results.append(models.run_model(name, providers, args.batch, args.image_size, args.rank, args.rounds,
+                                            args.seed, log))
+    except (ValueError, AssertionError) as e:
+        print(f"flora-bench: {e}", file=sys.stderr)
+        return 2 if isinstance(e, AssertionError) else 1
+    from .bench.env import environment
+
+    env = environment(args.device)
+    head = (f"Run {env['date_utc']} on {env['device_name']}, torch {env['torch']}, load average "
+            f"{env['loadavg_start']} at the end; command: flora-bench {' '.join(sys.argv[1:])}\n\n")
+    text = head + models.markdown(results)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "argv": sys.argv[1:], "models": results}, f, indent=1)
+    return 0
 
 
 def _report(args: argparse.Namespace, result: dict, status: int) -> int:

@@ -1,4 +1,12 @@
-"""Public functional API: validate at the boundary, resolve the strategy, dispatch to a backend.
+"""Public functional API: validate at the boundary, describe the call, dispatch.
+
+Each function builds a ``Call`` (the typed description of the call: op, shapes, dtypes,
+layout, grad flags, ...) and asks ``backends.autotune.resolve`` which (backend, strategy)
+serves it; the merged strategy is composed over the backend's reconstruct
+(``backends.merged``). A new op plugs in by building its ``Call`` and calling
+``resolve(call, backend)``: a backend without a method of the op's name does not serve it
+(an explicit request raises ``BackendUnavailable`` saying so; "auto" falls back to the
+backends that do, the reference last).
 
     fk.flora_linear(x, weight, bias, core, factors, scale, ...)   -> base(x) + x dW^T
     fk.flora_conv(x, weight, bias, core, factors, scale, ...)     -> base(x) + conv(x, dW)
@@ -12,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from . import plan as _plan
-from .backends import select_backend
-from .backends.base import STRATEGIES
+from .backends import merged as _merged
+from .backends.autotune import resolve
+from .backends.base import STRATEGIES, Backend, Call
 from .convspec import ConvSpec, IntOrTuple
 from .tucker import check_projection, check_tucker
 
@@ -69,31 +77,33 @@ def _check_adapter(weight: Tensor, bias: Tensor | None, core: Tensor, factors: S
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _grad_flags(x: Tensor, core: Tensor, factors: Sequence[Tensor]) -> tuple[bool, bool]:
-    if not torch.is_grad_enabled():
-        return False, False
-    adapter = core.requires_grad or any(f.requires_grad for f in factors)
-    return adapter or x.requires_grad, x.requires_grad
-
-
 def plan_linear_call(x: Tensor, weight: Tensor, core: Tensor, factors: Sequence[Tensor], dropout_p: float) -> _plan.Plan:
-    """What ``strategy="auto"`` picks for this linear call, with both costs."""
-    needs_grad, x_grad = _grad_flags(x, core, factors)
-    return _plan.plan_linear(
-        x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], (core.shape[0], core.shape[1]),
-        x.element_size(), _plan._device_of(x), needs_grad, x_grad, dropout_p > 0,
-    )
+    """What the cost model picks for this linear call, with both costs."""
+    return _plan.plan_call(Call.describe("linear", x=x, weight=weight, core=core, factors=factors, dropout_p=dropout_p))
 
 
 def plan_conv_call(
     x: Tensor, weight: Tensor, core: Tensor, factors: Sequence[Tensor], spec: ConvSpec, dropout_p: float
 ) -> _plan.Plan:
-    """What ``strategy="auto"`` picks for this conv call, with both costs."""
-    needs_grad, x_grad = _grad_flags(x, core, factors)
-    return _plan.plan_conv(
-        tuple(x.shape), tuple(weight.shape), tuple(core.shape), spec, x.element_size(),
-        _plan._device_of(x), needs_grad, x_grad, dropout_p > 0,
+    """What the cost model picks for this conv call (x batched), with both costs."""
+    return _plan.plan_call(
+        Call.describe("conv", x=x, weight=weight, core=core, factors=factors, conv=spec, dropout_p=dropout_p)
     )
+
+
+def _run_linear(b: Backend, strategy: str | None, t: Sequence[Tensor | None], p: float, scale: float) -> Tensor:
+    x, weight, bias, core, *factors = t
+    if strategy == "merged":
+        return _merged.linear(b, x, weight, bias, core, factors, scale, p)
+    return b.linear(x, weight, bias, core, factors, scale, p)  # type: ignore[attr-defined]
+
+
+def _run_conv(b: Backend, strategy: str | None, t: Sequence[Tensor | None], p: float, scale: float,
+              spec: ConvSpec) -> Tensor:
+    x, weight, bias, core, *factors = t
+    if strategy == "merged":
+        return _merged.conv(b, x, weight, bias, core, factors, scale, spec, p)
+    return b.conv(x, weight, bias, core, factors, scale, spec, p)  # type: ignore[attr-defined]
 
 
 def flora_linear(
@@ -107,8 +117,9 @@ def flora_linear(
         weight: (out, in), frozen base weight. bias: (out,) or None.
         core: (r_out, r_in). factors: [(out, r_out), (in, r_in)].
         dropout_p: adapter dropout probability, applied as given (pass 0 in eval mode).
-        strategy: "factorized", "merged" or "auto" (cost model, see ``flora_kernels.plan``).
-        backend: "auto", "reference", "triton", "cuda" or "cpp".
+        strategy: "factorized", "merged" or "auto" (measured per call signature, else the cost
+            model; see ``flora_kernels.backends.autotune``).
+        backend: "auto" or a registered backend ("reference", "triton", "cuda", "cpp").
 
     Returns:
         (..., out).
@@ -121,10 +132,16 @@ def flora_linear(
     _check_adapter(weight, bias, core, factors)
     _check_strategy(strategy)
     _check_dropout(dropout_p)
-    if strategy == "auto":
-        strategy = plan_linear_call(x, weight, core, factors, dropout_p).strategy
-    b = select_backend(backend, "linear", [x, weight, core, *factors], strategy)
-    return b.linear(x, weight, bias, core, list(factors), float(scale), float(dropout_p), strategy)
+    scale, dropout_p = float(scale), float(dropout_p)
+    call = Call.describe("linear", x=x, weight=weight, bias=bias, core=core, factors=factors, strategy=strategy,
+                         dropout_p=dropout_p)
+    tensors = (x, weight, bias, core, *factors)
+
+    def run(b: Backend, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
+        return _run_linear(b, s, t, p, scale)
+
+    b, strategy = resolve(call, backend, run, tensors, dropout_p)
+    return run(b, strategy, tensors, dropout_p)
 
 
 def flora_conv(
@@ -165,10 +182,16 @@ def flora_conv(
     _check_adapter(weight, bias, core, factors)
     _check_strategy(strategy)
     _check_dropout(dropout_p)
-    if strategy == "auto":
-        strategy = plan_conv_call(x, weight, core, factors, spec, dropout_p).strategy
-    b = select_backend(backend, "conv", [x, weight, core, *factors], strategy)
-    y = b.conv(x, weight, bias, core, list(factors), float(scale), spec, float(dropout_p), strategy)
+    scale, dropout_p = float(scale), float(dropout_p)
+    call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
+                         strategy=strategy, dropout_p=dropout_p)
+    tensors = (x, weight, bias, core, *factors)
+
+    def run(b: Backend, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
+        return _run_conv(b, s, t, p, scale, spec)
+
+    b, strategy = resolve(call, backend, run, tensors, dropout_p)
+    y = run(b, strategy, tensors, dropout_p)
     return y.squeeze(0) if unbatched else y
 
 
@@ -187,13 +210,13 @@ def tucker_reconstruct(
         want = tuple(f.shape[0] for f in factors)
         if tuple(base.shape) != want:
             raise ValueError(f"base: expected shape {want} (from the factors), got {tuple(base.shape)}")
-    b = select_backend(backend, "reconstruct", [core, *factors] + ([base] if base is not None else []), None)
-    return b.reconstruct(core, list(factors), float(scale), base)
+    b, _ = resolve(Call.describe("reconstruct", core=core, factors=factors, base=base), backend)
+    return b.reconstruct(core, list(factors), float(scale), base)  # type: ignore[attr-defined]
 
 
 def tucker_project(t: Tensor, factors: Sequence[Tensor], backend: str = "auto") -> Tensor:
     """``t x_0 U_0^T ... x_{N-1} U_{N-1}^T``: t (I_0..I_{N-1}) -> (r_0..r_{N-1})."""
     check_projection(t, factors)
     _check_tensors({"t": t, **{f"factors[{i}]": f for i, f in enumerate(factors)}})
-    b = select_backend(backend, "project", [t, *factors], None)
-    return b.project(t, list(factors))
+    b, _ = resolve(Call.describe("project", x=t, factors=factors), backend)
+    return b.project(t, list(factors))  # type: ignore[attr-defined]

@@ -17,17 +17,18 @@ merged, forward: reconstruct dW and add it to W (about 4 weight-sized passes);
   then its projection onto the factors. With active dropout the merged path needs a second
   full op, since op(x, W) + op(dropout(x), dW) cannot fold.
 
-The choice is inspectable: ``plan_linear``/``plan_conv`` return a ``Plan`` with both costs,
-and every layer exposes ``layer.plan(x)``.
+The profile depends on the device and, on CPU, on torch's thread count. The choice is
+inspectable: ``plan_call``/``plan_linear``/``plan_conv`` return a ``Plan`` with both costs, and
+every layer exposes ``layer.plan(x)``. It is what ``strategy="auto"`` runs when nothing was
+measured (see ``flora_kernels.backends.autotune``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
+from .backends.base import Call
 from .convspec import ConvSpec
 
 
@@ -41,14 +42,32 @@ class DeviceProfile:
     m_full: int
 
 
-PROFILES: dict[str, DeviceProfile] = {
-    # 2-core x86 CPU, fp32: ~60 GFLOP/s big-GEMM, ~10 GB/s streaming, op dispatch ~15 us. m_full
-    # fitted to bench/results/cpu-2core-2026-11-27: the 3x3 conv (C=64, r=16) training step costs
-    # ~5 ms extra factorized vs ~6.5 ms merged; predicted 5.6 vs 8.4 ms (m_full=64 got the order wrong).
-    "cpu": DeviceProfile(peak_flops=6e10, bandwidth=1e10, launch=1.5e-5, m_full=32),
-    # H100, bf16 tensor cores (measured ~800 TFLOP/s dense), ~3 TB/s copy, ~5 us launch.
-    "cuda": DeviceProfile(peak_flops=6e14, bandwidth=2.8e12, launch=5e-6, m_full=16),
+# CPU profiles per torch thread count (torch.get_num_threads()) on a 2-core x86 CPU, fp32;
+# more threads than the largest calibrated count scale its FLOP rate linearly.
+CPU_PROFILES: dict[int, DeviceProfile] = {
+    # 1 thread: ~60 GFLOP/s big-GEMM, ~10 GB/s streaming, op dispatch ~15 us; m_full fitted to
+    # bench/results/cpu-2core-2026-11-27 (1 thread): the 3x3 conv (C=64, r=16) training step costs
+    # ~5 ms extra factorized vs ~6.5 ms merged; predicted 5.6 vs 8.4 ms.
+    1: DeviceProfile(peak_flops=6e10, bandwidth=1e10, launch=1.5e-5, m_full=32),
+    # 2 threads: big ops (the merged path's full dW_eff op) run ~2x faster, the skinny rank-r ops
+    # of the factorized path barely gain (m_full doubled keeps their rate): on the 3x3 conv the
+    # measured training step is merged 1.34-1.60x vs factorized 1.52-1.83x the frozen base (issue
+    # record, 2 threads), and this profile predicts merged cheaper there.
+    2: DeviceProfile(peak_flops=1.2e11, bandwidth=1.3e10, launch=1.5e-5, m_full=64),
 }
+# H100, bf16 tensor cores (measured ~800 TFLOP/s dense), ~3 TB/s copy, ~5 us launch.
+CUDA_PROFILE = DeviceProfile(peak_flops=6e14, bandwidth=2.8e12, launch=5e-6, m_full=16)
+
+
+def profile(device: str, threads: int = 1) -> DeviceProfile:
+    """The roofline constants for ``device`` ("cpu" or a GPU type) with ``threads`` torch threads."""
+    if device != "cpu":
+        return CUDA_PROFILE
+    top = max(CPU_PROFILES)
+    if threads <= top:
+        return CPU_PROFILES[max(k for k in CPU_PROFILES if k <= max(threads, 1))]
+    p = CPU_PROFILES[top]
+    return DeviceProfile(p.peak_flops * threads / top, p.bandwidth, p.launch, p.m_full)
 
 
 @dataclass(frozen=True)
@@ -59,7 +78,6 @@ class Plan:
     factorized_s: float
     merged_s: float
     device: str
-    detail: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return (
@@ -69,17 +87,13 @@ class Plan:
 
 
 class _Costs:
-    def __init__(self, device: str) -> None:
-        self.p = PROFILES.get(device, PROFILES["cuda"] if device != "cpu" else PROFILES["cpu"])
+    def __init__(self, device: str, threads: int) -> None:
+        self.p = profile(device, threads)
         self.total = 0.0
 
     def op(self, flops: float, nbytes: float, m: int) -> None:
         eff = min(1.0, max(m, 1) / self.p.m_full)
         self.total += max(flops / (self.p.peak_flops * eff), nbytes / self.p.bandwidth) + self.p.launch
-
-
-def _device_of(t: torch.Tensor) -> str:
-    return "cpu" if t.device.type == "cpu" else "cuda"
 
 
 def _pick(fact: _Costs, merged: _Costs, device: str) -> Plan:
@@ -89,12 +103,12 @@ def _pick(fact: _Costs, merged: _Costs, device: str) -> Plan:
 
 def plan_linear(
     tokens: int, in_features: int, out_features: int, ranks: tuple[int, int], elt: int,
-    device: str, needs_grad: bool, x_needs_grad: bool, dropout: bool,
+    device: str, needs_grad: bool, x_needs_grad: bool, dropout: bool, threads: int = 1,
 ) -> Plan:
     """Costs for a Linear adapter on ``tokens`` rows of width ``in_features``."""
     t, i, o = tokens, in_features, out_features
     r_out, r_in = ranks
-    f, m = _Costs(device), _Costs(device)
+    f, m = _Costs(device, threads), _Costs(device, threads)
     f.op(2 * t * i * r_in, elt * t * (i + r_in), r_in)  # S = x U_in
     f.op(2 * t * r_in * o, elt * t * (r_in + 2 * o), r_in)  # y += S B^T
     if needs_grad:
@@ -117,6 +131,7 @@ def plan_linear(
 def plan_conv(
     x_shape: tuple[int, ...], weight_shape: tuple[int, ...], ranks: tuple[int, ...],
     spec: ConvSpec, elt: int, device: str, needs_grad: bool, x_needs_grad: bool, dropout: bool,
+    threads: int = 1,
 ) -> Plan:
     """Costs for a ConvNd adapter; ``x_shape`` is (N, C_in, *spatial)."""
     g = spec.groups
@@ -127,7 +142,7 @@ def plan_conv(
     t_in = x_shape[0] * math.prod(x_shape[2:])
     t_out = x_shape[0] * math.prod(spec.output_size(x_shape[2:], kernel))
     cg_out = c_out // g
-    f, m = _Costs(device), _Costs(device)
+    f, m = _Costs(device, threads), _Costs(device, threads)
     passes = 3 if needs_grad else 1  # forward, grad-input, grad-weight
     for _ in range(passes):
         f.op(2 * t_in * c_in * r_in, elt * t_in * (c_in + g * r_in), min(r_in, cg_in))  # projection
@@ -146,3 +161,23 @@ def plan_conv(
         if dropout and x_needs_grad:
             m.op(full_flops, full_bytes + elt * t_in * c_in, m_full)
     return _pick(f, m, device)
+
+
+def plan_call(call: Call) -> Plan:
+    """The cost model's verdict for a linear or conv ``Call`` (its strategy is ignored)."""
+    x, w, core = call.x, call.weight, call.core
+    device = "cpu" if call.device_type == "cpu" else "cuda"
+    elt = x.dtype.itemsize
+    needs_grad = call.adapter_needs_grad or call.x_needs_grad
+    if call.op == "linear":
+        tokens = x.numel // max(x.shape[-1], 1)
+        return plan_linear(
+            tokens, w.shape[1], w.shape[0], (core.shape[0], core.shape[1]), elt, device, needs_grad,
+            call.x_needs_grad, call.dropout, call.threads,
+        )
+    if call.op == "conv":
+        return plan_conv(
+            x.shape, w.shape, core.shape, call.conv, elt, device, needs_grad, call.x_needs_grad, call.dropout,
+            call.threads,
+        )
+    raise ValueError(f"plan_call: expected a linear or conv call, got op {call.op!r}")

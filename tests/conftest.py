@@ -32,3 +32,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _autotune_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Measured dispatch writes its cache under a per-session temp dir, never the user's."""
+    os.environ["FLORA_CACHE_DIR"] = str(tmp_path_factory.mktemp("flora_cache"))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import flora_kernels as fk
+from flora_kernels.backends import Call
 from flora_kernels.backends.cuda import CppBackend, load_extension
 
 _REASON = load_extension()
@@ -152,9 +153,12 @@ def test_conv_fp32_and_unbatched():
         _compare(fn, [x, core, *factors], torch.float32)
 
 
-def _mask_like(x: torch.Tensor, p: float, torch_seed: int) -> torch.Tensor:
-    """The mask the cpp backend draws after torch.manual_seed(torch_seed)."""
+def _mask_like(x: torch.Tensor, p: float, torch_seed: int, strategy: str) -> torch.Tensor:
+    """The mask the cpp backend draws after torch.manual_seed(torch_seed): its seeded kernel mask
+    on the factorized path; torch's dropout on the merged path (composed above the backends)."""
     torch.manual_seed(torch_seed)
+    if strategy == "merged":
+        return torch.nn.functional.dropout(torch.ones_like(x), p, training=True)
     seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
     return torch.ops.flora.dropout_mask(x.contiguous(), p, seed)
 
@@ -164,7 +168,7 @@ def test_linear_dropout_uses_seeded_mask(strategy):
     p = 0.4
     x, w = torch.randn(3, 6, 10, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)
     core, factors = _tucker((7, 10), (3, 4), torch.float64)
-    mask = _mask_like(x.reshape(-1, 10), p, 11).reshape(x.shape)
+    mask = _mask_like(x.reshape(-1, 10), p, 11, strategy).reshape(x.shape)
     leaves = _leaves(x, core, *factors)
     torch.manual_seed(11)
     y = fk.flora_linear(leaves[0], w, None, leaves[1], leaves[2:], 0.9, dropout_p=p, strategy=strategy, backend="cpp")
@@ -185,7 +189,7 @@ def test_conv_dropout_uses_seeded_mask(strategy):
     p = 0.3
     x, w = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
     core, factors = _tucker(tuple(w.shape), (2, 2, 3, 2), torch.float64)
-    mask = _mask_like(x, p, 3)
+    mask = _mask_like(x, p, 3, strategy)
     leaves = _leaves(x, core, *factors)
     torch.manual_seed(3)
     y = fk.flora_conv(leaves[0], w, None, leaves[1], leaves[2:], 0.5, padding=1, groups=2, dropout_p=p,
@@ -206,12 +210,16 @@ def test_backend_reports():
     assert fk.available_backends()["cpp"] == "ok"
     b = CppBackend()
     x = torch.randn(2, 3)
-    assert b.unsupported_reason("linear", [x, torch.randn(4, 3), torch.randn(2, 2)], "factorized") is None
-    assert "meta" in b.unsupported_reason("linear", [x.to("meta"), torch.randn(4, 3), torch.randn(2, 2)], "factorized")
-    assert "empty" in b.unsupported_reason("linear", [torch.randn(0, 3), torch.randn(4, 3), torch.randn(2, 2)], "factorized")
+
+    def call(x):
+        return Call.describe("linear", x=x, weight=torch.randn(4, 3), core=torch.randn(2, 2), strategy="factorized")
+
+    assert b.unsupported_reason(call(x)) is None
+    assert "meta" in b.unsupported_reason(call(x.to("meta")))
+    assert "empty" in b.unsupported_reason(call(torch.randn(0, 3)))
     with pytest.raises(fk.BackendUnavailable, match="cpp"):
         fk.flora_linear(torch.randn(0, 3), torch.randn(4, 3), None, torch.randn(2, 2),
-                        [torch.randn(4, 2), torch.randn(3, 2)], backend="cpp")
+                        [torch.randn(4, 2), torch.randn(3, 2)], strategy="factorized", backend="cpp")
 
 
 @pytest.mark.parametrize("strategy", ["factorized", "merged"])

@@ -227,7 +227,9 @@ def test_plan_depthwise_merged_and_big_linear_factorized():
      ("conv3x3", lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 10, 10))],
     ids=["depthwise7x7", "linear", "conv3x3"],
 )
-def test_auto_runs_the_planned_strategy(name, make, xshape):
+def test_auto_runs_the_planned_strategy(name, make, xshape, monkeypatch):
+    """With measured dispatch off, strategy="auto" runs the cost model's plan."""
+    monkeypatch.setenv("FLORA_AUTOTUNE", "0")
     base = make()
     auto = randomize_(wrap(copy.deepcopy(base), rank=4, strategy="auto", **REF))
     x = torch.randn(xshape)
@@ -242,8 +244,10 @@ def test_auto_runs_the_planned_strategy(name, make, xshape):
     assert torch.equal(y, outs[plan.strategy]), f"auto ran something else than {plan}"
 
 
-def test_strategy_override():
-    """An explicit strategy wins over the plan, both at construction and set later."""
+def test_strategy_override(monkeypatch):
+    """An explicit strategy wins over the plan, both at construction and set later (measured
+    dispatch off, so that auto is the plan)."""
+    monkeypatch.setenv("FLORA_AUTOTUNE", "0")
     from flora_kernels import reference as ref
 
     lin = randomize_(fk.FLoRALinear(nn.Linear(64, 48), rank=8, **REF))

@@ -14,7 +14,7 @@ from test_triton_helpers import DEVICE, INTERPRET, assert_bounded, needs_triton
 
 import flora_kernels as fk
 from flora_kernels import reference as ref
-from flora_kernels.backends import select_backend
+from flora_kernels.backends import Call, select_backend
 from flora_kernels.tucker import tucker_project, tucker_reconstruct
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
@@ -45,7 +45,8 @@ def test_unavailable_without_gpu_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     b = TritonBackend()
     x, w, core, fs = _linear(device="cpu")
-    assert "CPU tensors need the Triton interpreter" in b.unsupported_reason("linear", [x, w, core, *fs], "factorized")
+    assert "CPU tensors need the Triton interpreter" in b.unsupported_reason(
+        Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="factorized"))
     if not torch.cuda.is_available():
         assert "no CUDA GPU and TRITON_INTERPRET is not set" in b.unavailable_reason()
 
@@ -86,8 +87,9 @@ def test_bf16_refused_on_interpreter():
 @needs_triton
 def test_auto_never_picks_interpreter():
     x, w, core, fs = _linear(device="cpu")
-    assert select_backend("auto", "linear", [x, w, core, *fs], "factorized").name != "triton"
-    assert select_backend("triton", "linear", [x, w, core, *fs], "factorized").name == "triton"
+    call = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="factorized")
+    assert select_backend("auto", call).name != "triton"
+    assert select_backend("triton", call).name == "triton"
 
 
 @needs_triton

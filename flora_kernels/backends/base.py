@@ -1,39 +1,195 @@
-"""The contract every backend implements, and the dispatcher that picks one per call.
+"""The contract every backend implements: the typed call description, the registry, selection.
 
-A backend is a set of *differentiable* implementations of the FLoRA ops (each owns its
-autograd), plus two questions the dispatcher asks before using it:
+A ``Call`` describes one call by metadata only (op, every tensor's shape/dtype/device/layout
+class/grad flag, conv geometry, strategy, dropout, grad mode, torch's thread count), so it is
+hashable: it is what backends answer questions about and what measured dispatch caches on.
+
+A backend is a set of *differentiable* op implementations, one method per op it serves
+(``reconstruct``, ``project``, ``linear`` and ``conv`` on the factorized path; an op with no
+method is unsupported), plus two questions:
 
 - ``unavailable_reason()``: why it cannot run on this machine at all (None if it can);
-- ``unsupported_reason(op, tensors, strategy)``: why it cannot serve this call (None if it can).
+- ``unsupported_reason(call)``: why it cannot serve this call (None if it can);
+- ``auto_reason(call)``: why ``backend="auto"`` should not pick it (defaults to unsupported_reason;
+  e.g. Triton serves explicit requests under the CPU interpreter that auto must not take).
 
-``backend="auto"`` walks ``AUTO_ORDER`` and takes the first backend that answers None to both
-and to ``auto_reason`` (a backend may serve explicit requests that auto should not pick, e.g.
-Triton under the CPU interpreter). An explicit request for a backend that cannot serve the call
+The merged strategy (reconstruct ``W + dW``, then the plain torch op) is composed once above
+the backends (``flora_kernels.backends.merged``): a backend serves ``(linear|conv, merged)``
+exactly when it serves the reconstruct that call needs.
+
+The registry (``register``) is the one source of backend names and of auto's order (its
+``auto_rank``, lowest first). An explicit request for a backend that cannot serve the call
 raises ``BackendUnavailable`` with its reason and how to get it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..convspec import ConvSpec
 
-OPS = ("reconstruct", "project", "linear", "conv")
 STRATEGIES = ("factorized", "merged")
-BACKEND_NAMES = ("reference", "triton", "cuda", "cpp")
-# Fastest first: auto takes the first backend that can serve the call.
-AUTO_ORDER = ("triton", "cuda", "cpp", "reference")
+# Ops with a strategy (factorized: the backend's own method; merged: composed over its reconstruct).
+STRATEGY_OPS = ("linear", "conv")
 
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot serve the call."""
 
 
+def _layout(t: Tensor) -> str:
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return "strided"
+
+
+class TensorSpec(NamedTuple):
+    """One tensor argument's metadata. ``layout``: contiguous, channels_last(_3d) or strided.
+
+    (A NamedTuple: built for every tensor of every call, it must be cheap.)
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    layout: str
+    requires_grad: bool
+
+    @staticmethod
+    def of(t: Tensor) -> TensorSpec:
+        return TensorSpec(tuple(t.shape), t.dtype, str(t.device), _layout(t), t.requires_grad)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":", 1)[0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def short(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        lay = "" if self.layout == "contiguous" else f",{self.layout}"
+        return f"{tuple(self.shape)}:{dt}{lay}{'*' if self.requires_grad else ''}"
+
+
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    return torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one functional call asks for, by metadata.
+
+    ``x``: the input (x of linear/conv, t of project; None for reconstruct). ``base``: the
+    tensor reconstruct adds to. ``strategy``: "auto", "factorized" or "merged" for linear/conv,
+    None for ops without one. ``options``: op-specific hashable extras (name, value) pairs.
+    """
+
+    op: str
+    x: TensorSpec | None = None
+    weight: TensorSpec | None = None
+    bias: TensorSpec | None = None
+    core: TensorSpec | None = None
+    factors: tuple[TensorSpec, ...] = ()
+    base: TensorSpec | None = None
+    conv: ConvSpec | None = None
+    strategy: str | None = None
+    dropout: bool = False
+    grad_enabled: bool = False
+    threads: int = 1
+    options: tuple[tuple[str, object], ...] = ()
+
+    @staticmethod
+    def describe(
+        op: str, *, x: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+        core: Tensor | None = None, factors: Sequence[Tensor] = (), base: Tensor | None = None,
+        conv: ConvSpec | None = None, strategy: str | None = None, dropout_p: float = 0.0,
+        options: tuple[tuple[str, object], ...] = (),
+    ) -> Call:
+        """The description of a call with these tensors, in the current grad mode and threads."""
+
+        def spec(t: Tensor | None) -> TensorSpec | None:
+            return None if t is None else TensorSpec.of(t)
+
+        return Call(
+            op, spec(x), spec(weight), spec(bias), spec(core), tuple(TensorSpec.of(f) for f in factors), spec(base),
+            conv, strategy, dropout_p > 0, torch.is_grad_enabled(), _num_threads(), options,
+        )
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in (self.x, self.weight, self.bias, self.core, *self.factors, self.base) if t is not None)
+
+    @property
+    def device(self) -> str:
+        ts = self.tensors
+        return ts[0].device if ts else "cpu"
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":", 1)[0]
+
+    @property
+    def adapter_needs_grad(self) -> bool:
+        adapter = [t for t in (self.core, *self.factors) if t is not None]
+        return self.grad_enabled and any(t.requires_grad for t in adapter)
+
+    @property
+    def x_needs_grad(self) -> bool:
+        return self.grad_enabled and self.x is not None and self.x.requires_grad
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.grad_enabled and any(t.requires_grad for t in self.tensors)
+
+    def with_strategy(self, strategy: str) -> Call:
+        return replace(self, strategy=strategy)
+
+    def reconstruct_call(self) -> Call:
+        """The reconstruct the merged strategy runs for this linear/conv call (W + s dW)."""
+        return Call(
+            "reconstruct", core=self.core, factors=self.factors, base=self.weight,
+            grad_enabled=self.grad_enabled, threads=self.threads,
+        )
+
+    def __str__(self) -> str:
+        parts = [self.op]
+        for name in ("x", "weight", "core"):
+            t = getattr(self, name)
+            if t is not None:
+                parts.append(f"{name}={t.short()}")
+        if self.conv is not None:
+            c = self.conv
+            parts.append(f"stride={c.stride} pads={c.pads} dil={c.dilation} groups={c.groups} {c.padding_mode}")
+        if self.strategy is not None:
+            parts.append(f"strategy={self.strategy}")
+        parts.append(("grad" if self.needs_grad else "no-grad") + (" dropout" if self.dropout else ""))
+        parts.append(f"{self.threads} thread{'s' if self.threads != 1 else ''} on {self.device}")
+        return " ".join(parts)
+
+
 class Backend:
-    """Base class: subclasses set ``name``/``how_to_get`` and override the ops they have."""
+    """Base class: subclasses set ``name``/``how_to_get`` and define one method per op they serve."""
 
     name: str = ""
     how_to_get: str = ""
@@ -41,49 +197,66 @@ class Backend:
     def unavailable_reason(self) -> str | None:
         return None
 
-    def unsupported_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
+    def unsupported_reason(self, call: Call) -> str | None:
         return None
 
-    def auto_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
+    def auto_reason(self, call: Call) -> str | None:
         """Why ``auto`` should not pick this backend for the call (defaults to unsupported_reason)."""
-        return self.unsupported_reason(op, tensors, strategy)
-
-    def reconstruct(self, core: Tensor, factors: Sequence[Tensor], scale: float, base: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-    def project(self, t: Tensor, factors: Sequence[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def linear(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
-        scale: float, dropout_p: float, strategy: str,
-    ) -> Tensor:
-        raise NotImplementedError
-
-    def conv(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
-        scale: float, spec: ConvSpec, dropout_p: float, strategy: str,
-    ) -> Tensor:
-        raise NotImplementedError
+        return self.unsupported_reason(call)
 
 
-_LOADERS: dict[str, Callable[[], Backend]] = {}
+@dataclass(frozen=True)
+class _Entry:
+    loader: Callable[[], Backend]
+    auto_rank: int | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
 _INSTANCES: dict[str, Backend | str] = {}
 
 
-def register(name: str, loader: Callable[[], Backend]) -> None:
-    """Register a backend by a loader, called at first use (so import stays cheap)."""
-    _LOADERS[name] = loader
+def register(name: str, loader: Callable[[], Backend] | str, auto_rank: int | None) -> None:
+    """Register a backend, loaded at first use (so import stays cheap).
+
+    ``loader``: a callable returning the backend, or "module:Class" (relative to this package).
+    ``auto_rank``: its place in auto's order, lowest first; None: auto never picks it.
+    """
+    if isinstance(loader, str):
+        module, _, cls = loader.partition(":")
+
+        def load(module: str = module, cls: str = cls) -> Backend:
+            return getattr(importlib.import_module(module, __package__), cls)()
+
+        loader = load
+    _REGISTRY[name] = _Entry(loader, auto_rank)
+    _INSTANCES.pop(name, None)
 
 
-def _load(name: str) -> Backend | str:
+def unregister(name: str) -> None:
+    """Remove a backend registered with ``register`` (tests use this)."""
+    _REGISTRY.pop(name, None)
+    _INSTANCES.pop(name, None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def auto_order() -> tuple[str, ...]:
+    """The backends auto may pick, fastest first."""
+    ranked = [(e.auto_rank, n) for n, e in _REGISTRY.items() if e.auto_rank is not None]
+    return tuple(n for _, n in sorted(ranked))
+
+
+def load_backend(name: str) -> Backend | str:
     """The backend instance, or the reason it could not be loaded."""
     if name not in _INSTANCES:
-        if name not in _LOADERS:
+        if name not in _REGISTRY:
             _INSTANCES[name] = "not registered"
         else:
             try:
-                _INSTANCES[name] = _LOADERS[name]()
+                _INSTANCES[name] = _REGISTRY[name].loader()
             except Exception as e:  # noqa: BLE001 - a broken optional backend must not break import
                 _INSTANCES[name] = f"failed to load: {type(e).__name__}: {e}"
     return _INSTANCES[name]
@@ -92,8 +265,8 @@ def _load(name: str) -> Backend | str:
 def available_backends() -> dict[str, str]:
     """Every known backend -> "ok" or the reason it is unavailable on this machine."""
     out = {}
-    for name in BACKEND_NAMES:
-        b = _load(name)
+    for name in backend_names():
+        b = load_backend(name)
         out[name] = b if isinstance(b, str) else (b.unavailable_reason() or "ok")
     return out
 
@@ -102,26 +275,71 @@ def resolve_backend_name(requested: str) -> str:
     """Validate a backend name; "auto" defers to the FLORA_BACKEND environment variable."""
     if requested == "auto":
         requested = os.environ.get("FLORA_BACKEND", "auto") or "auto"
-    if requested != "auto" and requested not in BACKEND_NAMES:
-        raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {requested!r}")
+    if requested != "auto" and requested not in _REGISTRY:
+        raise ValueError(f"backend: expected one of {('auto',) + backend_names()}, got {requested!r}")
     return requested
 
 
-def select_backend(requested: str, op: str, tensors: Sequence[Tensor], strategy: str | None) -> Backend:
-    """The backend that serves this call; raises with every backend's reason when none can."""
+def call_reason(b: Backend | str, call: Call, auto: bool = False) -> str | None:
+    """Why backend ``b`` (or its load failure) cannot serve ``call``; None if it can.
+
+    ``call.strategy`` must be concrete for linear/conv. ``auto``: ask ``auto_reason``.
+    """
+    if isinstance(b, str):
+        return b
+    reason = b.unavailable_reason()
+    if reason is not None:
+        return reason
+    ask = b.auto_reason if auto else b.unsupported_reason
+    if call.op in STRATEGY_OPS and call.strategy == "merged":
+        if not callable(getattr(b, "reconstruct", None)):
+            return "merged strategy: it does not implement reconstruct"
+        reason = ask(call.reconstruct_call())
+        return None if reason is None else f"merged strategy (its reconstruct): {reason}"
+    if not callable(getattr(b, call.op, None)):
+        return f"it does not implement the op {call.op!r}"
+    return ask(call)
+
+
+def explicit_backend(name: str, call: Call) -> Backend:
+    """Backend ``name`` if it serves ``call``, else ``BackendUnavailable`` saying why and how to get it."""
+    b = load_backend(name)
+    reason = call_reason(b, call)
+    if reason is not None:
+        how = "" if isinstance(b, str) else f" To get it: {b.how_to_get}"
+        raise BackendUnavailable(f"backend {name!r} cannot run {call.op}: {reason}.{how}")
+    return b  # type: ignore[return-value]
+
+
+def auto_backends(call: Call) -> tuple[list[Backend], list[str]]:
+    """The backends auto may pick for ``call`` in auto's order, and why each other one may not."""
+    ok, reasons = [], []
+    for name in auto_order():
+        b = load_backend(name)
+        reason = call_reason(b, call, auto=True)
+        if reason is None:
+            ok.append(b)  # type: ignore[arg-type]
+        else:
+            reasons.append(f"{name}: {reason}")
+    return ok, reasons
+
+
+def select_backend(requested: str, call: Call) -> Backend:
+    """The backend that serves ``call`` (strategy concrete): the requested one, or auto's first."""
     requested = resolve_backend_name(requested)
     if requested != "auto":
-        b = _load(requested)
-        reason = b if isinstance(b, str) else (b.unavailable_reason() or b.unsupported_reason(op, tensors, strategy))
-        if reason is not None:
-            how = "" if isinstance(b, str) else f" To get it: {b.how_to_get}"
-            raise BackendUnavailable(f"backend {requested!r} cannot run {op}: {reason}.{how}")
-        return b  # type: ignore[return-value]
-    reasons = []
-    for name in AUTO_ORDER:
-        b = _load(name)
-        reason = b if isinstance(b, str) else (b.unavailable_reason() or b.auto_reason(op, tensors, strategy))
-        if reason is None:
-            return b  # type: ignore[return-value]
-        reasons.append(f"{name}: {reason}")
-    raise BackendUnavailable(f"no backend can run {op}: " + "; ".join(reasons))
+        return explicit_backend(requested, call)
+    ok, reasons = auto_backends(call)
+    if not ok:
+        raise BackendUnavailable(f"no backend can run {call.op}: " + "; ".join(reasons))
+    return ok[0]
+
+
+# The built-in backends, in auto's order: Triton and CUDA on GPUs, the C++ kernels on CPU, the
+# reference everywhere. (bench/results/ shows the measured order; measured dispatch refines it.)
+register("reference", ".reference:ReferenceBackend", auto_rank=30)
+register("triton", ".triton:TritonBackend", auto_rank=0)
+register("cuda", ".cuda:CudaBackend", auto_rank=10)
+register("cpp", ".cuda:CppBackend", auto_rank=20)
+# The built-in names, for validation at import (e.g. FLoRAConfig); backend_names() is the live list.
+BACKEND_NAMES = backend_names()

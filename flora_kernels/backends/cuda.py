@@ -11,7 +11,8 @@ Three layers, top to bottom:
 - autograd Functions over the ops (``_Reconstruct``, ``_Project``, ``_LinearFactorized``,
   ``_Shrink``, ``_Expand``).
 - ``CppBackend`` / ``CudaBackend``: the ``Backend`` contract (``reconstruct``, ``project``,
-  ``linear``, ``conv``; both strategies) with per-call ``unsupported_reason``.
+  ``linear``, ``conv`` on the factorized path; merged is composed over ``reconstruct`` in
+  ``backends.merged``) with per-call ``unsupported_reason``.
 
 The ops (schemas in csrc/flora_cpu.cpp, semantics in docs/kernels/cuda.md):
 
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from ..convspec import ConvSpec, conv_nd
 from ..tucker import mode_n_product
-from .base import Backend
+from .base import Backend, Call, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -409,11 +410,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _dropout_mask(x: Tensor, p: float) -> Tensor:
-    """The (constant) dropout multiplier for x: 0 or 1 / (1 - p) per element."""
-    return _ops().dropout_mask(x.detach(), p, _new_seed(p))
-
-
 class _ExtBackend(Backend):
     device_type = "cpu"
 
@@ -428,40 +424,33 @@ class _ExtBackend(Backend):
     def _compute_reason(self) -> str | None:
         return load_extension()
 
-    def _device_reason(self, tensors: Sequence[Tensor]) -> str | None:
+    def _device_reason(self, tensors: Sequence[TensorSpec]) -> str | None:
         for t in tensors:
-            if t.device.type != self.device_type:
+            if t.device_type != self.device_type:
                 return f"expected {self.device_type} tensors, got one on {t.device}"
             if t.dtype not in _FLOATS:
                 return f"expected float32/float64/float16/bfloat16 tensors, got {t.dtype}"
-            if t.numel() == 0:
+            if t.numel == 0:
                 return f"empty tensor of shape {tuple(t.shape)}"
         return None
 
-    def unsupported_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
-        reason = self._device_reason(tensors)
+    def unsupported_reason(self, call: Call) -> str | None:
+        reason = self._device_reason(call.tensors)
         if reason is not None:
             return reason
-        if op in ("reconstruct", "project"):
-            t0 = tensors[0]  # core or t; then factors (+ base for reconstruct)
-            n = t0.dim()
-            factors = tensors[1:1 + n]
-            if any(f.dtype != t0.dtype for f in factors):
-                return f"expected the factors in the dtype of the {'core' if op == 'reconstruct' else 't'} ({t0.dtype})"
-            if op == "reconstruct":
-                return self._reconstruct_reason(t0, factors)
+        if call.op == "reconstruct":
+            if any(f.dtype != call.core.dtype for f in call.factors):
+                return f"expected the factors in the dtype of the core ({call.core.dtype})"
+            return self._reconstruct_reason(call.core, call.factors)
+        if call.op == "project":
+            if any(f.dtype != call.x.dtype for f in call.factors):
+                return f"expected the factors in the dtype of t ({call.x.dtype})"
             return None
-        x, weight, core = tensors[0], tensors[1], tensors[2]
-        if weight.dtype != x.dtype:
-            return f"expected the weight in the dtype of x ({x.dtype}), got {weight.dtype}"
-        if strategy == "merged":
-            factors = tensors[3:]
-            if any(f.dtype != core.dtype for f in factors):
-                return f"merged strategy: expected the factors in the dtype of the core ({core.dtype})"
-            return self._reconstruct_reason(core, factors)
+        if call.weight.dtype != call.x.dtype:
+            return f"expected the weight in the dtype of x ({call.x.dtype}), got {call.weight.dtype}"
         return None
 
-    def _reconstruct_reason(self, core: Tensor, factors: Sequence[Tensor]) -> str | None:
+    def _reconstruct_reason(self, core: TensorSpec, factors: Sequence[TensorSpec]) -> str | None:
         return None
 
     # -- ops --
@@ -496,17 +485,12 @@ class _ExtBackend(Backend):
     # Under autocast the ops would see mixed dtypes: cast the layer's inputs to the autocast dtype
     # (what autocast does to the base op) and run with autocast off; adapter parameters keep their
     # dtype and receive grads in it.
-    def linear(self, x, weight, bias, core, factors, scale, dropout_p, strategy):  # type: ignore[override]
+    def linear(self, x, weight, bias, core, factors, scale, dropout_p):  # type: ignore[override]
         ac = _autocast_dtype(x.device.type)
         if ac is not None:
             with torch.autocast(x.device.type, enabled=False):
                 return self.linear(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), core, factors,
-                                   scale, dropout_p, strategy)
-        if strategy == "merged":
-            if dropout_p > 0:
-                delta = self.reconstruct(core, factors, scale, None).to(weight.dtype)
-                return F.linear(x, weight, bias) + F.linear(x * _dropout_mask(x, dropout_p), delta)
-            return F.linear(x, self.reconstruct(core, factors, scale, weight), bias)
+                                   scale, dropout_p)
         dt = x.dtype
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
@@ -516,17 +500,12 @@ class _ExtBackend(Backend):
         )
         return y.reshape(*lead, weight.shape[0])
 
-    def conv(self, x, weight, bias, core, factors, scale, spec: ConvSpec, dropout_p, strategy):  # type: ignore[override]
+    def conv(self, x, weight, bias, core, factors, scale, spec: ConvSpec, dropout_p):  # type: ignore[override]
         ac = _autocast_dtype(x.device.type)
         if ac is not None:
             with torch.autocast(x.device.type, enabled=False):
                 return self.conv(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), core, factors, scale,
-                                 spec, dropout_p, strategy)
-        if strategy == "merged":
-            if dropout_p > 0:
-                delta = self.reconstruct(core, factors, scale, None).to(weight.dtype)
-                return conv_nd(x, weight, bias, spec) + conv_nd(x * _dropout_mask(x, dropout_p), delta, None, spec)
-            return conv_nd(x, self.reconstruct(core, factors, scale, weight), bias, spec)
+                                 spec, dropout_p)
         dt, g = x.dtype, spec.groups
         fs = [f.to(dt) for f in factors]
         k = core.to(dt)
@@ -558,7 +537,7 @@ class CudaBackend(_ExtBackend):
     def _compute_reason(self) -> str | None:
         return _cuda_reason()
 
-    def _reconstruct_reason(self, core: Tensor, factors: Sequence[Tensor]) -> str | None:
+    def _reconstruct_reason(self, core: TensorSpec, factors: Sequence[TensorSpec]) -> str | None:
         row = core.shape[1] * math.prod(f.shape[0] for f in factors[2:])
         limit = _CUDA_MAX_ROW.get(core.dtype, _CUDA_MAX_ROW_DEFAULT)
         if row > limit:

@@ -22,10 +22,14 @@ class ReferenceBackend(Backend):
     def project(self, t: Tensor, factors: Sequence[Tensor]) -> Tensor:
         return tucker_project(t, factors)
 
-    def linear(self, x, weight, bias, core, factors, scale, dropout_p, strategy):  # type: ignore[override]
-        fn = ref.linear_factorized if strategy == "factorized" else ref.linear_merged
-        return fn(x, weight, bias, core, factors, scale, dropout_p)
+    def linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
+        scale: float, dropout_p: float,
+    ) -> Tensor:
+        return ref.linear_factorized(x, weight, bias, core, factors, scale, dropout_p)
 
-    def conv(self, x, weight, bias, core, factors, scale, spec: ConvSpec, dropout_p, strategy):  # type: ignore[override]
-        fn = ref.conv_factorized if strategy == "factorized" else ref.conv_merged
-        return fn(x, weight, bias, core, factors, scale, spec, dropout_p)
+    def conv(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
+        scale: float, spec: ConvSpec, dropout_p: float,
+    ) -> Tensor:
+        return ref.conv_factorized(x, weight, bias, core, factors, scale, spec, dropout_p)

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends import BACKEND_NAMES, BackendUnavailable, available_backends, select_backend
+from ..backends import BackendUnavailable, Call, available_backends, backend_names
+from ..backends.autotune import candidates
 from ..backends.base import STRATEGIES
+from ..convspec import ConvSpec
 from ..layers import FLoRAConv2d, FLoRALayer, FLoRALinear
 from ..tucker import init_tucker_, mode_n_product, tucker_reconstruct
 from .shapes import Shape
@@ -252,15 +254,17 @@ class FLoRAProvider(Provider):
 
     def build(self, mat: Materials, ctx: dict) -> Built:
         layer = flora_layer(mat, self.strategy, self.backend)
-        # Ask the dispatcher whether this backend serves this call, for every strategy the
-        # layer may run (auto: whatever the cost model picks with and without grads).
-        strategies = {self.strategy} if self.strategy != "auto" else set(ctx["plans"][mat.shape.name].values())
+        # Ask the dispatcher whether this backend serves this call with the layer's strategy
+        # (auto: with at least one strategy).
         op = "linear" if mat.shape.op == "linear" else "conv"
-        for st in sorted(strategies):
-            try:
-                select_backend(self.backend, op, [mat.x, mat.base.weight, layer.core, *layer.factors], st)
-            except BackendUnavailable as e:
-                raise SkipProvider(str(e)) from None
+        call = Call.describe(
+            op, x=mat.x, weight=mat.base.weight, bias=mat.base.bias, core=layer.core, factors=list(layer.factors),
+            conv=None if op == "linear" else ConvSpec.of(mat.base), strategy=self.strategy,
+        )
+        try:
+            candidates(call, self.backend)
+        except BackendUnavailable as e:
+            raise SkipProvider(str(e)) from None
         impl = f"{type(layer).__name__}(backend={self.backend}, strategy={self.strategy})"
         if self.strategy == "auto":
             impl += " -> " + "/".join(f"{k}:{v}" for k, v in sorted(ctx["plans"][mat.shape.name].items()))
@@ -477,7 +481,7 @@ class CompileProvider(Provider):
 def default_providers() -> list[Provider]:
     """Every provider, in table order."""
     out: list[Provider] = [BaseProvider(), BaseAgainProvider()]
-    for b in BACKEND_NAMES:
+    for b in backend_names():
         for st in STRATEGIES + ("auto",):
             out.append(FLoRAProvider(b, st))
     out += [LoRAProvider(), PaperProvider(), CompileProvider()]
@@ -489,7 +493,7 @@ def backends_status() -> dict[str, str]:
     try:
         return dict(available_backends())
     except Exception as e:  # noqa: BLE001
-        return {b: f"available_backends() failed: {type(e).__name__}: {e}" for b in BACKEND_NAMES}
+        return {b: f"available_backends() failed: {type(e).__name__}: {e}" for b in backend_names()}
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ...convspec import ConvSpec
-from ..base import Backend
+from ..base import Backend, Call
 
 try:
     import triton  # noqa: F401
@@ -57,43 +57,40 @@ class TritonBackend(Backend):
             return "no CUDA GPU and TRITON_INTERPRET is not set"
         return None
 
-    def unsupported_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
-        for t in tensors:
-            if t.device.type == "cpu" and not _interpret():
+    def unsupported_reason(self, call: Call) -> str | None:
+        for t in call.tensors:
+            if t.device_type == "cpu" and not _interpret():
                 return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing flora_kernels)"
-            if t.device.type not in ("cpu", "cuda"):
-                return f"tensors on {t.device.type} are not supported (CUDA, or CPU under the interpreter)"
+            if t.device_type not in ("cpu", "cuda"):
+                return f"tensors on {t.device_type} are not supported (CUDA, or CPU under the interpreter)"
             if t.dtype == torch.float64:
                 return "float64 is not supported (fp32, fp16, bf16)"
             if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return f"dtype {t.dtype} is not supported (fp32, fp16, bf16)"
-            if t.dtype == torch.bfloat16 and (t.device.type == "cpu" or _interpret()):
+            if t.dtype == torch.bfloat16 and (t.device_type == "cpu" or _interpret()):
                 return "bfloat16 is computed wrongly by the Triton CPU interpreter; use a GPU or fp16/fp32"
-        if op in ("reconstruct", "linear", "conv"):
-            core = tensors[0] if op == "reconstruct" else tensors[2]
-            ranks = tuple(core.shape[:2])
-            if not 2 <= core.dim() <= 5:
-                return f"expected 2 to 5 modes, got {core.dim()}"
-        else:  # project: t, factors...
-            ranks = tuple(f.shape[1] for f in tensors[1:3])
-            if not 2 <= tensors[0].dim() <= 5:
-                return f"expected 2 to 5 modes, got {tensors[0].dim()}"
+        if call.op == "project":
+            modes, ranks = call.x.dim, tuple(f.shape[1] for f in call.factors[:2])
+        else:  # reconstruct, linear, conv: the core's modes and channel ranks
+            modes, ranks = call.core.dim, tuple(call.core.shape[:2])
+        if not 2 <= modes <= 5:
+            return f"expected 2 to 5 modes, got {modes}"
         if max(ranks) > _MAX_RANK:
             return f"channel ranks {ranks} exceed the kernels' limit of {_MAX_RANK}"
-        if op in ("linear", "conv"):
-            x, weight = tensors[0], tensors[1]
+        if call.op in ("linear", "conv"):
+            x, weight = call.x, call.weight
             if x.dtype != weight.dtype:
                 return f"expected x and weight of one dtype, got {x.dtype} and {weight.dtype}"
-            if strategy == "factorized" and weight.requires_grad and torch.is_grad_enabled():
+            if weight.requires_grad and call.grad_enabled:
                 return "the factorized kernels treat the base weight as frozen, but weight.requires_grad is True"
         return None
 
-    def auto_reason(self, op: str, tensors: Sequence[Tensor], strategy: str | None) -> str | None:
+    def auto_reason(self, call: Call) -> str | None:
         if _interpret():
             return "TRITON_INTERPRET is set: auto does not pick the CPU interpreter"
-        if any(t.device.type != "cuda" for t in tensors):
+        if any(t.device_type != "cuda" for t in call.tensors):
             return "tensors are not on a CUDA device"
-        return self.unsupported_reason(op, tensors, strategy)
+        return self.unsupported_reason(call)
 
     def reconstruct(self, core: Tensor, factors: Sequence[Tensor], scale: float, base: Tensor | None) -> Tensor:
         return _reconstruct.reconstruct(core, factors, scale, base)
@@ -103,17 +100,15 @@ class TritonBackend(Backend):
 
     def linear(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
-        scale: float, dropout_p: float, strategy: str,
+        scale: float, dropout_p: float,
     ) -> Tensor:
-        fn = _linear.linear_factorized if strategy == "factorized" else _linear.linear_merged
-        return fn(x, weight, bias, core, factors, scale, dropout_p)
+        return _linear.linear_factorized(x, weight, bias, core, factors, scale, dropout_p)
 
     def conv(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
-        scale: float, spec: ConvSpec, dropout_p: float, strategy: str,
+        scale: float, spec: ConvSpec, dropout_p: float,
     ) -> Tensor:
-        fn = _conv.conv_factorized if strategy == "factorized" else _conv.conv_merged
-        return fn(x, weight, bias, core, factors, scale, spec, dropout_p)
+        return _conv.conv_factorized(x, weight, bias, core, factors, scale, spec, dropout_p)
 
 
 __all__ = ["TritonBackend"]

@@ -1,5 +1,5 @@
-"""FLoRA ConvNd (d = 1, 2, 3) in Triton: factorized path (projection, core conv and expansion
-kernels) and the merged path (reconstruct kernel + torch conv).
+"""FLoRA ConvNd (d = 1, 2, 3) in Triton: the factorized path (projection, core conv and expansion
+kernels). The merged path is the reconstruct kernel + torch's conv, composed in ``backends.merged``.
 
 Factorized, for G groups sharing U_in (Cg, r_in), the core and K; U_out is (C_out, r_out):
 
@@ -29,7 +29,7 @@ from ...convspec import ConvSpec, conv_nd
 from . import channel_gemm as cg
 from ._common import alloc_like, new_seed
 from .core_conv import core_conv
-from .reconstruct import core_kernel, reconstruct
+from .reconstruct import core_kernel
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -210,14 +210,3 @@ def conv_factorized(
     u = core_conv(z, k, stride, pads, dilation, g)
     return conv_expand(y_base, u, fs[0], g)
 
-
-def conv_merged(
-    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
-    spec: ConvSpec, dropout_p: float,
-) -> Tensor:
-    """conv(x, W + s dW) with W + s dW from the reconstruct kernel; torch's conv backward gives
-    dW_eff, which the adjoint kernel projects. With dropout: conv(x, W, b) + conv(drop(x), dW)."""
-    if dropout_p > 0:
-        delta = reconstruct(core, factors, scale, None).to(weight.dtype)
-        return conv_nd(x, weight, bias, spec) + conv_nd(F.dropout(x, dropout_p, training=True), delta, None, spec)
-    return conv_nd(x, reconstruct(core, factors, scale, weight), bias, spec)

@@ -1,5 +1,5 @@
-"""FLoRA Linear in Triton: factorized path (fused shrink / GEMM-with-epilogue / extended-K dx) and
-the merged path (reconstruct kernel + torch matmul).
+"""FLoRA Linear in Triton: the factorized path (fused shrink / GEMM-with-epilogue / extended-K dx).
+The merged path is the reconstruct kernel + torch's matmul, composed in ``backends.merged``.
 
 Factorized, with B = s U_out G (out, r_in) folded in torch (tiny, differentiable):
 
@@ -20,14 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import channel_gemm as cg
 from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for, unpack_bits
-from .reconstruct import reconstruct
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -364,13 +362,3 @@ def linear_factorized(
     y = linear_fwd(x2, weight, bias, u_in, b, dropout_p, seed)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
-
-def linear_merged(
-    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float, dropout_p: float,
-) -> Tensor:
-    """F.linear(x, W + s dW) with W + s dW from the reconstruct kernel; its backward projects
-    torch's dW_eff = dy^T x with the adjoint kernel. With dropout: x W^T + b + drop(x) dW^T."""
-    if dropout_p > 0:
-        delta = reconstruct(core, factors, scale, None).to(weight.dtype)
-        return F.linear(x, weight, bias) + F.linear(F.dropout(x, dropout_p, training=True), delta)
-    return F.linear(x, reconstruct(core, factors, scale, weight), bias)

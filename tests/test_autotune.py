@@ -1,0 +1,357 @@
+"""Measured dispatch: candidates checked against the reference, the cache (memory and disk: corrupt,
+stale, unwritable), the switches, torch.compile, threads, reports, and ops a backend lacks.
+No assertion depends on which candidate is faster."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flora_kernels as fk
+from flora_kernels.backends import Call, base, select_backend
+from flora_kernels.backends import autotune as at
+from flora_kernels.backends.reference import ReferenceBackend
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLORA_AUTOTUNE", "1")
+    monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "0")
+    monkeypatch.delenv("FLORA_BACKEND", raising=False)
+    at.set_autotune(None)
+    at.clear_autotune_cache()
+    yield
+    at.set_autotune(None)
+    at.clear_autotune_cache()
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Counts the measurements made."""
+    count = []
+    real = at._measure
+
+    def spy(*args, **kwargs):
+        count.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(at, "_measure", spy)
+    return count
+
+
+def _linear(n=6, i=9, o=7, r=(3, 2), grad=True):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, i, generator=g).requires_grad_(grad)
+    w, b = torch.randn(o, i, generator=g), torch.randn(o, generator=g)
+    core = torch.randn(r, generator=g).requires_grad_(grad)
+    fs = [torch.randn(o, r[0], generator=g).requires_grad_(grad), torch.randn(i, r[1], generator=g).requires_grad_(grad)]
+    return x, w, b, core, fs
+
+
+def _oracle(x, w, b, core, fs, scale=0.7):
+    return F.linear(x, w + scale * fs[0] @ core @ fs[1].t(), b)
+
+
+def test_measures_once_then_memo_then_disk(measured):
+    x, w, b, core, fs = _linear()
+    y = fk.flora_linear(x, w, b, core, fs, 0.7)
+    torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 1
+    (d,) = fk.dispatch_report()
+    assert d.source == "measured" and d.label in dict(d.times_s) and len(d.times_s) >= 2
+    doc = json.loads(at.cache_path().read_text())
+    assert len(doc["entries"]) == 1 and doc["fingerprint"] == at.fingerprint()
+    at.clear_autotune_cache()  # a new process: memory empty, the disk cache answers
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 1
+    assert [d.source for d in fk.dispatch_report()] == ["cached"]
+    # another signature (no grad) is measured on its own
+    with torch.no_grad():
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 2
+
+
+def test_corrupt_cache_warns_and_works(measured):
+    at.cache_path().parent.mkdir(parents=True)
+    at.cache_path().write_text("{not json")
+    x, w, b, core, fs = _linear()
+    with pytest.warns(fk.AutotuneWarning, match="unreadable"):
+        y = fk.flora_linear(x, w, b, core, fs, 0.7)
+    torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+    assert len(measured) == 1
+    assert json.loads(at.cache_path().read_text())["entries"]  # rewritten
+
+
+def test_malformed_document_and_entries_warn(measured):
+    at.cache_path().parent.mkdir(parents=True)
+    at.cache_path().write_text(json.dumps([1, 2]))
+    x, w, b, core, fs = _linear()
+    with pytest.warns(fk.AutotuneWarning, match="corrupt"):
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+    at.clear_autotune_cache()
+    doc = json.loads(at.cache_path().read_text())
+    key = next(iter(doc["entries"]))
+    doc["entries"][key] = {"backend": 3, "strategy": "sideways"}
+    at.cache_path().write_text(json.dumps(doc))
+    with pytest.warns(fk.AutotuneWarning, match="malformed"):
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 2  # the malformed entry was not used
+
+
+def test_stale_cache_warns_and_is_ignored(measured):
+    x, w, b, core, fs = _linear()
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    doc = json.loads(at.cache_path().read_text())
+    doc["fingerprint"]["torch"] = "0.0.1-old"
+    at.cache_path().write_text(json.dumps(doc))
+    at.clear_autotune_cache()
+    with pytest.warns(fk.AutotuneWarning, match="stale"):
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 2
+    assert json.loads(at.cache_path().read_text())["fingerprint"] == at.fingerprint()
+
+
+def test_unknown_cached_backend_is_measured_again(measured):
+    x, w, b, core, fs = _linear()
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    doc = json.loads(at.cache_path().read_text())
+    for v in doc["entries"].values():
+        v["backend"] = "gone"
+    at.cache_path().write_text(json.dumps(doc))
+    at.clear_autotune_cache()
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 2
+
+
+def test_unwritable_cache_warns_and_keeps_memory(tmp_path, monkeypatch, measured):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLORA_CACHE_DIR", str(blocker / "sub"))  # a directory under a file: mkdir fails
+    x, w, b, core, fs = _linear()
+    with pytest.warns(fk.AutotuneWarning, match="not writable"):
+        y = fk.flora_linear(x, w, b, core, fs, 0.7)
+    torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 1
+
+
+class _Wrong(ReferenceBackend):
+    """The reference with a wrong scale: what measured dispatch must catch."""
+
+    name = "wrong"
+
+    def reconstruct(self, core, factors, scale, base):
+        return super().reconstruct(core, factors, scale * 1.5, base)
+
+    def linear(self, x, weight, bias, core, factors, scale, dropout_p):
+        return super().linear(x, weight, bias, core, factors, scale * 1.5, dropout_p)
+
+
+class _Raises(ReferenceBackend):
+    name = "raises"
+
+    def linear(self, *args):
+        raise RuntimeError("kernel exploded")
+
+
+@pytest.fixture
+def fake_backends():
+    base.register("wrong", _Wrong, auto_rank=-2)
+    base.register("raises", _Raises, auto_rank=-1)
+    yield
+    base.unregister("wrong")
+    base.unregister("raises")
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_disagreeing_and_raising_candidates_are_dropped(fake_backends, dropout_p):
+    x, w, b, core, fs = _linear()
+    with pytest.warns(fk.AutotuneWarning) as rec:
+        y = fk.flora_linear(x, w, b, core, fs, 0.7, dropout_p=dropout_p)
+    msgs = " ".join(str(r.message) for r in rec)
+    for label in ("wrong/factorized", "wrong/merged"):
+        assert f"dropped {label}" in msgs and "disagrees" in msgs
+    assert "dropped raises/factorized" in msgs and "kernel exploded" in msgs
+    (d,) = fk.dispatch_report()
+    assert d.backend not in ("wrong", "raises")
+    assert {k for k, _ in d.dropped} == {"wrong/factorized", "wrong/merged", "raises/factorized"}
+    assert "raises/merged" in dict(d.times_s)  # its merged path (the reference reconstruct) is fine
+    if dropout_p == 0:
+        torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+
+
+def test_explicit_backend_auto_strategy_all_dropped(fake_backends, measured):
+    """An explicit backend whose every strategy disagrees: warned once, then the cost model's pick
+    (what was asked for), remembered so that it is not measured again."""
+    x, w, b, core, fs = _linear()
+    with pytest.warns(fk.AutotuneWarning) as rec:
+        fk.flora_linear(x, w, b, core, fs, 0.7, backend="wrong")
+    assert all(f"dropped wrong/{s}" in " ".join(str(r.message) for r in rec) for s in ("factorized", "merged"))
+    fk.flora_linear(x, w, b, core, fs, 0.7, backend="wrong")
+    (d,) = fk.dispatch_report()
+    assert len(measured) == 1 and d.backend == "wrong" and d.source == "cost-model" and not d.times_s
+    assert {k for k, _ in d.dropped} == {"wrong/factorized", "wrong/merged"}
+    assert d.strategy == fk.functional.plan_linear_call(x, w, core, fs, 0.0).strategy
+
+
+def test_switches(monkeypatch, measured):
+    x, w, b, core, fs = _linear()
+    monkeypatch.setenv("FLORA_AUTOTUNE", "0")
+    assert not fk.autotune_enabled()
+    with fk.record_dispatch() as rep:
+        y = fk.flora_linear(x, w, b, core, fs, 0.7)
+    torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+    assert not measured and rep[""][0].source == "cost-model"
+    plan = fk.functional.plan_linear_call(x, w, core, fs, 0.0)
+    assert rep[""][0].strategy == plan.strategy
+    fk.set_autotune(True)  # the Python switch wins over the environment
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert len(measured) == 1
+    fk.set_autotune(False)
+    monkeypatch.setenv("FLORA_AUTOTUNE", "1")
+    fk.flora_linear(x[:3], w, b, core, fs, 0.7)  # a new signature, not measured
+    assert len(measured) == 1
+    with pytest.raises(TypeError, match="True, False or None"):
+        fk.set_autotune("yes")
+
+
+def test_no_measurement_under_compile(measured):
+    x, w, b, core, fs = _linear()
+
+    def f(x, core, f0, f1):
+        return fk.flora_linear(x, w, b, core, [f0, f1], 0.7)
+
+    torch._dynamo.reset()
+    y = torch.compile(f, backend="eager", fullgraph=True)(x, core, *fs)
+    torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+    assert not measured and not fk.dispatch_report()
+    f(x, core, *fs)  # eager: measures; compiled code traced from now on uses the decision
+    assert len(measured) == 1
+    torch._dynamo.reset()
+    torch.compile(f, backend="eager", fullgraph=True)(x, core, *fs)
+    assert len(measured) == 1
+
+
+def test_thread_safe_single_measurement(measured):
+    x, w, b, core, fs = _linear(grad=False)
+    outs, errors = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                outs.append(fk.flora_linear(x, w, b, core, fs, 0.7))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 4 and len(measured) == 1
+    for y in outs:
+        torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+
+
+def test_record_dispatch_per_layer():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 6)
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.fc(self.conv(x))
+
+    model = fk.inject_flora(Net(), fk.FLoRAConfig(rank=2))
+    x = torch.randn(2, 2, 5, 8, requires_grad=True)
+    with fk.record_dispatch(model) as rep:
+        model(x).sum().backward()
+    assert set(rep) == {"fc", "conv"}
+    for ds in rep.values():
+        assert ds[0].source in ("measured", "single") and ds[0].backend in base.backend_names()
+    with pytest.raises(RuntimeError, match="already recording"), fk.record_dispatch(), fk.record_dispatch():
+        pass
+
+
+class _LinearOnly(ReferenceBackend):
+    name = "linear-only"
+    reconstruct = None  # type: ignore[assignment]
+    project = None  # type: ignore[assignment]
+
+
+def test_op_a_backend_lacks_is_unsupported():
+    base.register("linear-only", _LinearOnly, auto_rank=-1)
+    try:
+        core, fs = torch.randn(2, 3), [torch.randn(4, 2), torch.randn(5, 3)]
+        with pytest.raises(fk.BackendUnavailable, match="backend 'linear-only' cannot run reconstruct: it does not "
+                                                          "implement the op 'reconstruct'"):
+            fk.tucker_reconstruct(core, fs, backend="linear-only")
+        assert torch.allclose(fk.tucker_reconstruct(core, fs), fs[0] @ core @ fs[1].t(), atol=1e-6)  # auto: others
+        x, w = torch.randn(3, 5), torch.randn(4, 5)
+        with pytest.raises(fk.BackendUnavailable, match="merged strategy: it does not implement reconstruct"):
+            fk.flora_linear(x, w, None, core, fs, strategy="merged", backend="linear-only")
+        # an op no backend has heard of: explicit requests say so, auto has nobody
+        call = Call.describe("embedding", x=torch.randn(3, 4))
+        with pytest.raises(fk.BackendUnavailable, match="'cpp' cannot run embedding: it does not implement"):
+            select_backend("cpp", call)
+        with pytest.raises(fk.BackendUnavailable, match="no backend can run embedding"):
+            select_backend("auto", call)
+    finally:
+        base.unregister("linear-only")
+
+
+def test_registry_is_the_source_of_names_and_order():
+    assert set(base.BACKEND_NAMES) <= set(base.backend_names())
+    order = base.auto_order()
+    assert order[-1] == "reference" and set(order) == set(base.backend_names())
+    base.register("extra", ReferenceBackend, auto_rank=None)
+    try:
+        assert "extra" in base.backend_names() and "extra" not in base.auto_order()
+        assert fk.available_backends()["extra"] == "ok"
+        x, w, b, core, fs = _linear()
+        y = fk.flora_linear(x, w, b, core, fs, 0.7, strategy="factorized", backend="extra")
+        torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+    finally:
+        base.unregister("extra")
+    with pytest.raises(ValueError, match="got 'extra'"):
+        fk.flora_linear(x, w, b, core, fs, backend="extra")
+
+
+def test_call_description():
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 3, 3, 3)
+    core, fs = torch.randn(2, 2, 3, 3), [torch.randn(6, 2), torch.randn(3, 2), torch.randn(3, 3), torch.randn(3, 3)]
+    spec = fk.ConvSpec.make((3, 3), padding=1)
+    c = Call.describe("conv", x=x, weight=w, core=core, factors=fs, conv=spec, strategy="auto", dropout_p=0.1)
+    assert c.x.layout == "channels_last" and c.weight.layout == "contiguous" and c.dropout
+    assert c.x_needs_grad and not c.adapter_needs_grad and c.needs_grad and c.threads == torch.get_num_threads()
+    assert c == Call.describe("conv", x=x, weight=w, core=core, factors=fs, conv=spec, strategy="auto", dropout_p=0.2)
+    with torch.no_grad():
+        c2 = Call.describe("conv", x=x, weight=w, core=core, factors=fs, conv=spec, strategy="auto", dropout_p=0.1)
+    assert c2 != c and not c2.needs_grad and hash(c2) != hash(c)
+    r = c.with_strategy("merged").reconstruct_call()
+    assert r.op == "reconstruct" and r.base == c.weight and r.factors == c.factors
+    assert "channels_last" in str(c) and "strategy=auto" in str(c)
+
+
+def test_cost_model_knows_threads():
+    """The 3x3 conv training step: factorized at 1 thread, merged at 2 (big ops scale, skinny ones do not)."""
+    from flora_kernels import plan
+
+    spec = fk.ConvSpec.make((3, 3), 1, 1)
+    args = ((8, 64, 28, 28), (64, 64, 3, 3), (16, 16, 3, 3), spec, 4, "cpu", True, True, False)
+    one, two = plan.plan_conv(*args, threads=1), plan.plan_conv(*args, threads=2)
+    assert (one.strategy, two.strategy) == ("factorized", "merged")
+    assert plan.profile("cpu", 8).peak_flops == 4 * plan.profile("cpu", 2).peak_flops
+    x = torch.randn(8, 64, 28, 28, requires_grad=True)
+    c = Call.describe("conv", x=x, weight=torch.randn(64, 64, 3, 3), core=torch.randn(16, 16, 3, 3, requires_grad=True),
+                      factors=[torch.randn(64, 16), torch.randn(64, 16), torch.randn(3, 3), torch.randn(3, 3)], conv=spec)
+    assert plan.plan_call(c) == plan.plan_conv(*args, threads=torch.get_num_threads())
