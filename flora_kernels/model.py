@@ -163,7 +163,7 @@ def _state(model: nn.Module) -> tuple[dict[str, FLoRAConfig], list[str]]:
     return getattr(model, "flora_configs", {}), getattr(model, "flora_active", [])
 
 
-def _set_state(model: nn.Module, configs: dict[str, FLoRAConfig], active: list[str]) -> None:
+def set_state(model: nn.Module, configs: dict[str, FLoRAConfig], active: list[str]) -> None:
     if not configs:
         for attr in ("flora_configs", "flora_active", "flora_config"):
             if hasattr(model, attr):
@@ -234,9 +234,9 @@ def install_adapters(
                 _set_submodule(model, parent_real, wrap(parent, adapter_name=None))
     if not layers:
         raise ValueError("install_adapters: no targets")
-    _native_fastpath(model, enable=False)
+    native_fastpath(model, enable=False)
     configs = {**configs, adapter_name: cfg}
-    _set_state(model, configs, (active + [adapter_name]) if activate else active)
+    set_state(model, configs, (active + [adapter_name]) if activate else active)
     refresh_trainable(model)
     return layers
 
@@ -244,7 +244,7 @@ def install_adapters(
 _FASTPATH_FLAG = "_flora_fastpath_off"
 
 
-def _native_fastpath(model: nn.Module, enable: bool) -> None:
+def native_fastpath(model: nn.Module, enable: bool) -> None:
     """``nn.TransformerEncoderLayer``'s inference fast path reads its children's weights
     directly (bypassing a FLoRA layer's forward): turn it off while it holds FLoRA layers,
     back on once they are unloaded. Its ``activation_relu_or_gelu`` flag gates only that path."""
@@ -252,10 +252,10 @@ def _native_fastpath(model: nn.Module, enable: bool) -> None:
         if not isinstance(m, nn.TransformerEncoderLayer):
             continue
         if not enable and m.activation_relu_or_gelu and flora_layers(m):
+            setattr(m, _FASTPATH_FLAG, m.activation_relu_or_gelu)  # 1: relu, 2: gelu
             m.activation_relu_or_gelu = False
-            setattr(m, _FASTPATH_FLAG, True)
-        elif enable and getattr(m, _FASTPATH_FLAG, False) and not flora_layers(m):
-            m.activation_relu_or_gelu = True
+        elif enable and hasattr(m, _FASTPATH_FLAG) and not flora_layers(m):
+            m.activation_relu_or_gelu = getattr(m, _FASTPATH_FLAG)
             delattr(m, _FASTPATH_FLAG)
 
 
@@ -309,7 +309,7 @@ def set_adapter(model: nn.Module, name_or_list: str | Sequence[str]) -> nn.Modul
     if any(layer.merged for _, layer in flora_layers(model)):
         raise ValueError("set_adapter: the model has merged adapters; unmerge_flora first")
     configs, _ = _state(model)
-    _set_state(model, configs, names)
+    set_state(model, configs, names)
     refresh_trainable(model)
     return model
 
@@ -327,7 +327,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             layer.delete_adapter(name)
     configs, active = _state(model)
     configs = {k: v for k, v in configs.items() if k != name}
-    _set_state(model, configs, [a for a in active if a != name])
+    set_state(model, configs, [a for a in active if a != name])
     if configs:
         refresh_trainable(model)
     return model
@@ -434,7 +434,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             untied.append((logical_name(real), layer.shared_with))
         layer._merge_saved = None
         _set_submodule(model, real, layer.base_layer)
-    _native_fastpath(model, enable=True)
+    native_fastpath(model, enable=True)
     if untied:
         config = getattr(model, "config", None)
         if getattr(config, "tie_word_embeddings", False):
@@ -444,7 +444,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             + " (each merged module owns its weight now)",
             stacklevel=2,
         )
-    _set_state(model, {}, [])
+    set_state(model, {}, [])
     return model
 
 
@@ -595,7 +595,7 @@ def _adapter_dirs(path: str | os.PathLike, adapter_name: str | None) -> dict[str
     return found
 
 
-def _layer_info(model: nn.Module, name: str) -> dict[str, dict[str, Any]]:
+def adapter_layer_info(model: nn.Module, name: str) -> dict[str, dict[str, Any]]:
     return {
         real: {
             "type": type(layer.base_layer).__name__,
@@ -637,9 +637,21 @@ def save_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
         folder = os.fspath(path) if name == DEFAULT_ADAPTER else os.path.join(path, name)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump(config_to_peft_dict(configs[name], _layer_info(model, name)), f, indent=2)
+            json.dump(config_to_peft_dict(configs[name], adapter_layer_info(model, name)), f, indent=2)
         tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model, name).items()}
         save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
+
+
+def targets_from_layer_info(cfg: FLoRAConfig, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """install_adapters targets reproducing a saved adapter's modules, ranks and scales."""
+    return {logical_name(real): _target_from_meta(cfg, meta) for real, meta in info.items()}
+
+
+def _target_from_meta(cfg: FLoRAConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "rank": tuple(meta["ranks"]), "scale": float(meta["scale"]), "dropout": cfg.dropout,
+        "strategy": cfg.strategy, "backend": cfg.backend,
+    }
 
 
 def _validate(
@@ -685,10 +697,7 @@ def _validate(
         expected[f"{key}.flora_core"] = ranks
         for n, (dim, r) in enumerate(zip(meta["weight_shape"], ranks)):
             expected[f"{key}.flora_u{n}"] = (dim, r)
-        targets[logical] = {
-            "rank": ranks, "scale": float(meta["scale"]), "dropout": cfg.dropout,
-            "strategy": cfg.strategy, "backend": cfg.backend,
-        }
+        targets[logical] = _target_from_meta(cfg, meta)
     for mod in _saved_names(model, cfg.modules_to_save):
         for pname, p in model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True).items():
             expected[f"{KEY_PREFIX}{mod}.{pname}"] = tuple(p.shape)
@@ -736,7 +745,7 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
                     for d, src in zip(dst_factors, factors, strict=True):
                         d.copy_(src)
                     layer.set_scale(targets[logical]["scale"], name)
-            _set_state(model, {**configs, name: cfg}, active)
+            set_state(model, {**configs, name: cfg}, active)
             refresh_trainable(model)
         else:
             install_adapters(model, targets, name, cfg, tensors=adapters, activate=not configs)

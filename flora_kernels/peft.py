@@ -50,13 +50,15 @@ from .config import FLoRAConfig, name_matches
 from .layers import FLoRALayer, flora_layers
 from .model import (
     FORMAT_VERSION,
-    _layer_info,
-    _set_state,
+    adapter_layer_info,
     config_from_peft_dict,
     config_to_peft_dict,
     install_adapters,
     logical_name,
+    native_fastpath,
     select_targets,
+    set_state,
+    targets_from_layer_info,
 )
 from .model import delete_adapter as _fk_delete_adapter
 
@@ -231,11 +233,6 @@ class _PeftLayerMixin:
     """BaseTunerLayer behaviour in PEFT's vocabulary, on top of ``FLoRALayer``: names that a
     layer does not hold are ignored (PEFT broadcasts every call to every layer)."""
 
-    @property
-    def adapter_layer_names(self) -> tuple[str, ...]:
-        """The adapter containers this layer has (flora_u<n> exist for its modes only)."""
-        return tuple(n for n in FLoRALayer.adapter_layer_names if n in self._modules)
-
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if adapter_names is not None:
             adapter_names = [a for a in adapter_names if a in self.flora_settings]
@@ -306,17 +303,6 @@ def _holds(module: nn.Module, adapter_name: str) -> bool:
     return isinstance(module, FLoRALayer) and any(adapter_name in m.flora_settings for _, m in flora_layers(module))
 
 
-def _targets_from_layer_info(cfg: FLoRAConfig, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """install_adapters targets reproducing a saved adapter's modules, ranks and scales."""
-    return {
-        logical_name(real): {
-            "rank": tuple(meta["ranks"]), "scale": float(meta["scale"]), "dropout": cfg.dropout,
-            "strategy": cfg.strategy, "backend": cfg.backend,
-        }
-        for real, meta in info.items()
-    }
-
-
 # --------------------------------------------------------------------------- tuner
 
 
@@ -359,7 +345,7 @@ class FloraModel(BaseTuner):
         finally:
             self._injecting = None
             config.target_modules = target_modules
-        config.layer_info = _layer_info(model, adapter_name)
+        config.layer_info = adapter_layer_info(model, adapter_name)
 
     def _prepare_adapter_config(self, peft_config: FloraConfig, model_config: dict) -> FloraConfig:
         return peft_config  # target_modules=None means every supported layer (FLoRAConfig's rule)
@@ -367,7 +353,7 @@ class FloraModel(BaseTuner):
     def _prepare_model(self, peft_config: FloraConfig, model: nn.Module) -> None:
         """Install adapter ``self._injecting`` on every target (one install_adapters call)."""
         cfg, info = peft_config.to_flora_config()
-        targets = _targets_from_layer_info(cfg, info) if info else select_targets(model, cfg)
+        targets = targets_from_layer_info(cfg, info) if info else select_targets(model, cfg)
         if targets:  # else PEFT's matching loop raises its "not found" error
             first = not getattr(model, "flora_configs", None)
             # PEFT wraps modules_to_save itself; the library's state records the adapter alone
@@ -420,14 +406,15 @@ class FloraModel(BaseTuner):
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-        _set_state(model, {}, [])  # every FLoRA layer is gone
+        native_fastpath(model, enable=True)  # every FLoRA layer is gone
+        set_state(model, {}, [])
         return model
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         configs = getattr(self.model, "flora_configs", {})
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        _set_state(self.model, configs, [n for n in names if n in configs])
+        set_state(self.model, configs, [n for n in names if n in configs])
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; if it was the only active one, the first remaining adapter (by

@@ -357,9 +357,11 @@ def test_training_while_merged_says_unmerge():
         model(torch.randn(2, 4))  # inference while merged is fine
 
 
-def test_transformer_encoder_fast_path_does_not_bypass_adapters():
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_transformer_encoder_fast_path_does_not_bypass_adapters(activation):
     torch.manual_seed(0)
-    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, activation=activation)
+    flag = model.activation_relu_or_gelu
     fk.inject_flora(model, fk.FLoRAConfig(rank=2, target_modules=["linear1"]))
     randomize_(model.linear1)
     x = torch.randn(2, 3, 8)
@@ -368,6 +370,6 @@ def test_transformer_encoder_fast_path_does_not_bypass_adapters():
     with torch.no_grad():
         torch.testing.assert_close(model(x), y, atol=ATOL, rtol=RTOL)  # eval: would be the native fast path
     plain = fk.merge_and_unload(model)
-    assert plain.activation_relu_or_gelu  # restored once no FLoRA layer is left
+    assert plain.activation_relu_or_gelu == flag  # restored once no FLoRA layer is left
     with torch.no_grad():
         torch.testing.assert_close(plain(x), y, atol=ATOL, rtol=RTOL)

@@ -92,7 +92,6 @@ class FLoRALayer(nn.Module):
     strategies: tuple[str, ...] = ("factorized", "merged")
     #: backends with kernels for this layer type's op ("auto" is always accepted)
     backends: tuple[str, ...] = BACKEND_NAMES
-    adapter_layer_names = tuple(["flora_core"] + [f"flora_u{n}" for n in range(MAX_MODES)])
     other_param_names = ("flora_settings",)
 
     def __init__(
@@ -184,6 +183,14 @@ class FLoRALayer(nn.Module):
             if "base_layer" not in modules or name == "base_layer":
                 raise
             return getattr(modules["base_layer"], name)
+
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """The adapter containers (PEFT's name): ``flora_core`` and ``flora_u<n>`` per weight mode."""
+        return ("flora_core",) + tuple(f"flora_u{n}" for n in range(self.flora_core_modes()))
+
+    def flora_core_modes(self) -> int:
+        return sum(1 for n in range(MAX_MODES) if f"flora_u{n}" in self._modules)
 
     @property
     def base(self) -> nn.Module:
