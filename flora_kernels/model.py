@@ -140,7 +140,8 @@ def select_targets(model: nn.Module, cfg: FLoRAConfig) -> dict[str, dict[str, An
             continue
         if cls is None:
             own = [p for p in base._parameters.values() if p is not None]
-            if own and not inside and (not default or any(p.dim() >= 2 for p in own)):
+            leaf = not base._modules
+            if own and not inside and (not default or (leaf and any(p.dim() >= 2 for p in own))):
                 warnings.warn(
                     f"FLoRA: module {name!r} ({type(base).__name__}) matches target_modules={tm!r} but cannot be "
                     f"adapted (supported: {SUPPORTED}); it is left as it is",

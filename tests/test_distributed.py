@@ -104,12 +104,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain base model's state dict from an adapted model (``<layer>.base.`` unwrapped)."""
+    """The plain base model's state dict from an adapted model (``<layer>.base_layer.`` unwrapped)."""
     out = {}
     for k, v in model.state_dict().items():
-        if ".core" in k or ".factors." in k:
+        if ".flora_" in k:
             continue
-        out[k.replace(".base.", ".")] = v
+        out[k.replace(".base_layer.", ".")] = v
     return out
 
 
@@ -125,7 +125,7 @@ def test_ddp_adapter_grads_equal_single_process_and_rank0_save_loads_everywhere(
     x, y = batch()
     F.mse_loss(model(x), y).backward()
     single = trainable_grads(model)
-    assert any(".core" in n for n in single) and "head.weight" in single
+    assert any(".flora_core." in n for n in single) and "head.weight" in single
     for rank in range(WORLD):
         ddp = torch.load(tmp_path / f"grads{rank}.pt")
         assert ddp.keys() == single.keys()

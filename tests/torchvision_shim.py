@@ -1,4 +1,4 @@
-"""Setup for the real-model suite: make torchvision's Python parts importable on a CPU-only torch.
+"""Make torchvision's Python parts importable on a CPU-only torch (imported by tests/conftest.py).
 
 The torchvision wheel on PyPI is a CUDA build. With the CPU torch its C extension does not
 load, and ``import torchvision`` (hence ``import timm``, and transformers' model classes, which

@@ -70,11 +70,12 @@ def expand_rank(value: Rank, n: int, name: str) -> tuple[int, ...]:
 
 
 class _MergedGuard(torch.autograd.Function):
-    """Identity whose backward raises: a merged adapter gets no gradient (train unmerged)."""
+    """Identity whose backward raises: a merged adapter gets no gradient (train unmerged).
+    Applied only in training mode with gradients on, where it costs one copy of the output."""
 
     @staticmethod
     def forward(ctx, y: Tensor, anchor: Tensor) -> Tensor:
-        return y.view_as(y)
+        return y.clone()  # not a view: model code may modify it in place (inplace activations)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -452,7 +453,7 @@ class FLoRALayer(nn.Module):
         return y
 
     def _guard_merged(self, y: Tensor) -> Tensor:
-        if self.merged_adapters and torch.is_grad_enabled() and not self._adapters_disabled:
+        if self.merged_adapters and self.training and torch.is_grad_enabled() and not self._adapters_disabled:
             anchors = [self.flora_core[a] for a in self.merged_adapters if self.flora_core[a].requires_grad]
             if anchors:
                 return _MergedGuard.apply(y, anchors[0])

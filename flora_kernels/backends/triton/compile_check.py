@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import multiprocessing
 import os
@@ -157,15 +158,29 @@ def _train_step(fn: Callable[..., torch.Tensor], inputs: list[Any]) -> None:
     torch.autograd.grad(y, wrt, torch.empty_like(y))
 
 
+class _Reconstruct:
+    """The Triton reconstruct as the merged path (``backends.merged``) calls a backend's."""
+
+    @staticmethod
+    def reconstruct(*args: Any) -> torch.Tensor:
+        from .reconstruct import reconstruct
+
+        return reconstruct(*args)
+
+
+_RECONSTRUCT = _Reconstruct()
+
+
 def _linear(strategy: str, p: float) -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
+        from .. import merged
         from . import linear
 
         t, d_in, d_out, r = 8192, 4096, 4096, 16
         x, w = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt)
         bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
         core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
-        fn = linear.linear_factorized if strategy == "factorized" else linear.linear_merged
+        fn = linear.linear_factorized if strategy == "factorized" else functools.partial(merged.linear, _RECONSTRUCT)
         _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
 
     return run
@@ -174,6 +189,7 @@ def _linear(strategy: str, p: float) -> Callable[[torch.dtype], None]:
 def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int]) -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
         from ...convspec import ConvSpec
+        from .. import merged
         from . import conv
 
         n, c, hw, cl = 64, 256, 56, torch.channels_last
@@ -183,7 +199,7 @@ def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int]) 
         fs = [_leaf(c, ranks[0], dtype=dt, grad=True), _leaf(c // groups, ranks[1], dtype=dt, grad=True),
               _leaf(k, k, dtype=dt, grad=True), _leaf(k, k, dtype=dt, grad=True)]
         spec = ConvSpec((1, 1), ((k // 2, k // 2),) * 2, (1, 1), groups, "zeros")
-        fn = conv.conv_factorized if strategy == "factorized" else conv.conv_merged
+        fn = conv.conv_factorized if strategy == "factorized" else functools.partial(merged.conv, _RECONSTRUCT)
         _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], list(a[4:]), 2.0, spec, p), [x, w, bias, core, *fs])
 
     return run
