@@ -1,5 +1,5 @@
 """pytest-benchmark: Conv2d shapes (the 3x3 conv and the depthwise 7x7 ConvNeXt conv of
-DESIGN section 6), every provider x mode selected by the --flora-* options (bench/conftest.py)."""
+docs/ARCHITECTURE.md, Performance targets), every provider x mode selected by the --flora-* options (bench/conftest.py)."""
 
 from _common import run_case
 

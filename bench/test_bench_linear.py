@@ -1,4 +1,4 @@
-"""pytest-benchmark: Linear shapes (DESIGN section 6 Linear, the LLM/ViT linears), every
+"""pytest-benchmark: Linear shapes (docs/ARCHITECTURE.md, Performance targets Linear, the LLM/ViT linears), every
 provider x mode selected by the --flora-* options (see bench/conftest.py)."""
 
 from _common import run_case

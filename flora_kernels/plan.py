@@ -7,7 +7,7 @@ profile:
     t(op) = max(flops / (peak * eff), bytes / bandwidth) + launch,  eff = min(1, m / m_full)
 
 where ``m`` is the op's smallest matrix dimension (a rank, or channels per group): skinny ops
-run far below peak, on CPUs especially (DESIGN section 6 measured rank-16 ops at several
+run far below peak, on CPUs especially (docs/ARCHITECTURE.md, Performance targets measured rank-16 ops at several
 times their FLOP share). Counted per call, for the actual input shape:
 
 factorized, forward: shrink x -> S (T x r_in), [core conv], expand + accumulate into y;

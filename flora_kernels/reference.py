@@ -1,7 +1,7 @@
 """Pure-PyTorch FLoRA layers: the CPU fallback and the oracle every kernel is tested against.
 
 Both strategies compute ``base(x) + op(dropout(x), dW)`` with
-``dW = scale * core x_0 U_0 ... x_{N-1} U_{N-1}`` (DESIGN.md section 2):
+``dW = scale * core x_0 U_0 ... x_{N-1} U_{N-1}`` (docs/ARCHITECTURE.md, Conventions):
 
 - factorized (input path): shrink the input by U_in, apply the small core map (a matrix for
   Linear, a core conv for ConvNd carrying the base stride/padding/dilation/groups), expand by

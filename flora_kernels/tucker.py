@@ -1,6 +1,6 @@
 """Tucker algebra for FLoRA: mode-n products, reconstruct and its adjoint, init.
 
-Conventions (DESIGN.md section 2): for an N-mode weight of shape (I_0, ..., I_{N-1}),
+Conventions (docs/ARCHITECTURE.md, Conventions): for an N-mode weight of shape (I_0, ..., I_{N-1}),
 ``core`` has shape ``ranks = (r_0, ..., r_{N-1})`` and ``factors[n]`` has shape
 ``(I_n, r_n)``. ``tucker_reconstruct`` returns ``scale * core x_0 U_0 ... x_{N-1} U_{N-1}``
 (shape ``(I_0, ..., I_{N-1})``); ``tucker_project`` is its adjoint,
@@ -133,7 +133,7 @@ def tucker_project(t: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
 
 def clamp_ranks(weight_shape: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
-    """Clamp each rank to its mode size (DESIGN section 2)."""
+    """Clamp each rank to its mode size (docs/ARCHITECTURE.md, Conventions)."""
     return tuple(min(int(r), int(i)) for r, i in zip(ranks, weight_shape, strict=True))
 
 

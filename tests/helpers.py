@@ -1,7 +1,7 @@
 """Shared test helpers: per-dtype tolerances, a verbose ``assert_close``, einsum oracles, layer factories.
 
 Nothing here uses flora_kernels' own reconstruct or conv paths: the oracles are written from
-the definitions in DESIGN.md section 2 with ``torch.einsum`` and plain ``torch.nn`` modules.
+the definitions in docs/ARCHITECTURE.md, Conventions with ``torch.einsum`` and plain ``torch.nn`` modules.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ The result document (``harness.run``) holds:
 - ``rows``: per (shape, provider, mode) median/p20/p80 ms, ratio to the base (median of
   per-round ratios, with its 20/80 quantiles), counted FLOPs/bytes, TFLOP/s, GB/s, memory;
 - ``skipped``: (shape, provider, mode, reason) for everything not run;
-- ``verdicts``: the DESIGN section 6 targets evaluated on this run (``verdicts()``).
+- ``verdicts``: the docs/ARCHITECTURE.md, Performance targets targets evaluated on this run (``verdicts()``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ ROW_FIELDS = (
     "git_commit",
 )
 
-# DESIGN section 6 targets, as (provider family, op, mode) -> max ratio to the frozen base.
+# docs/ARCHITECTURE.md, Performance targets targets, as (provider family, op, mode) -> max ratio to the frozen base.
 GPU_TARGETS = {("linear", "full"): 1.08, ("conv", "full"): 1.15, ("linear", "infer"): 1.05, ("conv", "infer"): 1.10}
 MERGED_TARGET = 1.03  # "merged = 1.00", with 3% for timing noise
 CPU_CONV_FACTORIZED_TARGET = 1.3
@@ -169,7 +169,7 @@ def table(result: dict) -> str:
     v = result.get("verdicts") or []
     if v:
         out.append("")
-        out.append("targets (DESIGN section 6):")
+        out.append("targets (docs/ARCHITECTURE.md, Performance targets):")
         out += [f"  [{_status(x)}] {x['text']}" for x in v]
     for n in result.get("notes", []):
         out.append(f"note: {n}")
@@ -178,7 +178,7 @@ def table(result: dict) -> str:
 
 
 def verdicts(result: dict) -> list[dict]:
-    """DESIGN section 6 targets on this run's rows (ratios to the base, training step = full)."""
+    """docs/ARCHITECTURE.md, Performance targets targets on this run's rows (ratios to the base, training step = full)."""
     rows = _by_key(result)
     out: list[dict] = []
     on_cpu = result["config"]["device"] == "cpu"
@@ -338,7 +338,7 @@ def markdown(result: dict) -> str:
         lines += [f"- note: {n}" for n in result["notes"]] + [""]
     v = result.get("verdicts") or []
     if v:
-        lines += ["## Targets (DESIGN section 6)", ""]
+        lines += ["## Targets (docs/ARCHITECTURE.md, Performance targets)", ""]
         lines += [f"- **{_status(x)}** {x['text']}" for x in v] + [""]
     lines += ["## Ratio to the frozen base", ""]
     for sd in result["shapes"]:

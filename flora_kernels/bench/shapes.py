@@ -1,11 +1,11 @@
-"""Benchmark shapes: DESIGN.md section 6 on GPU, scaled-down fp32 versions on CPU.
+"""Benchmark shapes: docs/ARCHITECTURE.md, Performance targets on GPU, scaled-down fp32 versions on CPU.
 
 A ``Shape`` describes one adapted layer: the frozen base op (Linear or Conv2d), the input,
 the adapter ranks, the dtype and the memory format. Presets:
 
-- ``gpu``: the DESIGN section 6 shapes (bf16; convs channels_last) plus an LLM-style MLP
+- ``gpu``: the docs/ARCHITECTURE.md, Performance targets shapes (bf16; convs channels_last) plus an LLM-style MLP
   linear.
-- ``cpu``: the same families scaled down to fp32 on a small CPU (the sizes DESIGN section 6
+- ``cpu``: the same families scaled down to fp32 on a small CPU (the sizes docs/ARCHITECTURE.md, Performance targets
   quotes measurements for) plus a ViT-style qkv linear.
 - ``quick``: even smaller CPU shapes for ``flora-bench --quick`` (a few minutes on 2 cores).
 - ``tiny``: seconds; used by the CI test of the harness.
@@ -86,7 +86,7 @@ class Shape:
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """The adapter ranks after clamping to the weight's mode sizes (DESIGN section 2)."""
+        """The adapter ranks after clamping to the weight's mode sizes (docs/ARCHITECTURE.md, Conventions)."""
         w = self.weight_shape
         req = (self.rank, self.rank)
         if self.op == "conv":
@@ -121,7 +121,7 @@ def _lin(name: str, i: int, o: int, t: int, **kw) -> Shape:
 
 PRESETS: dict[str, tuple[Shape, ...]] = {
     "gpu": (
-        _lin("linear-4096-t8192", 4096, 4096, 8192, dtype="bf16", note="DESIGN 6: Linear 4096x4096, T=8192"),
+        _lin("linear-4096-t8192", 4096, 4096, 8192, dtype="bf16", note="benchmark shape: Linear 4096x4096, T=8192"),
         _conv(
             "conv3x3-c256-56-n64",
             256,
@@ -129,7 +129,7 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
             64,
             dtype="bf16",
             channels_last=True,
-            note="DESIGN 6: Conv2d N=64 C=256 56x56 3x3, ranks (16,16,3,3)",
+            note="benchmark shape: Conv2d N=64 C=256 56x56 3x3, ranks (16,16,3,3)",
         ),
         _conv(
             "dwconv7x7-c96-56-n64",
@@ -140,14 +140,14 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
             groups=96,
             dtype="bf16",
             channels_last=True,
-            note="DESIGN 6: ConvNeXt-T stage-1 depthwise 7x7",
+            note="benchmark shape: ConvNeXt-T stage-1 depthwise 7x7",
         ),
         _lin("llm-mlp-4096x11008-t4096", 4096, 11008, 4096, dtype="bf16", note="LLaMA-7B MLP up-projection"),
     ),
     "cpu": (
-        _conv("conv3x3-c64-28-n8", 64, 28, 8, note="DESIGN 6 CPU: 3x3 conv C=64 28x28 N=8"),
-        _lin("linear-1024-t2048", 1024, 1024, 2048, note="DESIGN 6 CPU: 1024x1024 linear, T=2048"),
-        _conv("dwconv7x7-c96-28-n8", 96, 28, 8, k=7, groups=96, note="DESIGN 6 CPU: depthwise 7x7 C=96 28x28 N=8"),
+        _conv("conv3x3-c64-28-n8", 64, 28, 8, note="CPU target shape: 3x3 conv C=64 28x28 N=8"),
+        _lin("linear-1024-t2048", 1024, 1024, 2048, note="CPU target shape: 1024x1024 linear, T=2048"),
+        _conv("dwconv7x7-c96-28-n8", 96, 28, 8, k=7, groups=96, note="CPU target shape: depthwise 7x7 C=96 28x28 N=8"),
         _lin("vit-qkv-768x2304-t788", 768, 2304, 788, note="ViT-B/16 qkv projection, 4 images x 197 tokens"),
     ),
     "quick": (

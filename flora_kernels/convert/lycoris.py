@@ -15,7 +15,7 @@ and its LoCon layer adds the weight delta with the base op's own stride/padding/
     dW = scale * up @ down                                 (no mid; down flattened to (r, -1))
     dW[o, i, k...] = scale * sum_ab up[o, a] mid[a, b, k...] down[b, i]      (Tucker)
 
-That is a FLoRA adapter (DESIGN.md section 2) exactly:
+That is a FLoRA adapter (docs/ARCHITECTURE.md, Conventions) exactly:
 
 - Tucker: ``U_out = up``, ``U_in = down^T``, ``G = mid``, kernel factors ``I_k``, ``s = scale``
   (when r > in/groups, e.g. depthwise convs, ``fit_ranks`` below brings the input rank to

@@ -19,7 +19,7 @@ transpose of the first two modes and the float scale ``s`` come last) and the la
 stored in the state dict.
 
 Transposing modes 0 and 1 of a Tucker tensor swaps the first two modes of the core and the
-first two factors, so the exact map onto this package's convention (DESIGN.md section 2:
+first two factors, so the exact map onto this package's convention (docs/ARCHITECTURE.md, Conventions:
 modes (out, in, k...), ``factors[n]: (I_n, r_n)``) is
 
     core       = param_G.transpose(0, 1)      (r_out, r_in, rk...)

@@ -9,7 +9,7 @@ PEFT's LoRA layer computes ``base(x) + scaling * lora_B(lora_A(dropout(x)))`` wi
   ConvNd(r -> out) with the base ``groups``. Weights (r, in_channels, *k) and
   (out, r / groups, 1...).
 
-A FLoRA adapter is ``dW = s * G x_0 U_out x_1 U_in x_2 U_k1 ...`` (DESIGN.md section 2), added
+A FLoRA adapter is ``dW = s * G x_0 U_out x_1 U_in x_2 U_k1 ...`` (docs/ARCHITECTURE.md, Conventions), added
 as a weight delta of the base layer with its full geometry.
 
 Export (``export_peft`` / ``to_peft``), folding the core into the factors:
