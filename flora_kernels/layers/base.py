@@ -363,29 +363,12 @@ class FLoRALayer(nn.Module):
         self.make_settings(s.ranks, None, s.scale, s.dropout, s.strategy, s.backend)  # validates
         self.flora_settings[name] = s
 
-    @property
-    def strategy(self) -> str:
-        return self.flora_settings[self._sole()].strategy
+    strategy = property(lambda self: self._sole_setting("strategy"), lambda self, v: self._update_sole(strategy=v))
+    backend = property(lambda self: self._sole_setting("backend"), lambda self, v: self._update_sole(backend=v))
+    dropout = property(lambda self: self._sole_setting("dropout"), lambda self, v: self._update_sole(dropout=float(v)))
 
-    @strategy.setter
-    def strategy(self, value: str) -> None:
-        self._update_sole(strategy=value)
-
-    @property
-    def backend(self) -> str:
-        return self.flora_settings[self._sole()].backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self._update_sole(backend=value)
-
-    @property
-    def dropout(self) -> float:
-        return self.flora_settings[self._sole()].dropout
-
-    @dropout.setter
-    def dropout(self, value: float) -> None:
-        self._update_sole(dropout=float(value))
+    def _sole_setting(self, field: str):
+        return getattr(self.flora_settings[self._sole()], field)
 
     def set_scale(self, scale: float, name: str | None = None) -> None:
         """Set s of adapter ``name`` (default: every adapter); merged adapters are re-merged."""
