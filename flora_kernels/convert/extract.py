@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import Rank, check_rank, name_matches
+from ..config import Rank, name_matches
 from ..decompose import exact_ranks, tucker_decompose, tucker_rerank
 from ..layers import flora_layers
+from ..layers.base import expand_rank
 from ..model import delete_adapter, logical_name
 from ..tucker import tucker_reconstruct
 from .peft import (
@@ -76,14 +77,7 @@ class ExtractionReport:
 
 
 def _expand(value: Rank | None, n: int, name: str) -> tuple[int | None, ...]:
-    if value is None:
-        return (None,) * n
-    check_rank(value, name)
-    if isinstance(value, int):
-        return (value,) * n
-    if len(value) != n:
-        raise ValueError(f"{name}: expected an int or {n} ints, got {value!r}")
-    return tuple(value)
+    return (None,) * n if value is None else expand_rank(value, n, name)
 
 
 def layer_ranks(weight_shape: Sequence[int], rank: Rank | None, kernel_rank: Rank | None) -> tuple[int, ...]:
