@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import pytest
 import torch
@@ -185,6 +186,47 @@ def test_disagreeing_and_raising_candidates_are_dropped(fake_backends, dropout_p
     assert "raises/merged" in dict(d.times_s)  # its merged path (the reference reconstruct) is fine
     if dropout_p == 0:
         torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+
+
+def _depthwise(grad=True):
+    g = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(2, 16, 9, 11, generator=g).requires_grad_(grad)
+    core = torch.randn(4, 1, 7, 7, generator=g).requires_grad_(grad)
+    fs = [torch.randn(16, 4, generator=g), torch.randn(1, 1, generator=g), torch.randn(7, 7, generator=g),
+          torch.randn(7, 7, generator=g)]
+    return conv, x, core, [f.requires_grad_(grad) for f in fs]
+
+
+def test_autocast_candidates_judged_in_the_compute_dtype():
+    """Under bf16 autocast the reference path itself is off by ~1e-2: the candidates that agree with
+    it as well as it agrees with float64 are kept (they were all dropped at fp32's 1e-3)."""
+    conv, x, core, fs = _depthwise()
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error", fk.AutotuneWarning)
+        y = fk.flora_conv(x, conv.weight.detach(), conv.bias.detach(), core, fs, 0.5, padding=3, groups=16)
+        y.float().sum().backward()
+    (d,) = fk.dispatch_report()
+    assert d.source == "measured" and not d.dropped
+    assert {"reference/merged", "reference/factorized"} <= set(dict(d.times_s))
+    assert "autocast=bfloat16" in d.call
+
+
+def test_autocast_still_drops_a_wrong_candidate(fake_backends):
+    x, w, b, core, fs = _linear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(fk.AutotuneWarning) as rec:
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+    msgs = " ".join(str(r.message) for r in rec)
+    assert "dropped wrong/factorized" in msgs and "dropped wrong/merged" in msgs
+
+
+def test_autocast_is_part_of_the_call():
+    x, w, b, core, fs = _linear()
+    plain = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
+    assert plain.autocast is None and mixed.autocast == torch.bfloat16 and plain != mixed
+    assert plain.compute_dtype == torch.float32 and mixed.compute_dtype == torch.bfloat16
 
 
 def test_explicit_backend_auto_strategy_all_dropped(fake_backends, measured):

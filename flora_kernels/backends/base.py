@@ -96,6 +96,13 @@ def _num_threads() -> int:
     return torch.get_num_threads()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype if autocast is on for this device type, else None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 @dataclass(frozen=True)
 class Call:
     """What one functional call asks for, by metadata.
@@ -118,6 +125,7 @@ class Call:
     grad_enabled: bool = False
     threads: int = 1
     options: tuple[tuple[str, object], ...] = ()
+    autocast: torch.dtype | None = None
 
     @staticmethod
     def describe(
@@ -131,10 +139,20 @@ class Call:
         def spec(t: Tensor | None) -> TensorSpec | None:
             return None if t is None else TensorSpec.of(t)
 
+        lead = x if x is not None else core
         return Call(
             op, spec(x), spec(weight), spec(bias), spec(core), tuple(TensorSpec.of(f) for f in factors), spec(base),
             conv, strategy, dropout_p > 0, torch.is_grad_enabled(), _num_threads(), options,
+            None if lead is None else autocast_dtype(lead.device.type),
         )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the call computes in: the autocast dtype when autocast is on, else x's (or the core's)."""
+        if self.autocast is not None:
+            return self.autocast
+        lead = self.x if self.x is not None else self.core
+        return torch.float32 if lead is None else lead.dtype
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
@@ -169,7 +187,7 @@ class Call:
         """The reconstruct the merged strategy runs for this linear/conv call (W + s dW)."""
         return Call(
             "reconstruct", core=self.core, factors=self.factors, base=self.weight,
-            grad_enabled=self.grad_enabled, threads=self.threads,
+            grad_enabled=self.grad_enabled, threads=self.threads, autocast=self.autocast,
         )
 
     def __str__(self) -> str:
@@ -183,6 +201,8 @@ class Call:
             parts.append(f"stride={c.stride} pads={c.pads} dil={c.dilation} groups={c.groups} {c.padding_mode}")
         if self.strategy is not None:
             parts.append(f"strategy={self.strategy}")
+        if self.autocast is not None:
+            parts.append(f"autocast={str(self.autocast).replace('torch.', '')}")
         parts.append(("grad" if self.needs_grad else "no-grad") + (" dropout" if self.dropout else ""))
         parts.append(f"{self.threads} thread{'s' if self.threads != 1 else ''} on {self.device}")
         return " ".join(parts)
