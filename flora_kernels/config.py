@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.base import BACKEND_NAMES
+from .backends.base import backend_names
 from .functional import STRATEGY_CHOICES
 
 Rank = int | tuple[int, ...]
@@ -85,8 +85,8 @@ class FLoRAConfig:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
         if self.strategy not in STRATEGY_CHOICES:
             raise ValueError(f"strategy: expected one of {STRATEGY_CHOICES}, got {self.strategy!r}")
-        if self.backend not in ("auto",) + BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {self.backend!r}")
+        if self.backend != "auto" and self.backend not in backend_names():
+            raise ValueError(f"backend: expected one of {('auto',) + backend_names()}, got {self.backend!r}")
         for name in ("target_modules", "exclude_modules"):
             tm = getattr(self, name)
             if tm is not None and not isinstance(tm, (str, tuple)):

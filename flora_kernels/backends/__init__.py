@@ -7,7 +7,6 @@ a reason, never breaks ``import flora_kernels``. ``base.register`` adds more.
 from __future__ import annotations
 
 from .base import (
-    BACKEND_NAMES,
     STRATEGIES,
     Backend,
     BackendUnavailable,
@@ -23,7 +22,6 @@ from .base import (
 )
 
 __all__ = [
-    "BACKEND_NAMES",
     "STRATEGIES",
     "Backend",
     "BackendUnavailable",

@@ -361,5 +361,3 @@ register("reference", ".reference:ReferenceBackend", auto_rank=30)
 register("triton", ".triton:TritonBackend", auto_rank=0)
 register("cuda", ".cuda:CudaBackend", auto_rank=10)
 register("cpp", ".cuda:CppBackend", auto_rank=20)
-# The built-in names, for validation at import (e.g. FLoRAConfig); backend_names() is the live list.
-BACKEND_NAMES = backend_names()

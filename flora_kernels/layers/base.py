@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..backends.base import BACKEND_NAMES, BackendUnavailable, resolve_backend_name
+from ..backends.base import BackendUnavailable, backend_names, resolve_backend_name
 from ..config import Rank, check_rank
 from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
@@ -91,8 +91,8 @@ class FLoRALayer(nn.Module):
     base_types: tuple[type[nn.Module], ...] = ()
     #: strategies this layer type implements besides "auto"
     strategies: tuple[str, ...] = ("factorized", "merged")
-    #: backends with kernels for this layer type's op ("auto" is always accepted)
-    backends: tuple[str, ...] = BACKEND_NAMES
+    #: backends with kernels for this layer type's op; None: every registered backend ("auto" is always accepted)
+    backends: tuple[str, ...] | None = None
     other_param_names = ("flora_settings",)
 
     def __init__(
@@ -247,9 +247,9 @@ class FLoRALayer(nn.Module):
                 f"strategy: expected one of {('auto',) + self.strategies} for {type(self).__name__}, got {strategy!r}"
             )
         resolve_backend_name(backend)
-        if backend != "auto" and backend not in self.backends:
+        if backend != "auto" and backend not in self.served_backends():
             raise BackendUnavailable(
-                f"backend {backend!r} has no kernel for {type(self).__name__}; {self.backends} serve it "
+                f"backend {backend!r} has no kernel for {type(self).__name__}; {self.served_backends()} serve it "
                 "(backend='auto' picks one)"
             )
         shape = tuple(self.weight_modes().shape)
@@ -406,9 +406,14 @@ class FLoRALayer(nn.Module):
             return torch.zeros(w.shape, dtype=adapter_dtype(w), device=w.device)
         return self._mask_delta(total)
 
+    @classmethod
+    def served_backends(cls) -> tuple[str, ...]:
+        """The backends with kernels for this layer type (the live registry when not restricted)."""
+        return backend_names() if cls.backends is None else cls.backends
+
     def _reconstruct_backend(self, name: str) -> str:
         b = self.flora_settings[name].backend
-        return b if b in self.backends else "auto"
+        return b if b in self.served_backends() else "auto"
 
     def _delta_term(self, x: Tensor, name: str, *args, **kwargs) -> Tensor:
         """The layer's op on adapter ``name``'s delta (merged form, its dropout included)."""
