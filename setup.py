@@ -47,7 +47,7 @@ def get_extensions() -> tuple[list, dict]:
         return [], {}
 
     cxx = ["-O3", "-std=c++20"]
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "flora_cpu.cpp"]]
+    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "flora_cpu.cpp", CSRC / "flora_cpu_depthwise.cpp"]]
     with_cuda = False
     if _truthy("FLORA_SKIP_CUDA"):
         _say("FLORA_SKIP_CUDA is set: CPU extension only")

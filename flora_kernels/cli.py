@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=96, help="model cases: input resolution (default: 96)")
     m.add_argument("--rank", type=int, default=8, help="model cases: adapter rank, FLoRA and LoRA (default: 8)")
     m.add_argument("--rounds", type=int, default=7, help="model cases: timed interleaved rounds (default: 7)")
+    m.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="model cases: wall time, or the process's CPU time (with --threads 1, robust to other "
+                   "load on the machine; default: wall)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list shapes, providers and modes, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -234,7 +237,7 @@ def _models_main(args: argparse.Namespace) -> int:
     try:
         for name in names:
             results.append(models.run_model(name, providers, args.batch, args.image_size, args.rank, args.rounds,
-                                            args.seed, log))
+                                            args.seed, log, args.clock))
     except (ValueError, AssertionError) as e:
         print(f"flora-bench: {e}", file=sys.stderr)
         return 2 if isinstance(e, AssertionError) else 1

@@ -14,7 +14,8 @@ layout, device, grad flags, dropout, threads) and requested backend:
    tolerance, or, failing that, within a few times the reference path's own error against its
    float64 run (see ``_Verifier``); a candidate that disagrees or raises is dropped with an ``AutotuneWarning`` naming it), then
    the survivors are timed in interleaved rounds (forward, plus backward when the call needs
-   gradients; the call's real dropout) within a time budget; the fastest median wins, is kept
+   gradients; the call's real dropout; CPU time of the calling thread on CPU with one torch
+   thread, else wall time) within a time budget; the fastest median wins, is kept
    in memory and written to disk. The caller's RNG state is restored afterwards;
 3. else the cost model (``flora_kernels.plan``) picks the strategy and auto's order the backend.
 
@@ -365,11 +366,21 @@ class _Measurement:
 
     def time(self, b: Backend, s: str | None) -> float:
         dev = self.call.device_type
+        clock = _clock(self.call)
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         self.run(b, s, self.dropout_p)
         _sync(dev)
-        return time.perf_counter() - t0
+        return clock() - t0
+
+
+def _clock(call: Call) -> Callable[[], float]:
+    """The clock candidates are timed with: on CPU with one torch thread the call runs on this
+    thread alone, so its CPU time is its cost and other processes on the machine do not skew it;
+    otherwise (threads, GPUs) wall time."""
+    if call.device_type == "cpu" and call.threads == 1:
+        return time.thread_time
+    return time.perf_counter
 
 
 def _rel_errs(out: Sequence[Tensor], ref: Sequence[Tensor]) -> list[float]:

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..convspec import ConvSpec
+from ..convspec import ConvSpec, conv_nd
 
 STRATEGIES = ("factorized", "merged")
 # Ops with a strategy (factorized: the backend's own method; merged: composed over its reconstruct).
@@ -223,6 +223,11 @@ class Backend:
     def auto_reason(self, call: Call) -> str | None:
         """Why ``auto`` should not pick this backend for the call (defaults to unsupported_reason)."""
         return self.unsupported_reason(call)
+
+    def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        """The conv the merged strategy runs with ``W + s dW`` (torch's; a backend may give it its own
+        backward)."""
+        return conv_nd(x, weight, bias, spec)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..convspec import ConvSpec, conv_nd
 from ..tucker import mode_n_product
+from . import depthwise as _depthwise
 from .base import Backend, Call, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _OPS = (
     "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
-    "adapter_factor_grad", "adapter_linear_grad", "dropout_mask",
+    "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
 )
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The limit of the first CUDA reconstruct kernel (r_1 * taps in 48 KiB of shared memory); the tiled
@@ -79,7 +80,7 @@ def _jit_build() -> None:
     """Compile csrc/ with torch.utils.cpp_extension.load (ninja) and load it as a library."""
     from torch.utils.cpp_extension import load
 
-    sources = [str(_CSRC / "flora_cpu.cpp")]
+    sources = [str(_CSRC / "flora_cpu.cpp"), str(_CSRC / "flora_cpu_depthwise.cpp")]
     cflags = ["-O3", "-std=c++20"]
     with_cuda = torch.version.cuda is not None and torch.cuda.is_available() and os.environ.get("FLORA_SKIP_CUDA") != "1"
     if with_cuda:
@@ -226,6 +227,11 @@ def _register_fakes() -> None:
     @lib.register_fake("flora::dropout_mask")
     def _(x, p, seed):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    @lib.register_fake("flora::depthwise_conv2d_weight_grad")
+    def _(x, dy, kernel, stride, padding, dilation):
+        _same_device(x, dy)
+        return x.new_empty((dy.shape[1], 1, *kernel))
 
 
 @torch.compiler.assume_constant_result
@@ -525,6 +531,9 @@ class CppBackend(_ExtBackend):
     name = "cpp"
     how_to_get = BUILD_HINT
     device_type = "cpu"
+
+    def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        return _depthwise.conv(x, weight, bias, spec)
 
 
 class CudaBackend(_ExtBackend):

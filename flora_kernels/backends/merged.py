@@ -3,9 +3,10 @@
     linear: F.linear(x, W + s dW, b)               conv: convNd(x, W + s dW, b)
     with dropout p > 0: op(x, W, b) + op(dropout(x), s dW)   (the two cannot fold)
 
-``W + s dW`` comes from the backend's differentiable ``reconstruct``; torch's own op then
-gives dW_eff = dy^T x in backward, which the reconstruct's backward projects onto the core
-and factors. A backend serves the merged strategy exactly when it serves that reconstruct.
+``W + s dW`` comes from the backend's differentiable ``reconstruct``; torch's own op (for
+convs, the backend's ``merged_conv``, torch's unless the backend has a faster weight gradient)
+then gives dW_eff = dy^T x in backward, which the reconstruct's backward projects onto the
+core and factors. A backend serves the merged strategy exactly when it serves that reconstruct.
 """
 
 from __future__ import annotations
@@ -55,4 +56,4 @@ def conv(
     if dropout_p > 0:
         delta = _canonical(b.reconstruct(core, factors, scale, None).to(weight.dtype))  # type: ignore[attr-defined]
         return conv_nd(x, weight, bias, spec) + conv_nd(_dropout(x, dropout_p), delta, None, spec)
-    return conv_nd(x, _canonical(b.reconstruct(core, factors, scale, weight)), bias, spec)  # type: ignore[attr-defined]
+    return b.merged_conv(x, _canonical(b.reconstruct(core, factors, scale, weight)), bias, spec)  # type: ignore[attr-defined]

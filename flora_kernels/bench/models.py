@@ -21,7 +21,9 @@ Providers, each a copy of one randomly initialised model (same weights):
 One step: forward, ``y.backward(dy)`` with a fixed dy, then the gradients are dropped (no
 optimizer). Rounds are interleaved (each round runs every provider once, rotating the order) and
 each provider's time is divided by the frozen step of the same round; the median over rounds is
-reported with its 20/80 quantiles. Before timing, every FLoRA provider's output is checked
+reported with its 20/80 quantiles. ``clock="cpu"`` times by the process's CPU time instead of
+wall time: with one torch thread that is the step's cost undistorted by other load on the
+machine (with several threads it adds up every thread's busy time, spin-waits included). Before timing, every FLoRA provider's output is checked
 against ``flora-reference-factorized`` on the same (non-zero) adapter values, and its first step
 (which includes measured dispatch, when on) is timed on its own.
 """
@@ -336,11 +338,18 @@ def _quantile(v: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: int = 8, image_size: int = 96,
-              rank: int = 8, rounds: int = 7, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+              rank: int = 8, rounds: int = 7, seed: int = 0, log: Callable[[str], None] | None = None,
+              clock: str = "wall") -> dict:
     """Time ``providers`` on model ``name``; returns {model, impl, rows: [...], ...} (see module doc)."""
     from ..backends.autotune import clear_autotune_cache
 
+    if clock not in CLOCKS:
+        raise ValueError(f"clock: expected one of {tuple(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     clear_autotune_cache()  # decisions in memory from an earlier model must not count as this one's
     torch.manual_seed(seed)
     base, src = make_model(name, image_size)
@@ -360,9 +369,9 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
     # first step (measured dispatch happens here for flora-auto), then the checks, then the rounds
     first = {}
     for c in cases:
-        t0 = time.perf_counter()
+        t0 = now()
         _step(c, x, dy)
-        first[c.name] = time.perf_counter() - t0
+        first[c.name] = now() - t0
     # correctness of the FLoRA providers: output and input gradient vs the reference path
     checks = {}
     flora = [c for c in cases if c.name.startswith("flora")]
@@ -394,9 +403,9 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
             k = r % len(cases)
             this = {}
             for c in cases[k:] + cases[:k]:
-                t0 = time.perf_counter()
+                t0 = now()
                 _step(c, x, dy)
-                this[c.name] = time.perf_counter() - t0
+                this[c.name] = now() - t0
             for n, t in this.items():
                 times[n].append(t)
                 ratios[n].append(t / this["frozen"])
@@ -416,7 +425,7 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
             "check_rel_err": checks.get(c.name),
         })
     return {"model": name, "impl": src, "batch": batch, "image_size": image_size, "rank": rank, "rounds": rounds,
-            "threads": torch.get_num_threads(), "rows": rows, "skipped": skipped,
+            "threads": torch.get_num_threads(), "clock": clock, "rows": rows, "skipped": skipped,
             "dispatch": _dispatch_summary(cases, x, dy)}
 
 
@@ -444,7 +453,7 @@ def markdown(results: Sequence[dict]) -> str:
     lines = []
     for res in results:
         lines.append(f"### {res['model']}, {res['threads']} thread(s), batch {res['batch']}, "
-                     f"{res['image_size']}x{res['image_size']}, rank {res['rank']}, median of {res['rounds']}")
+                     f"{res['image_size']}x{res['image_size']}, rank {res['rank']}, median of {res['rounds']}, {res.get('clock', 'wall')} clock")
         lines.append("")
         lines.append(f"Model: {res['impl']}.")
         lines.append("")
