@@ -377,6 +377,10 @@ def plan(scenarios: list[str], dtypes: list[str], archs: list[int], all_configs:
                     continue
                 for arch in archs:
                     configs = launch.configs(arch)
+                    skip = (launch.fn.__name__, dtype, arch,
+                            getattr(launch.kernel, "no_configs_reason", "no configs for this target"))
+                    if not configs and skip not in _SKIPPED:
+                        _SKIPPED.append(skip)
                     for cfg in configs if all_configs else configs[:1]:
                         job = Job(launch, cfg, dtype, arch)
                         key = _specialisation_key(job)
@@ -387,6 +391,8 @@ def plan(scenarios: list[str], dtypes: list[str], archs: list[int], all_configs:
 
 
 _JOBS: list[Job] = []
+#: (kernel, dtype, arch, why) that ``plan`` found no configs for (a kernel for newer targets only).
+_SKIPPED: list[tuple[str, str, int, str]] = []
 
 
 def _run_index(i: int) -> Result:
@@ -412,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     _JOBS = plan(args.scenarios, args.dtypes, args.arch, args.all_configs, args.kernels)
     print(f"# {len(_JOBS)} compiles ({len(args.scenarios)} scenarios, dtypes {' '.join(args.dtypes)}, "
           f"sm {' '.join(map(str, args.arch))}, {'all configs' if args.all_configs else 'first config'})", flush=True)
+    for name, dtype, arch, why in _SKIPPED:
+        print(f"# skipped {name} {dtype} sm_{arch}: {why}", flush=True)
     failed = 0
     if args.jobs > 1 and len(_JOBS) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:

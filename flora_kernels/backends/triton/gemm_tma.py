@@ -27,7 +27,7 @@ from ._common import INTERPRET, unpack_bits
 
 # (BM, BN, BK, warps, stages): wgmma tiles for fp16/bf16; FMA tiles for exact fp32
 _HALF_CONFIGS = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))
-_FP32_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3))
+_FP32_CONFIGS = ((64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (128, 64, 16, 8, 3))
 _INTERPRET_TILE = (32, 32, 32, 4, 1)
 
 
@@ -122,12 +122,15 @@ def _gemm_tma_kernel(
 
 
 _gemm_tma_kernel.configs_for = tma_configs  # compile_check compiles what the pruning keeps per target
+_gemm_tma_kernel.no_configs_reason = "TMA (tensor descriptors) needs sm_90+; the tiled gemm_ext serves older GPUs"
 
 
 def _tma_ok(t: Tensor) -> bool:
-    """A 2-D operand TMA can address: unit inner stride, 16-byte aligned base and row stride."""
+    """A 2-D operand TMA can address: unit inner stride, distinct rows, 16-byte aligned base and
+    row stride."""
     e = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0
+    return (t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) and (t.stride(0) * e) % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def unsupported_reason(a: Tensor, b: Tensor, n: int) -> str | None:
@@ -141,7 +144,7 @@ def unsupported_reason(a: Tensor, b: Tensor, n: int) -> str | None:
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"TMA kernel dtypes: float16, bfloat16, float32, got {a.dtype}"
     if not _tma_ok(a):
-        return f"x/dy {tuple(a.shape)} strides {a.stride()}: TMA needs unit column stride and 16-byte aligned rows/base"
+        return f"x/dy {tuple(a.shape)} strides {a.stride()}: TMA needs unit column stride, distinct rows and 16-byte aligned rows/base"
     if not (_tma_ok(b.t()) or _tma_ok(b)):
         return f"weight (K, N) {tuple(b.shape)} strides {b.stride()}: TMA needs one unit stride and 16-byte aligned rows/base"
     if (n * a.element_size()) % 16:
