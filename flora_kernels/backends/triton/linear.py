@@ -30,8 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import channel_gemm as cg
-from .gemm_tma import gemm_tma, grouped_tile, unsupported_reason
 from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for, unpack_bits
+from .gemm_tma import gemm_tma, grouped_tile, unsupported_reason
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -335,7 +335,9 @@ def _gemm_cublas(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | No
     y = torch.addmm(bias.to(a.dtype), a, b) if bias is not None else a @ b
     if bits is None:
         return y.addmm_(a2, b2)
-    keep = ((bits[:, :, None] >> torch.arange(32, dtype=torch.int32, device=bits.device)) & 1).flatten(1)[:, : y.shape[1]]
+    # byte j // 8 of a (little-endian) int32 word holds its bits j: channel 8 * byte + bit
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    keep = ((bits.view(torch.uint8)[:, :, None] >> shifts) & 1).flatten(1)[:, : y.shape[1]]
     return y.add_(torch.where(keep != 0, a2 @ b2, 0.0), alpha=1.0 / (1.0 - p))
 
 
