@@ -14,6 +14,8 @@ import flora_kernels as fk
 from flora_kernels import reference as ref
 
 pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")]
+ON_CUDA = DEVICE == "cuda"
+needs_tma = pytest.mark.skipif(ON_CUDA and torch.cuda.get_device_capability()[0] < 9, reason="TMA needs sm_90+")
 
 
 def _mods():
@@ -57,6 +59,7 @@ def _operands(m, k, n, r, dtype, kmajor, bias, p):
 SHAPES = [(37, 40, 56, 3), (70, 72, 24, 5), (9, 24, 40, 16)]
 
 
+@needs_tma
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kmajor", [True, False], ids=["b-kmajor", "b-nmajor"])
 @pytest.mark.parametrize(("bias", "p"), [(True, 0.0), (False, 0.0), (False, 0.4), (True, 0.3)],
@@ -96,6 +99,7 @@ def _count_variants(monkeypatch, L):
     return used
 
 
+@needs_tma
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_linear_on_tma_kernel(monkeypatch, bias, dtype):
@@ -120,6 +124,7 @@ def test_linear_on_tma_kernel(monkeypatch, bias, dtype):
     assert used == ["tma", "tma"], used
 
 
+@needs_tma
 def test_linear_dropout_on_tma_kernel(monkeypatch):
     """p > 0 on the TMA kernel: output and every gradient equal the reference with the kernel's
     own mask (recovered by shrinking ones by the identity with the same seed)."""
@@ -150,16 +155,16 @@ def test_tma_fallback_names_the_reason(monkeypatch):
     kernel with a warning giving the reason; gemm_tma itself refuses them."""
     L, G = _mods()
     used = _count_variants(monkeypatch, L)
-    a, w = torch.randn(33, 20, dtype=torch.float16), torch.randn(16, 20, dtype=torch.float16)
-    a2, b2 = torch.randn(33, 3, dtype=torch.float16), torch.randn(3, 16, dtype=torch.float16)
+    a, w = (torch.randn(*s, dtype=torch.float16, device=DEVICE) for s in ((33, 20), (16, 20)))
+    a2, b2 = (torch.randn(*s, dtype=torch.float16, device=DEVICE) for s in ((33, 3), (3, 16)))
     why = G.unsupported_reason(a, w.t(), 16)
     assert why is not None and "16-byte" in why
     with pytest.warns(UserWarning, match="TMA kernel does not apply.*16-byte"):
         y = L.gemm_ext(a, w.t(), a2, b2, None, variant="tma")
     torch.testing.assert_close(y.float(), a.float() @ w.float().t() + a2.float() @ b2.float(), rtol=2e-2, atol=2e-2)
     assert used == ["tiled"]
-    strided = torch.randn(8, 64)[:, ::2]
-    assert "x/dy" in G.unsupported_reason(strided, torch.randn(32, 16), 16)
+    strided = torch.randn(8, 64, device=DEVICE)[:, ::2]
+    assert "x/dy" in G.unsupported_reason(strided, torch.randn(32, 16, device=DEVICE), 16)
     with pytest.raises(ValueError, match="gemm_tma: .*16-byte"):
         G.gemm_tma(a, w.t(), a2, b2, None, 0.0, None, 64, 16, "tf32")
 
@@ -167,7 +172,7 @@ def test_tma_fallback_names_the_reason(monkeypatch):
 def test_gemm_variant_choice_rules(monkeypatch):
     """Unknown variants are refused by name; "auto" off CUDA is the tiled kernel."""
     L, _ = _mods()
-    a, b, a2, b2 = torch.randn(5, 8), torch.randn(8, 8), torch.randn(5, 2), torch.randn(2, 8)
+    a, b, a2, b2 = (torch.randn(*s, device=DEVICE) for s in ((5, 8), (8, 8), (5, 2), (2, 8)))
     with pytest.raises(ValueError, match="expected one of .*'tma'.*got 'wgmma'"):
         L.gemm_ext(a, b, a2, b2, None, variant="wgmma")
     monkeypatch.setenv("FLORA_TRITON_GEMM", "fast")
@@ -176,9 +181,10 @@ def test_gemm_variant_choice_rules(monkeypatch):
     with pytest.raises(ValueError, match="got 'x'"), L.gemm_variant("x"):
         pass
     monkeypatch.delenv("FLORA_TRITON_GEMM")
-    used = _count_variants(monkeypatch, L)
-    L.gemm_ext(a, b, a2, b2, None)
-    assert used == ["tiled"]
+    if not ON_CUDA:
+        used = _count_variants(monkeypatch, L)
+        L.gemm_ext(a, b, a2, b2, None)
+        assert used == ["tiled"]
 
 
 def test_measured_choice_drops_a_wrong_variant(monkeypatch):
@@ -189,7 +195,7 @@ def test_measured_choice_drops_a_wrong_variant(monkeypatch):
     L, _ = _mods()
     monkeypatch.setattr(L, "GEMM_TIMING_RUNS", 1)
     monkeypatch.setitem(L._GEMMS, "tma", lambda *args: L._gemm_tiled(*args) + 1.0)
-    args = (torch.randn(20, 16), torch.randn(16, 24), torch.randn(20, 3), torch.randn(3, 24), None, 0.0, None)
+    args = (*(torch.randn(*s, device=DEVICE) for s in ((20, 16), (16, 24), (20, 3), (3, 24))), None, 0.0, None)
     with pytest.warns(AutotuneWarning, match="variant 'tma' differs from cuBLAS"):
         choice = L._measure_variants(args, list(L.GEMM_VARIANTS))
     assert choice in ("tiled", "cublas")
@@ -210,3 +216,24 @@ def test_opcheck_linear_ops_on_tma():
         bits = L.linear_fwd(x, w, None, u_in, b, 0.2, 3)[2]
         dy, s = torch.randn(11, 8, device=DEVICE), torch.randn(11, 3, device=DEVICE)
         opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, bits, 0.2, True, True, True, True))
+
+
+@pytest.mark.gpu
+@needs_tma
+def test_gpu_gemm_variants_bf16():
+    """bf16 on a GPU (the interpreter computes bf16 wrongly): every variant, both layouts, dropout
+    bits, ragged M; then "auto" measures once per shape key and reuses its choice."""
+    L, _ = _mods()
+    for kmajor, bias, p in ((True, True, 0.0), (False, False, 0.0), (False, False, 0.2)):
+        (a, b, a2, b2, bvec), bits, oracle = _operands(1000, 512, 384, 16, torch.bfloat16, kmajor, bias, p)
+        hi, lo = oracle(torch.float64), oracle(torch.bfloat16)
+        for v in L.GEMM_VARIANTS:
+            assert_bounded(L.gemm_ext(a, b, a2, b2, bvec, p, bits, variant=v), lo, hi, torch.bfloat16, f"{v} {kmajor} {p}")
+    L.clear_gemm_choices()
+    (a, b, a2, b2, bvec), bits, oracle = _operands(1000, 512, 384, 16, torch.bfloat16, True, True, 0.0)
+    L.gemm_ext(a, b, a2, b2, bvec, variant="auto")
+    choices = L.gemm_choices()
+    assert len(choices) == 1 and set(choices.values()) <= set(L.GEMM_VARIANTS), choices
+    assert_bounded(L.gemm_ext(a, b, a2, b2, bvec, variant="auto"), oracle(torch.bfloat16), oracle(torch.float64),
+                   torch.bfloat16, "auto")
+    assert L.gemm_choices() == choices
