@@ -171,5 +171,5 @@ step flora-bench "$REM" "${BENCH[@]}" $BENCH_DEFAULT ${BENCH_ARGS:-} --keep-goin
 echo "device_check: done in $(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$SUMMARY" | tee -a "$LOG"
 # The last lines of the reply: the summary and the bench table's target verdicts.
-sed -n '/^targets (docs/ARCHITECTURE.md, Performance targets):/,/^elapsed/p' "$LOG" | tail -40
+sed -n '/^targets (docs\/ARCHITECTURE.md, Performance targets):/,/^elapsed/p' "$LOG" | tail -40
 exit "$FAILED"

@@ -220,7 +220,8 @@ def clear_gemm_choices() -> None:
 
 
 def gemm_choices() -> dict[tuple, str]:
-    """A copy of the measured choices: (device, dtype, token bucket, N, K, R, layout, bias, dropout) -> variant."""
+    """A copy of the measured choices: (device, dtype, token bucket, N, K, R, operand layout, bias,
+    dropout, TMA applies) -> variant."""
     return dict(_gemm_choice)
 
 
@@ -253,7 +254,7 @@ def gemm_ext(
     variant = variant or (_forced_gemm[-1] if _forced_gemm else os.environ.get("FLORA_TRITON_GEMM", "auto"))
     _check_variant(variant, "gemm variant")
     args = (a, b, a2, b2, bias, p, bits if p > 0 else None)
-    tma_why = unsupported_reason(a, b, n)
+    tma_why = unsupported_reason(a, b, n) if variant in ("auto", "tma") else None
     if variant == "auto":
         variant = _auto_variant(args, tma_why)
     if variant == "tma" and tma_why is not None:
@@ -269,7 +270,7 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
     if a.device.type != "cuda":
         return "tiled"
     key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[1],
-           operand_layout(a, b), bias is not None, p > 0)
+           operand_layout(a, b), bias is not None, p > 0, tma_why is None)
     if key in _gemm_choice:
         return _gemm_choice[key]
     from ..autotune import autotune_enabled
@@ -281,9 +282,9 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
 
 
 def _measure_variants(args: tuple, variants: list[str]) -> str:
-    """The fastest of ``variants`` on ``args`` (median of GEMM_TIMING_RUNS synchronized
-    wall-clock timings, after a warm-up run that also tunes the Triton kernels); a variant whose output differs
-    from cuBLAS's beyond the dtype's tolerance is dropped with an AutotuneWarning."""
+    """The fastest of ``variants`` on ``args`` (median of GEMM_TIMING_RUNS synchronized wall-clock
+    timings, after a warm-up run that also tunes the Triton kernels); a variant whose output
+    differs from cuBLAS's beyond the dtype's tolerance is dropped with an AutotuneWarning."""
     from ..autotune import AutotuneWarning, _rel_err, _sync, _tolerance
 
     ref = _GEMMS["cublas"](*args)
