@@ -12,8 +12,10 @@
 #   2. python -m flora_kernels info    (versions, device, backends before the build)
 #   3. install without deps (FLORA_SKIP_EXT=1 pip install --no-deps --no-build-isolation -e .),
 #      falling back to PYTHONPATH=. when that fails
-#   3b. Triton: micro-benchmarks at the benchmark shapes (each gemm_ext variant vs F.linear /
-#      torch.matmul, every other kernel vs its floor; python -m
+#   3b. Triton: micro-benchmarks at the benchmark shapes (each gemm_ext variant: tiled kernel,
+#      persistent TMA kernel (sm_90+), cuBLAS + addmm, forward / dx / dx + dropout bits, vs F.linear /
+#      torch.matmul; every other kernel vs its floor; 180 s: the TMA kernel adds its autotune
+#      compiles; python -m
 #      flora_kernels.backends.triton.microbench -> $OUT/triton_microbench.json), then the bf16
 #      GPU correctness tests of the Triton backend (pytest -m gpu tests/test_triton_*.py)
 #   4. JIT-build the extension: flora_kernels.backends.cuda.build_extension(verbose=True)
@@ -109,7 +111,7 @@ if [ "$DRY_RUN" = "1" ]; then
     step triton-microbench 60 "$PY" -m flora_kernels.backends.triton.microbench --dry-run --out "$OUT/triton_microbench.json"
     step triton-bf16-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py || true
 else
-    step triton-microbench 120 "$PY" -m flora_kernels.backends.triton.microbench --out "$OUT/triton_microbench.json" || true
+    step triton-microbench 180 "$PY" -m flora_kernels.backends.triton.microbench --out "$OUT/triton_microbench.json" || true
     FLORA_TEST_GPU=1 step triton-bf16-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=60 tests/test_triton_backend.py tests/test_triton_linear.py tests/test_triton_conv.py tests/test_triton_reconstruct.py || true
 fi
 
@@ -169,5 +171,5 @@ step flora-bench "$REM" "${BENCH[@]}" $BENCH_DEFAULT ${BENCH_ARGS:-} --keep-goin
 echo "device_check: done in $(($(date +%s) - T0))s" | tee -a "$LOG"
 cat "$SUMMARY" | tee -a "$LOG"
 # The last lines of the reply: the summary and the bench table's target verdicts.
-sed -n '/^targets (docs/ARCHITECTURE.md, Performance targets):/,/^elapsed/p' "$LOG" | tail -40
+sed -n '/^targets (docs\/ARCHITECTURE.md, Performance targets):/,/^elapsed/p' "$LOG" | tail -40
 exit "$FAILED"

@@ -97,3 +97,18 @@ def test_compile_check_small_run(tmp_path):
 def test_compile_check_refuses_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert cc.main(["--arch", "90"]) == 2
+
+
+def test_compile_check_tma_kernel(tmp_path):
+    """The TMA GEMM of the Linear step (tensor-descriptor arguments, block shapes from each config's
+    pre-hook) compiles for sm_90a without spills, forward and dx; sm_80 is skipped with the reason."""
+    cmd = [sys.executable, "-m", "flora_kernels.backends.triton.compile_check", "--arch", "90", "80", "--dtypes", "fp16",
+           "--scenarios", "linear-tma", "--kernels", "gemm_tma", "--jobs", "1"]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "# skipped _gemm_tma_kernel fp16 sm_80: TMA (tensor descriptors) needs sm_90+" in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("#")]
+    pat = re.compile(r"^gemm_tma\[linear-tma/linear_(fwd|bwd)\.2\] BM128-BN256-BK64-GROUP_M8-w8-s3 fp16 regs=\d+ "
+                     r"spills=0 smem=\d+ sm_90a spill_loads=0 ok$")
+    assert sorted(pat.match(ln).group(1) for ln in lines if pat.match(ln)) == ["bwd", "fwd"], lines
+    assert len(lines) == 2, lines

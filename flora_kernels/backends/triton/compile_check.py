@@ -6,7 +6,8 @@ launches them, and check their registers, spills and shared memory.
 
 The launches are recorded, not written down: every scenario (the benchmark shapes:
 Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout (the dropout step
-also trains the bias); Conv2d N = 64, C = 256,
+also trains the bias), with the GEMMs on the tiled kernel and on the persistent TMA kernel
+(``-tma``; no configs below sm_90); Conv2d N = 64, C = 256,
 56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; the depthwise 7 x 7 ConvNeXt conv) runs
 forward and backward through the backend's entry points on meta tensors, with each
 ``flora_triton`` op's real implementation in place of its fake and each kernel launch captured
@@ -98,11 +99,22 @@ class Launch:
         configs_for = getattr(self.kernel, "configs_for", None)
         if configs_for is None:
             return list(self.kernel.configs)
-        return configs_for(next(a.dtype for a in self.args if isinstance(a, _Ptr)), arch)
+        return configs_for(next(getattr(a, "base", a).dtype for a in self.args if isinstance(getattr(a, "base", a), _Ptr)), arch)
 
     @property
     def name(self) -> str:
         return f"{self.fn.__name__.strip('_').removesuffix('_kernel')}[{self.tag}]"
+
+
+def _wrap(arg: Any) -> Any:
+    """A launch argument as recorded: tensors (also a tensor descriptor's base) as ``_Ptr``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if isinstance(arg, torch.Tensor):
+        return _Ptr(arg)
+    if isinstance(arg, TensorDescriptor):
+        return TensorDescriptor(_Ptr(arg.base), list(arg.shape), list(arg.strides), list(arg.block_shape), arg.padding)
+    return arg
 
 
 @contextlib.contextmanager
@@ -120,7 +132,7 @@ def _recording(out: list[Launch], scenario: str) -> Iterator[None]:
     def getitem(kernel: Any, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
             state["count"] += 1
-            wrapped = tuple(_Ptr(a) if isinstance(a, torch.Tensor) else a for a in args)
+            wrapped = tuple(_wrap(a) for a in args)
             out.append(Launch(f"{scenario}/{state['op']}.{state['count']}", kernel, wrapped, dict(kwargs)))
 
         return launch
@@ -171,7 +183,7 @@ class _Reconstruct:
 _RECONSTRUCT = _Reconstruct()
 
 
-def _linear(strategy: str, p: float) -> Callable[[torch.dtype], None]:
+def _linear(strategy: str, p: float, gemm: str = "auto") -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
         from .. import merged
         from . import linear
@@ -181,7 +193,8 @@ def _linear(strategy: str, p: float) -> Callable[[torch.dtype], None]:
         bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
         core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
         fn = linear.linear_factorized if strategy == "factorized" else functools.partial(merged.linear, _RECONSTRUCT)
-        _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
+        with linear.gemm_variant(gemm):
+            _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
 
     return run
 
@@ -210,6 +223,8 @@ SCENARIOS: dict[str, Callable[[torch.dtype], None]] = {
     "linear": _linear("factorized", 0.0),
     "linear-dropout": _linear("factorized", 0.1),
     "linear-merged": _linear("merged", 0.0),
+    "linear-tma": _linear("factorized", 0.0, "tma"),
+    "linear-dropout-tma": _linear("factorized", 0.1, "tma"),
     "conv3x3": _conv("factorized", 0.0, 3, 1, (16, 16)),
     "conv3x3-dropout": _conv("factorized", 0.1, 3, 1, (16, 16)),
     "conv3x3-merged": _conv("merged", 0.0, 3, 1, (16, 16)),
@@ -254,6 +269,8 @@ def _bind(job: Job) -> tuple[Any, dict, dict, dict, Any]:
     fn = job.launch.fn
     backend = make_backend(GPUTarget("cuda", job.arch, 32))
     kwargs = {**job.launch.kwargs, **(job.config.all_kwargs() if job.config is not None else {})}
+    if job.config is not None and job.config.pre_hook is not None:  # e.g. tensor descriptors' block shapes
+        job.config.pre_hook({**dict(zip(fn.arg_names, job.launch.args)), **kwargs})
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*job.launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
@@ -360,6 +377,10 @@ def plan(scenarios: list[str], dtypes: list[str], archs: list[int], all_configs:
                     continue
                 for arch in archs:
                     configs = launch.configs(arch)
+                    skip = (launch.fn.__name__, dtype, arch,
+                            getattr(launch.kernel, "no_configs_reason", "no configs for this target"))
+                    if not configs and skip not in _SKIPPED:
+                        _SKIPPED.append(skip)
                     for cfg in configs if all_configs else configs[:1]:
                         job = Job(launch, cfg, dtype, arch)
                         key = _specialisation_key(job)
@@ -370,6 +391,8 @@ def plan(scenarios: list[str], dtypes: list[str], archs: list[int], all_configs:
 
 
 _JOBS: list[Job] = []
+#: (kernel, dtype, arch, why) that ``plan`` found no configs for (a kernel for newer targets only).
+_SKIPPED: list[tuple[str, str, int, str]] = []
 
 
 def _run_index(i: int) -> Result:
@@ -395,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     _JOBS = plan(args.scenarios, args.dtypes, args.arch, args.all_configs, args.kernels)
     print(f"# {len(_JOBS)} compiles ({len(args.scenarios)} scenarios, dtypes {' '.join(args.dtypes)}, "
           f"sm {' '.join(map(str, args.arch))}, {'all configs' if args.all_configs else 'first config'})", flush=True)
+    for name, dtype, arch, why in _SKIPPED:
+        print(f"# skipped {name} {dtype} sm_{arch}: {why}", flush=True)
     failed = 0
     if args.jobs > 1 and len(_JOBS) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:

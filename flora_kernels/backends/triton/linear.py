@@ -17,7 +17,12 @@ call whose weight requires grad); the bias gradient comes from the same pass ove
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -26,6 +31,7 @@ from torch import Tensor
 
 from . import channel_gemm as cg
 from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for, unpack_bits
+from .gemm_tma import gemm_tma, grouped_tile, unsupported_reason
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -97,16 +103,9 @@ def _gemm_ext_kernel(
     keep (DROPOUT) is bit n % 32 of the int32 word bits[m, n // 32]. The rank part is computed
     first and masked into the accumulator, so one (BM, BN) accumulator is live at a time.
     M_BUCKET and LAYOUT only key the autotuner."""
-    pid = tl.program_id(0)
-    n_pm = tl.cdiv(M, BM)
-    n_pn = tl.cdiv(N, BN)
-    in_group = GROUP_M * n_pn
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(n_pm - first_m, GROUP_M)
-    pid_m = (first_m + (pid % in_group) % group_size).to(tl.int64)
-    pid_n = ((pid % in_group) // group_size).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN).to(tl.int64)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
     # the rank-R extension of the K loop, first
@@ -189,13 +188,56 @@ _gemm_ext_kernel.configs_for = gemm_configs  # compile_check compiles what the p
 # ----------------------------------------------------------------------------- launchers
 
 
+#: The GEMM variants ``gemm_ext`` chooses from: the tiled kernel (any CUDA GPU), the persistent
+#: TMA kernel (sm_90+), and cuBLAS (torch.addmm) plus a second pass adding the rank part.
+GEMM_VARIANTS = ("tiled", "tma", "cublas")
+#: Timed runs per variant when ``gemm_ext`` measures its choice (after one warm-up run).
+GEMM_TIMING_RUNS = 5
+_forced_gemm: list[str] = []
+_gemm_choice: dict[tuple, str] = {}
+
+
+@contextlib.contextmanager
+def gemm_variant(variant: str) -> Iterator[None]:
+    """Within the block, every ``gemm_ext`` call without an explicit variant uses ``variant``
+    (one of GEMM_VARIANTS, or "auto"); takes precedence over ``FLORA_TRITON_GEMM``."""
+    _check_variant(variant, "gemm_variant")
+    _forced_gemm.append(variant)
+    try:
+        yield
+    finally:
+        _forced_gemm.pop()
+
+
+def _check_variant(variant: str, what: str) -> None:
+    if variant != "auto" and variant not in GEMM_VARIANTS:
+        raise ValueError(f"{what}: expected one of {('auto', *GEMM_VARIANTS)}, got {variant!r}")
+
+
+def clear_gemm_choices() -> None:
+    """Forget the measured per-shape GEMM choices (the next call on each shape measures again)."""
+    _gemm_choice.clear()
+
+
+def gemm_choices() -> dict[tuple, str]:
+    """A copy of the measured choices: (device, dtype, token bucket, N, K, R, operand layout, bias,
+    dropout, TMA applies) -> variant."""
+    return dict(_gemm_choice)
+
+
 def gemm_ext(
-    a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float = 0.0, bits: Tensor | None = None
+    a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float = 0.0, bits: Tensor | None = None,
+    variant: str | None = None,
 ) -> Tensor:
     """y = a b + mask * (a2 b2) + bias: a (M, K), b (K, N), a2 (M, R), b2 (R, N), any strides.
 
     The mask (p > 0) is read from ``bits``, an int32 (M, mask_words(N)) packed keep mask (as
-    ``shrink`` writes it). Returns (M, N) in a's dtype."""
+    ``shrink`` writes it). Returns (M, N) in a's dtype. ``variant`` (default: the
+    ``gemm_variant`` block's, else ``FLORA_TRITON_GEMM``, else "auto"): one of GEMM_VARIANTS,
+    or "auto", which on a CUDA device times every variant that applies once per shape key
+    (``gemm_choices``) and keeps the fastest (no timing when ``FLORA_AUTOTUNE=0`` or during
+    CUDA graph capture: then "tma" where it applies, else "tiled"); "tiled" elsewhere. A "tma"
+    request whose operands TMA cannot address runs "tiled" (with a warning giving the reason)."""
     m, k = a.shape
     n, r = b.shape[1], a2.shape[1]
     torch._check(b.shape[0] == k and a2.shape[0] == m and tuple(b2.shape) == (r, n),
@@ -206,10 +248,70 @@ def gemm_ext(
     if bits is not None:
         torch._check(bits.dtype == torch.int32 and tuple(bits.shape) == (m, mask_words(n)) and bits.stride(1) == 1,
                      lambda: f"bits: expected int32 {(m, mask_words(n))} with unit column stride, got {bits.dtype} {tuple(bits.shape)}")
-    y = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    if y.numel() == 0:
-        return y
+    if m * n == 0:
+        return torch.empty((m, n), dtype=a.dtype, device=a.device)
     a2, b2 = a2.to(a.dtype), b2.to(a.dtype)
+    variant = variant or (_forced_gemm[-1] if _forced_gemm else os.environ.get("FLORA_TRITON_GEMM", "auto"))
+    _check_variant(variant, "gemm variant")
+    args = (a, b, a2, b2, bias, p, bits if p > 0 else None)
+    tma_why = unsupported_reason(a, b, n) if variant in ("auto", "tma") else None
+    if variant == "auto":
+        variant = _auto_variant(args, tma_why)
+    if variant == "tma" and tma_why is not None:
+        warnings.warn(f"gemm_ext: the TMA kernel does not apply ({tma_why}); using the tiled kernel", stacklevel=2)
+        variant = "tiled"
+    return _GEMMS[variant](*args)
+
+
+def _auto_variant(args: tuple, tma_why: str | None) -> str:
+    """The measured (or default) variant for the call ``_GEMMS[v](*args)``."""
+    a, b, a2, _, bias, p, _ = args
+    default = "tma" if tma_why is None else "tiled"
+    if a.device.type != "cuda":
+        return "tiled"
+    key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[1],
+           operand_layout(a, b), bias is not None, p > 0, tma_why is None)
+    if key in _gemm_choice:
+        return _gemm_choice[key]
+    from ..autotune import autotune_enabled
+
+    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        return default
+    _gemm_choice[key] = _measure_variants(args, [v for v in GEMM_VARIANTS if v != "tma" or tma_why is None])
+    return _gemm_choice[key]
+
+
+def _measure_variants(args: tuple, variants: list[str]) -> str:
+    """The fastest of ``variants`` on ``args`` (median of GEMM_TIMING_RUNS synchronized wall-clock
+    timings, after a warm-up run that also tunes the Triton kernels); a variant whose output
+    differs from cuBLAS's beyond the dtype's tolerance is dropped with an AutotuneWarning."""
+    from ..autotune import AutotuneWarning, _rel_err, _sync, _tolerance
+
+    ref = _GEMMS["cublas"](*args)
+    tol = _tolerance(ref.dtype, "cuda")
+    times: dict[str, float] = {}
+    for v in variants:
+        err = _rel_err([_GEMMS[v](*args)], [ref])
+        if err > tol:
+            warnings.warn(f"gemm_ext: variant {v!r} differs from cuBLAS (relative error {err:.2e} > {tol:.0e}); "
+                          "not used for this shape", AutotuneWarning, stacklevel=3)
+            continue
+        runs = []
+        for _ in range(GEMM_TIMING_RUNS):
+            _sync(ref.device.type)
+            t0 = time.perf_counter()
+            _GEMMS[v](*args)
+            _sync(ref.device.type)
+            runs.append(time.perf_counter() - t0)
+        times[v] = statistics.median(runs)
+    return min(times, key=times.__getitem__) if times else "cublas"
+
+
+def _gemm_tiled(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None) -> Tensor:
+    """``gemm_ext`` through ``_gemm_ext_kernel`` (one program per output tile)."""
+    m, k = a.shape
+    n, r = b.shape[1], a2.shape[1]
+    y = torch.empty((m, n), dtype=a.dtype, device=a.device)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
@@ -222,6 +324,25 @@ def gemm_ext(
         HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rank_pad(r), PREC=dot_precision(a.dtype),
     )
     return y
+
+
+def _gemm_tma(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None) -> Tensor:
+    """``gemm_ext`` through the persistent TMA kernel (``gemm_tma``)."""
+    return gemm_tma(a, b, a2, b2, bias, p, bits, token_bucket(a.shape[0]), rank_pad(a2.shape[1]), dot_precision(a.dtype))
+
+
+def _gemm_cublas(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None) -> Tensor:
+    """``gemm_ext`` as torch.addmm (cuBLAS) plus a second pass over y adding the rank part."""
+    y = torch.addmm(bias.to(a.dtype), a, b) if bias is not None else a @ b
+    if bits is None:
+        return y.addmm_(a2, b2)
+    # byte j // 8 of a (little-endian) int32 word holds its bits j: channel 8 * byte + bit
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    keep = ((bits.view(torch.uint8)[:, :, None] >> shifts) & 1).flatten(1)[:, : y.shape[1]]
+    return y.add_(torch.where(keep != 0, a2 @ b2, 0.0), alpha=1.0 / (1.0 - p))
+
+
+_GEMMS = {"tiled": _gemm_tiled, "tma": _gemm_tma, "cublas": _gemm_cublas}
 
 
 def ds_db(

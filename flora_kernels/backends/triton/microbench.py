@@ -2,8 +2,9 @@
 
     python -m flora_kernels.backends.triton.microbench [--out FILE.json] [--dry-run]
 
-Each GEMM variant is timed against F.linear / torch.matmul of the same shape (the ratio that
-matters: gemm_ext replaces cuBLAS), and every other kernel against its floor
+Each GEMM variant (tiled, persistent TMA, cuBLAS + addmm; ``gemm_ext(..., variant=...)``) is
+timed against F.linear / torch.matmul of the same shape (the ratio that matters: gemm_ext
+replaces cuBLAS), and every other kernel against its floor
 max(FLOPs / peak, bytes / bandwidth) for the device (H100 / H200 figures, else H100's).
 ``--dry-run`` (no GPU needed) prints the cases with their FLOPs, bytes and floors only.
 Times are medians of ``triton.testing.do_bench`` (warm-up 25 ms, 100 ms of repetitions).
@@ -46,6 +47,7 @@ def cases() -> list[Case]:
     from . import channel_gemm as cg
     from . import linear as lin
     from .core_conv import core_conv
+    from .linear import GEMM_VARIANTS  # below sm_90 the "tma" case runs the tiled kernel (with a warning)
     from .reconstruct import tucker2, tucker2_adjoint_op
 
     dev, dt = "cuda", torch.bfloat16
@@ -61,18 +63,21 @@ def cases() -> list[Case]:
         dy, w = rnd(T, D_OUT), rnd(D_OUT, D_IN)
         return lambda: dy @ w
 
-    def gemm_fwd() -> Callable[[], object]:
-        x, w, b, s, bb = rnd(T, D_IN), rnd(D_OUT, D_IN), rnd(D_OUT), rnd(T, R), rnd(D_OUT, R)
-        return lambda: lin.gemm_ext(x, w.t(), s, bb.t(), b)
+    def gemm_fwd(variant: str) -> Callable[[], Callable[[], object]]:
+        def make() -> Callable[[], object]:
+            x, w, b, s, bb = rnd(T, D_IN), rnd(D_OUT, D_IN), rnd(D_OUT), rnd(T, R), rnd(D_OUT, R)
+            return lambda: lin.gemm_ext(x, w.t(), s, bb.t(), b, variant=variant)
 
-    def gemm_dx(p: float) -> Callable[[], Callable[[], object]]:
+        return make
+
+    def gemm_dx(p: float, variant: str) -> Callable[[], Callable[[], object]]:
         def make() -> Callable[[], object]:
             dy, w, ds, u = rnd(T, D_OUT), rnd(D_OUT, D_IN), rnd(T, R), rnd(D_IN, R)
             bits = None
             if p > 0:
                 bits = torch.empty((T, -(-D_IN // 32)), dtype=torch.int32, device=dev)
                 lin.shrink(rnd(T, D_IN), u, p, 1, bits)
-            return lambda: lin.gemm_ext(dy, w, ds, u.t(), None, p, bits)
+            return lambda: lin.gemm_ext(dy, w, ds, u.t(), None, p, bits, variant=variant)
 
         return make
 
@@ -129,10 +134,12 @@ def cases() -> list[Case]:
     return [
         Case("F.linear (base forward)", 2 * T * D_OUT * D_IN, x_b + w_b + y_b, None, linear_ref),
         Case("torch.matmul dy W (base dx)", 2 * T * D_OUT * D_IN, x_b + w_b + y_b, None, matmul_dx),
-        Case("gemm_ext forward", gemm_flops, x_b + w_b + y_b, "F.linear (base forward)", gemm_fwd),
-        Case("gemm_ext dx", gemm_flops, x_b + w_b + y_b, "torch.matmul dy W (base dx)", gemm_dx(0.0)),
-        Case("gemm_ext dx + dropout bits", gemm_flops, x_b + w_b + y_b + bits_b, "torch.matmul dy W (base dx)",
-             gemm_dx(0.1)),
+        *(Case(f"gemm_ext forward [{v}]", gemm_flops, x_b + w_b + y_b, "F.linear (base forward)", gemm_fwd(v))
+          for v in GEMM_VARIANTS),
+        *(Case(f"gemm_ext dx [{v}]", gemm_flops, x_b + w_b + y_b, "torch.matmul dy W (base dx)", gemm_dx(0.0, v))
+          for v in GEMM_VARIANTS),
+        *(Case(f"gemm_ext dx + dropout bits [{v}]", gemm_flops, x_b + w_b + y_b + bits_b, "torch.matmul dy W (base dx)",
+               gemm_dx(0.1, v)) for v in GEMM_VARIANTS),
         Case("shrink S = x U_in", 2 * T * D_IN * R, x_b + T * R * _B, None, shrink(0.0)),
         Case("shrink + dropout (writes bits)", 2 * T * D_IN * R, x_b + T * R * _B + bits_b, None, shrink(0.1)),
         Case("ds_db (dS, dB)", 4 * T * D_OUT * R, y_b + ds_db_part, None, ds_db(False)),
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         measured = f"  {row['us']:9.1f} us  {row['ratio_vs_floor']:5.2f}x floor" if "us" in row else ""
         versus = f"  {row['ratio_vs_baseline']:5.2f}x {c.baseline}" if "ratio_vs_baseline" in row else ""
-        print(f"{c.name:34s} {row['gflop']:8.2f} GFLOP {row['mb']:8.1f} MB  floor {row['floor_us']:7.1f} us"
+        print(f"{c.name:38s} {row['gflop']:8.2f} GFLOP {row['mb']:8.1f} MB  floor {row['floor_us']:7.1f} us"
               f"{measured}{versus}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
