@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..convspec import ConvSpec, conv_nd
+from .base import autocast_dtype
 
 
 def eligible(x: Tensor, weight: Tensor, spec: ConvSpec) -> bool:
@@ -57,4 +58,8 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tens
     not ``eligible``."""
     if not eligible(x, weight, spec):
         return conv_nd(x, weight, bias, spec)
+    ac = autocast_dtype("cpu")
+    if ac is not None:  # what autocast does to a conv: every operand in its dtype
+        with torch.autocast("cpu", enabled=False):
+            return conv(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), spec)
     return _DepthwiseConv2d.apply(x, weight, bias, spec.stride, spec.symmetric_zero_padding, spec.dilation)

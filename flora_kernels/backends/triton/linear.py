@@ -285,13 +285,13 @@ def _measure_variants(args: tuple, variants: list[str]) -> str:
     """The fastest of ``variants`` on ``args`` (median of GEMM_TIMING_RUNS synchronized wall-clock
     timings, after a warm-up run that also tunes the Triton kernels); a variant whose output
     differs from cuBLAS's beyond the dtype's tolerance is dropped with an AutotuneWarning."""
-    from ..autotune import AutotuneWarning, _rel_err, _sync, _tolerance
+    from ..autotune import AutotuneWarning, _rel_errs, _sync, _tolerance
 
     ref = _GEMMS["cublas"](*args)
     tol = _tolerance(ref.dtype, "cuda")
     times: dict[str, float] = {}
     for v in variants:
-        err = _rel_err([_GEMMS[v](*args)], [ref])
+        err = max(_rel_errs([_GEMMS[v](*args)], [ref]))
         if err > tol:
             warnings.warn(f"gemm_ext: variant {v!r} differs from cuBLAS (relative error {err:.2e} > {tol:.0e}); "
                           "not used for this shape", AutotuneWarning, stacklevel=3)
