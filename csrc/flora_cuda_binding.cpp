@@ -1,7 +1,7 @@
 // TORCH_LIBRARY_IMPL(flora, CUDA): validates with the same checks as the CPU kernels, then calls
 // the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Activation inputs are read
 // in place (contiguous or channels_last: strides passed to the kernels); outputs are contiguous.
-// Built only where torch has CUDA (setup.py / the JIT path in flora_kernels/backends/cuda.py).
+// Built only where torch has CUDA (setup.py / the JIT build of flora_kernels/backends/ext/build.py).
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

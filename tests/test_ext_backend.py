@@ -11,7 +11,7 @@ import torch
 
 import flora_kernels as fk
 from flora_kernels.backends import Call
-from flora_kernels.backends.cuda import CppBackend, load_extension
+from flora_kernels.backends.ext import CppBackend, load_extension
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")

@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from flora_kernels.backends.cuda import _CSRC, load_extension
+from flora_kernels.backends.ext import load_extension
+from flora_kernels.backends.ext.build import CSRC
 
 _REASON = load_extension()
 pytestmark = [
@@ -37,7 +38,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 def emu(tmp_path_factory):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("build_host_emu", _CSRC / "emu" / "build_host_emu.py")
+    spec = importlib.util.spec_from_file_location("build_host_emu", CSRC / "emu" / "build_host_emu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if mod.cuda_include() is None:

@@ -22,7 +22,7 @@ FACTOR = 3.0
 
 @pytest.fixture(scope="module")
 def cuda_ok():
-    from flora_kernels.backends.cuda import CudaBackend
+    from flora_kernels.backends.ext import CudaBackend
 
     reason = CudaBackend().unavailable_reason()
     if reason is not None:

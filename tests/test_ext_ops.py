@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from flora_kernels.backends.cuda import load_extension
+from flora_kernels.backends.ext import load_extension
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
@@ -262,9 +262,9 @@ def test_bad_input_raises(case):
 
 
 def test_ops_listed():
-    from flora_kernels.backends.cuda import _OPS
+    from flora_kernels.backends.ext.ops import OPS
 
-    assert all(hasattr(ops(), name) for name in _OPS)
+    assert all(hasattr(ops(), name) for name in OPS)
     assert math.isfinite(ops().dropout_mask(torch.ones(4), 0.5, 1).sum().item())
 
 

@@ -339,7 +339,7 @@ def select_backend(requested: str, call: Call) -> Backend:
 # reference everywhere. (bench/results/ shows the measured order; measured dispatch refines it.)
 register("reference", ".reference:ReferenceBackend", auto_rank=30)
 register("triton", ".triton:TritonBackend", auto_rank=0)
-register("cuda", ".cuda:CudaBackend", auto_rank=10)
-register("cpp", ".cuda:CppBackend", auto_rank=20)
+register("cuda", ".ext.cuda:CudaBackend", auto_rank=10)
+register("cpp", ".ext.cpp:CppBackend", auto_rank=20)
 # The built-in names, for validation at import (e.g. FLoRAConfig); backend_names() is the live list.
 BACKEND_NAMES = backend_names()
