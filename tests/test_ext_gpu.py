@@ -162,13 +162,19 @@ def _op_cases(dtype, device, channels_last):
         tag = f"N{n}-g{g}-C{c}-sp{len(sp)}"
 
         def expand_(x=x, z=z, y=y, u_out=u_out, g=g):
-            yy = y.to(device).contiguous()
+            yy = lay(y)  # updated in place through its strides (channels_last: as cuDNN's output)
             ops.adapter_expand_(yy, lay(z), u_out.to(device), g, 0.5)
             return yy
+
+        def shrink_grad_input_(x=x, z=z, u_in=u_in, g=g):
+            dx = lay(x)  # accumulated in place (channels_last: as cuDNN's input gradient)
+            ops.adapter_shrink_grad_input_(dx, lay(z), u_in.to(device), g, 0.3, 7)
+            return dx
 
         cases += [
             (f"shrink-{tag}", lambda x=x, u_in=u_in, g=g: ops.adapter_shrink(lay(x), u_in.to(device), g, 0.3, 7)),
             (f"expand_-{tag}", expand_),
+            (f"shrink_grad_input_-{tag}", shrink_grad_input_),
             (f"expand-{tag}", lambda z=z, u_out=u_out, bias=bias, g=g:
                 ops.adapter_expand(lay(z), u_out.to(device), g, 0.5, bias.to(device))),
             (f"expand_grad_input-{tag}", lambda dy=dy, u_out=u_out, g=g:
@@ -228,4 +234,13 @@ def test_cuda_opcheck(cuda_ok):
         ops.dropout_mask: (x, 0.3, 11),
     }
     for op, args in samples.items():
+        torch.library.opcheck(op, args)
+    # channels_last activations: fakes give new outputs the input's layout, in-place targets keep theirs
+    x4, z4, y4 = (torch.randn(2, c, 3, 5, device="cuda").to(memory_format=torch.channels_last) for c in (6, 4, 8))
+    for op, args in {
+        ops.adapter_shrink: (x4, u_in, 2, 0.5, 3),
+        ops.adapter_expand_: (y4.clone(), z4, u_out, 2, 0.5),
+        ops.adapter_expand_grad_input: (y4, u_out, 2, 0.5),
+        ops.adapter_shrink_grad_input_: (x4.clone(), z4, u_in, 2, 0.2, 5),
+    }.items():
         torch.library.opcheck(op, args)

@@ -13,7 +13,7 @@ from ...convspec import ConvSpec, conv_nd
 from ...tucker import mode_n_product
 from ..base import Backend, Call, TensorSpec
 from .build import load_extension
-from .ops import Expand, LinearFactorized, Reconstruct, Shrink
+from .ops import BaseConvShrink, Expand, LinearFactorized, Reconstruct
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -144,9 +144,12 @@ class ExtBackend(Backend):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, k: Tensor, fs: Sequence[Tensor], scale: float,
               spec: ConvSpec, p: float) -> Tensor:
-        """y = conv(x, W) + b + scale * expand(conv(shrink(x), k)); factors and k in x's dtype."""
-        g = spec.groups
-        z = Shrink.apply(x, fs[1], g, p, new_seed(p))
+        """y = conv(x, W) + b + scale * expand(conv(shrink(x), k)) in x's layout; factors and k in x's dtype.
+
+        No copies of x, y or their gradients: the base conv's output (cuDNN on CUDA) takes the
+        adapter in place, and its input gradient the adapter's (``BaseConvShrink``); the shrink /
+        expand kernels read and write contiguous and channels_last tensors through their strides.
+        """
+        y, z = BaseConvShrink.apply(x, weight, bias, fs[1], spec, p, new_seed(p))
         u = conv_nd(z, k, None, spec)
-        y = conv_nd(x, weight, bias, spec).contiguous()
-        return Expand.apply(y, u.contiguous(), fs[0], g, scale)
+        return Expand.apply(y, u, fs[0], spec.groups, scale)

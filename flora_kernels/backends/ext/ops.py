@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ...convspec import ConvSpec, conv_nd, conv_nd_backward
 from ..oplib import fake
 
 OPS = (
@@ -42,9 +43,20 @@ def _same_device(*ts: Tensor | None) -> None:
     torch._check(len(devs) <= 1, lambda: f"expected every tensor on one device, got {sorted(map(str, devs))}")
 
 
+def layout_of(t: Tensor) -> torch.memory_format:
+    """The memory format the ops give a new activation computed from t (csrc/flora_checks.h layout_of):
+    channels_last (_3d) when t is in that layout and not also contiguous, else contiguous."""
+    if not t.is_contiguous():
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _with_channels(t: Tensor, c: int) -> Tensor:
-    """A new tensor of t's shape with c channels (dim 1), contiguous."""
-    return t.new_empty((t.shape[0], c, *t.shape[2:]))
+    """A new tensor of t's batch and spatial sizes with c channels (dim 1), in layout_of(t)."""
+    return torch.empty((t.shape[0], c, *t.shape[2:]), dtype=t.dtype, device=t.device, memory_format=layout_of(t))
 
 
 @fake("flora::tucker_reconstruct")
@@ -208,29 +220,41 @@ class LinearFactorized(torch.autograd.Function):
         return dx, dw, dbias, dcore, du_out, du_in, None, None, None
 
 
-class Shrink(torch.autograd.Function):
-    """z = grouped 1x1 conv of dropout(x) by U_in^T: x (N, g*C, *sp) -> (N, g*r, *sp)."""
+class BaseConvShrink(torch.autograd.Function):
+    """(y, z) = (conv(x, W) + b, grouped 1x1 conv of dropout(x) by U_in^T): the frozen base conv
+    (torch: cuDNN on CUDA) and the adapter's shrink, x read once in its own layout (contiguous or
+    channels_last; z takes that layout). One Function so that the backward writes dx once: dx = the
+    base conv's input gradient, then the adapter's mask * (U_in . dz) accumulated into it in place.
+    x (N, g*C, *sp), weight (O, C, *k), u_in (C, r) -> y (N, O, *out), z (N, g*r, *sp)."""
 
     @staticmethod
-    def forward(ctx, x, u_in, groups, p, seed):
-        ctx.groups, ctx.p, ctx.seed = groups, p, seed
-        ctx.save_for_backward(x, u_in)
-        return flora().adapter_shrink(x, u_in, groups, p, seed)
+    def forward(ctx, x, weight, bias, u_in, spec: ConvSpec, p, seed):
+        ctx.spec, ctx.p, ctx.seed = spec, p, seed
+        ctx.save_for_backward(x, weight, u_in)
+        y = conv_nd(x, weight, bias, spec)
+        return y, flora().adapter_shrink(x, u_in, spec.groups, p, seed)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dz):
-        x, u_in = ctx.saved_tensors
-        dx = du_in = None
-        if ctx.needs_input_grad[0]:
-            dx = flora().adapter_shrink_grad_input(dz, u_in, ctx.groups, ctx.p, ctx.seed)
-        if ctx.needs_input_grad[1]:
-            du_in = flora().adapter_factor_grad(x, dz, ctx.groups, False, 1.0, ctx.p, ctx.seed)
-        return dx, du_in, None, None, None
+    def backward(ctx, dy, dz):
+        x, weight, u_in = ctx.saved_tensors
+        need_x, need_w, need_b, need_u = ctx.needs_input_grad[:4]
+        g = ctx.spec.groups
+        dx = dw = db = du = None
+        if need_x or need_w:
+            dx, dw = conv_nd_backward(dy, x, weight, ctx.spec, need_x, need_w)
+        if need_x:
+            flora().adapter_shrink_grad_input_(dx, dz, u_in, g, ctx.p, ctx.seed)
+        if need_b:
+            db = dy.sum([0, *range(2, dy.dim())])
+        if need_u:
+            du = flora().adapter_factor_grad(x, dz, g, False, 1.0, ctx.p, ctx.seed)
+        return dx, dw, db, du, None, None, None
 
 
 class Expand(torch.autograd.Function):
-    """y += scale * grouped 1x1 conv of u by U_out, in place on y (contiguous)."""
+    """y += scale * grouped 1x1 conv of u by U_out, in place on y (any dense layout whose spatial
+    dims collapse: contiguous, channels_last), u read in place."""
 
     @staticmethod
     def forward(ctx, y, u, u_out, groups, scale):
