@@ -102,6 +102,25 @@ def test_cuda_conv(cuda_ok, case, strategy, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV + [((2, 64, 28, 28), 64, (3, 3), 1, {"padding": 1})],
+                         ids=lambda c: f"{len(c[0]) - 2}d-c{c[0][1]}-g{c[3]}")
+def test_cuda_conv_channels_last(cuda_ok, case, dtype):
+    """Channels-innermost x: shrink reads x in place, the adapter goes into cuDNN's y and its dx in
+    place (no copies); output and every gradient against the fp64 reference."""
+    xs, cout, k, g, geo = case
+    x = torch.randn(*xs, device="cuda", dtype=torch.float64).movedim(1, -1).contiguous().movedim(-1, 1)
+    w = torch.randn(cout, xs[1] // g, *k, device="cuda", dtype=torch.float64) / 5
+    ranks = (min(16, cout), min(16, xs[1] // g)) + tuple(min(3, kk) for kk in k)
+    core, fs = _tucker(tuple(w.shape), ranks)
+
+    def fn(backend, x, core, *f):
+        return fk.flora_conv(x, w.to(x.dtype), None, core, list(f), 0.7, groups=g, strategy="factorized",
+                             backend=backend, **geo)
+
+    _check(fn, [x, core, *fs], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,ranks", [((64, 48), (8, 3)), ((32, 16, 3, 3), (4, 5, 2, 3)),
                                          ((8, 6, 3, 2, 3), (2, 3, 1, 2, 3))], ids=["N2", "N4", "N5"])
 def test_cuda_reconstruct(cuda_ok, shape, ranks, dtype):
