@@ -16,7 +16,10 @@ CUDA_SOURCES = ("csrc/flora_cuda.cu", "csrc/flora_cuda_binding.cpp")  # CUDA ker
 INCLUDE_DIRS = ("csrc",)
 CXX_FLAGS = ("-O3", "-std=c++20")
 CUDA_DEFINES = ("-DFLORA_WITH_CUDA",)  # host compiler, CUDA builds only
-NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo")
+# The last four: what torch's BuildExtension / load() add to every nvcc command (no implicit
+# half/bfloat16 conversions or operators); listed so the compile check builds the .cu as they do.
+NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 # The kernels use mma.sync (sm_80+); 9.0 is the H100/H200 the benchmarks target.
 DEFAULT_ARCHS = ("8.0", "9.0")
 
