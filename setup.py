@@ -1,12 +1,15 @@
 """Build script: the pure-Python package plus the optional compiled extension ``flora_kernels._C``.
 
-- The CPU extension (csrc/flora_cpu.cpp: op schemas + CPU kernels) is built by default with
-  ``torch.utils.cpp_extension.CppExtension``.
-- The CUDA sources (csrc/*.cu + csrc/flora_cuda_binding.cpp) are added, as a CUDAExtension,
+- The CPU extension (csrc/flora_ops.cpp: op schemas; csrc/flora_cpu.cpp: CPU kernels) is built
+  by default with ``torch.utils.cpp_extension.CppExtension``.
+- The CUDA sources (csrc/flora_cuda.cu + csrc/flora_cuda_binding.cpp) are added, as a CUDAExtension,
   only where the installed torch has CUDA and nvcc is found.
+- Sources and flags come from flora_kernels/backends/ext/flags.py (loaded by path: no package
+  import), which the JIT build uses too.
 - ``FLORA_SKIP_EXT=1`` skips the extension entirely (the package then runs on the reference
   and Triton backends). ``FLORA_SKIP_CUDA=1`` builds the CPU extension only.
-- ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` are honoured (read by torch's BuildExtension).
+- ``TORCH_CUDA_ARCH_LIST`` (default: flags.DEFAULT_ARCHS, sm_80 and sm_90) sets the -gencode list;
+  ``MAX_JOBS`` is read by torch's BuildExtension.
 
 Install with ``pip install --no-build-isolation -e ".[dev]"`` after installing torch: the
 extension builds against the torch already installed (torch is not in build-system.requires).
@@ -15,6 +18,7 @@ Every skip prints its reason.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -23,7 +27,16 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-CSRC = ROOT / "csrc"
+
+
+def _load_flags():
+    spec = importlib.util.spec_from_file_location("flora_ext_flags", ROOT / "flora_kernels/backends/ext/flags.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FLAGS = _load_flags()
 
 
 def _say(msg: str) -> None:
@@ -46,8 +59,6 @@ def get_extensions() -> tuple[list, dict]:
              "use pip install --no-build-isolation")
         return [], {}
 
-    cxx = ["-O3", "-std=c++20"]
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "flora_cpu.cpp", CSRC / "flora_cpu_depthwise.cpp"]]
     with_cuda = False
     if _truthy("FLORA_SKIP_CUDA"):
         _say("FLORA_SKIP_CUDA is set: CPU extension only")
@@ -57,19 +68,18 @@ def get_extensions() -> tuple[list, dict]:
         _say("nvcc not found (CUDA_HOME unset and no nvcc on PATH): building the CPU extension only")
     else:
         with_cuda = True
-        sources += ["csrc/flora_cuda.cu", "csrc/flora_cuda_binding.cpp"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            _say("TORCH_CUDA_ARCH_LIST unset: torch picks the visible GPUs' archs (set e.g. '8.0;9.0')")
-    common = {"include_dirs": [str(CSRC)], "py_limited_api": False}
+    sources = FLAGS.sources(with_cuda)
+    common = {"include_dirs": [str(ROOT / d) for d in FLAGS.INCLUDE_DIRS], "py_limited_api": False}
     if with_cuda:
+        archs = FLAGS.parse_archs(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        _say(f"CUDA archs: {', '.join(archs)} (TORCH_CUDA_ARCH_LIST to change)")
         ext = CUDAExtension(
             "flora_kernels._C", sources,
-            extra_compile_args={"cxx": cxx + ["-DFLORA_WITH_CUDA"],
-                                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_compile_args={"cxx": FLAGS.cxx_flags(True), "nvcc": FLAGS.nvcc_flags(archs)},
             **common,
         )
     else:
-        ext = CppExtension("flora_kernels._C", sources, extra_compile_args={"cxx": cxx}, **common)
+        ext = CppExtension("flora_kernels._C", sources, extra_compile_args={"cxx": FLAGS.cxx_flags(False)}, **common)
     _say(f"building flora_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU'}): {', '.join(sources)}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

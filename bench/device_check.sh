@@ -18,7 +18,7 @@
 #      compiles; python -m
 #      flora_kernels.backends.triton.microbench -> $OUT/triton_microbench.json), then the bf16
 #      GPU correctness tests of the Triton backend (pytest -m gpu tests/test_triton_*.py)
-#   4. JIT-build the extension: flora_kernels.backends.cuda.build_extension(verbose=True)
+#   4. JIT-build the extension: flora_kernels.backends.ext.build_extension(verbose=True)
 #      (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); a failure is logged and the script goes on
 #   5. FLORA_TEST_GPU=1 python -m pytest -q -m gpu tests
 #   5b. compute-sanitizer --tool memcheck and --tool racecheck over the op-level CUDA tests
@@ -116,15 +116,15 @@ else
 fi
 
 # 4. JIT-build the compiled extension (guarded: a failure is logged, the script goes on)
-BUILD_PY='import flora_kernels.backends.cuda as c
+BUILD_PY='import flora_kernels.backends.ext as c
 f = getattr(c, "build_extension", None)
 if f is None:
-    raise SystemExit("flora_kernels.backends.cuda has no build_extension() yet")
+    raise SystemExit("flora_kernels.backends.ext has no build_extension() yet")
 print("build_extension ->", f(verbose=True))
 import flora_kernels as fk
 print("backends after build:", fk.available_backends())'
 if [ "$DRY_RUN" = "1" ] && [ "${DRY_RUN_BUILD:-0}" != "1" ]; then
-    step build-check 60 "$PY" -c 'import flora_kernels.backends.cuda as c; f = getattr(c, "build_extension", None); print("build_extension:", "present" if callable(f) else "MISSING"); raise SystemExit(0 if callable(f) else 1)' ||
+    step build-check 60 "$PY" -c 'import flora_kernels.backends.ext as c; f = getattr(c, "build_extension", None); print("build_extension:", "present" if callable(f) else "MISSING"); raise SystemExit(0 if callable(f) else 1)' ||
         echo "(dry run: build_extension not callable; on the GPU machine the build step would log this and go on)" | tee -a "$LOG"
 else
     step build-extension 200 "$PY" -c "$BUILD_PY" || echo "extension build failed: continuing without it" | tee -a "$LOG"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check every CUDA source in csrc/ with nvcc for sm_80 and sm_90 (objects go to a temp
-# dir and are discarded), and check the machine code. Needs nvcc only: the .cu files include no
+# dir and are discarded), and check the machine code. The nvcc flags and the default archs are the
+# build's own (flora_kernels/backends/ext/flags.py, also used by setup.py and the JIT build). Needs nvcc only: the .cu files include no
 # torch headers, so this runs on machines without a GPU or a CUDA build of torch. Exits non-zero
 # on the first failure.
 #
@@ -30,7 +31,10 @@ if ! command -v "$nvcc" >/dev/null 2>&1; then
   else echo "check_cuda_compile: nvcc not found (set NVCC or CUDA_HOME)" >&2; exit 2; fi
 fi
 py="${PYTHON:-python}"
-archs="${ARCHS:-80 90}"
+command -v "$py" >/dev/null 2>&1 || py=python3
+flags_py="$here/../flora_kernels/backends/ext/flags.py"
+build_flags="$("$py" "$flags_py" nvcc)"  # e.g. -O3 -std=c++20 --expt-relaxed-constexpr -lineinfo
+archs="${ARCHS:-$("$py" "$flags_py" archs)}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 out_dir="${SASS_DIR:-$tmp}"
@@ -50,13 +54,14 @@ cuobjdump="$(find_cuobjdump)"
 shopt -s nullglob
 sources=("$here"/*.cu)
 if [ ${#sources[@]} -eq 0 ]; then echo "check_cuda_compile: no .cu files in $here" >&2; exit 1; fi
-echo "check_cuda_compile: $("$nvcc" --version | tail -n 1)"
+echo "check_cuda_compile: $("$nvcc" --version | tail -n 1); flags: $build_flags"
 for src in "${sources[@]}"; do
   name="$(basename "$src")"
   for arch in $archs; do
     start=$(date +%s)
     obj="$tmp/$name.sm_${arch}.o" log="$out_dir/$name.sm_${arch}.ptxas.txt"
-    if ! "$nvcc" -std=c++20 -O3 --expt-relaxed-constexpr -Werror all-warnings -Xptxas -v \
+    # shellcheck disable=SC2086  # build_flags is a list of words
+    if ! "$nvcc" $build_flags -Werror all-warnings -Xptxas -v \
         -gencode "arch=compute_${arch},code=sm_${arch}" -I"$here" -c "$src" -o "$obj" 2>"$log"; then
       cat "$log" >&2
       echo "check_cuda_compile: FAILED $name for sm_${arch}" >&2

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -63,6 +64,61 @@ inline std::vector<int64_t> with_channels(const at::Tensor& t, int64_t channels)
   return s;
 }
 
+// The (n, g, c, p) view of t read in place (Act, flora_common.h) when its spatial dims collapse to one
+// stride (contiguous, channels_last, ...); false otherwise. The CPU kernels and the CUDA launchers
+// take the same view.
+inline bool act_view(const at::Tensor& t, int64_t groups, Act& v) {
+  int64_t P = 1, sp = 0;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (P == 1)
+      sp = t.stride(d);  // the innermost spatial dim of size > 1
+    else if (t.stride(d) != sp * P)
+      return false;
+    P *= t.size(d);
+  }
+  const int64_t C = t.size(1) / groups;
+  v = Act{t.size(0), groups, C, P, t.stride(0), C * t.stride(1), t.stride(1), sp};
+  return true;
+}
+
+// The view of an input read in place; a layout without one (spatial dims that do not collapse)
+// replaces t by a contiguous copy first.
+inline Act input_view(at::Tensor& t, int64_t groups) {
+  Act v;
+  if (!act_view(t, groups, v)) {
+    t = t.contiguous();
+    act_view(t, groups, v);
+  }
+  return v;
+}
+
+// The view of a tensor updated in place: dense, non-overlapping and with a view (contiguous,
+// channels_last, ...), else an error.
+inline Act inplace_view(const at::Tensor& t, int64_t groups, const char* name) {
+  Act v;
+  TORCH_CHECK(t.is_non_overlapping_and_dense() && act_view(t, groups, v), name,
+              ": expected a dense tensor whose spatial dims collapse to one stride (contiguous or channels_last; "
+              "it is updated in place), got shape ", t.sizes(), " and strides ", t.strides());
+  return v;
+}
+
+// The memory format of a new activation computed from t: channels_last (channels_last_3d) when t is
+// in that layout and not also contiguous, else contiguous. The fakes (backends/ext/ops.py) follow
+// the same rule.
+inline at::MemoryFormat layout_of(const at::Tensor& t) {
+  if (!t.is_contiguous()) {
+    if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+    if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// A new (N, channels, *spatial) tensor with t's batch and spatial sizes, dtype, device and layout_of(t).
+inline at::Tensor empty_with_channels(const at::Tensor& t, int64_t channels) {
+  return at::empty(with_channels(t, channels), t.options().memory_format(layout_of(t)));
+}
+
 inline void check_same_batch_spatial(const at::Tensor& a, const at::Tensor& b, const char* a_name, const char* b_name) {
   bool ok = a.dim() == b.dim() && a.size(0) == b.size(0);
   for (int64_t d = 2; ok && d < a.dim(); ++d) ok = a.size(d) == b.size(d);
@@ -100,7 +156,7 @@ struct ExpandDims {
   int64_t r, Og;
 };
 
-// y: (N, groups * O, *sp) contiguous, z: (N, groups * r, *sp), u_out: (groups * O, r).
+// y: (N, groups * O, *sp) (updated in place: see inplace_view), z: (N, groups * r, *sp), u_out: (groups * O, r).
 inline ExpandDims check_expand(const at::Tensor& y, const at::Tensor& z, const at::Tensor& u_out, int64_t groups) {
   check_tensor(y, "y");
   check_tensor(z, "z");
@@ -108,7 +164,6 @@ inline ExpandDims check_expand(const at::Tensor& y, const at::Tensor& z, const a
   check_like(z, y, "z", "y");
   check_like(u_out, y, "u_out", "y");
   check_dim(u_out, 2, "u_out", "(out channels, rank)");
-  TORCH_CHECK(y.is_contiguous(), "y: expected a contiguous tensor (it is updated in place), got strides ", y.strides());
   ChanView v = chan_view(z, groups, "z");
   (void)chan_view(y, groups, "y");
   check_same_batch_spatial(y, z, "y", "z");
@@ -197,8 +252,6 @@ inline void check_shrink_grad_input_inplace(const at::Tensor& dx, const at::Tens
   check_tensor(u_in, "u_in");
   check_like(dx, dz, "dx", "dz");
   check_dim(u_in, 2, "u_in", "(channels per group, rank)");
-  TORCH_CHECK(dx.is_contiguous(), "dx: expected a contiguous tensor (it is updated in place), got strides ",
-              dx.strides());
   TORCH_CHECK(dz.dim() >= 2, "dz: expected at least 2 dims, got shape ", dz.sizes());
   check_same_batch_spatial(dz, dx, "dz", "dx");
   TORCH_CHECK(groups >= 1 && dx.size(1) == groups * u_in.size(0), "dx: expected ", groups * u_in.size(0),

@@ -17,6 +17,16 @@
 
 namespace flora {
 
+// An activation (N, groups * C, *spatial) as (n, g, c, p), p the flattened spatial index: element
+// (n, g, c, p) lives at n * sn + g * sg + c * sc + p * sp. Contiguous (NCHW) and channels_last
+// tensors both have this form, so neither is copied. Dropout masks index the *logical*
+// contiguous element ((n * groups + g) * C + c) * P + p, whatever the strides. Shared by the CPU
+// kernels and the CUDA launchers (the same view of the same tensor on both devices).
+struct Act {
+  int64_t n, groups, c, p;
+  int64_t sn, sg, sc, sp;
+};
+
 struct DropParams {
   uint64_t seed = 0;
   uint32_t threshold = 0;  // keep iff hash24 >= threshold; 0 = no dropout

@@ -1,28 +1,6 @@
-// flora ops: schemas (TORCH_LIBRARY(flora)) and CPU implementations: the GEMM-shaped work through ATen
-// (at::mm / at::addmm_out on views, BLAS-backed), dropout / casts / base adds fused around it in
-// at::parallel_for work items (staged per block, in cache).
-//
-// Op semantics (see docs/kernels/cuda.md). "Channel views": an activation of shape
-// (N, groups * C, *spatial) is read as (R = N * groups, C, P = prod(spatial)), each group using
-// the same small factor. A 2-D (M, features) tensor is the case N = M, P = 1.
-//
-//   tucker_reconstruct(core (r0, r1, T), u0 (I0, r0), u1 (I1, r1), scale, base?)
-//       out[i, j, t] = base[i, j, t] + scale * sum_ab u0[i, a] core[a, b, t] u1[j, b]
-//   tucker_reconstruct_backward(grad (I0, I1, T), core, u0, u1, scale) -> (dcore, du0, du1)
-//   adapter_shrink(x, u_in (C, r), groups, p, seed)       z = u_in^T . dropout(x)   (per group)
-//   adapter_expand_(y!, z, u_out (groups*O, r), groups, scale)
-//                                                         y += scale * u_out_g . z  (group g uses rows g*O..)
-//   adapter_expand(z, u_out, groups, scale, bias?)       y = bias + scale * u_out_g . z (a new tensor)
-//   adapter_expand_grad_input(dy, u_out, groups, scale)   dz = scale * u_out_g^T . dy
-//   adapter_shrink_grad_input(dz, u_in, groups, p, seed)  dx = mask * (u_in . dz)
-//   adapter_shrink_grad_input_(dx!, dz, u_in, ...)        dx += mask * (u_in . dz)
-//   adapter_factor_grad(a, b, groups, per_group, scale, p, seed)
-//       out[c, k] = scale * sum dropout(a)[., c, .] b[., k, .], summed over groups, or one
-//       (C, K) block per group stacked to (groups * C, K) when per_group
-//   adapter_linear_grad(dy (M, O), s (M, r), b (O, r))   (dS = dy b, dB = dy^T s): both from one read of dy
-//   dropout_mask(x, p, seed)                              the multiplier (0 or 1/(1-p)) per element of x
-#include <Python.h>
-
+// CPU implementations of the flora ops (TORCH_LIBRARY_IMPL(flora, CPU); schemas in flora_ops.cpp):
+// the GEMM-shaped work through ATen (at::mm / at::addmm_out on views, BLAS-backed), dropout / casts /
+// base adds fused around it in at::parallel_for work items (staged per block, in cache).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -65,129 +43,140 @@ void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
     at::mm_out(out, a, b);
 }
 
-// out[r, o, p] (= or +=) mask_out * alpha * sum_c w_g(o, c) * mask_in * in[r, c, p], g = r % groups,
-// w_g(o, c) = w[g * w_gs + o * ws_o + c * ws_c]; masks index the flat element of `in` / `out`.
-// Work items are GEMMs on views (BLAS through ATen); the input is staged into an acc_t buffer only
-// when it needs a dropout mask or a cast, the output only when it needs a mask or a cast.
+// The offset of element (n, g, c, p) of view v, and its logical (dropout) index.
+inline int64_t off(const Act& v, int64_t n, int64_t g, int64_t c, int64_t p) {
+  return n * v.sn + g * v.sg + c * v.sc + p * v.sp;
+}
+inline int64_t logical(const Act& v, int64_t n, int64_t g, int64_t c, int64_t p) {
+  return ((n * v.groups + g) * v.c + c) * v.p + p;
+}
+
+// out[n, g, o, p] (= or +=) mask_out * alpha * sum_c w_g(o, c) * mask_in * in[n, g, c, p], with
+// w_g(o, c) = w[g * w_gs + o * ws_o + c * ws_c]; in / out read and written through their views iv / ov
+// (ov.c = O; contiguous, channels_last, ...); masks index the logical elements (Act).
+// Work items are GEMMs on strided views (BLAS through ATen); the input is staged into an acc_t buffer
+// only when it needs a dropout mask or a cast, the output only when it needs a mask or a cast.
 template <typename scalar_t>
-void mix_cpu(const scalar_t* in, const scalar_t* w, int64_t groups, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-             scalar_t* out, int64_t R, int64_t C, int64_t O, int64_t P, double alpha, bool accumulate,
-             const DropParams& din, const DropParams& dout) {
+void mix_cpu(const scalar_t* in, const Act& iv, const scalar_t* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
+             scalar_t* out, const Act& ov, double alpha, bool accumulate, const DropParams& din,
+             const DropParams& dout) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same<acc_t, scalar_t>::value;
   const auto st = c10::CppTypeToScalarType<scalar_t>::value, at_ = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t groups = iv.groups, N = iv.n, C = iv.c, O = ov.c, P = iv.p;
   const int64_t nw = w_gs == 0 ? 1 : groups;  // distinct weights
   std::vector<acc_t> wt_all(nw * O * C);      // wt[(g * O + o) * C + c] = alpha * w_g(o, c)
   for (int64_t g = 0; g < nw; ++g)
     for (int64_t o = 0; o < O; ++o)
       for (int64_t c = 0; c < C; ++c)
         wt_all[(g * O + o) * C + c] = static_cast<acc_t>(alpha) * static_cast<acc_t>(w[g * w_gs + o * ws_o + c * ws_c]);
+  auto wg_of = [&](int64_t g) { return wt_all.data() + (nw == 1 ? 0 : g * O * C); };
   const bool stage_in = !same || din.active, stage_out = !same || dout.active;
   if (P == 1) {
-    // Rows r = n * groups + g; an item is (group g, a block of n): out_rows (nb, O) = in_rows (nb, C) @ W_g^T.
+    // An item is (group g, a block of n): out_rows (nb, O) = in_rows (nb, C) @ W_g^T.
     // Without staging one GEMM per group covers every row (BLAS blocks and threads it itself).
-    const int64_t N = R / groups;
     const int64_t NB = (stage_in || stage_out) ? std::max<int64_t>(16, std::min<int64_t>(512, 65536 / std::max<int64_t>(C + O, 1))) : N;
     const int64_t nblk = (N + NB - 1) / NB;
     at::parallel_for(0, groups * nblk, grain_for(NB * C * O / 16), [&](int64_t ib, int64_t ie) {
       std::vector<acc_t> xin(stage_in ? NB * C : 0), acc(stage_out ? NB * O : 0);
       for (int64_t item = ib; item < ie; ++item) {
         const int64_t g = item / nblk, n0 = (item % nblk) * NB, nb = std::min(NB, N - n0);
-        const Tensor wT = mat(wt_all.data() + (nw == 1 ? 0 : g * O * C), C, O, 1, C, at_);
+        const Tensor wT = mat(wg_of(g), C, O, 1, C, at_);
         Tensor a;
         if (stage_in) {
-          for (int64_t n = 0; n < nb; ++n) {
-            const int64_t base = ((n0 + n) * groups + g) * C;
+          for (int64_t n = 0; n < nb; ++n)
             for (int64_t c = 0; c < C; ++c)
-              xin[n * C + c] = static_cast<acc_t>(in[base + c]) * drop_scale<acc_t>(din, base + c);
-          }
+              xin[n * C + c] = static_cast<acc_t>(in[off(iv, n0 + n, g, c, 0)]) *
+                               drop_scale<acc_t>(din, logical(iv, n0 + n, g, c, 0));
           a = mat(xin.data(), nb, C, C, 1, at_);
         } else {
-          a = mat(in + (n0 * groups + g) * C, nb, C, groups * C, 1, st);
+          a = mat(in + off(iv, n0, g, 0, 0), nb, C, iv.sn, iv.sc, st);
         }
         if (!stage_out) {
-          Tensor o = mat(out + (n0 * groups + g) * O, nb, O, groups * O, 1, st);
+          Tensor o = mat(out + off(ov, n0, g, 0, 0), nb, O, ov.sn, ov.sc, st);
           gemm(o, a, wT, accumulate);
         } else {
           Tensor o = mat(acc.data(), nb, O, O, 1, at_);
           gemm(o, a, wT, false);
-          for (int64_t n = 0; n < nb; ++n) {
-            const int64_t base = ((n0 + n) * groups + g) * O;
+          for (int64_t n = 0; n < nb; ++n)
             for (int64_t q = 0; q < O; ++q) {
-              const acc_t v = acc[n * O + q] * drop_scale<acc_t>(dout, base + q);
-              out[base + q] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(out[base + q]) + v) : static_cast<scalar_t>(v);
+              scalar_t& dst = out[off(ov, n0 + n, g, q, 0)];
+              const acc_t v = acc[n * O + q] * drop_scale<acc_t>(dout, logical(ov, n0 + n, g, q, 0));
+              dst = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(dst) + v) : static_cast<scalar_t>(v);
             }
-          }
         }
       }
     });
     return;
   }
   if (!stage_in && !stage_out) {
-    // P > 1, nothing to stage: one batched GEMM over the R rows (BLAS threads it), W_{r % groups} per row.
-    const Tensor wt = at::from_blob(wt_all.data(), {nw, O, C}, at::TensorOptions().dtype(at_));
-    const Tensor Wr = nw == 1 ? wt.expand({R, O, C}) : wt.unsqueeze(0).expand({R / groups, groups, O, C}).reshape({R, O, C});
-    const Tensor in3 = at::from_blob(const_cast<scalar_t*>(in), {R, C, P}, at::TensorOptions().dtype(st));
-    Tensor out3 = at::from_blob(out, {R, O, P}, at::TensorOptions().dtype(st));
-    if (accumulate)
-      out3.baddbmm_(Wr, in3);
-    else
-      at::bmm_out(out3, Wr, in3);
+    // P > 1, nothing to stage: per group one batched GEMM over the N samples (BLAS threads it),
+    // out_g[n] (O, P) = W_g (O, C) @ in_g[n] (C, P) on strided views.
+    const auto opt = at::TensorOptions().dtype(st);
+    for (int64_t g = 0; g < groups; ++g) {
+      const Tensor wg = at::from_blob(wg_of(g), {1, O, C}, at::TensorOptions().dtype(at_)).expand({N, O, C});
+      const Tensor in3 = at::from_blob(const_cast<scalar_t*>(in) + off(iv, 0, g, 0, 0), {N, C, P}, {iv.sn, iv.sc, iv.sp}, opt);
+      Tensor out3 = at::from_blob(out + off(ov, 0, g, 0, 0), {N, O, P}, {ov.sn, ov.sc, ov.sp}, opt);
+      if (accumulate)
+        out3.baddbmm_(wg, in3);
+      else
+        at::bmm_out(out3, wg, in3);
+    }
     return;
   }
-  // P > 1: an item is (r, a tile of positions): out[r] (O, pn) = W_g (O, C) @ in[r] (C, pn).
-  const int64_t PT = (stage_in || stage_out) ? std::min<int64_t>(P, std::max<int64_t>(64, 65536 / (C + O))) : P;
+  // P > 1: an item is (sample n, group g, a tile of positions): out (O, pn) = W_g (O, C) @ in (C, pn).
+  const int64_t PT = std::min<int64_t>(P, std::max<int64_t>(64, 65536 / (C + O)));
   const int64_t ntiles = (P + PT - 1) / PT;
-  at::parallel_for(0, R * ntiles, grain_for(C * O * PT / 16), [&](int64_t ib, int64_t ie) {
+  at::parallel_for(0, N * groups * ntiles, grain_for(C * O * PT / 16), [&](int64_t ib, int64_t ie) {
     std::vector<acc_t> xin(stage_in ? C * PT : 0), acc(stage_out ? O * PT : 0);
     for (int64_t item = ib; item < ie; ++item) {
-      const int64_t r = item / ntiles, p0 = (item % ntiles) * PT, pn = std::min(PT, P - p0);
-      const Tensor wg = mat(wt_all.data() + (nw == 1 ? 0 : (r % groups) * O * C), O, C, C, 1, at_);
+      const int64_t r = item / ntiles, n = r / groups, g = r % groups, p0 = (item % ntiles) * PT;
+      const int64_t pn = std::min(PT, P - p0);
+      const Tensor wg = mat(wg_of(g), O, C, C, 1, at_);
       Tensor b;
       if (stage_in) {
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t base = (r * C + c) * P + p0;
+        for (int64_t c = 0; c < C; ++c)
           for (int64_t q = 0; q < pn; ++q)
-            xin[c * pn + q] = static_cast<acc_t>(in[base + q]) * drop_scale<acc_t>(din, base + q);
-        }
+            xin[c * pn + q] = static_cast<acc_t>(in[off(iv, n, g, c, p0 + q)]) *
+                              drop_scale<acc_t>(din, logical(iv, n, g, c, p0 + q));
         b = mat(xin.data(), C, pn, pn, 1, at_);
       } else {
-        b = mat(in + r * C * P + p0, C, pn, P, 1, st);
+        b = mat(in + off(iv, n, g, 0, p0), C, pn, iv.sc, iv.sp, st);
       }
       if (!stage_out) {
-        Tensor o = mat(out + r * O * P + p0, O, pn, P, 1, st);
+        Tensor o = mat(out + off(ov, n, g, 0, p0), O, pn, ov.sc, ov.sp, st);
         gemm(o, wg, b, accumulate);
       } else {
         Tensor o = mat(acc.data(), O, pn, pn, 1, at_);
         gemm(o, wg, b, false);
-        for (int64_t oo = 0; oo < O; ++oo) {
-          const int64_t base = (r * O + oo) * P + p0;
+        for (int64_t oo = 0; oo < O; ++oo)
           for (int64_t q = 0; q < pn; ++q) {
-            const acc_t v = acc[oo * pn + q] * drop_scale<acc_t>(dout, base + q);
-            out[base + q] = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(out[base + q]) + v) : static_cast<scalar_t>(v);
+            scalar_t& dst = out[off(ov, n, g, oo, p0 + q)];
+            const acc_t v = acc[oo * pn + q] * drop_scale<acc_t>(dout, logical(ov, n, g, oo, p0 + q));
+            dst = accumulate ? static_cast<scalar_t>(static_cast<acc_t>(dst) + v) : static_cast<scalar_t>(v);
           }
-        }
       }
     }
   });
 }
 
-// out[g', c, k] = alpha * sum over rows r (all rows: G = 1, g' = 0; or r % groups == g': G = groups) and p of
-// mask * a[r, c, p] * b[r, k, p]. Items are GEMMs into per-thread acc_t partial sums, reduced in a fixed order.
+// out[g', c, k] = alpha * sum over samples n, groups g (all: G = 1, g' = 0; or g == g': G = groups) and
+// positions p of mask * a[n, g, c, p] * b[n, g, k, p]; a, b read through their views av, bv (av.c = C,
+// bv.c = K). Items are GEMMs into per-thread acc_t partial sums, reduced in a fixed order.
 template <typename scalar_t>
-void corr_cpu(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t R, int64_t C, int64_t K, int64_t P,
-              int64_t groups, bool per_group, double alpha, const DropParams& da) {
+void corr_cpu(const scalar_t* a, const Act& av, const scalar_t* b, const Act& bv, scalar_t* out, bool per_group,
+              double alpha, const DropParams& da) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same<acc_t, scalar_t>::value;
   const auto st = c10::CppTypeToScalarType<scalar_t>::value, at_ = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t groups = av.groups, N = av.n, C = av.c, K = bv.c, P = av.p;
   const int64_t G = per_group ? groups : 1, CK = C * K;
   const bool stage_a = !same || da.active, stage_b = !same;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<acc_t> part(nthreads * G * CK, acc_t(0));
   std::vector<char> used(nthreads, 0);
   if (P == 1) {
-    // Rows r = n * groups + g; item (g, block of n): part_g (C, K) += a_rows^T (C, nb) @ b_rows (nb, K).
-    const int64_t N = R / groups;
+    // Item (g, block of n): part_g (C, K) += a_rows^T (C, nb) @ b_rows (nb, K).
     const int64_t NB = (stage_a || stage_b) ? std::max<int64_t>(64, std::min<int64_t>(2048, 262144 / std::max<int64_t>(C + K, 1))) : N;
     const int64_t nblk = (N + NB - 1) / NB;
     at::parallel_for(0, groups * nblk, 1, [&](int64_t ib, int64_t ie) {
@@ -198,59 +187,54 @@ void corr_cpu(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t R, in
         const int64_t g = item / nblk, n0 = (item % nblk) * NB, nb = std::min(NB, N - n0);
         Tensor am, bm;
         if (stage_a) {
-          for (int64_t n = 0; n < nb; ++n) {
-            const int64_t base = ((n0 + n) * groups + g) * C;
+          for (int64_t n = 0; n < nb; ++n)
             for (int64_t c = 0; c < C; ++c)
-              abuf[n * C + c] = static_cast<acc_t>(a[base + c]) * drop_scale<acc_t>(da, base + c);
-          }
+              abuf[n * C + c] = static_cast<acc_t>(a[off(av, n0 + n, g, c, 0)]) *
+                                drop_scale<acc_t>(da, logical(av, n0 + n, g, c, 0));
           am = mat(abuf.data(), C, nb, 1, C, at_);
         } else {
-          am = mat(a + (n0 * groups + g) * C, C, nb, 1, groups * C, st);
+          am = mat(a + off(av, n0, g, 0, 0), C, nb, av.sc, av.sn, st);
         }
         if (stage_b) {
-          for (int64_t n = 0; n < nb; ++n) {
-            const int64_t base = ((n0 + n) * groups + g) * K;
-            for (int64_t k = 0; k < K; ++k) bbuf[n * K + k] = static_cast<acc_t>(b[base + k]);
-          }
+          for (int64_t n = 0; n < nb; ++n)
+            for (int64_t k = 0; k < K; ++k) bbuf[n * K + k] = static_cast<acc_t>(b[off(bv, n0 + n, g, k, 0)]);
           bm = mat(bbuf.data(), nb, K, K, 1, at_);
         } else {
-          bm = mat(b + (n0 * groups + g) * K, nb, K, groups * K, 1, st);
+          bm = mat(b + off(bv, n0, g, 0, 0), nb, K, bv.sn, bv.sc, st);
         }
         Tensor o = mat(part.data() + (tid * G + (per_group ? g : 0)) * CK, C, K, K, 1, at_);
         gemm(o, am, bm, true);
       }
     });
   } else {
-    // Item (r, tile of positions): part (C, K) += a[r] (C, pn) @ b[r]^T (pn, K).
+    // Item (sample n, group g, tile of positions): part (C, K) += a (C, pn) @ b^T (pn, K).
     const int64_t PT = (stage_a || stage_b) ? std::min<int64_t>(P, std::max<int64_t>(64, 65536 / (C + K))) : P;
     const int64_t ntiles = (P + PT - 1) / PT;
-    at::parallel_for(0, R * ntiles, 1, [&](int64_t ib, int64_t ie) {
+    at::parallel_for(0, N * groups * ntiles, 1, [&](int64_t ib, int64_t ie) {
       const int64_t tid = at::get_thread_num();
       used[tid] = 1;
       std::vector<acc_t> abuf(stage_a ? C * PT : 0), bbuf(stage_b ? K * PT : 0);
       for (int64_t item = ib; item < ie; ++item) {
-        const int64_t r = item / ntiles, p0 = (item % ntiles) * PT, pn = std::min(PT, P - p0);
+        const int64_t r = item / ntiles, n = r / groups, g = r % groups, p0 = (item % ntiles) * PT;
+        const int64_t pn = std::min(PT, P - p0);
         Tensor am, bm;
         if (stage_a) {
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t base = (r * C + c) * P + p0;
+          for (int64_t c = 0; c < C; ++c)
             for (int64_t q = 0; q < pn; ++q)
-              abuf[c * pn + q] = static_cast<acc_t>(a[base + q]) * drop_scale<acc_t>(da, base + q);
-          }
+              abuf[c * pn + q] = static_cast<acc_t>(a[off(av, n, g, c, p0 + q)]) *
+                                 drop_scale<acc_t>(da, logical(av, n, g, c, p0 + q));
           am = mat(abuf.data(), C, pn, pn, 1, at_);
         } else {
-          am = mat(a + r * C * P + p0, C, pn, P, 1, st);
+          am = mat(a + off(av, n, g, 0, p0), C, pn, av.sc, av.sp, st);
         }
         if (stage_b) {
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t base = (r * K + k) * P + p0;
-            for (int64_t q = 0; q < pn; ++q) bbuf[k * pn + q] = static_cast<acc_t>(b[base + q]);
-          }
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t q = 0; q < pn; ++q) bbuf[k * pn + q] = static_cast<acc_t>(b[off(bv, n, g, k, p0 + q)]);
           bm = mat(bbuf.data(), pn, K, 1, pn, at_);
         } else {
-          bm = mat(b + r * K * P + p0, pn, K, 1, P, st);
+          bm = mat(b + off(bv, n, g, 0, p0), pn, K, bv.sp, bv.sc, st);
         }
-        Tensor o = mat(part.data() + (tid * G + (per_group ? r % groups : 0)) * CK, C, K, K, 1, at_);
+        Tensor o = mat(part.data() + (tid * G + (per_group ? g : 0)) * CK, C, K, K, 1, at_);
         gemm(o, am, bm, true);
       }
     });
@@ -381,78 +365,85 @@ std::tuple<Tensor, Tensor, Tensor> tucker_reconstruct_backward_cpu(const Tensor&
 }
 
 Tensor adapter_shrink_cpu(const Tensor& x_, const Tensor& u_in_, int64_t groups, double p, int64_t seed) {
-  const ChanView v = check_in_factor(x_, u_in_, groups, "x", "u_in");
+  check_in_factor(x_, u_in_, groups, "x", "u_in");
   check_cpu(x_, "x");
   check_dropout(p);
-  Tensor x = x_.contiguous(), u = u_in_.contiguous();
+  Tensor x = x_, u = u_in_.contiguous();
+  const Act v = input_view(x, groups);
   const int64_t r = u.size(1);
-  Tensor z = at::empty(with_channels(x, groups * r), x.options());
+  Tensor z = empty_with_channels(x_, groups * r);
+  const Act zv = inplace_view(z, groups, "z");
   FLORA_DISPATCH(x.scalar_type(), "adapter_shrink", [&] {
-    mix_cpu<scalar_t>(x.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, 0, 1, r, z.data_ptr<scalar_t>(), v.R, v.C, r, v.P,
-                      1.0, false, make_drop(p, seed), DropParams{});
+    mix_cpu<scalar_t>(x.data_ptr<scalar_t>(), v, u.data_ptr<scalar_t>(), 0, 1, r, z.data_ptr<scalar_t>(), zv, 1.0,
+                      false, make_drop(p, seed), DropParams{});
   });
   return z;
 }
 
-void adapter_expand_cpu(Tensor& y, const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale) {
+// y (+)= scale * u_out_g . z, written through y's strides (with accumulate, y may hold the bias).
+void expand_into(Tensor& y, const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale, bool accumulate) {
   const ExpandDims e = check_expand(y, z_, u_out_, groups);
   check_cpu(z_, "z");
-  Tensor z = z_.contiguous(), u = u_out_.contiguous();
-  FLORA_DISPATCH(y.scalar_type(), "adapter_expand_", [&] {
-    mix_cpu<scalar_t>(z.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, e.Og * e.r, e.r, 1,
-                      y.data_ptr<scalar_t>(), e.v.R, e.r, e.Og, e.v.P, scale, true, DropParams{}, DropParams{});
+  const Act yv = inplace_view(y, groups, "y");
+  Tensor z = z_, u = u_out_.contiguous();
+  const Act zv = input_view(z, groups);
+  FLORA_DISPATCH(y.scalar_type(), "adapter_expand", [&] {
+    mix_cpu<scalar_t>(z.data_ptr<scalar_t>(), zv, u.data_ptr<scalar_t>(), e.Og * e.r, e.r, 1, y.data_ptr<scalar_t>(),
+                      yv, scale, accumulate, DropParams{}, DropParams{});
   });
+}
+
+void adapter_expand_cpu(Tensor& y, const Tensor& z, const Tensor& u_out, int64_t groups, double scale) {
+  expand_into(y, z, u_out, groups, scale, true);
 }
 
 Tensor adapter_expand_out_cpu(const Tensor& z, const Tensor& u_out, int64_t groups, double scale,
                               const c10::optional<Tensor>& bias) {
-  const auto shape = check_expand_out(z, u_out, bias);
+  check_expand_out(z, u_out, bias);
   check_cpu(z, "z");
-  Tensor y = at::empty(shape, z.options().memory_format(at::MemoryFormat::Contiguous));
-  const ExpandDims e = check_expand(y, z, u_out, groups);
+  Tensor y = empty_with_channels(z, u_out.size(0));
   const bool with_bias = bias.has_value() && bias->defined();
   if (with_bias) {
     std::vector<int64_t> bshape(y.dim(), 1);
     bshape[1] = y.size(1);
     y.copy_(bias->view(bshape).expand_as(y));
   }
-  Tensor zc = z.contiguous(), u = u_out.contiguous();
-  FLORA_DISPATCH(y.scalar_type(), "adapter_expand", [&] {
-    mix_cpu<scalar_t>(zc.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, e.Og * e.r, e.r, 1,
-                      y.data_ptr<scalar_t>(), e.v.R, e.r, e.Og, e.v.P, scale, with_bias, DropParams{}, DropParams{});
-  });
+  expand_into(y, z, u_out, groups, scale, with_bias);
   return y;
 }
 
 Tensor adapter_expand_grad_input_cpu(const Tensor& dy_, const Tensor& u_out_, int64_t groups, double scale) {
-  const ChanView v = check_out_factor(dy_, u_out_, groups);
+  const ChanView cv = check_out_factor(dy_, u_out_, groups);
   check_cpu(dy_, "dy");
-  Tensor dy = dy_.contiguous(), u = u_out_.contiguous();
+  Tensor dy = dy_, u = u_out_.contiguous();
+  const Act v = input_view(dy, groups);
   const int64_t r = u.size(1);
-  Tensor dz = at::empty(with_channels(dy, groups * r), dy.options());
+  Tensor dz = empty_with_channels(dy_, groups * r);
+  const Act zv = inplace_view(dz, groups, "dz");
   FLORA_DISPATCH(dy.scalar_type(), "adapter_expand_grad_input", [&] {
-    mix_cpu<scalar_t>(dy.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, v.C * r, 1, r, dz.data_ptr<scalar_t>(),
-                      v.R, v.C, r, v.P, scale, false, DropParams{}, DropParams{});
+    mix_cpu<scalar_t>(dy.data_ptr<scalar_t>(), v, u.data_ptr<scalar_t>(), cv.C * r, 1, r, dz.data_ptr<scalar_t>(), zv,
+                      scale, false, DropParams{}, DropParams{});
   });
   return dz;
 }
 
 void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, int64_t groups, double p, int64_t seed,
                             bool accumulate) {
-  const ChanView v = check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
+  check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
   check_cpu(dz_, "dz");
   check_dropout(p);
-  Tensor dz = dz_.contiguous(), u = u_in_.contiguous();
-  const int64_t C = u.size(0);
+  const Act xv = inplace_view(dx, groups, "dx");
+  Tensor dz = dz_, u = u_in_.contiguous();
+  const Act v = input_view(dz, groups);
   FLORA_DISPATCH(dz.scalar_type(), "adapter_shrink_grad_input", [&] {
-    mix_cpu<scalar_t>(dz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), groups, 0, v.C, 1, dx.data_ptr<scalar_t>(), v.R, v.C, C,
-                      v.P, 1.0, accumulate, DropParams{}, make_drop(p, seed));
+    mix_cpu<scalar_t>(dz.data_ptr<scalar_t>(), v, u.data_ptr<scalar_t>(), 0, v.c, 1, dx.data_ptr<scalar_t>(), xv, 1.0,
+                      accumulate, DropParams{}, make_drop(p, seed));
   });
 }
 
 Tensor adapter_shrink_grad_input_cpu(const Tensor& dz, const Tensor& u_in, int64_t groups, double p, int64_t seed) {
   check_shrink_grad_input(dz, u_in, groups);
-  Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)), dz.options());
+  Tensor dx = empty_with_channels(dz, groups * u_in.size(0));
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, false);
   return dx;
 }
@@ -467,11 +458,12 @@ Tensor adapter_factor_grad_cpu(const Tensor& a_, const Tensor& b_, int64_t group
                                double p, int64_t seed) {
   const auto [va, vb] = check_factor_grad(a_, b_, groups, p);
   check_cpu(a_, "a");
-  Tensor a = a_.contiguous(), b = b_.contiguous();
-  Tensor out = at::empty({(per_group ? groups : 1) * va.C, vb.C}, a.options());
+  Tensor a = a_, b = b_;
+  const Act av = input_view(a, groups), bv = input_view(b, groups);
+  Tensor out = at::empty({(per_group ? groups : 1) * va.C, vb.C}, a.options().memory_format(at::MemoryFormat::Contiguous));
   FLORA_DISPATCH(a.scalar_type(), "adapter_factor_grad", [&] {
-    corr_cpu<scalar_t>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), va.R, va.C, vb.C,
-                       va.P, groups, per_group, scale, make_drop(p, seed));
+    corr_cpu<scalar_t>(a.data_ptr<scalar_t>(), av, b.data_ptr<scalar_t>(), bv, out.data_ptr<scalar_t>(), per_group,
+                       scale, make_drop(p, seed));
   });
   return out;
 }
@@ -499,22 +491,6 @@ Tensor dropout_mask_cpu(const Tensor& x, double p, int64_t seed) {
 
 }  // namespace
 
-TORCH_LIBRARY(flora, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("tucker_reconstruct(Tensor core, Tensor u0, Tensor u1, float scale, Tensor? base) -> Tensor", tags);
-  m.def("tucker_reconstruct_backward(Tensor grad, Tensor core, Tensor u0, Tensor u1, float scale)"
-        " -> (Tensor, Tensor, Tensor)", tags);
-  m.def("adapter_shrink(Tensor x, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
-  m.def("adapter_expand_(Tensor(a!) y, Tensor z, Tensor u_out, int groups, float scale) -> ()", tags);
-  m.def("adapter_expand(Tensor z, Tensor u_out, int groups, float scale, Tensor? bias) -> Tensor", tags);
-  m.def("adapter_expand_grad_input(Tensor dy, Tensor u_out, int groups, float scale) -> Tensor", tags);
-  m.def("adapter_shrink_grad_input(Tensor dz, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
-  m.def("adapter_shrink_grad_input_(Tensor(a!) dx, Tensor dz, Tensor u_in, int groups, float p, int seed) -> ()", tags);
-  m.def("adapter_factor_grad(Tensor a, Tensor b, int groups, bool per_group, float scale, float p, int seed) -> Tensor", tags);
-  m.def("adapter_linear_grad(Tensor dy, Tensor s, Tensor b) -> (Tensor, Tensor)", tags);
-  m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor", tags);
-}
-
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("tucker_reconstruct", &tucker_reconstruct_cpu);
   m.impl("tucker_reconstruct_backward", &tucker_reconstruct_backward_cpu);
@@ -530,18 +506,3 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
 }
 
 }  // namespace flora
-
-// An importable (empty) Python module, so `import flora_kernels._C` registers torch.ops.flora.
-#ifndef TORCH_EXTENSION_NAME
-#define TORCH_EXTENSION_NAME _C
-#endif
-#define FLORA_CONCAT_(a, b) a##b
-#define FLORA_CONCAT(a, b) FLORA_CONCAT_(a, b)
-#define FLORA_STR_(a) #a
-#define FLORA_STR(a) FLORA_STR_(a)
-
-extern "C" PyMODINIT_FUNC FLORA_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, FLORA_STR(TORCH_EXTENSION_NAME),
-                                   "FLoRA kernels, registered as torch.ops.flora", -1, nullptr};
-  return PyModule_Create(&def);
-}

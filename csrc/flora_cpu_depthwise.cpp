@@ -1,4 +1,5 @@
-// Depthwise 2-D convolution weight gradient on CPU (flora::depthwise_conv2d_weight_grad).
+// Depthwise 2-D convolution weight gradient on CPU (flora::depthwise_conv2d_weight_grad; schema in
+// flora_ops.cpp).
 //
 // For a conv with C_in/groups == 1 (each output channel co reads input channel co / m, m =
 // C_out / C_in):
@@ -130,11 +131,6 @@ at::Tensor depthwise_conv2d_weight_grad_cpu(const at::Tensor& x, const at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(flora, m) {
-  m.def("depthwise_conv2d_weight_grad(Tensor x, Tensor dy, int[] kernel, int[] stride, int[] padding, "
-        "int[] dilation) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) { m.impl("depthwise_conv2d_weight_grad", &depthwise_conv2d_weight_grad_cpu); }
 

@@ -126,12 +126,12 @@ struct Opnd {  // an input tile source: element (row, k) of group g at p + g * g
 };
 
 struct Out {  // element (m, n) of group g, split s at p + (s + g * slice_g) * slice + g * gs + row(m) + col(n)
-  void* p = nullptr;
+  void* p = nullptr;            // the output mask (dd) indexes g * lgs + the logical parts of row(m), col(n)
   const void* src = nullptr;   // added to the result (same layout; may be p itself), or null
   const void* bias = nullptr;  // bias[g * bias_gs + n] added to the result, or null
   int64_t bias_gs = 0;
   Idx2 row, col;
-  int64_t gs = 0, slice = 0, slice_g = 0;
+  int64_t gs = 0, lgs = 0, slice = 0, slice_g = 0;
   int vec = kNone;
 };
 
@@ -294,19 +294,22 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
   const TO* bias = d.bias ? static_cast<const TO*>(d.bias) + static_cast<int64_t>(g) * d.bias_gs : nullptr;
   const bool along_rows = d.vec == kAlongRows;
   const E inv_keep = static_cast<E>(args.dd.inv_keep);
+  const int64_t lbase = static_cast<int64_t>(g) * d.lgs;
   for (int e = threadIdx.x; e < BM * BN / V; e += kThreads) {
     const int rr = along_rows ? (e % (BM / V)) * V : e / (BN / V);
     const int cc = along_rows ? e / (BM / V) : (e % (BN / V)) * V;
     const uint32_t m = m0 + rr, n = n0 + cc;
     const bool full = d.vec != kNone && (along_rows ? m + V <= args.M && n < args.N : m < args.M && n + V <= args.N);
     if (full) {
-      const int64_t o = at(d.row, m).mem + at(d.col, n).mem;
+      const Pos pm = at(d.row, m), pn = at(d.col, n);
+      const int64_t o = pm.mem + pn.mem;
+      const int64_t l0 = lbase + pm.log + pn.log, ls = along_rows ? d.row.run_lstride() : d.col.run_lstride();
       alignas(16) TO s[V];
       if (src) load_vec(s, src + o);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
-        if (args.dd.active) v = drop_keep(args.dd, off0 + o + i) ? v * inv_keep : E(0);
+        if (args.dd.active) v = drop_keep(args.dd, l0 + i * ls) ? v * inv_keep : E(0);
         if (src) v += static_cast<E>(to_acc(s[i]));
         if (bias) v += static_cast<E>(to_acc(bias[along_rows ? n : n + i]));
         s[i] = from_acc<TO>(v);
@@ -317,9 +320,10 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
       for (int i = 0; i < V; ++i) {
         const uint32_t mi = along_rows ? m + i : m, ni = along_rows ? n : n + i;
         if (mi < args.M && ni < args.N) {
-          const int64_t o = at(d.row, mi).mem + at(d.col, ni).mem;
+          const Pos pm = at(d.row, mi), pn = at(d.col, ni);
+          const int64_t o = pm.mem + pn.mem;
           E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
-          if (args.dd.active) v = drop_keep(args.dd, off0 + o) ? v * inv_keep : E(0);
+          if (args.dd.active) v = drop_keep(args.dd, lbase + pm.log + pn.log) ? v * inv_keep : E(0);
           if (src) v += static_cast<E>(to_acc(src[o]));
           if (bias) v += static_cast<E>(to_acc(bias[ni]));
           out[o] = from_acc<TO>(v);
@@ -650,30 +654,31 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
 }
 
 namespace {
-// A Linear-shaped mix (P = 1, one group) with a plain output and a long reduction over few output
-// tiles (the shrink x U_in, dS = dy B: M tokens x r, K = features) splits k to fill the GPU.
-bool mix_splits(const Act& iv, int64_t O, const void* bias, bool accumulate, const DropParams& dout) {
-  return iv.p == 1 && iv.groups == 1 && bias == nullptr && !accumulate && !dout.active &&
-         plan_split(iv.n, O, iv.c, 1, true).slices > 1;
+// A Linear-shaped mix (P = 1, one group) with a plain (row-major) output and a long reduction over few
+// output tiles (the shrink x U_in, dS = dy B: M tokens x r, K = features) splits k to fill the GPU.
+bool mix_splits(const Act& iv, const Act& ov, const void* bias, bool accumulate, const DropParams& dout) {
+  return iv.p == 1 && iv.groups == 1 && ov.sn == ov.c && ov.sc == 1 && bias == nullptr && !accumulate &&
+         !dout.active && plan_split(iv.n, ov.c, iv.c, 1, true).slices > 1;
 }
 }  // namespace
 
-int64_t mix_workspace_bytes(DType dt, const Act& iv, int64_t O, const void* bias, bool accumulate,
+int64_t mix_workspace_bytes(DType dt, const Act& iv, const Act& ov, const void* bias, bool accumulate,
                             const DropParams& dout) {
-  return mix_splits(iv, O, bias, accumulate, dout) ? split_ws_bytes(plan_split(iv.n, O, iv.c, 1, true), acc_bytes(dt))
-                                                   : 0;
+  return mix_splits(iv, ov, bias, accumulate, dout)
+             ? split_ws_bytes(plan_split(iv.n, ov.c, iv.c, 1, true), acc_bytes(dt))
+             : 0;
 }
 
 cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-                void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
+                void* out, const Act& ov, const void* bias, double alpha, bool accumulate, DropParams din,
                 DropParams dout, void* ws, cudaStream_t stream) {
-  const int64_t G = iv.groups, C = iv.c, P = iv.p;
-  if (iv.p > kMaxDim || G < 1) return cudaErrorInvalidValue;
-  const bool split = mix_splits(iv, O, bias, accumulate, dout);
+  const int64_t G = iv.groups, C = iv.c, P = iv.p, O = ov.c;
+  if (iv.p > kMaxDim || G < 1 || ov.groups != G || ov.n != iv.n || ov.p != P) return cudaErrorInvalidValue;
+  const bool split = mix_splits(iv, ov, bias, accumulate, dout);
   if (split && ws == nullptr) return cudaErrorInvalidValue;
   return with_type(dt, [&](auto tag) {
     using TT = decltype(tag);
-    GemmArgs a;  // rows m = (n, p), k = c, columns o; out contiguous (N, G, O, P)
+    GemmArgs a;  // rows m = (n, p), k = c, columns o; in and out read / written through their strides
     a.a.p = in;
     a.a.row = Idx2(P, iv.sn, iv.sp, G * C * P, 1);
     a.a.col = Idx2(1, iv.sc, 0, P);
@@ -687,9 +692,10 @@ cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t 
     a.d.src = accumulate ? out : nullptr;
     a.d.bias = bias;
     a.d.bias_gs = O;
-    a.d.row = Idx2(P, G * O * P, 1);
-    a.d.col = Idx2(1, P);
-    a.d.gs = O * P;
+    a.d.row = Idx2(P, ov.sn, ov.sp, G * O * P, 1);
+    a.d.col = Idx2(1, ov.sc, 0, P);
+    a.d.gs = ov.sg;
+    a.d.lgs = O * P;
     a.alpha = alpha * (din.active ? din.inv_keep : 1.0);
     a.da = din;
     a.dd = dout;

@@ -19,15 +19,6 @@ namespace cuda {
 
 enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-// An activation (N, groups * C, *spatial) as (n, g, c, p), p the flattened spatial index: element
-// (n, g, c, p) lives at n * sn + g * sg + c * sc + p * sp. Contiguous (NCHW) and channels_last
-// tensors both have this form, so neither is copied. Dropout masks index the *logical*
-// contiguous element ((n * groups + g) * C + c) * P + p, whatever the strides.
-struct Act {
-  int64_t n, groups, c, p;
-  int64_t sn, sg, sc, sp;
-};
-
 // Bytes of the fp32 (fp64 for F64) partial sums reconstruct needs (ws of reconstruct).
 int64_t reconstruct_workspace_bytes(DType core_dt, int64_t r0, int64_t r1, int64_t T, int64_t I0);
 
@@ -48,13 +39,14 @@ cudaError_t reconstruct_backward(DType dt, const void* grad, const void* core, c
                                  int64_t r1, int64_t T, int64_t I0, int64_t I1, double scale, cudaStream_t stream);
 
 // out[n, g, o, p] (= or +=) bias[g * O + o] + alpha * mask_out * sum_c w[g * w_gs + o * ws_o + c * ws_c] *
-// mask_in * in[n, g, c, p]. in: the strided view iv; out contiguous (N, groups * O, *spatial); bias
-// (groups * O) or null; mask_in indexes the logical element of in, mask_out the element of out.
-// ws: mix_workspace_bytes (split-k partials of a Linear-shaped reduction; null when that is 0).
-int64_t mix_workspace_bytes(DType dt, const Act& iv, int64_t O, const void* bias, bool accumulate,
+// mask_in * in[n, g, c, p]. in, out: the strided views iv, ov (ov.c = O; equal n, groups, p), e.g. both
+// channels_last; bias (groups * O) or null; mask_in indexes the logical element of in, mask_out the
+// logical element of out (Act). ws: mix_workspace_bytes (split-k partials of a Linear-shaped
+// reduction; null when that is 0).
+int64_t mix_workspace_bytes(DType dt, const Act& iv, const Act& ov, const void* bias, bool accumulate,
                             const DropParams& dout);
 cudaError_t mix(DType dt, const void* in, const Act& iv, const void* w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-                void* out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din,
+                void* out, const Act& ov, const void* bias, double alpha, bool accumulate, DropParams din,
                 DropParams dout, void* ws, cudaStream_t stream);
 
 // out[c, k] = alpha * sum_{n,g,p} mask * a[n, g, c, p] * b[n, g, k, p] (out (C, K)); per_group: out

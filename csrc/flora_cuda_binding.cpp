@@ -1,7 +1,8 @@
 // TORCH_LIBRARY_IMPL(flora, CUDA): validates with the same checks as the CPU kernels, then calls
-// the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Activation inputs are read
-// in place (contiguous or channels_last: strides passed to the kernels); outputs are contiguous.
-// Built only where torch has CUDA (setup.py / the JIT path in flora_kernels/backends/cuda.py).
+// the raw-pointer launchers of csrc/flora_cuda.cu on the current stream. Activations are read and
+// written in place through their strides (contiguous or channels_last: flora_checks.h act_view); new
+// activations take the input's layout (layout_of), in-place targets keep theirs.
+// Built only where torch has CUDA (setup.py / the JIT build of flora_kernels/backends/ext/build.py).
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -35,38 +36,16 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "flora::", what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-// The (n, g, c, p) view of an activation (N, groups * C, *spatial) read in place: any layout whose
-// spatial dims collapse to one stride (contiguous, channels_last, ...). Otherwise `t` is replaced
-// by a contiguous copy first.
-cuda::Act act_view(Tensor& t, int64_t groups) {
-  int64_t P = 1, sp = 0;
-  bool ok = true;
-  for (int64_t d = t.dim() - 1; d >= 2; --d) {
-    if (t.size(d) == 1) continue;
-    if (P == 1)
-      sp = t.stride(d);  // the innermost spatial dim of size > 1
-    else if (t.stride(d) != sp * P)
-      ok = false;
-    P *= t.size(d);
-  }
-  if (!ok) {
-    t = t.contiguous();
-    return act_view(t, groups);
-  }
-  const int64_t C = t.size(1) / groups;
-  return cuda::Act{t.size(0), groups, C, P, t.stride(0), C * t.stride(1), t.stride(1), sp};
-}
-
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// cuda::mix with its split-k workspace (if any) from torch's caching allocator.
-void run_mix(const Tensor& in, const cuda::Act& v, const Tensor& w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
-             Tensor& out, const void* bias, int64_t O, double alpha, bool accumulate, DropParams din, DropParams dout,
-             const char* what) {
+// cuda::mix with its split-k workspace (if any) from torch's caching allocator; out (view ov) is written.
+void run_mix(const Tensor& in, const Act& v, const Tensor& w, int64_t w_gs, int64_t ws_o, int64_t ws_c,
+             Tensor& out, const Act& ov, const void* bias, double alpha, bool accumulate, DropParams din,
+             DropParams dout, const char* what) {
   const DType dt = dtype_of(in);
-  const int64_t bytes = cuda::mix_workspace_bytes(dt, v, O, bias, accumulate, dout);
+  const int64_t bytes = cuda::mix_workspace_bytes(dt, v, ov, bias, accumulate, dout);
   Tensor ws = at::empty({bytes}, in.options().dtype(at::kByte));
-  check_launch(cuda::mix(dt, in.data_ptr(), v, w.data_ptr(), w_gs, ws_o, ws_c, out.data_ptr(), bias, O, alpha,
+  check_launch(cuda::mix(dt, in.data_ptr(), v, w.data_ptr(), w_gs, ws_o, ws_c, out.data_ptr(), ov, bias, alpha,
                          accumulate, din, dout, bytes ? ws.data_ptr() : nullptr, stream()),
                what);
 }
@@ -121,34 +100,36 @@ Tensor adapter_shrink_cuda(const Tensor& x_, const Tensor& u_in_, int64_t groups
   check_dropout(p);
   c10::cuda::CUDAGuard guard(x_.device());
   Tensor x = x_, u = u_in_.contiguous();
-  const cuda::Act v = act_view(x, groups);
+  const Act v = input_view(x, groups);
   const int64_t r = u.size(1);
-  Tensor z = at::empty(with_channels(x, groups * r), x.options().memory_format(at::MemoryFormat::Contiguous));
-  run_mix(x, v, u, 0, 1, r, z, nullptr, r, 1.0, false, make_drop(p, seed), DropParams{}, "adapter_shrink");
+  Tensor z = empty_with_channels(x_, groups * r);
+  run_mix(x, v, u, 0, 1, r, z, inplace_view(z, groups, "z"), nullptr, 1.0, false, make_drop(p, seed), DropParams{},
+          "adapter_shrink");
   return z;
 }
 
 void adapter_expand_cuda(Tensor& y, const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale) {
   const ExpandDims e = check_expand(y, z_, u_out_, groups);
   check_cuda(y, "y");
+  const Act ov = inplace_view(y, groups, "y");
   c10::cuda::CUDAGuard guard(y.device());
   Tensor z = z_, u = u_out_.contiguous();
-  const cuda::Act v = act_view(z, groups);
-  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, nullptr, e.Og, scale, true, DropParams{}, DropParams{}, "adapter_expand_");
+  const Act v = input_view(z, groups);
+  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, ov, nullptr, scale, true, DropParams{}, DropParams{}, "adapter_expand_");
 }
 
 Tensor adapter_expand_out_cuda(const Tensor& z_, const Tensor& u_out_, int64_t groups, double scale,
                                const c10::optional<Tensor>& bias_) {
-  const auto shape = check_expand_out(z_, u_out_, bias_);
+  check_expand_out(z_, u_out_, bias_);
   check_cuda(z_, "z");
   c10::cuda::CUDAGuard guard(z_.device());
-  Tensor y = at::empty(shape, z_.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = empty_with_channels(z_, u_out_.size(0));
   const ExpandDims e = check_expand(y, z_, u_out_, groups);
   Tensor z = z_, u = u_out_.contiguous();
   Tensor bias = bias_.has_value() && bias_->defined() ? bias_->contiguous() : Tensor();
-  const cuda::Act v = act_view(z, groups);
-  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, bias.defined() ? bias.data_ptr() : nullptr, e.Og, scale, false,
-          DropParams{}, DropParams{}, "adapter_expand");
+  const Act v = input_view(z, groups);
+  run_mix(z, v, u, e.Og * e.r, e.r, 1, y, inplace_view(y, groups, "y"), bias.defined() ? bias.data_ptr() : nullptr,
+          scale, false, DropParams{}, DropParams{}, "adapter_expand");
   return y;
 }
 
@@ -157,11 +138,11 @@ Tensor adapter_expand_grad_input_cuda(const Tensor& dy_, const Tensor& u_out_, i
   check_cuda(dy_, "dy");
   c10::cuda::CUDAGuard guard(dy_.device());
   Tensor dy = dy_, u = u_out_.contiguous();
-  const cuda::Act v = act_view(dy, groups);
+  const Act v = input_view(dy, groups);
   const int64_t r = u.size(1);
-  Tensor dz = at::empty(with_channels(dy, groups * r), dy.options().memory_format(at::MemoryFormat::Contiguous));
-  run_mix(dy, v, u, cv.C * r, 1, r, dz, nullptr, r, scale, false, DropParams{}, DropParams{},
-          "adapter_expand_grad_input");
+  Tensor dz = empty_with_channels(dy_, groups * r);
+  run_mix(dy, v, u, cv.C * r, 1, r, dz, inplace_view(dz, groups, "dz"), nullptr, scale, false, DropParams{},
+          DropParams{}, "adapter_expand_grad_input");
   return dz;
 }
 
@@ -170,18 +151,17 @@ void shrink_grad_input_impl(Tensor& dx, const Tensor& dz_, const Tensor& u_in_, 
   check_in_factor(dz_, u_in_.t(), groups, "dz", "u_in^T");
   check_cuda(dz_, "dz");
   check_dropout(p);
+  const Act ov = inplace_view(dx, groups, "dx");
   c10::cuda::CUDAGuard guard(dz_.device());
   Tensor dz = dz_, u = u_in_.contiguous();
-  const cuda::Act v = act_view(dz, groups);
-  const int64_t C = u.size(0);
-  run_mix(dz, v, u, 0, v.c, 1, dx, nullptr, C, 1.0, accumulate, DropParams{}, make_drop(p, seed),
+  const Act v = input_view(dz, groups);
+  run_mix(dz, v, u, 0, v.c, 1, dx, ov, nullptr, 1.0, accumulate, DropParams{}, make_drop(p, seed),
           "adapter_shrink_grad_input");
 }
 
 Tensor adapter_shrink_grad_input_cuda(const Tensor& dz, const Tensor& u_in, int64_t groups, double p, int64_t seed) {
   check_shrink_grad_input(dz, u_in, groups);
-  Tensor dx = at::empty(with_channels(dz, groups * u_in.size(0)),
-                        dz.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = empty_with_channels(dz, groups * u_in.size(0));
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, false);
   return dx;
 }
@@ -198,7 +178,7 @@ Tensor adapter_factor_grad_cuda(const Tensor& a_, const Tensor& b_, int64_t grou
   check_cuda(a_, "a");
   c10::cuda::CUDAGuard guard(a_.device());
   Tensor a = a_, b = b_;
-  const cuda::Act va = act_view(a, groups), vb = act_view(b, groups);
+  const Act va = input_view(a, groups), vb = input_view(b, groups);
   Tensor out = at::empty({(per_group ? groups : 1) * va.c, vb.c}, a.options().memory_format(at::MemoryFormat::Contiguous));
   const DType dt = dtype_of(a);
   Tensor ws = at::empty({cuda::corr_workspace_bytes(dt, va, vb, per_group)}, a.options().dtype(at::kByte));

@@ -113,7 +113,58 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> T
     sym = spec.symmetric_zero_padding
     if sym is not None:
         return _CONV[spec.dims](x, weight, bias, spec.stride, sym, spec.dilation, spec.groups)
-    flat = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)  # F.pad wants last dim first
-    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    flat, mode = _explicit_pad(spec)
     x = F.pad(x, flat, mode=mode)
     return _CONV[spec.dims](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+
+
+def _explicit_pad(spec: ConvSpec) -> tuple[tuple[int, ...], str]:
+    """F.pad's arguments for the spec's padding (last dim first) and mode."""
+    flat = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)
+    return flat, "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+
+
+def pad_adjoint(g: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
+    """The adjoint of F.pad (per spatial dim (before, after), any padding mode) applied to g."""
+    for j, (lo, hi) in enumerate(pads):
+        dim, n = 2 + j, g.shape[2 + j] - lo - hi
+        inner = g.narrow(dim, lo, n)
+        if mode != "zeros" and (lo or hi):
+            inner = inner.clone()
+            before, after = g.narrow(dim, 0, lo), g.narrow(dim, lo + n, hi)
+            if mode == "circular":  # before[k] is x[n - lo + k], after[k] is x[k]
+                inner.narrow(dim, n - lo, lo).add_(before)
+                inner.narrow(dim, 0, hi).add_(after)
+            elif mode == "replicate":  # every pad position copies the edge
+                inner.narrow(dim, 0, 1).add_(before.sum(dim, keepdim=True))
+                inner.narrow(dim, n - 1, 1).add_(after.sum(dim, keepdim=True))
+            else:  # reflect: before[k] is x[lo - k], after[k] is x[n - 2 - k]
+                inner.narrow(dim, 1, lo).add_(before.flip(dim))
+                inner.narrow(dim, n - 1 - hi, hi).add_(after.flip(dim))
+        g = inner
+    return g
+
+
+def conv_nd_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, spec: ConvSpec, need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dweight) of ``conv_nd(x, weight, ., spec)`` for the output gradient dy (None where not
+    asked): torch's convolution backward (cuDNN on CUDA). With symmetric zero padding dx is in x's
+    layout as torch returns it (contiguous or channels_last); otherwise it goes through the adjoint
+    of the explicit padding and is returned dense in x's suggested memory format."""
+    zeros = [0] * spec.dims
+    sym = spec.symmetric_zero_padding
+    if sym is not None:
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x, weight, None, list(spec.stride), list(sym), list(spec.dilation), False, zeros, spec.groups,
+            [need_x, need_w, False])
+        return dx, dw
+    flat, mode = _explicit_pad(spec)
+    shape = (*x.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec.pads)))
+    fmt = torch._prims_common.suggest_memory_format(x)
+    xp = F.pad(x, flat, mode=mode) if need_w else x.new_empty(shape).contiguous(memory_format=fmt)
+    gp, dw, _ = torch.ops.aten.convolution_backward(
+        dy, xp, weight, None, list(spec.stride), zeros, list(spec.dilation), False, zeros, spec.groups,
+        [need_x, need_w, False])
+    dx = pad_adjoint(gp, spec.pads, spec.padding_mode).contiguous(memory_format=fmt) if need_x else None
+    return dx, dw

@@ -11,7 +11,7 @@ import torch
 
 import flora_kernels as fk
 from flora_kernels.backends import Call
-from flora_kernels.backends.cuda import CppBackend, load_extension
+from flora_kernels.backends.ext import CppBackend, load_extension
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
@@ -142,6 +142,31 @@ def test_conv_matches_reference(case, strategy):
     _compare(fn, [x, w, b, core, *factors], dtype)
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t with its channel dim innermost in memory (channels_last for 4-D / 5-D, (N, L, C) for 3-D)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
+def test_conv_channels_last_matches_reference(case):
+    """Channels-innermost x and weight: the kernels read x, write y (the base conv's output) and
+    accumulate into dx (the base conv's input gradient) through their strides; output and every
+    gradient match the reference, and y keeps torch's layout (channels_last), never copied."""
+    dtype = torch.float64
+    xs, cout, k, g, geo, ranks = case
+    x = _channels_last(torch.randn(*xs, dtype=dtype))
+    w = _channels_last(torch.randn(cout, xs[1] // g, *k, dtype=dtype) / 3)
+    b = torch.randn(cout, dtype=dtype)
+    core, factors = _tucker(tuple(w.shape), ranks, dtype)
+
+    def fn(backend, x, w, b, core, *fs):
+        return fk.flora_conv(x, w, b, core, list(fs), 0.6, groups=g, strategy="factorized", backend=backend, **geo)
+
+    _compare(fn, [x, w, b, core, *factors], dtype)
+    y, y_ref = fn("cpp", x, w, b, core, *factors), fn("reference", x, w, b, core, *factors)
+    assert y.stride() == y_ref.stride()  # torch's conv output layout, the adapter added in place
+
+
 def test_conv_fp32_and_unbatched():
     x = torch.randn(4, 9, 8)
     w = torch.randn(6, 2, 3, 3) / 3
@@ -184,10 +209,14 @@ def test_linear_dropout_uses_seeded_mask(strategy):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("strategy", ["factorized", "merged"])
-def test_conv_dropout_uses_seeded_mask(strategy):
+def test_conv_dropout_uses_seeded_mask(strategy, cl):
+    """The mask indexes x's logical elements: the same for a channels_last x."""
     p = 0.3
     x, w = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
     core, factors = _tucker(tuple(w.shape), (2, 2, 3, 2), torch.float64)
     mask = _mask_like(x, p, 3, strategy)
     leaves = _leaves(x, core, *factors)

@@ -17,7 +17,8 @@ import os
 import pytest
 import torch
 
-from flora_kernels.backends.cuda import _CSRC, load_extension
+from flora_kernels.backends.ext import load_extension
+from flora_kernels.backends.ext.build import CSRC
 
 _REASON = load_extension()
 pytestmark = [
@@ -37,7 +38,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 def emu(tmp_path_factory):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("build_host_emu", _CSRC / "emu" / "build_host_emu.py")
+    spec = importlib.util.spec_from_file_location("build_host_emu", CSRC / "emu" / "build_host_emu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if mod.cuda_include() is None:
@@ -128,7 +129,8 @@ def test_emulated_reconstruct(emu, dims, dtype):
 
 # (N, groups, C per group, rank, spatial, out per group, channels_last): Linear (P = 1) with odd
 # and 16-byte-aligned channel counts; grouped conv1d/2d with P a multiple of 8 (row runs) and odd
-# P (scalar); channels_last inputs read in place.
+# P (scalar); channels_last inputs and outputs read and written in place (odd sizes with groups,
+# a 3-D conv with 16-byte runs along the channels).
 ADAPTER = [
     (70, 1, 40, 5, (), 37, False),
     (9, 1, 7, 17, (), 4, False),
@@ -136,45 +138,57 @@ ADAPTER = [
     (2, 2, 9, 8, (4, 4), 5, False),
     (2, 2, 16, 3, (3, 5), 2, True),
     (1, 1, 33, 16, (8, 9), 40, True),
+    (3, 2, 5, 3, (3, 7), 6, True),
+    (2, 1, 24, 8, (2, 3, 4), 16, True),
     (300, 1, 600, 5, (), 9, False),  # shrink / dS with a long reduction: split over k
 ]
 
 
+# Outputs contiguous for every case, and in the input's channels_last layout where it has one.
+ADAPTER_OUT = [(s, False) for s in ADAPTER] + [(s, True) for s in ADAPTER if s[-1]]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", ADAPTER, ids=str)
-def test_emulated_adapter_kernels(emu, shape, dtype):
+@pytest.mark.parametrize("shape,out_cl", ADAPTER_OUT, ids=lambda v: str(v) if isinstance(v, tuple) else f"out_cl={v}")
+def test_emulated_adapter_kernels(emu, shape, dtype, out_cl):
+    """Every mix launch of the binding, with its output contiguous or in the input's layout (the
+    binding's choice for new tensors, and what an in-place y or dx of cuDNN's has)."""
     n, g, c, r, sp, o, cl = shape
     ops, tol, p, seed = torch.ops.flora, TOL[dtype], 0.3, 77
     x = _layout(torch.randn(n, g * c, *sp, dtype=dtype), cl)
+
+    def new(*shape):  # an output of the launch, in the layout under test
+        return _layout(torch.empty(*shape, dtype=dtype), out_cl)
+
+    def mix(inp, w, w_gs, ws_o, ws_c, out, bias, alpha, acc, pin, sin, pout, sout, wsb):
+        return emu.h_mix(DT[dtype], _p(inp), _act(inp, g), _p(w), L(w_gs), L(ws_o), L(ws_c), _p(out), _act(out, g),
+                         _p(bias), D(alpha), acc, D(pin), L(sin), D(pout), L(sout), ctypes.byref(wsb))
+
     u_in, u_out = torch.randn(c, r, dtype=dtype), torch.randn(g * o, r, dtype=dtype)
-    z = torch.empty(n, g * r, *sp, dtype=dtype)  # shrink, as the CUDA binding launches it
+    z = new(n, g * r, *sp)  # shrink, as the CUDA binding launches it
     wsb = ctypes.c_long(0)  # the split-k workspace the launch needed
-    assert emu.h_mix(DT[dtype], _p(x), _act(x, g), _p(u_in), L(0), L(1), L(r), _p(z), _p(None), L(r), D(1.0), 0, D(p), L(seed),
-                     D(0), L(0), ctypes.byref(wsb)) == 0
+    assert mix(x, u_in, 0, 1, r, z, None, 1.0, 0, p, seed, 0, 0, wsb) == 0
     _close("shrink", z, ops.adapter_shrink(x.contiguous(), u_in, g, p, seed), tol)
     assert (wsb.value > 0) == (not sp and g == 1 and c >= 512)
-    zl = _layout(z, cl)
-    y = torch.randn(n, g * o, *sp, dtype=dtype)
-    y_ref = y.clone()
-    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y), _p(None), L(o), D(0.5), 1, D(0),
-                     L(0), D(0), L(0), ctypes.byref(wsb)) == 0
-    ops.adapter_expand_(y_ref, z, u_out, g, 0.5)
+    zl = _layout(z.contiguous(), cl)
+    y = _layout(torch.randn(n, g * o, *sp, dtype=dtype), out_cl)
+    y_ref = y.contiguous()
+    assert mix(zl, u_out, o * r, r, 1, y, None, 0.5, 1, 0, 0, 0, 0, wsb) == 0
+    ops.adapter_expand_(y_ref, z.contiguous(), u_out, g, 0.5)
     _close("expand_", y, y_ref, tol)
-    bias, y_new = torch.randn(g * o, dtype=dtype), torch.empty_like(y)  # y = bias + s U_out z (no read of y)
-    assert emu.h_mix(DT[dtype], _p(zl), _act(zl, g), _p(u_out), L(o * r), L(r), L(1), _p(y_new), _p(bias), L(o),
-                     D(0.5), 0, D(0), L(0), D(0), L(0), ctypes.byref(wsb)) == 0
-    _close("expand(bias)", y_new, ops.adapter_expand(z, u_out, g, 0.5, bias), tol)
-    dy = _layout(torch.randn_like(y), cl)
-    dz = torch.empty_like(z)
-    assert emu.h_mix(DT[dtype], _p(dy), _act(dy, g), _p(u_out), L(o * r), L(1), L(r), _p(dz), _p(None), L(r), D(0.5), 0, D(0),
-                     L(0), D(0), L(0), ctypes.byref(wsb)) == 0
+    bias, y_new = torch.randn(g * o, dtype=dtype), new(*y.shape)  # y = bias + s U_out z (no read of y)
+    assert mix(zl, u_out, o * r, r, 1, y_new, bias, 0.5, 0, 0, 0, 0, 0, wsb) == 0
+    _close("expand(bias)", y_new, ops.adapter_expand(z.contiguous(), u_out, g, 0.5, bias), tol)
+    dy = _layout(torch.randn(y.shape, dtype=dtype), cl)
+    dz = new(*z.shape)
+    assert mix(dy, u_out, o * r, 1, r, dz, None, 0.5, 0, 0, 0, 0, 0, wsb) == 0
     _close("expand_grad_input", dz, ops.adapter_expand_grad_input(dy.contiguous(), u_out, g, 0.5), tol)
-    dx = torch.randn(x.shape, dtype=dtype)
-    dx_ref = dx.clone()
-    dzl = _layout(dz, cl)
-    assert emu.h_mix(DT[dtype], _p(dzl), _act(dzl, g), _p(u_in), L(0), L(r), L(1), _p(dx), _p(None), L(c), D(1.0), 1, D(0),
-                     L(0), D(p), L(seed), ctypes.byref(wsb)) == 0
-    ops.adapter_shrink_grad_input_(dx_ref, dz, u_in, g, p, seed)
+    dx = _layout(torch.randn(x.shape, dtype=dtype), out_cl)
+    dx_ref = dx.contiguous()
+    dzl = _layout(dz.contiguous(), cl)
+    # dx += mask * (U_in . dz): the output mask indexes dx's logical elements, whatever its strides
+    assert mix(dzl, u_in, 0, r, 1, dx, None, 1.0, 1, 0, 0, p, seed, wsb) == 0
+    ops.adapter_shrink_grad_input_(dx_ref, dz.contiguous(), u_in, g, p, seed)
     _close("shrink_grad_input_", dx, dx_ref, tol)
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import flora_kernels as fk
-from flora_kernels.backends import depthwise
-from flora_kernels.backends.cuda import load_extension
+from flora_kernels.backends.ext import depthwise
+from flora_kernels.backends.ext import load_extension
 from flora_kernels.convspec import ConvSpec
 
 _REASON = load_extension()

@@ -22,7 +22,7 @@ FACTOR = 3.0
 
 @pytest.fixture(scope="module")
 def cuda_ok():
-    from flora_kernels.backends.cuda import CudaBackend
+    from flora_kernels.backends.ext import CudaBackend
 
     reason = CudaBackend().unavailable_reason()
     if reason is not None:
@@ -102,6 +102,25 @@ def test_cuda_conv(cuda_ok, case, strategy, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV + [((2, 64, 28, 28), 64, (3, 3), 1, {"padding": 1})],
+                         ids=lambda c: f"{len(c[0]) - 2}d-c{c[0][1]}-g{c[3]}")
+def test_cuda_conv_channels_last(cuda_ok, case, dtype):
+    """Channels-innermost x: shrink reads x in place, the adapter goes into cuDNN's y and its dx in
+    place (no copies); output and every gradient against the fp64 reference."""
+    xs, cout, k, g, geo = case
+    x = torch.randn(*xs, device="cuda", dtype=torch.float64).movedim(1, -1).contiguous().movedim(-1, 1)
+    w = torch.randn(cout, xs[1] // g, *k, device="cuda", dtype=torch.float64) / 5
+    ranks = (min(16, cout), min(16, xs[1] // g)) + tuple(min(3, kk) for kk in k)
+    core, fs = _tucker(tuple(w.shape), ranks)
+
+    def fn(backend, x, core, *f):
+        return fk.flora_conv(x, w.to(x.dtype), None, core, list(f), 0.7, groups=g, strategy="factorized",
+                             backend=backend, **geo)
+
+    _check(fn, [x, core, *fs], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,ranks", [((64, 48), (8, 3)), ((32, 16, 3, 3), (4, 5, 2, 3)),
                                          ((8, 6, 3, 2, 3), (2, 3, 1, 2, 3))], ids=["N2", "N4", "N5"])
 def test_cuda_reconstruct(cuda_ok, shape, ranks, dtype):
@@ -162,13 +181,19 @@ def _op_cases(dtype, device, channels_last):
         tag = f"N{n}-g{g}-C{c}-sp{len(sp)}"
 
         def expand_(x=x, z=z, y=y, u_out=u_out, g=g):
-            yy = y.to(device).contiguous()
+            yy = lay(y)  # updated in place through its strides (channels_last: as cuDNN's output)
             ops.adapter_expand_(yy, lay(z), u_out.to(device), g, 0.5)
             return yy
+
+        def shrink_grad_input_(x=x, z=z, u_in=u_in, g=g):
+            dx = lay(x)  # accumulated in place (channels_last: as cuDNN's input gradient)
+            ops.adapter_shrink_grad_input_(dx, lay(z), u_in.to(device), g, 0.3, 7)
+            return dx
 
         cases += [
             (f"shrink-{tag}", lambda x=x, u_in=u_in, g=g: ops.adapter_shrink(lay(x), u_in.to(device), g, 0.3, 7)),
             (f"expand_-{tag}", expand_),
+            (f"shrink_grad_input_-{tag}", shrink_grad_input_),
             (f"expand-{tag}", lambda z=z, u_out=u_out, bias=bias, g=g:
                 ops.adapter_expand(lay(z), u_out.to(device), g, 0.5, bias.to(device))),
             (f"expand_grad_input-{tag}", lambda dy=dy, u_out=u_out, g=g:
@@ -228,4 +253,13 @@ def test_cuda_opcheck(cuda_ok):
         ops.dropout_mask: (x, 0.3, 11),
     }
     for op, args in samples.items():
+        torch.library.opcheck(op, args)
+    # channels_last activations: fakes give new outputs the input's layout, in-place targets keep theirs
+    x4, z4, y4 = (torch.randn(2, c, 3, 5, device="cuda").to(memory_format=torch.channels_last) for c in (6, 4, 8))
+    for op, args in {
+        ops.adapter_shrink: (x4, u_in, 2, 0.5, 3),
+        ops.adapter_expand_: (y4.clone(), z4, u_out, 2, 0.5),
+        ops.adapter_expand_grad_input: (y4, u_out, 2, 0.5),
+        ops.adapter_shrink_grad_input_: (x4.clone(), z4, u_in, 2, 0.2, 5),
+    }.items():
         torch.library.opcheck(op, args)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from flora_kernels.backends.cuda import load_extension
+from flora_kernels.backends.ext import load_extension
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
@@ -51,27 +51,46 @@ def _chan(t: torch.Tensor, g: int) -> torch.Tensor:
     return t.reshape(t.shape[0], g, t.shape[1] // g, -1)
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t with its channel dim innermost in memory (channels_last for 4-D / 5-D, (N, L, C) for 3-D)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if t.dim() >= 3 else t
+
+
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """The layout the ops give new activations computed from t (csrc/flora_checks.h layout_of)."""
+    from flora_kernels.backends.ext.ops import layout_of as rule
+
+    return rule(t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
-def test_adapter_ops_match_formulas(shape, dtype, p):
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+def test_adapter_ops_match_formulas(shape, dtype, p, cl):
+    """Every adapter op against its einsum formula; with cl, every activation channels-innermost
+    (read and, for the in-place ops, written through its strides; new outputs in layout_of(input))."""
     n, g, c, r, sp = shape
     o = 3  # out channels per group
     seed = 1234
-    x = torch.randn(n, g * c, *sp, dtype=dtype)
+    lay = channels_last if cl else (lambda t: t)
+    x = lay(torch.randn(n, g * c, *sp, dtype=dtype))
     u_in = torch.randn(c, r, dtype=dtype)
     u_out = torch.randn(g * o, r, dtype=dtype)
-    y = torch.randn(n, g * o, *sp, dtype=dtype)
-    mask = ops().dropout_mask(x, p, seed)
+    y = lay(torch.randn(n, g * o, *sp, dtype=dtype))
+    mask = ops().dropout_mask(x, p, seed)  # per logical element, whatever x's strides
     xd = (x.double() * mask.double())
     # shrink: z = U_in^T dropout(x) per group
     z = ops().adapter_shrink(x, u_in, g, p, seed)
     z_ref = torch.einsum("ngcp,ca->ngap", _chan(xd, g), u_in.double()).reshape(n, g * r, *sp)
     close(z, z_ref, dtype)
+    assert z.is_contiguous(memory_format=layout_of(x))
     # expand: y += s * U_out_g z
-    zz = torch.randn_like(z)
+    zz = lay(torch.randn(z.shape, dtype=dtype))
     y2 = y.clone()
+    ptr, strides = y2.data_ptr(), y2.stride()
     ops().adapter_expand_(y2, zz, u_out, g, 0.7)
+    assert (y2.data_ptr(), y2.stride()) == (ptr, strides)
     y_ref = y.double() + 0.7 * torch.einsum("goa,ngap->ngop", u_out.double().reshape(g, o, r), _chan(zz.double(), g)).reshape(y.shape)
     close(y2, y_ref, dtype)
     # expand out of place, with and without a bias: y = bias + s * U_out_g z
@@ -80,15 +99,16 @@ def test_adapter_ops_match_formulas(shape, dtype, p):
     close(ops().adapter_expand(zz, u_out, g, 0.7, bias), y_ref - y.double() + bias_b, dtype)
     close(ops().adapter_expand(zz, u_out, g, 0.7, None), y_ref - y.double(), dtype)
     # expand grad input: dz = s * U_out_g^T dy
-    dy = torch.randn_like(y)
+    dy = lay(torch.randn(y.shape, dtype=dtype))
     dz = ops().adapter_expand_grad_input(dy, u_out, g, 0.7)
+    assert dz.is_contiguous(memory_format=layout_of(dy))
     dz_ref = 0.7 * torch.einsum("goa,ngop->ngap", u_out.double().reshape(g, o, r), _chan(dy.double(), g)).reshape(z.shape)
     close(dz, dz_ref, dtype)
     # shrink grad input: dx = mask * (U_in dz), fresh and accumulated
     dx = ops().adapter_shrink_grad_input(zz, u_in, g, p, seed)
     dx_ref = mask.double() * torch.einsum("ca,ngap->ngcp", u_in.double(), _chan(zz.double(), g)).reshape(x.shape)
     close(dx, dx_ref, dtype)
-    acc = torch.randn_like(x)
+    acc = lay(torch.randn(x.shape, dtype=dtype))
     acc2 = acc.clone()
     ops().adapter_shrink_grad_input_(acc2, zz, u_in, g, p, seed)
     close(acc2, acc.double() + dx_ref, dtype)
@@ -159,18 +179,22 @@ def _samples(dtype=torch.float32):
     u_out = torch.randn(8, 2, dtype=dtype)
     z = torch.randn(2, 4, 5, dtype=dtype)
     y = torch.randn(2, 8, 5, dtype=dtype)
+    # channels_last 2-D activations: read and written in place, new outputs channels_last
+    x4, z4, y4 = (channels_last(torch.randn(2, ch, 3, 5, dtype=dtype)) for ch in (6, 4, 8))
     core = torch.randn(2, 3, 4, dtype=dtype)
     u0, u1 = torch.randn(5, 2, dtype=dtype), torch.randn(6, 3, dtype=dtype)
     return {
         "tucker_reconstruct": [(core, u0, u1, 0.5, None), (core, u0, u1, 0.5, torch.randn(5, 6, 4, dtype=torch.float64))],
         "tucker_reconstruct_backward": [(torch.randn(5, 6, 4, dtype=dtype), core, u0, u1, 0.5)],
-        "adapter_shrink": [(x, u_in, 2, 0.0, 0), (x, u_in, 2, 0.5, 3)],
-        "adapter_expand_": [(y.clone(), z, u_out, 2, 0.5)],
-        "adapter_expand": [(z, u_out, 2, 0.5, None), (z, u_out, 2, 0.5, torch.randn(8, dtype=dtype))],
-        "adapter_expand_grad_input": [(y, u_out, 2, 0.5)],
-        "adapter_shrink_grad_input": [(z, u_in, 2, 0.2, 5)],
-        "adapter_shrink_grad_input_": [(x.clone(), z, u_in, 2, 0.2, 5)],
-        "adapter_factor_grad": [(x, z, 2, False, 1.0, 0.2, 5), (y, z, 2, True, 0.5, 0.0, 0)],
+        "adapter_shrink": [(x, u_in, 2, 0.0, 0), (x, u_in, 2, 0.5, 3), (x4, u_in, 2, 0.5, 3)],
+        "adapter_expand_": [(y.clone(), z, u_out, 2, 0.5), (y4.clone(), z4, u_out, 2, 0.5)],
+        "adapter_expand": [(z, u_out, 2, 0.5, None), (z, u_out, 2, 0.5, torch.randn(8, dtype=dtype)),
+                           (z4, u_out, 2, 0.5, None)],
+        "adapter_expand_grad_input": [(y, u_out, 2, 0.5), (y4, u_out, 2, 0.5)],
+        "adapter_shrink_grad_input": [(z, u_in, 2, 0.2, 5), (z4, u_in, 2, 0.2, 5)],
+        "adapter_shrink_grad_input_": [(x.clone(), z, u_in, 2, 0.2, 5), (x4.clone(), z4, u_in, 2, 0.2, 5)],
+        "adapter_factor_grad": [(x, z, 2, False, 1.0, 0.2, 5), (y, z, 2, True, 0.5, 0.0, 0),
+                                (x4, z4, 2, False, 1.0, 0.2, 5)],
         "adapter_linear_grad": [(torch.randn(7, 8, dtype=dtype), torch.randn(7, 3, dtype=dtype),
                                  torch.randn(8, 3, dtype=dtype))],
         "dropout_mask": [(x, 0.3, 11)],
@@ -202,7 +226,9 @@ def _bad_calls():
         "shrink-p-negative": lambda: ops().adapter_shrink(x, u_in, 2, -0.1, 0),
         "expand-y-channels": lambda: ops().adapter_expand_(f(2, 7, 5), z, u_out, 2, 1.0),
         "expand-spatial": lambda: ops().adapter_expand_(f(2, 8, 4), z, u_out, 2, 1.0),
-        "expand-noncontiguous-y": lambda: ops().adapter_expand_(f(2, 5, 8).transpose(1, 2), z, u_out, 2, 1.0),
+        # in-place targets: dense with collapsing spatial dims (contiguous, channels_last), not strided slices
+        "expand-strided-y": lambda: ops().adapter_expand_(f(2, 8, 10)[:, :, ::2], z, u_out, 2, 1.0),
+        "expand-overlapping-y": lambda: ops().adapter_expand_(f(2, 8, 1).expand(2, 8, 5), z, u_out, 2, 1.0),
         "expand-out-bias-shape": lambda: ops().adapter_expand(z, u_out, 2, 1.0, f(7)),
         "expand-out-bias-dtype": lambda: ops().adapter_expand(z, u_out, 2, 1.0, f(8).double()),
         "expand-out-factor-dim": lambda: ops().adapter_expand(z, f(8), 2, 1.0, None),
@@ -213,8 +239,8 @@ def _bad_calls():
         "expand-grad-factor-rows": lambda: ops().adapter_expand_grad_input(y, f(4, 2), 2, 1.0),
         "shrink-grad-rank": lambda: ops().adapter_shrink_grad_input(z, f(3, 3), 2, 0.0, 0),
         "shrink-grad-inplace-channels": lambda: ops().adapter_shrink_grad_input_(f(2, 5, 5), z, u_in, 2, 0.0, 0),
-        "shrink-grad-inplace-noncontiguous": lambda: ops().adapter_shrink_grad_input_(
-            f(2, 5, 6).transpose(1, 2), z, u_in, 2, 0.0, 0),
+        "shrink-grad-inplace-strided": lambda: ops().adapter_shrink_grad_input_(
+            f(2, 6, 10)[:, :, ::2], z, u_in, 2, 0.0, 0),
         "factor-grad-batch": lambda: ops().adapter_factor_grad(x, f(3, 4, 5), 2, False, 1.0, 0.0, 0),
         "reconstruct-2d-core": lambda: ops().tucker_reconstruct(f(2, 3), u0, u1, 1.0, None),
         "reconstruct-u0-rank": lambda: ops().tucker_reconstruct(core, f(5, 3), u1, 1.0, None),
@@ -262,9 +288,9 @@ def test_bad_input_raises(case):
 
 
 def test_ops_listed():
-    from flora_kernels.backends.cuda import _OPS
+    from flora_kernels.backends.ext.ops import OPS
 
-    assert all(hasattr(ops(), name) for name in _OPS)
+    assert all(hasattr(ops(), name) for name in OPS)
     assert math.isfinite(ops().dropout_mask(torch.ones(4), 0.5, 1).sum().item())
 
 
@@ -274,8 +300,9 @@ def test_ops_listed():
 @pytest.mark.parametrize("shape", [(2100, 1, 40, 3, ()), (700, 2, 20, 4, ()), (2, 2, 8, 3, (70, 90))],
                          ids=["rows2100", "rows700-g2", "P6300-g2"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
-def test_adapter_ops_blocked_match_formulas(shape, dtype, p):
-    test_adapter_ops_match_formulas(shape, dtype, p)
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+def test_adapter_ops_blocked_match_formulas(shape, dtype, p, cl):
+    test_adapter_ops_match_formulas(shape, dtype, p, cl)
 
 
 @pytest.mark.parametrize("core_dtype,base_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),

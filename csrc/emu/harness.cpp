@@ -23,16 +23,16 @@ int h_reconstruct_backward(int dt, const void* g, const void* core, const void* 
                            double s) {
   return reconstruct_backward(DType(dt), g, core, u0, u1, dc, d0, d1, wq, wr, wc, r0, r1, T, I0, I1, s, nullptr);
 }
-// iv: (n, groups, c, p, sn, sg, sc, sp) of `in`.
+// iv / ov: (n, groups, c, p, sn, sg, sc, sp) of `in` / `out` (ov's c is the output channels per group).
 // Allocates the split-k workspace itself (it reports its size through *ws_bytes).
 int h_mix(int dt, const void* in, const long* iv, const void* w, long w_gs, long ws_o, long ws_c, void* out,
-          const void* bias, long O, double alpha, int acc, double pin, long sin, double pout, long sout,
+          const long* ov, const void* bias, double alpha, int acc, double pin, long sin, double pout, long sout,
           long* ws_bytes) {
   const DropParams dout = make_drop(pout, sout);
-  *ws_bytes = mix_workspace_bytes(DType(dt), act(iv), O, bias, acc != 0, dout);
+  *ws_bytes = mix_workspace_bytes(DType(dt), act(iv), act(ov), bias, acc != 0, dout);
   std::vector<double> ws((*ws_bytes + 7) / 8);
-  return mix(DType(dt), in, act(iv), w, w_gs, ws_o, ws_c, out, bias, O, alpha, acc != 0, make_drop(pin, sin), dout,
-             ws.empty() ? nullptr : ws.data(), nullptr);
+  return mix(DType(dt), in, act(iv), w, w_gs, ws_o, ws_c, out, act(ov), bias, alpha, acc != 0, make_drop(pin, sin),
+             dout, ws.empty() ? nullptr : ws.data(), nullptr);
 }
 long h_corr_ws(int dt, const long* av, const long* bv, int per_group) {
   return corr_workspace_bytes(DType(dt), act(av), act(bv), per_group != 0);

@@ -97,7 +97,10 @@ def _num_threads() -> int:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype if autocast is on for this device type, else None."""
+    """The autocast dtype if autocast is on for this device type, else None (also for device
+    types autocast does not know, e.g. meta)."""
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu"):
+        return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -364,5 +367,5 @@ def select_backend(requested: str, call: Call) -> Backend:
 # reference everywhere. (bench/results/ shows the measured order; measured dispatch refines it.)
 register("reference", ".reference:ReferenceBackend", auto_rank=30)
 register("triton", ".triton:TritonBackend", auto_rank=0)
-register("cuda", ".cuda:CudaBackend", auto_rank=10)
-register("cpp", ".cuda:CppBackend", auto_rank=20)
+register("cuda", ".ext.cuda:CudaBackend", auto_rank=10)
+register("cpp", ".ext.cpp:CppBackend", auto_rank=20)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...convspec import ConvSpec, conv_nd
+from ..oplib import fake
 from . import channel_gemm as cg
 from ._common import alloc_like, new_seed
 from .core_conv import core_conv
@@ -97,7 +98,7 @@ def conv_base_project(
     return y, cg.project(x, u_in, groups, z, True, p, seed)
 
 
-@conv_base_project.register_fake
+@fake(conv_base_project)
 def _(x, weight, bias, u_in, stride, pads, dilation, groups, padding_mode, p, seed):  # type: ignore[no-untyped-def]
     y = conv_nd(x, weight, bias, _spec(stride, pads, dilation, groups, padding_mode))
     return y, alloc_like((x.shape[0], groups * u_in.shape[1], *x.shape[2:]), x)
@@ -123,7 +124,7 @@ def conv_base_project_bwd(
     return (dx if dx is not None else x.new_empty(0)), (du if du is not None else u_in.new_empty(0))
 
 
-@conv_base_project_bwd.register_fake
+@fake(conv_base_project_bwd)
 def _(dy, dz, x, weight, u_in, stride, pads, dilation, groups, padding_mode, p, seed, need_dx, need_du):  # type: ignore[no-untyped-def]
     return (torch.empty_like(x) if need_dx else x.new_empty(0)), u_in.new_empty(u_in.shape if need_du else (0,))
 
@@ -153,7 +154,7 @@ def conv_expand(base: Tensor, u: Tensor, u_out: Tensor, groups: int) -> Tensor:
     return cg.expand(u, u_out, groups, torch.empty_like(base), base, False)
 
 
-@conv_expand.register_fake
+@fake(conv_expand)
 def _(base: Tensor, u: Tensor, u_out: Tensor, groups: int) -> Tensor:
     return torch.empty_like(base)
 
@@ -166,7 +167,7 @@ def conv_expand_bwd(dy: Tensor, u: Tensor, u_out: Tensor, groups: int, need_du: 
     return du, dw
 
 
-@conv_expand_bwd.register_fake
+@fake(conv_expand_bwd)
 def _(dy, u, u_out, groups, need_du, need_dw):  # type: ignore[no-untyped-def]
     return (torch.empty_like(u) if need_du else u.new_empty(0)), u_out.new_empty(u_out.shape if need_dw else (0,))
 

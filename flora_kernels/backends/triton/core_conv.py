@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..oplib import fake
 from ._common import INTERPRET, MAX_RANK, alloc_like, dot_precision, rank_pad, split_for
 
 # ----------------------------------------------------------------------------- kernels
@@ -257,7 +258,7 @@ def core_conv(z: Tensor, k: Tensor, stride: list[int], pads: list[int], dilation
     return core_conv_forward(z, k, stride, pads, dilation, groups, out)
 
 
-@core_conv.register_fake
+@fake(core_conv)
 def _(z: Tensor, k: Tensor, stride: list[int], pads: list[int], dilation: list[int], groups: int) -> Tensor:
     return alloc_like(out_shape(z, k, stride, pads, dilation, groups), z)
 
@@ -272,7 +273,7 @@ def core_conv_bwd(
     return (dz if dz is not None else z.new_empty(0)), (dk if dk is not None else k.new_empty(0))
 
 
-@core_conv_bwd.register_fake
+@fake(core_conv_bwd)
 def _(du, z, k, stride, pads, dilation, groups, need_dz, need_dk):  # type: ignore[no-untyped-def]
     return (torch.empty_like(z) if need_dz else z.new_empty(0)), (torch.empty_like(k) if need_dk else k.new_empty(0))
 

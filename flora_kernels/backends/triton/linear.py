@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..oplib import fake
 from . import channel_gemm as cg
 from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for, unpack_bits
 from .gemm_tma import gemm_tma, grouped_tile, unsupported_reason
@@ -414,7 +415,7 @@ def linear_fwd(
     return y, s, bits
 
 
-@linear_fwd.register_fake
+@fake(linear_fwd)
 def _(x, weight, bias, u_in, b, p, seed):  # type: ignore[no-untyped-def]
     return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], u_in.shape[1])),
             x.new_empty(_bits_shape(x, p), dtype=torch.int32))
@@ -444,7 +445,7 @@ def linear_bwd(
     return dx, du_in, db, dbias
 
 
-@linear_bwd.register_fake
+@fake(linear_bwd)
 def _(dy, x, weight, u_in, b, s, bits, p, need_dx, need_du_in, need_db, need_dbias):  # type: ignore[no-untyped-def]
     return (x.new_empty(x.shape if need_dx else (0,)), u_in.new_empty(u_in.shape if need_du_in else (0,)),
             b.new_empty(b.shape if need_db else (0,)), dy.new_empty((dy.shape[1],) if need_dbias else (0,)))

@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...tucker import mode_n_product
+from ..oplib import fake
 from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad, split_for, tile_cap
 
 # ----------------------------------------------------------------------------- kernels
@@ -251,7 +252,7 @@ def tucker2(u0: Tensor, k: Tensor, u1: Tensor, base: Tensor | None, scale: float
     return tucker2_forward(u0, k, u1, base, scale)
 
 
-@tucker2.register_fake
+@fake(tucker2)
 def _(u0: Tensor, k: Tensor, u1: Tensor, base: Tensor | None, scale: float) -> Tensor:
     return k.new_empty((u0.shape[0], u1.shape[0], k.shape[2]), dtype=base.dtype if base is not None else k.dtype)
 
@@ -267,7 +268,7 @@ def tucker2_adjoint_op(
             du1 if du1 is not None else empty.clone())
 
 
-@tucker2_adjoint_op.register_fake
+@fake(tucker2_adjoint_op)
 def _(g, u0, k, u1, scale, need_du0, need_dk, need_du1):  # type: ignore[no-untyped-def]
     r0, r1, t = u0.shape[1], u1.shape[1], g.shape[2]
     return (u0.new_empty(u0.shape if need_du0 else (0,)), u0.new_empty((r0, r1, t) if need_dk else (0,)),
@@ -300,7 +301,7 @@ def project2(g: Tensor, u0: Tensor, u1: Tensor) -> Tensor:
     return tucker2_adjoint(g, u0, None, u1, 1.0, False, True, False)[1]  # type: ignore[return-value]
 
 
-@project2.register_fake
+@fake(project2)
 def _(g: Tensor, u0: Tensor, u1: Tensor) -> Tensor:
     return u0.new_empty((u0.shape[1], u1.shape[1], g.shape[2]))
 

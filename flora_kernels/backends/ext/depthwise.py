@@ -2,7 +2,7 @@
 
 The merged strategy runs ``conv2d(x, W + s dW)`` and needs dW_eff, the conv's weight gradient,
 which ATen's CPU depthwise backward computes slowly at ConvNeXt-style 7x7 shapes (3-13x the
-extension's kernel, docs/kernels/cuda.md "CPU kernels"). ``conv`` gives the same forward and
+extension's kernel, docs/kernels/cuda.md, "CPU kernels"). ``conv`` gives the same forward and
 input/bias gradients as ``conv_nd`` (ATen's), and the weight gradient from
 ``torch.ops.flora.depthwise_conv2d_weight_grad``. Measured dispatch decides, per layer, whether
 the cpp backend's merged path (which uses it) beats the reference's (which does not).
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..convspec import ConvSpec, conv_nd
-from .base import autocast_dtype
+from ...convspec import ConvSpec, conv_nd
+from ..base import autocast_dtype
 
 
 def eligible(x: Tensor, weight: Tensor, spec: ConvSpec) -> bool:

@@ -1,0 +1,65 @@
+// flora op schemas (TORCH_LIBRARY(flora)) and the importable Python module flora_kernels._C. The kernels:
+// flora_cpu.cpp (TORCH_LIBRARY_IMPL CPU), flora_cuda.cu + flora_cuda_binding.cpp (CUDA); the Python
+// side (fakes, autograd): flora_kernels/backends/ext/ops.py.
+//
+// Op semantics (see docs/kernels/cuda.md). "Channel views": an activation of shape
+// (N, groups * C, *spatial) is read as (R = N * groups, C, P = prod(spatial)), each group using
+// the same small factor. A 2-D (M, features) tensor is the case N = M, P = 1.
+//
+//   tucker_reconstruct(core (r0, r1, T), u0 (I0, r0), u1 (I1, r1), scale, base?)
+//       out[i, j, t] = base[i, j, t] + scale * sum_ab u0[i, a] core[a, b, t] u1[j, b]
+//   tucker_reconstruct_backward(grad (I0, I1, T), core, u0, u1, scale) -> (dcore, du0, du1)
+//   adapter_shrink(x, u_in (C, r), groups, p, seed)       z = u_in^T . dropout(x)   (per group)
+//   adapter_expand_(y!, z, u_out (groups*O, r), groups, scale)
+//                                                         y += scale * u_out_g . z  (group g uses rows g*O..)
+//   adapter_expand(z, u_out, groups, scale, bias?)       y = bias + scale * u_out_g . z (a new tensor)
+//   adapter_expand_grad_input(dy, u_out, groups, scale)   dz = scale * u_out_g^T . dy
+//   adapter_shrink_grad_input(dz, u_in, groups, p, seed)  dx = mask * (u_in . dz)
+//   adapter_shrink_grad_input_(dx!, dz, u_in, ...)        dx += mask * (u_in . dz)
+//   adapter_factor_grad(a, b, groups, per_group, scale, p, seed)
+//       out[c, k] = scale * sum dropout(a)[., c, .] b[., k, .], summed over groups, or one
+//       (C, K) block per group stacked to (groups * C, K) when per_group
+//   adapter_linear_grad(dy (M, O), s (M, r), b (O, r))   (dS = dy b, dB = dy^T s): both from one read of dy
+//   dropout_mask(x, p, seed)                              the multiplier (0 or 1/(1-p)) per element of x
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include <vector>
+
+namespace flora {
+
+TORCH_LIBRARY(flora, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("tucker_reconstruct(Tensor core, Tensor u0, Tensor u1, float scale, Tensor? base) -> Tensor", tags);
+  m.def("tucker_reconstruct_backward(Tensor grad, Tensor core, Tensor u0, Tensor u1, float scale)"
+        " -> (Tensor, Tensor, Tensor)", tags);
+  m.def("adapter_shrink(Tensor x, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
+  m.def("adapter_expand_(Tensor(a!) y, Tensor z, Tensor u_out, int groups, float scale) -> ()", tags);
+  m.def("adapter_expand(Tensor z, Tensor u_out, int groups, float scale, Tensor? bias) -> Tensor", tags);
+  m.def("adapter_expand_grad_input(Tensor dy, Tensor u_out, int groups, float scale) -> Tensor", tags);
+  m.def("adapter_shrink_grad_input(Tensor dz, Tensor u_in, int groups, float p, int seed) -> Tensor", tags);
+  m.def("adapter_shrink_grad_input_(Tensor(a!) dx, Tensor dz, Tensor u_in, int groups, float p, int seed) -> ()", tags);
+  m.def("adapter_factor_grad(Tensor a, Tensor b, int groups, bool per_group, float scale, float p, int seed) -> Tensor", tags);
+  m.def("adapter_linear_grad(Tensor dy, Tensor s, Tensor b) -> (Tensor, Tensor)", tags);
+  m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor", tags);
+  m.def("depthwise_conv2d_weight_grad(Tensor x, Tensor dy, int[] kernel, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor", tags);
+}
+
+}  // namespace flora
+
+// An importable (empty) Python module, so `import flora_kernels._C` registers torch.ops.flora.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define FLORA_CONCAT_(a, b) a##b
+#define FLORA_CONCAT(a, b) FLORA_CONCAT_(a, b)
+#define FLORA_STR_(a) #a
+#define FLORA_STR(a) FLORA_STR_(a)
+
+extern "C" PyMODINIT_FUNC FLORA_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, FLORA_STR(TORCH_EXTENSION_NAME),
+                                   "FLoRA kernels, registered as torch.ops.flora", -1, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,148 @@
+"""``ExtBackend``: what the extension's two backends share (the ``Backend`` contract over the
+ops of ``ops.py``). Device-specific choices live in ``CppBackend`` (cpp.py) and ``CudaBackend``
+(cuda.py), e.g. the order of the projection's GEMMs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ...convspec import ConvSpec, conv_nd
+from ...tucker import mode_n_product
+from ..base import Backend, Call, TensorSpec, autocast_dtype
+from .build import load_extension
+from .ops import BaseConvShrink, Expand, LinearFactorized, Reconstruct
+
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def fold_core(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """K = core x_2 U_2 ... x_{N-1} U_{N-1}, reshaped to (r0, r1, taps) (differentiable, tiny)."""
+    k = core
+    for n in range(2, core.dim()):
+        k = mode_n_product(k, factors[n], n)
+    return k.reshape(core.shape[0], core.shape[1], -1)
+
+
+def conv_core(core: Tensor, factors: Sequence[Tensor], groups: int) -> Tensor:
+    """The core conv's kernel K = core x_2 U_2 ... (r_out, r_in, *k), repeated per group: (g r_out, r_in, *k)."""
+    k = core
+    for n in range(2, k.dim()):
+        k = mode_n_product(k, factors[n], n)
+    return k.repeat(groups, *(1,) * (k.dim() - 1)) if groups > 1 else k
+
+
+def new_seed(p: float) -> int:
+    """A dropout seed from torch's CPU generator (so torch.manual_seed reproduces masks)."""
+    if p <= 0:
+        return 0
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+class ExtBackend(Backend):
+    """The compiled extension's kernels on ``device_type`` tensors; subclasses give ``_project``
+    (device-specific) and may override ``_conv``, ``_compute_reason`` and ``_reconstruct_reason``."""
+
+    device_type = "cpu"
+
+    def __init__(self) -> None:
+        self._reason: list[str | None] = []  # computed once; a plain attribute torch.compile can read
+
+    def unavailable_reason(self) -> str | None:
+        if not self._reason:
+            self._reason.append(self._compute_reason())
+        return self._reason[0]
+
+    def _compute_reason(self) -> str | None:
+        return load_extension()
+
+    def _device_reason(self, tensors: Sequence[TensorSpec]) -> str | None:
+        for t in tensors:
+            if t.device_type != self.device_type:
+                return f"expected {self.device_type} tensors, got one on {t.device}"
+            if t.dtype not in FLOATS:
+                return f"expected float32/float64/float16/bfloat16 tensors, got {t.dtype}"
+            if t.numel == 0:
+                return f"empty tensor of shape {tuple(t.shape)}"
+        return None
+
+    def unsupported_reason(self, call: Call) -> str | None:
+        reason = self._device_reason(call.tensors)
+        if reason is not None:
+            return reason
+        if call.op == "reconstruct":
+            if any(f.dtype != call.core.dtype for f in call.factors):
+                return f"expected the factors in the dtype of the core ({call.core.dtype})"
+            return self._reconstruct_reason(call.core, call.factors)
+        if call.op == "project":
+            if any(f.dtype != call.x.dtype for f in call.factors):
+                return f"expected the factors in the dtype of t ({call.x.dtype})"
+            return None
+        if call.weight.dtype != call.x.dtype:
+            return f"expected the weight in the dtype of x ({call.x.dtype}), got {call.weight.dtype}"
+        return None
+
+    def _reconstruct_reason(self, core: TensorSpec, factors: Sequence[TensorSpec]) -> str | None:
+        return None
+
+    # -- ops --
+    # Under autocast the ops would see mixed dtypes: cast the layer's inputs to the autocast dtype
+    # (what autocast does to the base op) and run with autocast off; adapter parameters keep their
+    # dtype and receive grads in it.
+    def reconstruct(self, core: Tensor, factors: Sequence[Tensor], scale: float, base: Tensor | None) -> Tensor:
+        if autocast_dtype(core.device.type) is not None:
+            with torch.autocast(core.device.type, enabled=False):
+                return self.reconstruct(core, factors, scale, base)
+        shape = tuple(f.shape[0] for f in factors)
+        k = fold_core(core, factors)
+        b3 = base.reshape(shape[0], shape[1], -1) if base is not None else None
+        return Reconstruct.apply(k, factors[0], factors[1], float(scale), b3).reshape(shape)
+
+    def project(self, t: Tensor, factors: Sequence[Tensor]) -> Tensor:
+        if autocast_dtype(t.device.type) is not None:
+            with torch.autocast(t.device.type, enabled=False):
+                return self.project(t, factors)
+        return self._project(t, factors)
+
+    def _project(self, t: Tensor, factors: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def linear(self, x, weight, bias, core, factors, scale, dropout_p):  # type: ignore[override]
+        ac = autocast_dtype(x.device.type)
+        if ac is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.linear(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), core, factors,
+                                   scale, dropout_p)
+        dt = x.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = LinearFactorized.apply(
+            x2, weight, bias, core.to(dt), factors[0].to(dt), factors[1].to(dt), float(scale), float(dropout_p),
+            new_seed(dropout_p),
+        )
+        return y.reshape(*lead, weight.shape[0])
+
+    def conv(self, x, weight, bias, core, factors, scale, spec: ConvSpec, dropout_p):  # type: ignore[override]
+        ac = autocast_dtype(x.device.type)
+        if ac is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.conv(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), core, factors, scale,
+                                 spec, dropout_p)
+        dt = x.dtype
+        fs = [f.to(dt) for f in factors]
+        return self._conv(x, weight, bias, conv_core(core.to(dt), fs, spec.groups), fs, float(scale), spec,
+                          float(dropout_p))
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, k: Tensor, fs: Sequence[Tensor], scale: float,
+              spec: ConvSpec, p: float) -> Tensor:
+        """y = conv(x, W) + b + scale * expand(conv(shrink(x), k)) in x's layout; factors and k in x's dtype.
+
+        No copies of x, y or their gradients: the base conv's output (cuDNN on CUDA) takes the
+        adapter in place, and its input gradient the adapter's (``BaseConvShrink``); the shrink /
+        expand kernels read and write contiguous and channels_last tensors through their strides.
+        """
+        y, z = BaseConvShrink.apply(x, weight, bias, fs[1], spec, p, new_seed(p))
+        u = conv_nd(z, k, None, spec)
+        return Expand.apply(y, u, fs[0], spec.groups, scale)

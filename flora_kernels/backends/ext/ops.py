@@ -1,0 +1,282 @@
+"""The compiled extension's ops (``torch.ops.flora``): their list, their fake (meta)
+implementations, and the autograd Functions over them.
+
+Schemas: csrc/flora_ops.cpp; semantics: docs/kernels/cuda.md. Channel views: an activation
+(N, groups * C, *spatial) is read as (N * groups, C, prod(spatial)), each group using the same factor.
+
+    tucker_reconstruct(core (r0, r1, T), u0, u1, scale, base?) -> (I0, I1, T)
+    tucker_reconstruct_backward(grad, core, u0, u1, scale) -> (dcore, du0, du1)
+    adapter_shrink(x, u_in, groups, p, seed) / adapter_expand_(y!, z, u_out, groups, scale)
+    adapter_expand(z, u_out, groups, scale, bias?) -> bias + scale * u_out . z (a new tensor)
+    adapter_expand_grad_input / adapter_shrink_grad_input(_) / adapter_factor_grad / dropout_mask
+    adapter_linear_grad(dy, s, b) -> (dy b, dy^T s): a Linear's dS and dB from one read of dy
+
+The fakes are declared here with ``oplib.fake`` and registered by ``build.load_extension`` once
+the library is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ...convspec import ConvSpec, conv_nd, conv_nd_backward
+from ..oplib import fake
+
+OPS = (
+    "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
+    "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
+    "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
+)
+
+
+def flora():
+    """``torch.ops.flora`` (the ops exist once ``build.load_extension()`` succeeded)."""
+    return torch.ops.flora
+
+
+# ---- fake (meta) implementations -----------------------------------------------------------------
+def _same_device(*ts: Tensor | None) -> None:
+    devs = {t.device for t in ts if t is not None}
+    torch._check(len(devs) <= 1, lambda: f"expected every tensor on one device, got {sorted(map(str, devs))}")
+
+
+def layout_of(t: Tensor) -> torch.memory_format:
+    """The memory format the ops give a new activation computed from t (csrc/flora_checks.h layout_of):
+    channels_last (_3d) when t is in that layout and not also contiguous, else contiguous."""
+    if not t.is_contiguous():
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _with_channels(t: Tensor, c: int) -> Tensor:
+    """A new tensor of t's batch and spatial sizes with c channels (dim 1), in layout_of(t)."""
+    return torch.empty((t.shape[0], c, *t.shape[2:]), dtype=t.dtype, device=t.device, memory_format=layout_of(t))
+
+
+@fake("flora::tucker_reconstruct")
+def _(core, u0, u1, scale, base):
+    _same_device(core, u0, u1, base)
+    torch._check(core.dim() == 3 and u0.dim() == 2 and u1.dim() == 2,
+                 lambda: "tucker_reconstruct: expected core (r0, r1, T), u0 (I0, r0), u1 (I1, r1)")
+    dtype = base.dtype if base is not None else core.dtype
+    return core.new_empty((u0.shape[0], u1.shape[0], core.shape[2]), dtype=dtype)
+
+
+@fake("flora::tucker_reconstruct_backward")
+def _(grad, core, u0, u1, scale):
+    _same_device(grad, core, u0, u1)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u0, u1))
+
+
+@fake("flora::adapter_shrink")
+def _(x, u_in, groups, p, seed):
+    _same_device(x, u_in)
+    return _with_channels(x, groups * u_in.shape[1])
+
+
+@fake("flora::adapter_expand_")
+def _(y, z, u_out, groups, scale):
+    _same_device(y, z, u_out)
+
+
+@fake("flora::adapter_expand")
+def _(z, u_out, groups, scale, bias):
+    _same_device(z, u_out, bias)
+    return _with_channels(z, u_out.shape[0])
+
+
+@fake("flora::adapter_expand_grad_input")
+def _(dy, u_out, groups, scale):
+    _same_device(dy, u_out)
+    return _with_channels(dy, groups * u_out.shape[1])
+
+
+@fake("flora::adapter_shrink_grad_input")
+def _(dz, u_in, groups, p, seed):
+    _same_device(dz, u_in)
+    return _with_channels(dz, groups * u_in.shape[0])
+
+
+@fake("flora::adapter_shrink_grad_input_")
+def _(dx, dz, u_in, groups, p, seed):
+    _same_device(dx, dz, u_in)
+
+
+@fake("flora::adapter_factor_grad")
+def _(a, b, groups, per_group, scale, p, seed):
+    _same_device(a, b)
+    return a.new_empty(((groups if per_group else 1) * (a.shape[1] // groups), b.shape[1] // groups))
+
+
+@fake("flora::adapter_linear_grad")
+def _(dy, s, b):
+    _same_device(dy, s, b)
+    return dy.new_empty((dy.shape[0], s.shape[1])), dy.new_empty((dy.shape[1], s.shape[1]))
+
+
+@fake("flora::dropout_mask")
+def _(x, p, seed):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@fake("flora::depthwise_conv2d_weight_grad")
+def _(x, dy, kernel, stride, padding, dilation):
+    _same_device(x, dy)
+    return x.new_empty((dy.shape[1], 1, *kernel))
+
+
+# ---- autograd Functions ----------------------------------------------------------------------------
+class Reconstruct(torch.autograd.Function):
+    """(core (r0, r1, T), u0, u1, scale, base?) -> base + scale * u0 core_t u1^T per tap."""
+
+    @staticmethod
+    def forward(ctx, core, u0, u1, scale, base):
+        ctx.scale = scale
+        ctx.save_for_backward(core, u0, u1)
+        return flora().tucker_reconstruct(core, u0, u1, scale, base)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        core, u0, u1 = ctx.saved_tensors
+        dcore = du0 = du1 = dbase = None
+        if any(ctx.needs_input_grad[:3]):
+            dcore, du0, du1 = flora().tucker_reconstruct_backward(grad, core, u0, u1, ctx.scale)
+        if ctx.needs_input_grad[4]:
+            dbase = grad
+        return dcore, du0, du1, None, dbase
+
+
+class Project(torch.autograd.Function):
+    """(t (I0, I1, T), u0, u1) -> u0^T t_t u1 per tap: the adjoint of ``Reconstruct``.
+
+    ``project2(t, u0, u1)`` computes the forward: each backend passes the ops order that suits its
+    device (``CppBackend.project2`` / ``CudaBackend.project2``).
+    """
+
+    @staticmethod
+    def forward(ctx, t, u0, u1, project2: Callable[[Tensor, Tensor, Tensor], Tensor]):
+        ctx.save_for_backward(t, u0, u1)
+        return project2(t, u0, u1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        t, u0, u1 = ctx.saved_tensors
+        dt = du0 = du1 = None
+        if ctx.needs_input_grad[0]:
+            dt = flora().tucker_reconstruct(g, u0, u1, 1.0, None)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, du0, du1 = flora().tucker_reconstruct_backward(t, g, u0, u1, 1.0)
+        return dt, du0, du1, None
+
+
+class LinearFactorized(torch.autograd.Function):
+    """y = x W^T + b + S B^T, S = dropout(x) U_in, B = scale * U_out G; x (M, in) contiguous.
+
+    The adapter sits inside the base GEMM's accumulate: y = b + S B^T is written first (one pass
+    over y, y never read), then the base GEMM adds x W^T into it with beta = 1 (``addmm_``: cuBLAS
+    on CUDA, BLAS on CPU); the backward likewise writes dx = mask * (dS U_in^T) first and adds dy W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, core, u_out, u_in, scale, p, seed):
+        b = (u_out @ core) * scale
+        s = flora().adapter_shrink(x, u_in, 1, p, seed)
+        y = flora().adapter_expand(s, b, 1, 1.0, bias)
+        y.addmm_(x, weight.t())
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.save_for_backward(x, weight, s, b, core, u_out, u_in)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, s, b, core, u_out, u_in = ctx.saved_tensors
+        need_x, need_w, need_b, need_core, need_uo, need_ui = ctx.needs_input_grad[:6]
+        ops = flora()
+        dy = dy.contiguous()
+        dx = dw = dbias = dcore = du_out = du_in = None
+        need_ds, need_db = need_x or need_ui, need_core or need_uo
+        if need_ds and need_db:
+            ds, db = ops.adapter_linear_grad(dy, s, b)  # dS = dy B, dB = dy^T S: one read of dy
+        else:
+            ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if need_ds else None
+            db = ops.adapter_factor_grad(dy, s, 1, False, 1.0, 0.0, 0) if need_db else None  # (out, r_in)
+        if need_x:
+            dx = ops.adapter_shrink_grad_input(ds, u_in, 1, ctx.p, ctx.seed)
+            dx.addmm_(dy, weight)
+        if need_w:
+            dw = dy.t() @ x
+        if need_b:
+            dbias = dy.sum(0)
+        if need_db:
+            if need_core:
+                dcore = (u_out.t() @ db) * ctx.scale
+            if need_uo:
+                du_out = (db @ core.t()) * ctx.scale
+        if need_ui:
+            du_in = ops.adapter_factor_grad(x, ds, 1, False, 1.0, ctx.p, ctx.seed)
+        return dx, dw, dbias, dcore, du_out, du_in, None, None, None
+
+
+class BaseConvShrink(torch.autograd.Function):
+    """(y, z) = (conv(x, W) + b, grouped 1x1 conv of dropout(x) by U_in^T): the frozen base conv
+    (torch: cuDNN on CUDA) and the adapter's shrink, x read once in its own layout (contiguous or
+    channels_last; z takes that layout). One Function so that the backward writes dx once: dx = the
+    base conv's input gradient, then the adapter's mask * (U_in . dz) accumulated into it in place.
+    x (N, g*C, *sp), weight (O, C, *k), u_in (C, r) -> y (N, O, *out), z (N, g*r, *sp)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u_in, spec: ConvSpec, p, seed):
+        ctx.spec, ctx.p, ctx.seed = spec, p, seed
+        ctx.save_for_backward(x, weight, u_in)
+        y = conv_nd(x, weight, bias, spec)
+        return y, flora().adapter_shrink(x, u_in, spec.groups, p, seed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dz):
+        x, weight, u_in = ctx.saved_tensors
+        need_x, need_w, need_b, need_u = ctx.needs_input_grad[:4]
+        g = ctx.spec.groups
+        dx = dw = db = du = None
+        if need_x or need_w:
+            dx, dw = conv_nd_backward(dy, x, weight, ctx.spec, need_x, need_w)
+        if need_x:
+            flora().adapter_shrink_grad_input_(dx, dz, u_in, g, ctx.p, ctx.seed)
+        if need_b:
+            db = dy.sum([0, *range(2, dy.dim())])
+        if need_u:
+            du = flora().adapter_factor_grad(x, dz, g, False, 1.0, ctx.p, ctx.seed)
+        return dx, dw, db, du, None, None, None
+
+
+class Expand(torch.autograd.Function):
+    """y += scale * grouped 1x1 conv of u by U_out, in place on y (any dense layout whose spatial
+    dims collapse: contiguous, channels_last), u read in place."""
+
+    @staticmethod
+    def forward(ctx, y, u, u_out, groups, scale):
+        flora().adapter_expand_(y, u, u_out, groups, scale)
+        ctx.mark_dirty(y)
+        ctx.groups, ctx.scale = groups, scale
+        ctx.save_for_backward(u, u_out)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        u, u_out = ctx.saved_tensors
+        du = du_out = None
+        if ctx.needs_input_grad[1]:
+            du = flora().adapter_expand_grad_input(dy, u_out, ctx.groups, ctx.scale)
+        if ctx.needs_input_grad[2]:
+            du_out = flora().adapter_factor_grad(dy, u, ctx.groups, True, ctx.scale, 0.0, 0)
+        return dy, du, du_out, None, None
