@@ -15,10 +15,20 @@ base + write y: the same traffic as an in-place accumulate, which autograd canno
 The base conv and the projection share one op so that the backward adds the adapter's dx into
 the base conv's input gradient in place, instead of autograd summing two x-sized tensors.
 The base weight is frozen: no weight gradient.
+
+Variants (``CONV_VARIANTS``): "cudnn" is the composition above; "igemm" (conv_igemm.py; 2-D,
+groups = 1, zero padding) runs the base conv itself as a Triton implicit GEMM with the
+expansion as extra K columns, so y and dx are each written once. ``set_conv_variant`` (or
+``FLORA_TRITON_CONV``) forces one; by default a CUDA call that igemm can serve measures both
+once per call signature with the measured dispatch's timing and checks
+(``backends.autotune``; honours ``FLORA_AUTOTUNE``, decisions in memory only, see
+``conv_variant_report``) and every other call runs "cudnn".
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...convspec import ConvSpec, conv_nd
+from .. import autotune
+from ..base import Call, load_backend
 from . import channel_gemm as cg
+from . import conv_igemm as ig
 from ._common import alloc_like, new_seed
 from .core_conv import core_conv
 from .reconstruct import core_kernel
@@ -192,21 +205,98 @@ conv_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
 # ----------------------------------------------------------------------------- entry points
 
 
+#: The implementations of the factorized conv: cuDNN base conv + Triton passes, or one implicit GEMM.
+CONV_VARIANTS = ("cudnn", "igemm")
+_FORCED: list[str | None] = [None]
+_DECISIONS: dict[Call, autotune.Decision] = {}
+
+
+def set_conv_variant(variant: str | None) -> None:
+    """Force the factorized conv's variant ("cudnn" or "igemm") for this process; None: back to
+    ``FLORA_TRITON_CONV`` (default "auto": measured on CUDA where igemm applies, else "cudnn")."""
+    if variant is not None and variant not in CONV_VARIANTS:
+        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
+    _FORCED[0] = variant
+
+
+def _requested_variant() -> str:
+    if _FORCED[0] is not None:
+        return _FORCED[0]
+    v = os.environ.get("FLORA_TRITON_CONV", "auto").strip().lower() or "auto"
+    if v not in CONV_VARIANTS + ("auto",):
+        raise ValueError(f"FLORA_TRITON_CONV: expected one of {CONV_VARIANTS + ('auto',)}, got {v!r}")
+    return v
+
+
+def conv_variant_report() -> list[autotune.Decision]:
+    """Every measured variant decision of this process (label "triton/<variant>", with times)."""
+    return list(_DECISIONS.values())
+
+
+def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+             spec: ConvSpec, dropout_p: float) -> str:
+    """The variant serving this call: the forced one, else measured (CUDA, igemm applies), else "cudnn"."""
+    want = _requested_variant()
+    why = ig.unsupported_reason(x.dim(), spec)
+    if want == "igemm" and why is not None:
+        raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
+    if want != "auto" or why is not None or x.device.type != "cuda":
+        return "cudnn" if want == "auto" else want
+    call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
+                         strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
+    d = _DECISIONS.get(call)
+    if d is None:
+        if torch.compiler.is_compiling() or not autotune.autotune_enabled():
+            return "cudnn"
+        d = _measure_variants(call, (x, weight, bias, core, *factors), scale, spec, dropout_p)
+        _DECISIONS[call] = d
+    return d.strategy or "cudnn"
+
+
+def _measure_variants(call: Call, tensors: tuple[Tensor | None, ...], scale: float, spec: ConvSpec,
+                      dropout_p: float) -> autotune.Decision:
+    """Both variants checked against the reference path and timed (forward + backward as the call
+    needs) by ``autotune``'s measurement; the strategy field of the result names the winner."""
+    from ... import reference as ref
+
+    def run(b: object, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
+        x, weight, bias, core, *fs = t
+        if s in CONV_VARIANTS:
+            return conv_factorized(x, weight, bias, core, fs, scale, spec, p, variant=s)  # type: ignore[arg-type]
+        return ref.conv_factorized(x, weight, bias, core, fs, scale, spec, p)  # type: ignore[arg-type]
+
+    triton_backend = load_backend("triton")
+    try:
+        return autotune._measure(call, [(triton_backend, v) for v in CONV_VARIANTS], run, tensors, dropout_p)  # type: ignore[list-item]
+    except Exception as e:  # noqa: BLE001 - measuring must never break the call
+        warnings.warn(f"flora_kernels: could not measure the Triton conv variants for {call} ({type(e).__name__}: {e}); "
+                      "using 'cudnn'", autotune.AutotuneWarning, stacklevel=3)
+        return autotune.Decision("triton", "cudnn", "cost-model", str(call))
+
+
 def conv_factorized(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
-    spec: ConvSpec, dropout_p: float,
+    spec: ConvSpec, dropout_p: float, variant: str | None = None,
 ) -> Tensor:
-    """x (N, C_in, *spatial) -> (N, C_out, *out): conv(x, W, b) + conv(drop(x), dW), in x's dtype."""
+    """x (N, C_in, *spatial) -> (N, C_out, *out): conv(x, W, b) + conv(drop(x), dW), in x's dtype.
+
+    ``variant``: one of ``CONV_VARIANTS``, or None for ``set_conv_variant``'s / the measured choice."""
     dt = x.dtype
     fs = [f.to(dt) for f in factors]
     r_out, r_in = core.shape[0], core.shape[1]
     k = core_kernel(core.to(dt), fs).reshape(r_out, r_in, *weight.shape[2:]) * scale
     seed = new_seed() if dropout_p > 0 else 0
     stride, pads, dilation, g, mode = _geometry(spec)
+    if variant is not None and variant not in CONV_VARIANTS:
+        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
+    if (variant or _variant(x, weight, bias, core, factors, scale, spec, dropout_p)) == "igemm":
+        why = ig.unsupported_reason(x.dim(), spec)
+        if why is not None:
+            raise ValueError(f"conv variant 'igemm': {why}")
+        return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, dropout_p, seed)[0]
     y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
     if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv
         z = F.pad(z, [p for lo_hi in reversed(spec.pads) for p in lo_hi], mode=mode)
         pads = [0] * len(pads)
     u = core_conv(z, k, stride, pads, dilation, g)
     return conv_expand(y_base, u, fs[0], g)
-
