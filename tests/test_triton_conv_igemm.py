@@ -124,10 +124,10 @@ def test_opcheck_igemm_ops():
     x, w = rq(1, 3, 5, 4, cl=True), torch.randn(4, 3, 3, 2, device=DEVICE)
     geometry = ([2, 1], [1, 1, 0, 1], [1, 1])
     opcheck(ig.conv_igemm_fwd, (x, w, rq(4), rq(3, 2), rq(3, 2, 3, 2), rq(4, 3), *geometry, 0.2, 5))
-    y, z, u = ig.conv_igemm_fwd(x.detach(), w, None, torch.randn(3, 2), torch.randn(3, 2, 3, 2), torch.randn(4, 3),
-                                *geometry, 0.2, 5)
-    args = (torch.randn_like(y), x.detach(), w, torch.randn(3, 2), torch.randn(3, 2, 3, 2), torch.randn(4, 3), z, u,
-            *geometry, 0.2, 5, True, True, True, True, True)
+    y, z, u, bits = ig.conv_igemm_fwd(x.detach(), w, None, torch.randn(3, 2), torch.randn(3, 2, 3, 2), torch.randn(4, 3),
+                                      *geometry, 0.2, 5)
+    args = (torch.randn_like(y), x.detach(), w, torch.randn(3, 2), torch.randn(3, 2, 3, 2), torch.randn(4, 3), z, u, bits,
+            *geometry, 0.2, True, True, True, True, True)
     opcheck(ig.conv_igemm_bwd, args)
 
 
