@@ -179,3 +179,33 @@ def test_variant_choice(monkeypatch):
                           strategy="factorized", backend="triton")
     finally:
         C.set_conv_variant(None)
+
+
+def test_variant_measured(monkeypatch):
+    """'auto' where it measures (CUDA; here forced on the interpreter): both variants checked against
+    the reference and timed once per signature by the autotune measurement; a variant that
+    disagrees with the reference is dropped."""
+    from flora_kernels.backends import autotune
+    from flora_kernels.backends.triton import conv as C
+
+    monkeypatch.setattr(C, "_measures", lambda device: True)
+    monkeypatch.setattr(C, "_DECISIONS", {})
+    monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "0")
+    x, w, b, core, *fs = _setup((3, 3), (2, 2, 2, 2), True, True, n=1, c_in=3, c_out=4, hw=(5, 4))
+    spec = ConvSpec.make((3, 3), padding=1)
+    y = fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
+    assert_bounded(y, ref.conv_factorized(x, w, b, core, fs, 0.5, spec), ref.conv_factorized(x, w, b, core, fs, 0.5, spec),
+                   torch.float32, "output")
+    (d,) = C.conv_variant_report()
+    assert d.source == "measured" and d.strategy in C.CONV_VARIANTS and not d.dropped
+    assert {k for k, _ in d.times_s} == {"triton/cudnn", "triton/igemm"}
+    fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
+    assert len(C.conv_variant_report()) == 1  # decided once per signature
+
+    real = C.ig.conv_igemm_fwd
+    monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: tuple(t * 2 if i == 0 else t for i, t in enumerate(real(*a))))
+    monkeypatch.setattr(C, "_DECISIONS", {})
+    with pytest.warns(autotune.AutotuneWarning, match="triton/igemm"):
+        fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
+    (d,) = C.conv_variant_report()
+    assert d.strategy == "cudnn" and "triton/igemm" in dict(d.dropped)

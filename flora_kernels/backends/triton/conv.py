@@ -233,6 +233,11 @@ def conv_variant_report() -> list[autotune.Decision]:
     return list(_DECISIONS.values())
 
 
+def _measures(device: torch.device) -> bool:
+    """Whether "auto" measures the variants on this device (CUDA only: interpreter timings mean nothing)."""
+    return device.type == "cuda"
+
+
 def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
              spec: ConvSpec, dropout_p: float) -> str:
     """The variant serving this call: the forced one, else measured (CUDA, igemm applies), else "cudnn"."""
@@ -240,7 +245,7 @@ def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, facto
     why = ig.unsupported_reason(x.dim(), spec)
     if want == "igemm" and why is not None:
         raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
-    if want != "auto" or why is not None or x.device.type != "cuda":
+    if want != "auto" or why is not None or not _measures(x.device):
         return "cudnn" if want == "auto" else want
     call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
                          strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
