@@ -148,15 +148,17 @@ def test_torch_compile_igemm(igemm):
 
 
 def test_variant_choice(monkeypatch):
-    """Default off CUDA: 'cudnn'; forcing igemm on a spec it cannot run names the reason; bad names are refused."""
+    """'auto' where it does not measure (CPU): 'cudnn'; forcing igemm on a spec it cannot run names the
+    reason; bad names are refused."""
     from flora_kernels.backends.triton import conv as C
 
+    monkeypatch.setattr(C, "_measures", lambda device: False)
     calls = []
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: calls.append(1) or real(*a))
     x, w, b, core, *fs = _setup((3, 3), (2, 2, 2, 2), True, True)
     fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
-    assert not calls  # CPU (interpreter): the measured choice only runs on CUDA
+    assert not calls
     monkeypatch.setenv("FLORA_TRITON_CONV", "igemm")
     fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
     assert calls
@@ -209,3 +211,32 @@ def test_variant_measured(monkeypatch):
         fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
     (d,) = C.conv_variant_report()
     assert d.strategy == "cudnn" and "triton/igemm" in dict(d.dropped)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gpu_igemm_bf16_benchmark_shape(igemm, stride):
+    """bf16 at the benchmark conv shape (N = 8, C = 64, 28 x 28, 3 x 3, ranks (16, 16, 3, 3)),
+    channels_last: igemm output and every gradient within 3x torch bf16's error of the fp32 reference."""
+    from test_triton_backend import _bf16_bound
+
+    x = torch.randn(8, 64, 28, 28, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(64, 64, 3, 3, device="cuda") / 24
+    bias = torch.randn(64, device="cuda", requires_grad=True)
+    core = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
+    fs = [(torch.randn(n, r, device="cuda") / r**0.5).requires_grad_() for n, r in zip(w.shape, core.shape)]
+    spec = ConvSpec.make((3, 3), stride=stride, padding=1)
+    leaves = [x, bias, core, *fs]
+    y32 = ref.conv_factorized(x, w, bias, core, fs, 0.5, spec)
+    dy = torch.randn_like(y32)
+    g32 = torch.autograd.grad(y32, leaves, dy)
+    lo = [v.detach().bfloat16().requires_grad_() for v in leaves]
+    yk = fk.flora_conv(lo[0], w.bfloat16(), lo[1], lo[2], lo[3:], 0.5, stride=stride, padding=1, strategy="factorized",
+                       backend="triton")
+    gk = torch.autograd.grad(yk, lo, dy.bfloat16())
+    yt = ref.conv_factorized(lo[0], w.bfloat16(), lo[1], lo[2], lo[3:], 0.5, spec)
+    gt = torch.autograd.grad(yt, lo, dy.bfloat16())
+    assert igemm
+    _bf16_bound(yk, yt, y32, "igemm y")
+    for i, (a, b, c) in enumerate(zip(gk, gt, g32)):
+        _bf16_bound(a, b, c, f"igemm grad {i}")

@@ -207,7 +207,7 @@ conv_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
 
 #: The implementations of the factorized conv: cuDNN base conv + Triton passes, or one implicit GEMM.
 CONV_VARIANTS = ("cudnn", "igemm")
-_FORCED: list[str | None] = [None]
+_forced: str | None = None
 _DECISIONS: dict[Call, autotune.Decision] = {}
 
 
@@ -216,12 +216,13 @@ def set_conv_variant(variant: str | None) -> None:
     ``FLORA_TRITON_CONV`` (default "auto": measured on CUDA where igemm applies, else "cudnn")."""
     if variant is not None and variant not in CONV_VARIANTS:
         raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
-    _FORCED[0] = variant
+    global _forced
+    _forced = variant
 
 
 def _requested_variant() -> str:
-    if _FORCED[0] is not None:
-        return _FORCED[0]
+    if _forced is not None:
+        return _forced
     v = os.environ.get("FLORA_TRITON_CONV", "auto").strip().lower() or "auto"
     if v not in CONV_VARIANTS + ("auto",):
         raise ValueError(f"FLORA_TRITON_CONV: expected one of {CONV_VARIANTS + ('auto',)}, got {v!r}")
@@ -242,11 +243,10 @@ def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, facto
              spec: ConvSpec, dropout_p: float) -> str:
     """The variant serving this call: the forced one, else measured (CUDA, igemm applies), else "cudnn"."""
     want = _requested_variant()
-    why = ig.unsupported_reason(x.dim(), spec)
-    if want == "igemm" and why is not None:
-        raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
-    if want != "auto" or why is not None or not _measures(x.device):
-        return "cudnn" if want == "auto" else want
+    if want != "auto":
+        return want
+    if ig.unsupported_reason(x.dim(), spec) is not None or not _measures(x.device):
+        return "cudnn"
     call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
                          strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
     d = _DECISIONS.get(call)
@@ -297,7 +297,7 @@ def conv_factorized(
     if (variant or _variant(x, weight, bias, core, factors, scale, spec, dropout_p)) == "igemm":
         why = ig.unsupported_reason(x.dim(), spec)
         if why is not None:
-            raise ValueError(f"conv variant 'igemm': {why}")
+            raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
         return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, dropout_p, seed)[0]
     y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
     if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv

@@ -55,7 +55,7 @@ def _prune(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[
 
 @triton.autotune(
     configs=[_INTERPRET_CONFIG] if INTERPRET else list(_CONFIGS.values()),
-    key=["M_BUCKET", "NO", "C", "KH", "KW", "TRANSPOSED", "HAS_BIAS", "DROPOUT", "RP"],
+    key=["M_BUCKET", "NO", "C", "KH", "KW", "sac", "TRANSPOSED", "HAS_BIAS", "DROPOUT", "RP"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -71,7 +71,7 @@ def _igemm_kernel(
     y, e: (NB, NO | R, P1, P2); A: (NB, C, S1, S2), zero outside; W_t[c, o] at c swk + o swn + kh swh + kw sww.
     src_t(q) = q st - pad + k dil (forward), or (q + pad - k dil) / st where exact (TRANSPOSED).
     keep (DROPOUT) is bit o % 32 of the int32 word bits[m, o // 32] (m = (b, q) flattened), the
-    packed dropout mask of y's elements. M_BUCKET only keys the autotuner."""
+    packed dropout mask of y's elements. M_BUCKET only keys the autotuner (with sac: the layout)."""
     pid = tl.program_id(0)
     n_pm = tl.cdiv(M, BM)
     n_pn = tl.cdiv(NO, BN)
@@ -108,7 +108,7 @@ def _igemm_kernel(
         w0 = q2 * st2 - pd2
     offs_k = tl.arange(0, BK)
     n_cb = (C + BK - 1) // BK
-    for kk in range(0, KH * KW * n_cb):
+    for kk in range(KH * KW * n_cb):
         t = kk // n_cb
         c0 = (kk % n_cb) * BK
         k1 = t // KW
@@ -186,8 +186,8 @@ def igemm(
     torch._check(max(out.numel(), a.numel()) < 2**31,
                  lambda: f"igemm: expected a and out of < 2^31 elements, got {a.numel()} and {out.numel()}")
     torch._check(a.dtype == weight.dtype, lambda: f"expected x and weight of one dtype, got {a.dtype} and {weight.dtype}")
-    torch._check(p <= 0 or (bits is not None and tuple(bits.shape) == (nb, out.shape[2] * out.shape[3], mask_words(no))
-                            and bits.is_contiguous()),
+    torch._check(p <= 0 or (bits is not None and bits.dtype == torch.int32 and bits.is_contiguous()
+                            and tuple(bits.shape) == (nb, out.shape[2] * out.shape[3], mask_words(no))),
                  lambda: f"igemm: dropout (p > 0) needs contiguous int32 mask bits {(nb, out.shape[2] * out.shape[3], mask_words(no))}")
     if out.numel() == 0:
         return out
