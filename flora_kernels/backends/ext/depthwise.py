@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...convspec import ConvSpec, conv_nd
+from ...convspec import ConvSpec, conv_nd, conv_nd_backward
 from ..base import autocast_dtype
 
 
@@ -42,14 +42,12 @@ class _DepthwiseConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = db = dw = None
-        if need_x or need_b:
-            dx, _, db = torch.ops.aten.convolution_backward(
-                dy, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
-                [0, 0], x.shape[1], [need_x, False, need_b and ctx.has_bias],
-            )
+        spec = ConvSpec.make(tuple(weight.shape[2:]), stride, padding, dilation, x.shape[1])
+        dx = conv_nd_backward(dy, x, weight, spec, True, False)[0] if need_x else None
+        dw = None
         if need_w:
             dw = torch.ops.flora.depthwise_conv2d_weight_grad(x, dy, list(weight.shape[2:]), stride, padding, dilation)
+        db = dy.sum((0, 2, 3)) if need_b and ctx.has_bias else None
         return dx, dw, db, None, None, None
 
 

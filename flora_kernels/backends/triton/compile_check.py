@@ -8,7 +8,8 @@ The launches are recorded, not written down: every scenario (the benchmark shape
 Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout (the dropout step
 also trains the bias), with the GEMMs on the tiled kernel and on the persistent TMA kernel
 (``-tma``; no configs below sm_90); Conv2d N = 64, C = 256,
-56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; the depthwise 7 x 7 ConvNeXt conv) runs
+56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; its implicit-GEMM variant at N = 8, C = 64,
+28 x 28, with and without dropout; the depthwise 7 x 7 ConvNeXt conv) runs
 forward and backward through the backend's entry points on meta tensors, with each
 ``flora_triton`` op's real implementation in place of its fake and each kernel launch captured
 instead of run (``split_for`` sized for 132 SMs). Each captured launch is then specialised by
@@ -199,20 +200,22 @@ def _linear(strategy: str, p: float, gemm: str = "auto") -> Callable[[torch.dtyp
     return run
 
 
-def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int]) -> Callable[[torch.dtype], None]:
+def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int], variant: str | None = None,
+          nchw: tuple[int, int, int] = (64, 256, 56)) -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
         from ...convspec import ConvSpec
         from .. import merged
         from . import conv
 
-        n, c, hw, cl = 64, 256, 56, torch.channels_last
+        (n, c, hw), cl = nchw, torch.channels_last
         x = _leaf(n, c, hw, hw, dtype=dt, grad=True, fmt=cl)
         w, bias = _leaf(c, c // groups, k, k, dtype=dt, fmt=cl), _leaf(c, dtype=dt)
         core = _leaf(*ranks, k, k, dtype=dt, grad=True)
         fs = [_leaf(c, ranks[0], dtype=dt, grad=True), _leaf(c // groups, ranks[1], dtype=dt, grad=True),
               _leaf(k, k, dtype=dt, grad=True), _leaf(k, k, dtype=dt, grad=True)]
         spec = ConvSpec((1, 1), ((k // 2, k // 2),) * 2, (1, 1), groups, "zeros")
-        fn = conv.conv_factorized if strategy == "factorized" else functools.partial(merged.conv, _RECONSTRUCT)
+        fn = (functools.partial(conv.conv_factorized, variant=variant or "cudnn") if strategy == "factorized"
+              else functools.partial(merged.conv, _RECONSTRUCT))
         _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], list(a[4:]), 2.0, spec, p), [x, w, bias, core, *fs])
 
     return run
@@ -228,6 +231,8 @@ SCENARIOS: dict[str, Callable[[torch.dtype], None]] = {
     "conv3x3": _conv("factorized", 0.0, 3, 1, (16, 16)),
     "conv3x3-dropout": _conv("factorized", 0.1, 3, 1, (16, 16)),
     "conv3x3-merged": _conv("merged", 0.0, 3, 1, (16, 16)),
+    "conv3x3-igemm": _conv("factorized", 0.0, 3, 1, (16, 16), "igemm", (8, 64, 28)),
+    "conv3x3-igemm-dropout": _conv("factorized", 0.1, 3, 1, (16, 16), "igemm", (8, 64, 28)),
     "dw7x7": _conv("factorized", 0.0, 7, 256, (16, 1)),
     "dw7x7-merged": _conv("merged", 0.0, 7, 256, (16, 1)),
 }

@@ -15,19 +15,32 @@ base + write y: the same traffic as an in-place accumulate, which autograd canno
 The base conv and the projection share one op so that the backward adds the adapter's dx into
 the base conv's input gradient in place, instead of autograd summing two x-sized tensors.
 The base weight is frozen: no weight gradient.
+
+Variants (``CONV_VARIANTS``): "cudnn" is the composition above; "igemm" (conv_igemm.py; 2-D,
+groups = 1, zero padding) runs the base conv itself as a Triton implicit GEMM with the
+expansion as extra K columns, so y and dx are each written once. ``set_conv_variant`` (or
+``FLORA_TRITON_CONV``) forces one; by default a CUDA call that igemm can serve measures both
+once per call signature with the measured dispatch's timing and checks
+(``backends.autotune``; honours ``FLORA_AUTOTUNE``, decisions in memory only, see
+``conv_variant_report``) and every other call runs "cudnn".
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...convspec import ConvSpec, conv_nd
+from ...convspec import ConvSpec, conv_nd, conv_nd_backward
+from .. import autotune
+from ..base import Call, load_backend
 from ..oplib import fake
 from . import channel_gemm as cg
+from . import conv_igemm as ig
 from ._common import alloc_like, new_seed
 from .core_conv import core_conv
 from .reconstruct import core_kernel
@@ -43,47 +56,6 @@ def _spec(stride: list[int], pads: list[int], dilation: list[int], groups: int, 
 def _geometry(spec: ConvSpec) -> tuple[list[int], list[int], list[int], int, str]:
     """The inverse of ``_spec``: (stride, flat pads, dilation, groups, padding_mode)."""
     return list(spec.stride), [p for lo_hi in spec.pads for p in lo_hi], list(spec.dilation), spec.groups, spec.padding_mode
-
-
-def _pad_adjoint(g: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor:
-    """The adjoint of ``F.pad`` (per spatial dim (before, after), any padding mode) applied to g."""
-    for j, (lo, hi) in enumerate(pads):
-        dim = 2 + j
-        n = g.shape[dim] - lo - hi
-        center = g.narrow(dim, lo, n)
-        if mode != "zeros" and (lo or hi):
-            center = center.clone()
-            left, right = g.narrow(dim, 0, lo), g.narrow(dim, lo + n, hi)
-            if mode == "circular":
-                center.narrow(dim, n - lo, lo).add_(left)
-                center.narrow(dim, 0, hi).add_(right)
-            elif mode == "replicate":
-                center.narrow(dim, 0, 1).add_(left.sum(dim, keepdim=True))
-                center.narrow(dim, n - 1, 1).add_(right.sum(dim, keepdim=True))
-            else:  # reflect: pad position k < lo holds x[lo - k]; after the end, x[n - 2 - k]
-                center.narrow(dim, 1, lo).add_(left.flip(dim))
-                center.narrow(dim, n - 1 - hi, hi).add_(right.flip(dim))
-        g = center
-    return g
-
-
-def _base_conv_input_grad(dy: Tensor, x: Tensor, weight: Tensor, spec: ConvSpec) -> Tensor:
-    """d conv_nd(x, weight) / dx applied to dy: torch's convolution backward (input only), through
-    the adjoint of the explicit padding for asymmetric pads and non-zero padding modes."""
-    zeros = [0] * spec.dims
-    sym = spec.symmetric_zero_padding
-    if sym is not None:
-        return torch.ops.aten.convolution_backward(
-            dy, x, weight, None, list(spec.stride), list(sym), list(spec.dilation), False, zeros, spec.groups,
-            [True, False, False],
-        )[0]
-    # the input gradient reads only the padded input's shape and layout, not its values
-    xp = alloc_like((*x.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec.pads))), x)
-    gp = torch.ops.aten.convolution_backward(
-        dy, xp, weight, None, list(spec.stride), zeros, list(spec.dilation), False, zeros, spec.groups,
-        [True, False, False],
-    )[0]
-    return _pad_adjoint(gp, spec.pads, spec.padding_mode)
 
 
 @torch.library.custom_op("flora_triton::conv_base_project", mutates_args=())
@@ -115,7 +87,7 @@ def conv_base_project_bwd(
     in place by the expansion kernel (one read and one write of dx)."""
     dx = du = None
     if need_dx:
-        base_dx = _base_conv_input_grad(dy, x, weight, _spec(stride, pads, dilation, groups, padding_mode))
+        base_dx, _ = conv_nd_backward(dy, x, weight, _spec(stride, pads, dilation, groups, padding_mode), True, False)
         if base_dx.stride() != torch.empty_like(x, device="meta").stride():  # keep the fake's layout
             base_dx = torch.empty_like(x).copy_(base_dx)
         dx = cg.expand(dz, u_in, groups, base_dx, base_dx, True, p, seed)
@@ -193,21 +165,103 @@ conv_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
 # ----------------------------------------------------------------------------- entry points
 
 
+#: The implementations of the factorized conv: cuDNN base conv + Triton passes, or one implicit GEMM.
+CONV_VARIANTS = ("cudnn", "igemm")
+_forced: str | None = None
+_DECISIONS: dict[Call, autotune.Decision] = {}
+
+
+def set_conv_variant(variant: str | None) -> None:
+    """Force the factorized conv's variant ("cudnn" or "igemm") for this process; None: back to
+    ``FLORA_TRITON_CONV`` (default "auto": measured on CUDA where igemm applies, else "cudnn")."""
+    if variant is not None and variant not in CONV_VARIANTS:
+        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
+    global _forced
+    _forced = variant
+
+
+def _requested_variant() -> str:
+    if _forced is not None:
+        return _forced
+    v = os.environ.get("FLORA_TRITON_CONV", "auto").strip().lower() or "auto"
+    if v not in CONV_VARIANTS + ("auto",):
+        raise ValueError(f"FLORA_TRITON_CONV: expected one of {CONV_VARIANTS + ('auto',)}, got {v!r}")
+    return v
+
+
+def conv_variant_report() -> list[autotune.Decision]:
+    """Every measured variant decision of this process (label "triton/<variant>", with times)."""
+    return list(_DECISIONS.values())
+
+
+def _measures(device: torch.device) -> bool:
+    """Whether "auto" measures the variants on this device (CUDA only: interpreter timings mean nothing)."""
+    return device.type == "cuda"
+
+
+def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+             spec: ConvSpec, dropout_p: float) -> str:
+    """The variant serving this call: the forced one, else measured (CUDA, igemm applies), else "cudnn"."""
+    want = _requested_variant()
+    if want != "auto":
+        return want
+    if ig.unsupported_reason(x.dim(), spec) is not None or not _measures(x.device):
+        return "cudnn"
+    call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
+                         strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
+    d = _DECISIONS.get(call)
+    if d is None:
+        if torch.compiler.is_compiling() or not autotune.autotune_enabled():
+            return "cudnn"
+        d = _measure_variants(call, (x, weight, bias, core, *factors), scale, spec, dropout_p)
+        _DECISIONS[call] = d
+    return d.strategy or "cudnn"
+
+
+def _measure_variants(call: Call, tensors: tuple[Tensor | None, ...], scale: float, spec: ConvSpec,
+                      dropout_p: float) -> autotune.Decision:
+    """Both variants checked against the reference path and timed (forward + backward as the call
+    needs) by ``autotune``'s measurement; the strategy field of the result names the winner."""
+    from ... import reference as ref
+
+    def run(b: object, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
+        x, weight, bias, core, *fs = t
+        if s in CONV_VARIANTS:
+            return conv_factorized(x, weight, bias, core, fs, scale, spec, p, variant=s)  # type: ignore[arg-type]
+        return ref.conv_factorized(x, weight, bias, core, fs, scale, spec, p)  # type: ignore[arg-type]
+
+    triton_backend = load_backend("triton")
+    try:
+        return autotune._measure(call, [(triton_backend, v) for v in CONV_VARIANTS], run, tensors, dropout_p)  # type: ignore[list-item]
+    except Exception as e:  # noqa: BLE001 - measuring must never break the call
+        warnings.warn(f"flora_kernels: could not measure the Triton conv variants for {call} ({type(e).__name__}: {e}); "
+                      "using 'cudnn'", autotune.AutotuneWarning, stacklevel=3)
+        return autotune.Decision("triton", "cudnn", "cost-model", str(call))
+
+
 def conv_factorized(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
-    spec: ConvSpec, dropout_p: float,
+    spec: ConvSpec, dropout_p: float, variant: str | None = None,
 ) -> Tensor:
-    """x (N, C_in, *spatial) -> (N, C_out, *out): conv(x, W, b) + conv(drop(x), dW), in x's dtype."""
+    """x (N, C_in, *spatial) -> (N, C_out, *out): conv(x, W, b) + conv(drop(x), dW), in x's dtype.
+
+    ``variant``: one of ``CONV_VARIANTS``, or None for ``set_conv_variant``'s / the measured choice."""
     dt = x.dtype
     fs = [f.to(dt) for f in factors]
     r_out, r_in = core.shape[0], core.shape[1]
     k = core_kernel(core.to(dt), fs).reshape(r_out, r_in, *weight.shape[2:]) * scale
     seed = new_seed() if dropout_p > 0 else 0
     stride, pads, dilation, g, mode = _geometry(spec)
+    if variant is not None and variant not in CONV_VARIANTS:
+        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
+    if (variant or _variant(x, weight, bias, core, factors, scale, spec, dropout_p)) == "igemm":
+        why = ig.unsupported_reason(x.dim(), spec)
+        if why is not None:
+            raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
+        return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, dropout_p, seed)[0]
     y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
     if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv
         z = F.pad(z, [p for lo_hi in reversed(spec.pads) for p in lo_hi], mode=mode)
         pads = [0] * len(pads)
     u = core_conv(z, k, stride, pads, dilation, g)
     return conv_expand(y_base, u, fs[0], g)
-
