@@ -171,17 +171,11 @@ def _train_step(fn: Callable[..., torch.Tensor], inputs: list[Any]) -> None:
     torch.autograd.grad(y, wrt, torch.empty_like(y))
 
 
-class _Reconstruct:
-    """The Triton reconstruct as the merged path (``backends.merged``) calls a backend's."""
+def _backend() -> Any:
+    """The Triton backend, as the merged path (``backends.merged``) calls it."""
+    from . import TritonBackend
 
-    @staticmethod
-    def reconstruct(*args: Any) -> torch.Tensor:
-        from .reconstruct import reconstruct
-
-        return reconstruct(*args)
-
-
-_RECONSTRUCT = _Reconstruct()
+    return TritonBackend()
 
 
 def _linear(strategy: str, p: float, gemm: str = "auto") -> Callable[[torch.dtype], None]:
@@ -193,7 +187,7 @@ def _linear(strategy: str, p: float, gemm: str = "auto") -> Callable[[torch.dtyp
         x, w = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt)
         bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
         core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
-        fn = linear.linear_factorized if strategy == "factorized" else functools.partial(merged.linear, _RECONSTRUCT)
+        fn = linear.linear_factorized if strategy == "factorized" else functools.partial(merged.linear, _backend())
         with linear.gemm_variant(gemm):
             _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
 
@@ -215,7 +209,7 @@ def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int], 
               _leaf(k, k, dtype=dt, grad=True), _leaf(k, k, dtype=dt, grad=True)]
         spec = ConvSpec((1, 1), ((k // 2, k // 2),) * 2, (1, 1), groups, "zeros")
         fn = (functools.partial(conv.conv_factorized, variant=variant or "cudnn") if strategy == "factorized"
-              else functools.partial(merged.conv, _RECONSTRUCT))
+              else functools.partial(merged.conv, _backend()))
         _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], list(a[4:]), 2.0, spec, p), [x, w, bias, core, *fs])
 
     return run
