@@ -15,7 +15,8 @@ layout, device, grad flags, dropout, threads) and requested backend:
    float64 run (see ``_Verifier``); a candidate that disagrees or raises is dropped with an ``AutotuneWarning`` naming it), then
    the survivors are timed in interleaved rounds (forward, plus backward when the call needs
    gradients; the call's real dropout; CPU time of the calling thread on CPU with one torch
-   thread, else wall time) within a time budget; the fastest median wins, is kept
+   thread, else wall time) within a time budget; the fastest median wins if it beat the cost
+   model's pick in every round (else that pick stays: ties do not flip at random), and is kept
    in memory and written to disk. The caller's RNG state is restored afterwards;
 3. else the cost model (``flora_kernels.plan``) picks the strategy and auto's order the backend.
 
@@ -469,9 +470,20 @@ def _measure(call: Call, cands: list[tuple[Backend, str | None]], runner: Runner
             for c in alive[k:] + alive[:k]:  # rotate, so drift hits every candidate alike
                 times[c].append(m.time(*c))
     med = {c: statistics.median(ts) for c, ts in times.items()}
-    best = min(alive, key=lambda c: med[c])
+    best = _winner(times, _cost_model(call, alive))
     return Decision(best[0].name, best[1], "measured", str(call),
                     tuple((_label(b.name, s), med[(b, s)]) for b, s in alive), tuple(dropped.items()))
+
+
+def _winner(times: dict[tuple[Backend, str | None], list[float]],
+            prior: tuple[Backend, str | None]) -> tuple[Backend, str | None]:
+    """The candidate with the fastest median, if it beat ``prior`` (the cost model's pick) in every
+    round; else ``prior``. Round-to-round variation of one call's time is 10-20% on a shared CPU,
+    so a choice between near-equal candidates would otherwise flip at random between runs."""
+    best = min(times, key=lambda c: statistics.median(times[c]))
+    if best == prior or prior not in times:
+        return best
+    return best if all(a < b for a, b in zip(times[best], times[prior], strict=True)) else prior
 
 
 # ---- resolution --------------------------------------------------------------------------------
