@@ -7,7 +7,7 @@ backend's. Then it scores cost-model profiles by regret, the time lost by the st
 picks over the measured best, summed over the calls, relative to the best's total; it prints the
 current profile's regret and the grid's best, and writes every measurement to --out.
 
-    python bench/calibrate_cost_model.py --threads 1 --out bench/results/....json
+    python bench/calibrate_cost_model.py --threads 1 [--image-sizes 64 96] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import asdict
 import torch
 
 
-def measure(threads: int, image_size: int, batch: int, rank: int) -> list[dict]:
-    """[{call, model, times: {strategy: seconds}}] for every measured call of the three models."""
+def measure(threads: int, image_sizes: list[int], batch: int, rank: int) -> list[dict]:
+    """[{call, model, times: {strategy: seconds}}] for every measured call of the three models at
+    each image size."""
     import flora_kernels as fk
     from flora_kernels.backends import autotune
     from flora_kernels.bench import models
@@ -41,7 +42,7 @@ def measure(threads: int, image_size: int, batch: int, rank: int) -> list[dict]:
     autotune._measure = spy
     rows = []
     try:
-        for name in models.MODELS:
+        for name, image_size in itertools.product(models.MODELS, image_sizes):
             autotune.clear_autotune_cache()
             torch.manual_seed(0)
             base, _ = models.make_model(name, image_size)
@@ -55,7 +56,7 @@ def measure(threads: int, image_size: int, batch: int, rank: int) -> list[dict]:
                     strategy = label.split("/")[1]
                     times[strategy] = min(t, times.get(strategy, float("inf")))
                 if len(times) == 2:
-                    rows.append({"model": name, "call": call, "times": times})
+                    rows.append({"model": f"{name}@{image_size}", "call": call, "times": times})
     finally:
         autotune._measure = real
         autotune.set_autotune(None)
@@ -81,7 +82,7 @@ def regret(rows: list[dict], threads: int, prof) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--image-sizes", type=int, nargs="+", default=[64, 96])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--budget-ms", default="200", help="FLORA_AUTOTUNE_BUDGET_MS per call (default: 200)")
@@ -91,7 +92,7 @@ def main() -> None:
     os.environ["FLORA_CACHE_DIR"] = tempfile.mkdtemp()  # measure, never reuse a cached decision
     from flora_kernels import plan
 
-    rows = measure(args.threads, args.image_size, args.batch, args.rank)
+    rows = measure(args.threads, args.image_sizes, args.batch, args.rank)
     current = plan.profile("cpu", args.threads)
     grid = [
         plan.DeviceProfile(pf, bw, la, mf)
@@ -110,7 +111,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({
-                "threads": args.threads, "image_size": args.image_size, "batch": args.batch, "rank": args.rank,
+                "threads": args.threads, "image_sizes": args.image_sizes, "batch": args.batch, "rank": args.rank,
                 "current": {"profile": asdict(current), "regret": cur, "agree": agree},
                 "best": [{"profile": asdict(p), "regret": s} for s, p in scored[:5]],
                 "calls": [{"model": r["model"], "call": str(r["call"]), "times_s": r["times"]} for r in rows],

@@ -43,17 +43,18 @@ class DeviceProfile:
 
 
 # CPU profiles per torch thread count (torch.get_num_threads()) on a 2-core x86 CPU, fp32;
-# more threads than the largest calibrated count scale its FLOP rate linearly.
+# more threads than the largest calibrated count scale its FLOP rate linearly. Effective
+# constants, not hardware peaks: fitted by bench/calibrate_cost_model.py to the measured
+# training-step time of both strategies on every distinct layer call of resnet18, vit_tiny and
+# convnext_atto at 64x64 and 96x96 (67 calls per thread count;
+# bench/results/cpu-2core-2026-12-01-costmodel-t{1,2}.json), minimising the time lost by the
+# strategy the model picks: 0.1% of the best strategies' total at 1 and at 2 threads (the
+# previous profiles, fitted to two layers: 2.7% and 2.2%). At these sizes a call is dominated by
+# per-op overhead (the 60 us launch: torch dispatch, autograd and Python per op on this CPU),
+# and skinny rank-r ops run near the rate of big ones (m_full 4).
 CPU_PROFILES: dict[int, DeviceProfile] = {
-    # 1 thread: ~60 GFLOP/s big-GEMM, ~10 GB/s streaming, op dispatch ~15 us; m_full fitted to
-    # bench/results/cpu-2core-2026-11-27 (1 thread): the 3x3 conv (C=64, r=16) training step costs
-    # ~5 ms extra factorized vs ~6.5 ms merged; predicted 5.6 vs 8.4 ms.
-    1: DeviceProfile(peak_flops=6e10, bandwidth=1e10, launch=1.5e-5, m_full=32),
-    # 2 threads: big ops (the merged path's full dW_eff op) run ~2x faster, the skinny rank-r ops
-    # of the factorized path barely gain (m_full doubled keeps their rate): on the 3x3 conv the
-    # measured training step is merged 1.34-1.60x vs factorized 1.52-1.83x the frozen base (issue
-    # record, 2 threads), and this profile predicts merged cheaper there.
-    2: DeviceProfile(peak_flops=1.2e11, bandwidth=1.3e10, launch=1.5e-5, m_full=64),
+    1: DeviceProfile(peak_flops=1.2e11, bandwidth=1e10, launch=6e-5, m_full=4),
+    2: DeviceProfile(peak_flops=1.2e11, bandwidth=1e10, launch=6e-5, m_full=4),
 }
 # H100, bf16 tensor cores (measured ~800 TFLOP/s dense), ~3 TB/s copy, ~5 us launch.
 CUDA_PROFILE = DeviceProfile(peak_flops=6e14, bandwidth=2.8e12, launch=5e-6, m_full=16)

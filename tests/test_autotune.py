@@ -391,13 +391,16 @@ def test_call_description():
 
 
 def test_cost_model_knows_threads():
-    """The 3x3 conv training step: factorized at 1 thread, merged at 2 (big ops scale, skinny ones do not)."""
+    """The profile follows the thread count, and the 3x3 conv training step is factorized at 1 and
+    2 threads (measured here: 1.51-1.54x vs 1.86-1.92x the frozen step at 1 thread, 1.64-1.83x vs
+    1.74-2.00x at 2; docs/ARCHITECTURE.md, Performance targets)."""
     from flora_kernels import plan
 
     spec = fk.ConvSpec.make((3, 3), 1, 1)
     args = ((8, 64, 28, 28), (64, 64, 3, 3), (16, 16, 3, 3), spec, 4, "cpu", True, True, False)
     one, two = plan.plan_conv(*args, threads=1), plan.plan_conv(*args, threads=2)
-    assert (one.strategy, two.strategy) == ("factorized", "merged")
+    assert (one.strategy, two.strategy) == ("factorized", "factorized")
+    assert plan.plan_conv(*args, threads=8).merged_s < two.merged_s  # more threads: the big dW_eff op is cheaper
     assert plan.profile("cpu", 8).peak_flops == 4 * plan.profile("cpu", 2).peak_flops
     x = torch.randn(8, 64, 28, 28, requires_grad=True)
     c = Call.describe("conv", x=x, weight=torch.randn(64, 64, 3, 3), core=torch.randn(16, 16, 3, 3, requires_grad=True),
