@@ -23,9 +23,13 @@ optimizer). Rounds are interleaved (each round runs every provider once, rotatin
 each provider's time is divided by the frozen step of the same round; the median over rounds is
 reported with its 20/80 quantiles. ``clock="cpu"`` times by the process's CPU time instead of
 wall time: with one torch thread that is the step's cost undistorted by other load on the
-machine (with several threads it adds up every thread's busy time, spin-waits included). Before timing, every FLoRA provider's output is checked
-against ``flora-reference-factorized`` on the same (non-zero) adapter values, and its first step
-(which includes measured dispatch, when on) is timed on its own.
+machine (with several threads it adds up every thread's busy time, spin-waits included).
+
+Before timing, every FLoRA provider's output and input gradient are checked against
+``flora-reference-factorized`` run in float64 on the same (non-zero) adapter values: within 4x
+the float32 reference path's own error, at least 1e-3 (on timm's resnet18, whose blocks end in a
+zero-initialised BatchNorm, the float32 factorized path's input gradient is 6e-3 off float64).
+Its first step (which includes measured dispatch, when on) is timed on its own.
 """
 
 from __future__ import annotations
@@ -331,6 +335,18 @@ def _step(c: ModelCase, x: Tensor, dy: Tensor) -> None:
     x.grad = None
 
 
+def _output_and_dx(model: nn.Module, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    xx = x.detach().requires_grad_(True)
+    y = model(xx)
+    (dx,) = torch.autograd.grad(y, xx, dy)
+    return y.detach(), dx
+
+
+def _rel_err(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor]) -> float:
+    """The larger of the output's and the input gradient's ||got - want|| / ||want||."""
+    return max(float((g.double() - w).norm() / w.norm()) for g, w in zip(got, want, strict=True))
+
+
 def _quantile(v: Sequence[float], q: float) -> float:
     s = sorted(v)
     i = (len(s) - 1) * q
@@ -372,25 +388,21 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
         t0 = now()
         _step(c, x, dy)
         first[c.name] = now() - t0
-    # correctness of the FLoRA providers: output and input gradient vs the reference path
+    # correctness of the FLoRA providers: output and input gradient vs the reference path in float64
     checks = {}
     flora = [c for c in cases if c.name.startswith("flora")]
     if flora:
         ref = _flora(base, rank, "factorized", "reference", seed)
-        y_ref = ref(x)
-        (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
-        y_ref = y_ref.detach()
+        exact = _output_and_dx(copy.deepcopy(ref).double(), x.double(), dy.double())
+        # the bound: the fp32 reference path's own error (x4), at least 1e-3
+        bound = max(1e-3, 4 * _rel_err(_output_and_dx(ref, x, dy), exact))
+        del ref
         for c in flora:
-            y = c.model(x)  # decisions are made by now (first step)
-            (dx,) = torch.autograd.grad(y, x, dy)
-            y = y.detach()
-            err = max(float((y - y_ref).norm() / y_ref.norm()), float((dx - dx_ref).norm() / dx_ref.norm()))
-            y = dx = None
+            err = _rel_err(_output_and_dx(c.model, x, dy), exact)  # decisions are made by now (first step)
             checks[c.name] = err
-            if not err <= 1e-3:
-                raise AssertionError(f"{name}: provider {c.name} disagrees with the reference path "
-                                     f"(relative error {err:.2e})")
-        del ref, y_ref, dx_ref
+            if not err <= bound:
+                raise AssertionError(f"{name}: provider {c.name} disagrees with the reference path run in float64 "
+                                     f"(relative error {err:.2e} > {bound:.1e})")
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     ratios: dict[str, list[float]] = {c.name: [] for c in cases}
     gc_was = gc.isenabled()
