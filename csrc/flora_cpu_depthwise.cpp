@@ -6,10 +6,11 @@
 //   dW[co, 0, i, j] = sum_{n, ho, wo} dy[n, co, ho, wo] * x[n, co / m, ho*sh - ph + i*dh, wo*sw - pw + j*dw]
 // (zero outside x). The merged strategy needs exactly this tensor (dW_eff), and ATen's CPU
 // depthwise backward-weight is slow at the shapes of ConvNeXt-style 7x7 convs (measured in
-// docs/kernels/cuda.md, "CPU kernels"). Loop order: per block of 64 output channels (one work
-// item, so no reduction across threads), per (n, ho, wo, tap) an axpy over the block's channels,
-// contiguous in channels_last x and dy. One output row accumulates in the op math type (float
-// for fp32/fp16/bf16), rows add up in double.
+// docs/kernels/cuda.md, "CPU kernels"). Work items: blocks of 16-64 output channels (at least one
+// per thread where channels allow; each owns its outputs, so no reduction across threads). Per
+// (n, ho, tap) and 16 channels, the products over the row's valid wo accumulate in registers,
+// reading x and dy channels_last (other layouts are copied once). One output row accumulates in
+// the op math type (float for fp32/fp16/bf16), rows add up in double.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,8 +42,11 @@ inline void valid_range(int64_t size, int64_t out, int64_t s, int64_t p, int64_t
 template <typename T>
 void dw_channels(const T* x, const T* dy, T* out, const DwGeom& g, const int64_t* xs, const int64_t* ys) {
   using acc_t = at::opmath_type<T>;
-  constexpr int64_t kBlock = 64, kVec = 16;
+  constexpr int64_t kVec = 16;
   const int64_t taps = g.kh * g.kw, C_out = g.C * g.M;
+  // blocks of 16 to 64 channels, enough of them for every thread (ConvNeXt's 40 channels: 3)
+  const int64_t per_thread = (C_out + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t kBlock = std::clamp<int64_t>((per_thread + kVec - 1) / kVec * kVec, kVec, 64);
   const int64_t nblk = (C_out + kBlock - 1) / kBlock;
   at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
     std::vector<acc_t> acc(taps * kBlock);
