@@ -430,3 +430,25 @@ def test_a_tie_keeps_the_cost_model_pick(monkeypatch, clear):
     (d,) = fk.dispatch_report()
     assert len(d.times_s) >= 2 and d.source == "measured"
     assert ((d.backend, d.strategy) == (prior_b.name, prior_s)) != clear
+
+
+def test_a_decision_for_a_backend_that_became_unavailable_is_redone(monkeypatch):
+    """A remembered decision naming a backend that no longer loads is decided again."""
+    flaky = type("_Flaky", (_Raises,), {"name": "flaky"})
+    base.register("flaky", flaky, auto_rank=-1)  # first in auto's order; its merged path works
+    monkeypatch.setattr(at._Measurement, "time", lambda self, b, s: 1e-3)  # a tie: the cost model's pick stays
+    try:
+        x, w, b, core, fs = _linear()
+        for measuring in (True, False):
+            at.set_autotune(measuring)
+            at.clear_autotune_cache()
+            fk.flora_linear(x, w, b, core, fs, 0.7, strategy="merged")
+            store = at._STATE.memo if measuring else at._STATE.planned  # measured / cost-model decisions
+            assert [d.backend for d in store.values()] == ["flaky"]
+            monkeypatch.setitem(base._INSTANCES, "flaky", "failed to load: ImportError: gone (test)")
+            y = fk.flora_linear(x, w, b, core, fs, 0.7, strategy="merged")
+            assert [d.backend for d in store.values()] != ["flaky"]
+            torch.testing.assert_close(y, _oracle(x, w, b, core, fs))
+            monkeypatch.delitem(base._INSTANCES, "flaky")
+    finally:
+        base.unregister("flaky")

@@ -508,6 +508,8 @@ def resolve(call: Call, requested: str, runner: Runner | None = None,
     d = _STATE.memo.get(key) if measuring or compiling else None
     if d is None and (not measuring or compiling):
         d = _STATE.planned.get(key)
+    if d is not None and not _loads(d.backend):  # decided before that backend became unavailable
+        d = None
     if d is None:
         cands = candidates(call, requested)
         if len(cands) == 1:
@@ -524,13 +526,18 @@ def resolve(call: Call, requested: str, runner: Runner | None = None,
     return load_backend(d.backend), d.strategy  # type: ignore[return-value]
 
 
+def _loads(name: str) -> bool:
+    b = load_backend(name)
+    return not isinstance(b, str) and b.unavailable_reason() is None
+
+
 def _measured(call: Call, requested: str, cands: list[tuple[Backend, str | None]], runner: Runner,
               tensors: Sequence[Tensor | None], dropout_p: float) -> Decision:
     """The cached or newly measured decision (the cost model's if measuring failed)."""
     key = (call, requested)
     with _STATE.lock:
         d = _STATE.memo.get(key)
-        if d is not None:
+        if d is not None and _loads(d.backend):
             return d
         labels = {_label(b.name, s): (b, s) for b, s in cands}
         dk = _disk_key(call, requested)
