@@ -328,7 +328,9 @@ def test_save_pretrained_loads_in_a_fresh_process(tmp_path, ids):
     run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["FloraModel", "PeftFLoRALinear"]
-    assert_close(torch.load(tmp_path / "out.pt"), logits(pm, ids), rtol=0, atol=0)
+    # equal up to float32 rounding: each process's measured dispatch may pick another (backend,
+    # strategy) for a layer, and those round differently
+    assert_close(torch.load(tmp_path / "out.pt"), logits(pm, ids), rtol=1e-5, atol=1e-6)
 
 
 def test_fk_save_flora_to_peft_and_back_to_fk_load_flora(tmp_path, ids):
