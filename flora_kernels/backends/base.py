@@ -99,9 +99,7 @@ def _num_threads() -> int:
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype if autocast is on for this device type, else None (also for device
     types autocast does not know, e.g. meta)."""
-    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu"):
-        return None
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
