@@ -72,6 +72,22 @@ def grouped_tile(tile, n_pm, n_pn, GROUP_M: tl.constexpr):
     return first_m + (tile % in_group) % group_size, (tile % in_group) // group_size
 
 
+@triton.jit
+def rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
+              R, RP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """The rank-R extension of an extended-K GEMM tile, the accumulator's start: A2[m, :R] B2[:R, n]
+    in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT."""
+    offs_r = tl.arange(0, RP)
+    mask_r = offs_r < R
+    a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
+    if DROPOUT:
+        keep = unpack_bits(bits_ptr, offs_m, offs_n, sbits, mask_m[:, None] & mask_n[None, :])
+        acc = tl.where(keep, acc / (1.0 - p), 0.0)
+    return acc
+
+
 @triton.autotune(
     configs=[_CONFIGS[_INTERPRET_TILE]] if INTERPRET else [_CONFIGS[c] for c in _HALF_CONFIGS + _FP32_CONFIGS],
     key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "HAS_BIAS", "DROPOUT"],
@@ -93,8 +109,6 @@ def _gemm_tma_kernel(
     pid = tl.program_id(0)
     n_pm = tl.cdiv(M, BM)
     n_pn = tl.cdiv(N, BN)
-    offs_r = tl.arange(0, RP)
-    mask_r = offs_r < R
     for tile in tl.range(pid, n_pm * n_pn, NUM_PROGS):
         pid_m, pid_n = grouped_tile(tile, n_pm, n_pn, GROUP_M)
         off_m = pid_m * BM
@@ -103,12 +117,8 @@ def _gemm_tma_kernel(
         offs_n = off_n.to(tl.int64) + tl.arange(0, BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
-        if DROPOUT:
-            keep = unpack_bits(bits_ptr, offs_m, offs_n, sbits, mask_m[:, None] & mask_n[None, :])
-            acc = tl.where(keep, acc / (1.0 - p), 0.0)
+        acc = rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
+                        R, RP, DROPOUT, PREC)
         for k0 in range(0, K, BK):
             a = a_desc.load([off_m, k0])
             if B_KMAJOR:

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from ..oplib import fake
 from . import channel_gemm as cg
-from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for, unpack_bits
-from .gemm_tma import gemm_tma, grouped_tile, unsupported_reason
+from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for
+from .gemm_tma import gemm_tma, grouped_tile, rank_part, unsupported_reason
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -110,14 +110,8 @@ def _gemm_ext_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     # the rank-R extension of the K loop, first
-    offs_r = tl.arange(0, RP)
-    mask_r = offs_r < R
-    a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
-    if DROPOUT:
-        keep = unpack_bits(bits_ptr, offs_m, offs_n, sbits, mask_m[:, None] & mask_n[None, :])
-        acc = tl.where(keep, acc / (1.0 - p), 0.0)
+    acc = rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
+                    R, RP, DROPOUT, PREC)
     # the main K loop: rows and columns past the edge wrap (their results are not stored), so
     # only the K tail is masked; pointers advance by one K block per step
     offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
