@@ -38,24 +38,28 @@ def main() -> None:
     torch.set_num_threads(1)
     print("| N | C | H=W | k | ATen ms | flora NCHW ms | flora NHWC ms | ATen / flora NCHW | rel. diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, c, h, k in SHAPES:
-        p = k // 2
-        x, dy = torch.randn(n, c, h, h), torch.randn(n, c, h, h)
-        w = torch.empty(c, 1, k, k)
-        xl, dyl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    for shape in SHAPES:
+        print(_row(*shape, runs=args.runs))
 
-        def aten():
-            return torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], c,
-                                                       [False, True, False])[1]
 
-        def ours(a=x, b=dy):
-            return torch.ops.flora.depthwise_conv2d_weight_grad(a, b, [k, k], [1, 1], [p, p], [1, 1])
+def _row(n: int, c: int, h: int, k: int, runs: int) -> str:
+    """One table row: ATen's and the extension's weight gradient of an N x C x H x H depthwise conv."""
+    p = k // 2
+    x, dy = torch.randn(n, c, h, h), torch.randn(n, c, h, h)
+    w = torch.empty(c, 1, k, k)
+    xl, dyl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
 
-        want = aten()
-        diff = float((ours() - want).norm() / want.norm())
-        ta, tn, tl = _time(aten, args.runs), _time(ours, args.runs), _time(lambda: ours(xl, dyl), args.runs)
-        print(f"| {n} | {c} | {h} | {k} | {ta * 1e3:.3f} | {tn * 1e3:.3f} | {tl * 1e3:.3f} | {ta / tn:.1f}x | {diff:.1e} |")
+    def aten():
+        return torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], c,
+                                                   [False, True, False])[1]
 
+    def ours(a=x, b=dy):
+        return torch.ops.flora.depthwise_conv2d_weight_grad(a, b, [k, k], [1, 1], [p, p], [1, 1])
+
+    want = aten()
+    diff = float((ours() - want).norm() / want.norm())
+    ta, tn, tl = _time(aten, runs), _time(ours, runs), _time(lambda: ours(xl, dyl), runs)
+    return f"| {n} | {c} | {h} | {k} | {ta * 1e3:.3f} | {tn * 1e3:.3f} | {tl * 1e3:.3f} | {ta / tn:.1f}x | {diff:.1e} |"
 
 if __name__ == "__main__":
     main()

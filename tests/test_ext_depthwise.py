@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 import flora_kernels as fk
-from flora_kernels.backends.ext import depthwise
-from flora_kernels.backends.ext import load_extension
+from flora_kernels.backends.ext import depthwise, load_extension
 from flora_kernels.convspec import ConvSpec
 
 _REASON = load_extension()
@@ -31,7 +30,7 @@ IDS = [f"N{g[0]}-C{g[1]}x{g[2]}-{g[3]}x{g[4]}-k{g[5]}-s{g[6]}-p{g[7]}-d{g[8]}" f
 
 
 def _aten_weight_grad(x, dy, geom):
-    n, c, m, h, w, k, s, p, d = geom
+    _, c, m, _, _, k, s, p, d = geom
     weight = torch.empty(c * m, 1, *k, dtype=x.dtype)
     return torch.ops.aten.convolution_backward(dy, x, weight, None, list(s), list(p), list(d), False, [0, 0], c,
                                                [False, True, False])[1]
@@ -55,7 +54,7 @@ def _inputs(geom, dtype, layout):
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=IDS)
 def test_weight_grad_matches_aten(geom, dtype, layout):
     x, dy = _inputs(geom, dtype, layout)
-    n, c, m, h, w, k, s, p, d = geom
+    _, c, m, _, _, k, s, p, d = geom
     got = torch.ops.flora.depthwise_conv2d_weight_grad(x, dy, list(k), list(s), list(p), list(d))
     want = _aten_weight_grad(x.double(), dy.double(), geom)
     assert got.dtype == dtype and got.shape == (c * m, 1, *k)
