@@ -11,7 +11,6 @@ the cpp backend's merged path (which uses it) beats the reference's (which does 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...convspec import ConvSpec, conv_nd, conv_nd_backward
@@ -29,26 +28,26 @@ def eligible(x: Tensor, weight: Tensor, spec: ConvSpec) -> bool:
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
+    """``conv_nd`` (an eligible depthwise conv) with the extension's weight gradient."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...],  # type: ignore[override]
-                padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        ctx.geometry = (list(stride), list(padding), list(dilation))
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return conv_nd(x, weight, bias, spec)
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.geometry
+        spec = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        spec = ConvSpec.make(tuple(weight.shape[2:]), stride, padding, dilation, x.shape[1])
         dx = conv_nd_backward(dy, x, weight, spec, True, False)[0] if need_x else None
         dw = None
         if need_w:
-            dw = torch.ops.flora.depthwise_conv2d_weight_grad(x, dy, list(weight.shape[2:]), stride, padding, dilation)
+            dw = torch.ops.flora.depthwise_conv2d_weight_grad(
+                x, dy, list(weight.shape[2:]), list(spec.stride), list(spec.symmetric_zero_padding), list(spec.dilation))
         db = dy.sum((0, 2, 3)) if need_b and ctx.has_bias else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None
 
 
 def conv(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
@@ -60,4 +59,4 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tens
     if ac is not None:  # what autocast does to a conv: every operand in its dtype
         with torch.autocast("cpu", enabled=False):
             return conv(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), spec)
-    return _DepthwiseConv2d.apply(x, weight, bias, spec.stride, spec.symmetric_zero_padding, spec.dilation)
+    return _DepthwiseConv2d.apply(x, weight, bias, spec)
