@@ -271,4 +271,104 @@ inline std::pair<ChanView, ChanView> check_factor_grad(const at::Tensor& a, cons
   return {va, vb};
 }
 
+// Geometry of the fused core-conv ops (adapter_conv_expand_, adapter_conv_shrink_grad_input_): a 1-D or
+// 2-D conv with one group and zero padding, held as 2-D (a 1-D conv is the case H = 1: index 0 is the
+// height, 1 the width). `padding` is (lo, hi) per spatial dim in dim order, flattened:
+// [lo_0, hi_0, lo_1, hi_1] (asymmetric pads allowed).
+struct CoreConvGeom {
+  int64_t dims, N;
+  int64_t in[2], out[2], kern[2], stride[2], dil[2], plo[2], phi[2];
+  int64_t taps() const { return kern[0] * kern[1]; }
+};
+
+inline CoreConvGeom core_conv_geom(int64_t dims, int64_t N, c10::IntArrayRef in_sp, c10::IntArrayRef k_sp,
+                                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK(dims == 1 || dims == 2, "expected a 1-D or 2-D conv (tensors of 3 or 4 dims), got ", dims,
+              " spatial dims");
+  TORCH_CHECK(static_cast<int64_t>(stride.size()) == dims, "stride: expected ", dims, " ints, got ", stride);
+  TORCH_CHECK(static_cast<int64_t>(dilation.size()) == dims, "dilation: expected ", dims, " ints, got ", dilation);
+  TORCH_CHECK(static_cast<int64_t>(padding.size()) == 2 * dims, "padding: expected ", 2 * dims,
+              " ints ((lo, hi) per spatial dim), got ", padding);
+  CoreConvGeom g{dims, N, {1, 1}, {1, 1}, {1, 1}, {1, 1}, {1, 1}, {0, 0}, {0, 0}};
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t j = d + 2 - dims;  // 1-D: its only dim is the width
+    TORCH_CHECK(stride[d] >= 1 && dilation[d] >= 1, "stride and dilation: expected ints >= 1, got stride ", stride,
+                " and dilation ", dilation);
+    TORCH_CHECK(padding[2 * d] >= 0 && padding[2 * d + 1] >= 0, "padding: expected ints >= 0, got ", padding);
+    g.in[j] = in_sp[d];
+    g.kern[j] = k_sp[d];
+    g.stride[j] = stride[d];
+    g.dil[j] = dilation[d];
+    g.plo[j] = padding[2 * d];
+    g.phi[j] = padding[2 * d + 1];
+    g.out[j] = (g.in[j] + g.plo[j] + g.phi[j] - g.dil[j] * (g.kern[j] - 1) - 1) / g.stride[j] + 1;
+    TORCH_CHECK(g.in[j] + g.plo[j] + g.phi[j] - g.dil[j] * (g.kern[j] - 1) - 1 >= 0, "expected a kernel (size ", k_sp,
+                ", dilation ", dilation, ") that fits the padded input (size ", in_sp, ", padding ", padding,
+                "), got an empty output");
+  }
+  return g;
+}
+
+// The core kernel k (r_out, r_in, *kernel) against the small activation `a` (N, channels, *spatial)
+// whose channels are k's dim `kdim` (1: the conv's input z, 0: its output gradient du).
+inline void check_core_kernel(const at::Tensor& a, const at::Tensor& k, int64_t kdim, const char* a_name) {
+  check_tensor(a, a_name);
+  check_tensor(k, "k");
+  check_like(k, a, "k", a_name);
+  TORCH_CHECK(a.dim() == 3 || a.dim() == 4, a_name, ": expected a 3-D or 4-D tensor (N, channels, *spatial) of a 1-D "
+              "or 2-D conv, got shape ", a.sizes());
+  TORCH_CHECK(k.dim() == a.dim() && k.size(kdim) == a.size(1), "k: expected shape (r_out, r_in, *kernel) with ",
+              a.dim() - 2, " kernel dims and ", kdim == 1 ? "r_in" : "r_out", " = ", a.size(1), " (the channels of ",
+              a_name, "), got ", k.sizes());
+}
+
+// Arguments of adapter_conv_expand_: y (N, C_out, *out) updated in place, z (N, r_in, *in), k (r_out, r_in,
+// *kernel), u_out (C_out, r_out). Returns the geometry (out = the conv's output size, checked against y).
+inline CoreConvGeom check_conv_expand(const at::Tensor& y, const at::Tensor& z, const at::Tensor& k,
+                                      const at::Tensor& u_out, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                      c10::IntArrayRef dilation) {
+  check_core_kernel(z, k, 1, "z");
+  check_tensor(y, "y");
+  check_tensor(u_out, "u_out");
+  check_like(y, z, "y", "z");
+  check_like(u_out, z, "u_out", "z");
+  check_dim(u_out, 2, "u_out", "(out channels, r_out)");
+  const int64_t dims = z.dim() - 2;
+  const CoreConvGeom g = core_conv_geom(dims, z.size(0), z.sizes().slice(2), k.sizes().slice(2), stride, padding,
+                                        dilation);
+  std::vector<int64_t> ys{z.size(0), u_out.size(0)};
+  for (int64_t d = 0; d < dims; ++d) ys.push_back(g.out[d + 2 - dims]);
+  TORCH_CHECK(y.sizes() == c10::IntArrayRef(ys), "y: expected shape ", c10::IntArrayRef(ys),
+              " (N, u_out.shape[0], the conv's output size), got ", y.sizes());
+  TORCH_CHECK(u_out.size(1) == k.size(0), "u_out: expected shape (", u_out.size(0), ", ", k.size(0),
+              ") (r_out = k.shape[0]), got ", u_out.sizes());
+  return g;
+}
+
+// Arguments of adapter_conv_shrink_grad_input_: dx (N, C_in, *in) updated in place, du (N, r_out, *out),
+// k (r_out, r_in, *kernel), u_in (C_in, r_in). Returns the geometry of the forward conv (in = dx's size).
+inline CoreConvGeom check_conv_shrink_grad(const at::Tensor& dx, const at::Tensor& du, const at::Tensor& k,
+                                           const at::Tensor& u_in, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                           c10::IntArrayRef dilation, double p) {
+  check_core_kernel(du, k, 0, "du");
+  check_tensor(dx, "dx");
+  check_tensor(u_in, "u_in");
+  check_like(dx, du, "dx", "du");
+  check_like(u_in, du, "u_in", "du");
+  check_dim(u_in, 2, "u_in", "(in channels, r_in)");
+  check_dropout(p);
+  TORCH_CHECK(dx.dim() == du.dim() && dx.size(0) == du.size(0), "dx: expected a ", du.dim(), "-D tensor with batch ",
+              du.size(0), " (that of du), got shape ", dx.sizes());
+  TORCH_CHECK(u_in.size(0) == dx.size(1) && u_in.size(1) == k.size(1), "u_in: expected shape (", dx.size(1), ", ",
+              k.size(1), ") (dx's channels, r_in = k.shape[1]), got ", u_in.sizes());
+  const int64_t dims = du.dim() - 2;
+  const CoreConvGeom g = core_conv_geom(dims, du.size(0), dx.sizes().slice(2), k.sizes().slice(2), stride, padding,
+                                        dilation);
+  for (int64_t d = 0; d < dims; ++d)
+    TORCH_CHECK(g.out[d + 2 - dims] == du.size(2 + d), "du: expected spatial size ", du.size(2 + d), " in dim ", 2 + d,
+                " to be the conv's output size ", g.out[d + 2 - dims], " for dx of shape ", dx.sizes(), ", got shape ",
+                du.sizes());
+  return g;
+}
+
 }  // namespace flora

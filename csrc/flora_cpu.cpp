@@ -454,6 +454,71 @@ void adapter_shrink_grad_input_inplace_cpu(Tensor& dx, const Tensor& dz, const T
   shrink_grad_input_impl(dx, dz, u_in, groups, p, seed, true);
 }
 
+// The core conv's geometry as ATen's conv arguments (per spatial dim, in dim order).
+struct AtenConvArgs {
+  std::vector<int64_t> stride, dilation, sym, zeros, pad_nd;  // pad_nd: constant_pad_nd's (last dim first)
+  bool symmetric = true;
+};
+
+AtenConvArgs aten_conv_args(c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  AtenConvArgs a{stride.vec(), dilation.vec(), {}, std::vector<int64_t>(stride.size(), 0), {}, true};
+  for (size_t d = 0; d < stride.size(); ++d) {
+    a.sym.push_back(padding[2 * d]);
+    a.symmetric = a.symmetric && padding[2 * d] == padding[2 * d + 1];
+  }
+  for (size_t d = stride.size(); d-- > 0;) {
+    a.pad_nd.push_back(padding[2 * d]);
+    a.pad_nd.push_back(padding[2 * d + 1]);
+  }
+  return a;
+}
+
+// A copy of t in a new tensor of layout_of(like) (the strides the fakes give it).
+Tensor in_layout_of(const Tensor& t, const Tensor& like) {
+  Tensor out = at::empty(t.sizes(), t.options().memory_format(layout_of(like)));
+  out.copy_(t);
+  return out;
+}
+
+// u = conv(z, k) (zero padding, asymmetric allowed; ATen's conv on the small tensors), in z's layout,
+// then y += scale * u_out . u in place (the expand kernel). Returns u.
+Tensor adapter_conv_expand_cpu(Tensor& y, const Tensor& z, const Tensor& k, const Tensor& u_out,
+                               c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                               double scale) {
+  (void)check_conv_expand(y, z, k, u_out, stride, padding, dilation);
+  check_cpu(z, "z");
+  const AtenConvArgs a = aten_conv_args(stride, padding, dilation);
+  const Tensor zp = a.symmetric ? z : at::constant_pad_nd(z, a.pad_nd, 0);
+  const Tensor u = in_layout_of(at::convolution(zp, k, c10::nullopt, a.stride, a.symmetric ? a.sym : a.zeros,
+                                                a.dilation, false, a.zeros, 1),
+                                z);
+  expand_into(y, u, u_out, 1, scale, true);
+  return u;
+}
+
+// dz = the core conv's input gradient for du (ATen's convolution backward on the small tensors, through
+// the adjoint of the padding), in du's layout, then dx += mask * (u_in . dz) in place. Returns dz.
+Tensor adapter_conv_shrink_grad_input_cpu(Tensor& dx, const Tensor& du, const Tensor& k, const Tensor& u_in,
+                                          c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                          c10::IntArrayRef dilation, double p, int64_t seed) {
+  (void)check_conv_shrink_grad(dx, du, k, u_in, stride, padding, dilation, p);
+  check_cpu(du, "du");
+  const AtenConvArgs a = aten_conv_args(stride, padding, dilation);
+  std::vector<int64_t> zshape{du.size(0), k.size(1)};
+  for (int64_t d = 0; d < du.dim() - 2; ++d)
+    zshape.push_back(dx.size(2 + d) + (a.symmetric ? 0 : padding[2 * d] + padding[2 * d + 1]));
+  // Only its shape and options are read (input gradient only).
+  const Tensor zp = at::empty(zshape, du.options().memory_format(layout_of(du)));
+  Tensor g = std::get<0>(at::convolution_backward(du, zp, k, c10::nullopt, a.stride, a.symmetric ? a.sym : a.zeros,
+                                                  a.dilation, false, a.zeros, 1, {true, false, false}));
+  if (!a.symmetric)
+    for (int64_t d = 0; d < du.dim() - 2; ++d) g = g.narrow(2 + d, padding[2 * d], dx.size(2 + d));
+  const Tensor dz = in_layout_of(g, du);
+  check_shrink_grad_input_inplace(dx, dz, u_in, 1);
+  shrink_grad_input_impl(dx, dz, u_in, 1, p, seed, true);
+  return dz;
+}
+
 Tensor adapter_factor_grad_cpu(const Tensor& a_, const Tensor& b_, int64_t groups, bool per_group, double scale,
                                double p, int64_t seed) {
   const auto [va, vb] = check_factor_grad(a_, b_, groups, p);
@@ -503,6 +568,8 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("adapter_factor_grad", &adapter_factor_grad_cpu);
   m.impl("adapter_linear_grad", &adapter_linear_grad_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
+  m.impl("adapter_conv_expand_", &adapter_conv_expand_cpu);
+  m.impl("adapter_conv_shrink_grad_input_", &adapter_conv_shrink_grad_input_cpu);
 }
 
 }  // namespace flora

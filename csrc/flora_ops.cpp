@@ -21,6 +21,13 @@
 //       (C, K) block per group stacked to (groups * C, K) when per_group
 //   adapter_linear_grad(dy (M, O), s (M, r), b (O, r))   (dS = dy b, dB = dy^T s): both from one read of dy
 //   dropout_mask(x, p, seed)                              the multiplier (0 or 1/(1-p)) per element of x
+//   adapter_conv_expand_(y!, z (N, r_in, *in), k (r_out, r_in, *kernel), u_out (C_out, r_out), stride, padding,
+//                        dilation, scale) -> u
+//       u = conv(z, k) (1-D / 2-D, one group, zero padding; padding = (lo, hi) per spatial dim, flattened),
+//       y += scale * u_out . u; u in z's layout
+//   adapter_conv_shrink_grad_input_(dx!, du (N, r_out, *out), k, u_in (C_in, r_in), stride, padding, dilation,
+//                                   p, seed) -> dz
+//       dz = the conv's input gradient for du (size of dx), dx += mask * (u_in . dz); dz in du's layout
 #include <Python.h>
 
 #include <torch/library.h>
@@ -43,6 +50,10 @@ TORCH_LIBRARY(flora, m) {
   m.def("adapter_factor_grad(Tensor a, Tensor b, int groups, bool per_group, float scale, float p, int seed) -> Tensor", tags);
   m.def("adapter_linear_grad(Tensor dy, Tensor s, Tensor b) -> (Tensor, Tensor)", tags);
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor", tags);
+  m.def("adapter_conv_expand_(Tensor(a!) y, Tensor z, Tensor k, Tensor u_out, int[] stride, int[] padding, "
+        "int[] dilation, float scale) -> Tensor", tags);
+  m.def("adapter_conv_shrink_grad_input_(Tensor(a!) dx, Tensor du, Tensor k, Tensor u_in, int[] stride, "
+        "int[] padding, int[] dilation, float p, int seed) -> Tensor", tags);
   m.def("depthwise_conv2d_weight_grad(Tensor x, Tensor dy, int[] kernel, int[] stride, int[] padding, "
         "int[] dilation) -> Tensor", tags);
 }

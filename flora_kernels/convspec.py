@@ -145,6 +145,14 @@ def pad_adjoint(g: Tensor, pads: Sequence[tuple[int, int]], mode: str) -> Tensor
     return g
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """x's suggested memory format (``suggest_memory_format`` without reading ``x.layout``, which
+    torch.compile's strict tracing of a backward rejects)."""
+    if x.dim() in (4, 5) and torch._prims_common.are_strides_like_channels_last_or_false(x.shape, x.stride()):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def conv_nd_backward(
     dy: Tensor, x: Tensor, weight: Tensor, spec: ConvSpec, need_x: bool, need_w: bool
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -161,7 +169,7 @@ def conv_nd_backward(
         return dx, dw
     flat, mode = _explicit_pad(spec)
     shape = (*x.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec.pads)))
-    fmt = torch._prims_common.suggest_memory_format(x)
+    fmt = _memory_format(x)
     xp = F.pad(x, flat, mode=mode) if need_w else x.new_empty(shape).contiguous(memory_format=fmt)
     gp, dw, _ = torch.ops.aten.convolution_backward(
         dy, xp, weight, None, list(spec.stride), zeros, list(spec.dilation), False, zeros, spec.groups,

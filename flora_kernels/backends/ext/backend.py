@@ -13,7 +13,7 @@ from ...convspec import ConvSpec, conv_nd
 from ...tucker import mode_n_product
 from ..base import Backend, Call, TensorSpec, autocast_dtype
 from .build import load_extension
-from .ops import BaseConvShrink, Expand, LinearFactorized, Reconstruct
+from .ops import BaseConvShrink, ConvFused, Expand, LinearFactorized, Reconstruct
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -32,6 +32,28 @@ def conv_core(core: Tensor, factors: Sequence[Tensor], groups: int) -> Tensor:
     for n in range(2, k.dim()):
         k = mode_n_product(k, factors[n], n)
     return k.repeat(groups, *(1,) * (k.dim() - 1)) if groups > 1 else k
+
+
+# The fused core-conv ops keep a 64-token x 32-channel tile of u (forward) / dz (backward) in the
+# CUDA kernel's shared memory, so both ranks are at most 32.
+FUSED_CONV_MAX_RANK = 32
+
+
+def fused_conv_reason(x: Tensor, k: Tensor, spec: ConvSpec) -> str | None:
+    """Why the fused core-conv ops (``ConvFused``) cannot run this conv, or None if they can.
+
+    x (N, C_in, *sp), k (g r_out, r_in, *kernel): a batched 1-D or 2-D conv, one group, zero
+    padding (asymmetric allowed), r_in and r_out <= FUSED_CONV_MAX_RANK.
+    """
+    if spec.dims not in (1, 2) or x.dim() != spec.dims + 2:
+        return f"expected a batched 1-D or 2-D conv, got x of shape {tuple(x.shape)}"
+    if spec.groups != 1:
+        return f"expected groups=1, got {spec.groups}"
+    if spec.padding_mode != "zeros":
+        return f"expected padding_mode='zeros', got {spec.padding_mode!r}"
+    if max(k.shape[0], k.shape[1]) > FUSED_CONV_MAX_RANK:
+        return f"expected r_out, r_in <= {FUSED_CONV_MAX_RANK}, got {tuple(k.shape[:2])}"
+    return None
 
 
 def new_seed(p: float) -> int:
@@ -140,9 +162,13 @@ class ExtBackend(Backend):
         """y = conv(x, W) + b + scale * expand(conv(shrink(x), k)) in x's layout; factors and k in x's dtype.
 
         No copies of x, y or their gradients: the base conv's output (cuDNN on CUDA) takes the
-        adapter in place, and its input gradient the adapter's (``BaseConvShrink``); the shrink /
-        expand kernels read and write contiguous and channels_last tensors through their strides.
+        adapter in place, and its input gradient the adapter's; the kernels read and write
+        contiguous and channels_last tensors through their strides. Eligible convs
+        (``fused_conv_reason``) run the core conv and the expansion as one op (``ConvFused``), the
+        others torch's core conv between ``BaseConvShrink`` and ``Expand``.
         """
+        if fused_conv_reason(x, k, spec) is None:
+            return ConvFused.apply(x, weight, bias, k, fs[0], fs[1], spec, scale, p, new_seed(p))
         y, z = BaseConvShrink.apply(x, weight, bias, fs[1], spec, p, new_seed(p))
         u = conv_nd(z, k, None, spec)
         return Expand.apply(y, u, fs[0], spec.groups, scale)

@@ -10,6 +10,9 @@ Schemas: csrc/flora_ops.cpp; semantics: docs/kernels/cuda.md. Channel views: an 
     adapter_expand(z, u_out, groups, scale, bias?) -> bias + scale * u_out . z (a new tensor)
     adapter_expand_grad_input / adapter_shrink_grad_input(_) / adapter_factor_grad / dropout_mask
     adapter_linear_grad(dy, s, b) -> (dy b, dy^T s): a Linear's dS and dB from one read of dy
+    adapter_conv_expand_(y!, z, k, u_out, stride, padding, dilation, scale) -> u = conv(z, k); y += scale u_out . u
+    adapter_conv_shrink_grad_input_(dx!, du, k, u_in, stride, padding, dilation, p, seed)
+        -> dz = conv_transpose(du, k); dx += mask * (u_in . dz)
 
 The fakes are declared here with ``oplib.fake`` and registered by ``build.load_extension`` once
 the library is loaded.
@@ -29,6 +32,7 @@ OPS = (
     "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
+    "adapter_conv_expand_", "adapter_conv_shrink_grad_input_",
 )
 
 
@@ -123,6 +127,20 @@ def _(dy, s, b):
 @fake("flora::dropout_mask")
 def _(x, p, seed):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@fake("flora::adapter_conv_expand_")
+def _(y, z, k, u_out, stride, padding, dilation, scale):
+    _same_device(y, z, k, u_out)
+    return torch.empty((z.shape[0], k.shape[0], *y.shape[2:]), dtype=z.dtype, device=z.device,
+                       memory_format=layout_of(z))
+
+
+@fake("flora::adapter_conv_shrink_grad_input_")
+def _(dx, du, k, u_in, stride, padding, dilation, p, seed):
+    _same_device(dx, du, k, u_in)
+    return torch.empty((du.shape[0], k.shape[1], *dx.shape[2:]), dtype=du.dtype, device=du.device,
+                       memory_format=layout_of(du))
 
 
 @fake("flora::depthwise_conv2d_weight_grad")
@@ -280,3 +298,70 @@ class Expand(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             du_out = flora().adapter_factor_grad(dy, u, ctx.groups, True, ctx.scale, 0.0, 0)
         return dy, du, du_out, None, None
+
+
+def core_conv_args(spec: ConvSpec) -> tuple[list[int], list[int], list[int]]:
+    """(stride, padding, dilation) of the fused core-conv ops: padding is (lo, hi) per dim, flattened."""
+    return list(spec.stride), [p for lo_hi in spec.pads for p in lo_hi], list(spec.dilation)
+
+
+def channel_minor_tokens(t: Tensor) -> Tensor | None:
+    """t (N, C, *sp) as its (N * prod(sp), C) token matrix, a view, when the channel dim is the
+    innermost one in dense memory (channels_last, a conv1d's (N, L, C) layout); else None."""
+    tm = t.movedim(1, -1)
+    return tm.view(-1, t.shape[1]) if tm.is_contiguous() else None
+
+
+class ConvFused(torch.autograd.Function):
+    """y = conv(x, W) + b + scale * U_out . conv(U_in^T drop(x), k) for a 1-D / 2-D conv with one
+    group and zero padding; x (N, C_in, *sp), weight (C_out, C_in, *kw), k (r_out, r_in, *kw),
+    u_out (C_out, r_out), u_in (C_in, r_in).
+
+    Forward: the base conv (torch: cuDNN on CUDA), z = ``adapter_shrink(x)``, then
+    ``adapter_conv_expand_``: the core conv and the expansion in one op, accumulated into the base
+    conv's output in place (u = conv(z, k) is returned for the backward). Backward: du = scale
+    U_out^T dy and dU_out = scale dy u^T from one read of dy where dy is channel-minor dense
+    (``adapter_linear_grad`` on its token matrix), dk = torch's weight gradient of the small core
+    conv, dx = the base conv's input gradient plus, in place, ``adapter_conv_shrink_grad_input_``
+    (the core conv's transposed conv of du and the shrink's adjoint, mask fused), dU_in = x^T dz.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, u_out, u_in, spec: ConvSpec, scale, p, seed):
+        ctx.spec, ctx.scale, ctx.p, ctx.seed = spec, scale, p, seed
+        y = conv_nd(x, weight, bias, spec)
+        z = flora().adapter_shrink(x, u_in, 1, p, seed)
+        u = flora().adapter_conv_expand_(y, z, k, u_out, *core_conv_args(spec), scale)
+        ctx.save_for_backward(x, weight, k, u_out, u_in, z, u)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, k, u_out, u_in, z, u = ctx.saved_tensors
+        need_x, need_w, need_b, need_k, need_uo, need_ui = ctx.needs_input_grad[:6]
+        ops, spec, scale = flora(), ctx.spec, ctx.scale
+        dx = dw = db = dk = du_out = du_in = None
+        need_du = need_x or need_k or need_ui
+        dy_t = channel_minor_tokens(dy) if need_du and need_uo else None
+        if dy_t is not None:  # du and dU_out from one read of dy
+            u_t = u.movedim(1, -1).reshape(-1, u.shape[1])
+            du_t, db_t = ops.adapter_linear_grad(dy_t, u_t, u_out * scale)
+            du = du_t.view(dy.shape[0], *dy.shape[2:], u.shape[1]).movedim(-1, 1)
+            du_out = db_t * scale
+        else:
+            du = ops.adapter_expand_grad_input(dy, u_out, 1, scale) if need_du else None
+            du_out = ops.adapter_factor_grad(dy, u, 1, True, scale, 0.0, 0) if need_uo else None
+        if need_k:
+            dk = conv_nd_backward(du, z, k, spec, False, True)[1]
+        if need_x or need_w:
+            dx, dw = conv_nd_backward(dy, x, weight, spec, need_x, need_w)
+        if need_x:
+            dz = ops.adapter_conv_shrink_grad_input_(dx, du, k, u_in, *core_conv_args(spec), ctx.p, ctx.seed)
+        elif need_ui:
+            dz = conv_nd_backward(du, z, k, spec, True, False)[0]
+        if need_b:
+            db = dy.sum([0, *range(2, dy.dim())])
+        if need_ui:
+            du_in = ops.adapter_factor_grad(x, dz, 1, False, 1.0, ctx.p, ctx.seed)
+        return dx, dw, db, dk, du_out, du_in, None, None, None, None
