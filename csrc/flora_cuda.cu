@@ -219,8 +219,110 @@ __device__ __forceinline__ uint32_t ld32(const T* p) {
 }
 #endif
 
-// D = alpha * A B^T (+ src), masks fused. Accumulators in the mma.sync C layout: lane (gq, tq) of
-// warp w holds rows 16w + gq (+8) and columns 8 nt + 2 tq (+1) of the tile, for nt = 0..3.
+// Accumulators of a 64 x 32 tile in the mma.sync C layout: lane (gq, tq) of warp w holds rows
+// 16w + gq (+8) and columns 8 nt + 2 tq (+1) of the tile, for nt = 0..3 (acc[nt][0..3]).
+template <typename AccT>
+__device__ __forceinline__ void zero_acc(AccT (&acc)[4][4]) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = AccT(0);
+}
+
+// acc += As (64 x BK) Bs^T (BK x 32) for the staged tiles: mma.sync for bf16/fp16 (kMma), else
+// CUDA-core FMAs in Acc (fp32, fp64 if an operand is fp64) with the same accumulator layout.
+template <bool kMma, typename TA, typename TB, typename AccT>
+__device__ __forceinline__ void mma_tile(AccT (&acc)[4][4], const TA (*As)[BK + kVec<TA>], const TB (*Bs)[BK + kVec<TB>],
+                                         int r_lo, int gq, int tq) {
+  if constexpr (kMma) {
+#if FLORA_MMA
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      const uint32_t a[4] = {ld32(&As[r_lo][kk + 2 * tq]), ld32(&As[r_lo + 8][kk + 2 * tq]),
+                             ld32(&As[r_lo][kk + 2 * tq + 8]), ld32(&As[r_lo + 8][kk + 2 * tq + 8])};
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const uint32_t b[2] = {ld32(&Bs[nt * 8 + gq][kk + 2 * tq]), ld32(&Bs[nt * 8 + gq][kk + 2 * tq + 8])};
+        mma16816<TA>(acc[nt], a, b);
+      }
+    }
+#endif
+  } else {
+    using Acc = acc2<TA, TB>;
+#pragma unroll 4
+    for (int kk = 0; kk < BK; ++kk) {
+      const Acc a0 = static_cast<Acc>(to_acc(As[r_lo][kk])), a1 = static_cast<Acc>(to_acc(As[r_lo + 8][kk]));
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const Acc b0 = static_cast<Acc>(to_acc(Bs[nt * 8 + 2 * tq][kk]));
+        const Acc b1 = static_cast<Acc>(to_acc(Bs[nt * 8 + 2 * tq + 1][kk]));
+        acc[nt][0] += a0 * b0;
+        acc[nt][1] += a0 * b1;
+        acc[nt][2] += a1 * b0;
+        acc[nt][3] += a1 * b1;
+      }
+    }
+  }
+}
+
+// Cs = alpha * acc (the tile in shared memory, for the epilogue's 16-byte runs).
+template <typename E, typename AccT>
+__device__ __forceinline__ void acc_to_smem(E (*Cs)[BN + kVec<E>], const AccT (&acc)[4][4], E alpha, int r_lo, int tq) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) Cs[r_lo + (i >> 1) * 8][nt * 8 + 2 * tq + (i & 1)] = static_cast<E>(acc[nt][i]) * alpha;
+}
+
+// Epilogue: out[(m0, n0) + tile] = mask * Cs (+ src) (+ bias), written as 16-byte runs along the
+// output's contiguous axis (d.vec) or element by element; out / src / bias already offset to the
+// group / split, lbase the group's logical (dropout) offset.
+template <typename TO, typename E>
+__device__ __forceinline__ void store_tile(const E (*Cs)[BN + kVec<E>], const Out& d, TO* out, const TO* src,
+                                           const TO* bias, uint32_t M, uint32_t N, uint32_t m0, uint32_t n0,
+                                           int64_t lbase, const DropParams& dd) {
+  constexpr int V = kVec<TO>;
+  const bool along_rows = d.vec == kAlongRows;
+  const E inv_keep = static_cast<E>(dd.inv_keep);
+  for (int e = threadIdx.x; e < BM * BN / V; e += kThreads) {
+    const int rr = along_rows ? (e % (BM / V)) * V : e / (BN / V);
+    const int cc = along_rows ? e / (BM / V) : (e % (BN / V)) * V;
+    const uint32_t m = m0 + rr, n = n0 + cc;
+    const bool full = d.vec != kNone && (along_rows ? m + V <= M && n < N : m < M && n + V <= N);
+    if (full) {
+      const Pos pm = at(d.row, m), pn = at(d.col, n);
+      const int64_t o = pm.mem + pn.mem;
+      const int64_t l0 = lbase + pm.log + pn.log, ls = along_rows ? d.row.run_lstride() : d.col.run_lstride();
+      alignas(16) TO s[V];
+      if (src) load_vec(s, src + o);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
+        if (dd.active) v = drop_keep(dd, l0 + i * ls) ? v * inv_keep : E(0);
+        if (src) v += static_cast<E>(to_acc(s[i]));
+        if (bias) v += static_cast<E>(to_acc(bias[along_rows ? n : n + i]));
+        s[i] = from_acc<TO>(v);
+      }
+      *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(s);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const uint32_t mi = along_rows ? m + i : m, ni = along_rows ? n : n + i;
+        if (mi < M && ni < N) {
+          const Pos pm = at(d.row, mi), pn = at(d.col, ni);
+          const int64_t o = pm.mem + pn.mem;
+          E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
+          if (dd.active) v = drop_keep(dd, lbase + pm.log + pn.log) ? v * inv_keep : E(0);
+          if (src) v += static_cast<E>(to_acc(src[o]));
+          if (bias) v += static_cast<E>(to_acc(bias[ni]));
+          out[o] = from_acc<TO>(v);
+        }
+      }
+    }
+  }
+}
+
+// D = alpha * A B^T (+ src), masks fused.
 template <typename TA, typename TB, typename TO>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
   using Acc = acc2<TA, TB>;
@@ -238,98 +340,150 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs args) {
   const int r_lo = warp * 16 + gq;
   using AccT = typename std::conditional<kMma, float, Acc>::type;
   AccT acc[4][4];
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = AccT(0);
-
+  zero_acc(acc);
   for (uint32_t k0 = kbeg; k0 < kend; k0 += BK) {
     load_tile<BM, true>(As, args.a, m0, args.M, k0, kend, g, args.da);
     load_tile<BN, false>(Bs, args.b, n0, args.N, k0, kend, g, args.da);
     __syncthreads();
-    if constexpr (kMma) {
-#if FLORA_MMA
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        const uint32_t a[4] = {ld32(&As[r_lo][kk + 2 * tq]), ld32(&As[r_lo + 8][kk + 2 * tq]),
-                               ld32(&As[r_lo][kk + 2 * tq + 8]), ld32(&As[r_lo + 8][kk + 2 * tq + 8])};
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const uint32_t b[2] = {ld32(&Bs[nt * 8 + gq][kk + 2 * tq]), ld32(&Bs[nt * 8 + gq][kk + 2 * tq + 8])};
-          mma16816<TA>(acc[nt], a, b);
-        }
-      }
-#endif
-    } else {
-#pragma unroll 4
-      for (int kk = 0; kk < BK; ++kk) {
-        const Acc a0 = static_cast<Acc>(to_acc(As[r_lo][kk])), a1 = static_cast<Acc>(to_acc(As[r_lo + 8][kk]));
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const Acc b0 = static_cast<Acc>(to_acc(Bs[nt * 8 + 2 * tq][kk]));
-          const Acc b1 = static_cast<Acc>(to_acc(Bs[nt * 8 + 2 * tq + 1][kk]));
-          acc[nt][0] += a0 * b0;
-          acc[nt][1] += a0 * b1;
-          acc[nt][2] += a1 * b0;
-          acc[nt][3] += a1 * b1;
-        }
-      }
-    }
+    mma_tile<kMma>(acc, As, Bs, r_lo, gq, tq);
     __syncthreads();
   }
-
-  // Epilogue: the tile through shared memory, then 16-byte runs along the output's contiguous axis.
-  const E alpha = static_cast<E>(args.alpha);
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) Cs[r_lo + (i >> 1) * 8][nt * 8 + 2 * tq + (i & 1)] = static_cast<E>(acc[nt][i]) * alpha;
+  acc_to_smem(Cs, acc, static_cast<E>(args.alpha), r_lo, tq);
   __syncthreads();
-  constexpr int V = kVec<TO>;
   const Out& d = args.d;
   const int64_t off0 = (static_cast<int64_t>(split) + static_cast<int64_t>(g) * d.slice_g) * d.slice +
                        static_cast<int64_t>(g) * d.gs;
-  TO* out = static_cast<TO*>(d.p) + off0;
-  const TO* src = d.src ? static_cast<const TO*>(d.src) + off0 : nullptr;
-  const TO* bias = d.bias ? static_cast<const TO*>(d.bias) + static_cast<int64_t>(g) * d.bias_gs : nullptr;
-  const bool along_rows = d.vec == kAlongRows;
-  const E inv_keep = static_cast<E>(args.dd.inv_keep);
-  const int64_t lbase = static_cast<int64_t>(g) * d.lgs;
-  for (int e = threadIdx.x; e < BM * BN / V; e += kThreads) {
-    const int rr = along_rows ? (e % (BM / V)) * V : e / (BN / V);
-    const int cc = along_rows ? e / (BM / V) : (e % (BN / V)) * V;
-    const uint32_t m = m0 + rr, n = n0 + cc;
-    const bool full = d.vec != kNone && (along_rows ? m + V <= args.M && n < args.N : m < args.M && n + V <= args.N);
-    if (full) {
-      const Pos pm = at(d.row, m), pn = at(d.col, n);
-      const int64_t o = pm.mem + pn.mem;
-      const int64_t l0 = lbase + pm.log + pn.log, ls = along_rows ? d.row.run_lstride() : d.col.run_lstride();
-      alignas(16) TO s[V];
-      if (src) load_vec(s, src + o);
+  store_tile<TO, E>(Cs, d, static_cast<TO*>(d.p) + off0, d.src ? static_cast<const TO*>(d.src) + off0 : nullptr,
+                    d.bias ? static_cast<const TO*>(d.bias) + static_cast<int64_t>(g) * d.bias_gs : nullptr, args.M,
+                    args.N, m0, n0, static_cast<int64_t>(g) * d.lgs, args.dd);
+}
+
+// ---- the fused core conv + expansion (adapter_conv_expand_ / adapter_conv_shrink_grad_input_) ----
+// The implicit-GEMM A operand of a 2-D conv with one group and zero padding (1-D: H = 1): row m =
+// (n, rh, rw) is a position of the result, column k = (i, j, c) a tap and a source channel; the
+// element is src[n, c, q_h, q_w] with q = (r * mul + i * tap + off) / sdiv per dim where that is
+// an integer inside the source, else 0. Forward (u = conv(z, k)): rows the output tokens, mul =
+// stride, tap = dilation, off = -pad_lo, sdiv = 1. Backward (dz = the transposed conv of du): rows
+// the input positions, mul = 1, tap = -dilation, off = pad_lo, sdiv = stride.
+struct Gather {
+  const void* p = nullptr;
+  FastDiv rows_hw, rows_w, chans, taps_w;  // m -> (n, rest) -> (rh, rw); k -> (tap, c); tap -> (i, j)
+  int32_t mul[2] = {1, 1}, tap[2] = {1, 1}, off[2] = {0, 0}, src[2] = {1, 1};
+  FastDiv sdiv[2];
+  int64_t sn = 0, sc = 0, sh = 0, sw = 0;  // source strides
+  bool vec = false;                        // 16-byte runs along c (channels innermost, aligned)
+};
+
+struct ConvMixArgs {
+  Gather a;   // (M, K = taps * C_src)
+  Opnd k;     // (R, K): the core kernel, rows r = the result's channels
+  Out mid;    // (M, R): u (forward) / dz (backward), written rounded
+  Opnd f;     // (C, R): U_out / U_in
+  Out d;      // (M, C): y / dx, accumulated in place (d.src = d.p), mask dd on dx
+  uint32_t M = 0, K = 0, R = 0, C = 0;
+  double alpha = 1.0;
+  DropParams dd;
+};
+
+// The offset of source element (row position (rh, rw), column k) inside sample n, or false (a zero).
+__device__ __forceinline__ bool gather_at(const Gather& g, uint32_t rh, uint32_t rw, uint32_t k, int64_t& o) {
+  const uint32_t t = g.chans.div(k), c = k - t * g.chans.d;
+  const uint32_t i = g.taps_w.div(t), j = t - i * g.taps_w.d;
+  int32_t q[2] = {static_cast<int32_t>(rh) * g.mul[0] + static_cast<int32_t>(i) * g.tap[0] + g.off[0],
+                  static_cast<int32_t>(rw) * g.mul[1] + static_cast<int32_t>(j) * g.tap[1] + g.off[1]};
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
-        if (args.dd.active) v = drop_keep(args.dd, l0 + i * ls) ? v * inv_keep : E(0);
-        if (src) v += static_cast<E>(to_acc(s[i]));
-        if (bias) v += static_cast<E>(to_acc(bias[along_rows ? n : n + i]));
-        s[i] = from_acc<TO>(v);
+  for (int d = 0; d < 2; ++d) {
+    if (q[d] < 0) return false;
+    if (g.sdiv[d].d > 1) {
+      const uint32_t qq = g.sdiv[d].div(static_cast<uint32_t>(q[d]));
+      if (qq * g.sdiv[d].d != static_cast<uint32_t>(q[d])) return false;
+      q[d] = static_cast<int32_t>(qq);
+    }
+    if (q[d] >= g.src[d]) return false;
+  }
+  o = static_cast<int64_t>(c) * g.sc + static_cast<int64_t>(q[0]) * g.sh + static_cast<int64_t>(q[1]) * g.sw;
+  return true;
+}
+
+// Stage rows [m0, m0 + BM) x k [k0, k0 + BK) of the gathered operand into S (zero outside the
+// source, past M or past K): one 16-byte load per run of V channels of one tap (g.vec; C_src is
+// then a multiple of V, so a run never straddles two taps), else element by element.
+template <typename T>
+__device__ __forceinline__ void load_gather(T (*S)[BK + kVec<T>], const Gather& g, uint32_t m0, uint32_t M,
+                                            uint32_t k0, uint32_t K) {
+  constexpr int V = kVec<T>;
+  const T* base = static_cast<const T*>(g.p);
+  for (int e = threadIdx.x; e < BM * BK / V; e += kThreads) {
+    const int rr = e / (BK / V), kk = (e % (BK / V)) * V;
+    const uint32_t m = m0 + rr, k = k0 + kk;
+    const uint32_t n = g.rows_hw.div(m), rest = m - n * g.rows_hw.d;
+    const uint32_t rh = g.rows_w.div(rest), rw = rest - rh * g.rows_w.d;
+    const T* row = base + static_cast<int64_t>(n) * g.sn;
+    alignas(16) T v[V];
+    int64_t o;
+    if (g.vec && m < M && k + V <= K) {
+      if (gather_at(g, rh, rw, k, o)) {
+        load_vec(v, row + o);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = T{};
       }
-      *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(s);
     } else {
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const uint32_t mi = along_rows ? m + i : m, ni = along_rows ? n : n + i;
-        if (mi < args.M && ni < args.N) {
-          const Pos pm = at(d.row, mi), pn = at(d.col, ni);
-          const int64_t o = pm.mem + pn.mem;
-          E v = along_rows ? Cs[rr + i][cc] : Cs[rr][cc + i];
-          if (args.dd.active) v = drop_keep(args.dd, lbase + pm.log + pn.log) ? v * inv_keep : E(0);
-          if (src) v += static_cast<E>(to_acc(src[o]));
-          if (bias) v += static_cast<E>(to_acc(bias[ni]));
-          out[o] = from_acc<TO>(v);
-        }
-      }
+      for (int i = 0; i < V; ++i) v[i] = (m < M && k + i < K && gather_at(g, rh, rw, k + i, o)) ? row[o] : T{};
     }
+    *reinterpret_cast<uint4*>(&S[rr][kk]) = *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// One block per 64 rows: the (64 x R) tile of u = conv(z, k) (or dz = the transposed conv of du)
+// by implicit GEMM over K = taps * C_src, rounded to T, written out and kept in shared memory
+// (the A tile), then for every 32 channels of the expansion's output y[tile] += alpha * u U^T
+// (dx[tile] += mask * dz U^T) in place, the same mma / FMA tile code and epilogue as gemm_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) conv_mix_kernel(const ConvMixArgs args) {
+  using E = acc_of<T>;
+  constexpr bool kMma = FLORA_MMA && is16<T>;
+  static_assert(BN == BK, "the u tile (BM x BN) is the expansion's A tile (BM x BK)");
+  __shared__ __align__(16) T As[BM][BK + kVec<T>];
+  __shared__ __align__(16) T Bs[BN][BK + kVec<T>];
+  __shared__ __align__(16) E Cs[BM][BN + kVec<E>];
+  const uint32_t m0 = blockIdx.x * BM;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  const int r_lo = warp * 16 + gq;
+  using AccT = typename std::conditional<kMma, float, E>::type;
+  AccT acc[4][4];
+  zero_acc(acc);
+  for (uint32_t k0 = 0; k0 < args.K; k0 += BK) {
+    load_gather<T>(As, args.a, m0, args.M, k0, args.K);
+    load_tile<BN, false>(Bs, args.k, 0, args.R, k0, args.K, 0, args.dd);
+    __syncthreads();
+    mma_tile<kMma>(acc, As, Bs, r_lo, gq, tq);
+    __syncthreads();
+  }
+  acc_to_smem(Cs, acc, E(1), r_lo, tq);
+  __syncthreads();
+  // Round once (as the unfused path stores u): the A tile of the expansion and the values written out.
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int r = e / BN, c = e % BN;
+    const T v = from_acc<T>(Cs[r][c]);
+    As[r][c] = v;
+    Cs[r][c] = static_cast<E>(to_acc(v));
+  }
+  __syncthreads();
+  store_tile<T, E>(Cs, args.mid, static_cast<T*>(args.mid.p), nullptr, nullptr, args.M, args.R, m0, 0, 0,
+                   DropParams{});
+  const E alpha = static_cast<E>(args.alpha);
+  T* out = static_cast<T*>(args.d.p);
+  for (uint32_t n0 = 0; n0 < args.C; n0 += BN) {
+    load_tile<BN, false>(Bs, args.f, n0, args.C, 0, args.R, 0, args.dd);
+    __syncthreads();  // Bs staged; the previous epilogue's reads of Cs are done
+    zero_acc(acc);
+    mma_tile<kMma>(acc, As, Bs, r_lo, gq, tq);
+    acc_to_smem(Cs, acc, alpha, r_lo, tq);
+    __syncthreads();
+    store_tile<T, E>(Cs, args.d, out, out, nullptr, args.M, args.C, m0, n0, 0, args.dd);
+    __syncthreads();  // Cs and Bs free for the next channel tile
   }
 }
 
@@ -807,6 +961,74 @@ cudaError_t linear_grad(DType dt, const void* dy, const void* s, const void* b, 
     const bool vec = aligned16(ws) && out_elems % kVec<A> == 0;
     reduce_kernel<A, TT><<<blocks_for(out_elems), kThreads, 0, stream>>>(
         static_cast<const A*>(ws), static_cast<TT*>(db), out_elems, pl.slices, 1.0, vec);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t conv_mix(DType dt, bool transposed, const ConvShape& cs, const void* src, const Act4& sv, const void* kp,
+                     void* mid, const Act& mv, const void* f, void* out, const Act& ov, double alpha, DropParams dd,
+                     cudaStream_t stream) {
+  // Rows: the positions of the result (output tokens forward, input positions backward); source: the other side.
+  const int64_t rh = transposed ? cs.in_h : cs.out_h, rw = transposed ? cs.in_w : cs.out_w;
+  const int64_t src_h = transposed ? cs.out_h : cs.in_h, src_w = transposed ? cs.out_w : cs.in_w;
+  const int64_t P = rh * rw, M = cs.n * P, R = mv.c, C = ov.c, K = cs.k_h * cs.k_w * sv.c;
+  const int64_t st[2] = {cs.stride_h, cs.stride_w}, dl[2] = {cs.dil_h, cs.dil_w}, pd[2] = {cs.pad_h, cs.pad_w};
+  const int64_t kk[2] = {cs.k_h, cs.k_w}, rr[2] = {rh, rw};
+  for (int d = 0; d < 2; ++d)  // every position q of the gather fits an int32
+    if (rr[d] * st[d] + kk[d] * dl[d] + pd[d] > (int64_t(1) << 30) || st[d] < 1 || dl[d] < 1 || pd[d] < 0)
+      return cudaErrorInvalidValue;
+  if (R < 1 || R > kConvMixMaxRank || C < 1 || M > kMaxDim || K > kMaxDim || C > kMaxDim || mv.p != P || ov.p != P ||
+      mv.n != cs.n || ov.n != cs.n || mv.groups != 1 || ov.groups != 1)
+    return cudaErrorInvalidValue;
+  return with_type(dt, [&](auto tag) {
+    using TT = decltype(tag);
+    constexpr int V = kVec<TT>;
+    ConvMixArgs a;
+    Gather& g = a.a;
+    g.p = src;
+    g.rows_hw = FastDiv(P);
+    g.rows_w = FastDiv(rw);
+    g.chans = FastDiv(sv.c);
+    g.taps_w = FastDiv(cs.k_w);
+    for (int d = 0; d < 2; ++d) {
+      g.mul[d] = static_cast<int32_t>(transposed ? 1 : st[d]);
+      g.tap[d] = static_cast<int32_t>(transposed ? -dl[d] : dl[d]);
+      g.off[d] = static_cast<int32_t>(transposed ? pd[d] : -pd[d]);
+      g.sdiv[d] = FastDiv(transposed ? st[d] : 1);
+    }
+    g.src[0] = static_cast<int32_t>(src_h);
+    g.src[1] = static_cast<int32_t>(src_w);
+    g.sn = sv.sn;
+    g.sc = sv.sc;
+    g.sh = sv.sh;
+    g.sw = sv.sw;
+    g.vec = aligned16(src) && sv.sc == 1 && sv.c % V == 0 && sv.sn % V == 0 && (src_h == 1 || sv.sh % V == 0) &&
+            sv.sw % V == 0;
+    if (src_h == 1) g.sh = 0;
+    a.k.p = kp;
+    a.k.row = Idx2(1, K);
+    a.k.col = Idx2(1, 1);
+    a.k.vec = vec_mode<TT>(kp, a.k.row, a.k.col, {0});
+    a.mid.p = mid;
+    a.mid.row = Idx2(P, mv.sn, mv.sp);
+    a.mid.col = Idx2(1, mv.sc);
+    a.mid.vec = vec_mode<TT>(mid, a.mid.row, a.mid.col, {0});
+    a.f.p = f;
+    a.f.row = Idx2(1, R);
+    a.f.col = Idx2(1, 1);
+    a.f.vec = vec_mode<TT>(f, a.f.row, a.f.col, {0});
+    a.d.p = out;
+    a.d.src = out;
+    a.d.row = Idx2(P, ov.sn, ov.sp, C * P, 1);  // logical (dropout) index ((n * C) + c) * P + p
+    a.d.col = Idx2(1, ov.sc, 0, P);
+    a.d.vec = vec_mode<TT>(out, a.d.row, a.d.col, {0});
+    a.M = static_cast<uint32_t>(M);
+    a.K = static_cast<uint32_t>(K);
+    a.R = static_cast<uint32_t>(R);
+    a.C = static_cast<uint32_t>(C);
+    a.alpha = alpha;
+    a.dd = dd;
+    conv_mix_kernel<TT><<<static_cast<unsigned>((M + BM - 1) / BM), kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   });
 }

@@ -64,6 +64,32 @@ int64_t linear_grad_workspace_bytes(DType dt, int64_t M, int64_t O, int64_t r, i
 cudaError_t linear_grad(DType dt, const void* dy, const void* s, const void* b, void* ds, void* db, int64_t M,
                         int64_t O, int64_t r, int64_t chunk_rows, void* ws, cudaStream_t stream);
 
+// A 2-D conv with one group and zero padding (a 1-D conv is the case in_h = out_h = k_h = 1); pad_* is
+// the low side (the high side only shows in out_*).
+struct ConvShape {
+  int64_t n, in_h, in_w, out_h, out_w, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
+};
+// A 4-D activation (N, c, H, W) by its strides (a 1-D one: H = 1, sh unused).
+struct Act4 {
+  int64_t c, sn, sc, sh, sw;
+};
+
+// The most channels conv_mix's result (u / dz) may have: one 64 x 32 tile of it stays in shared memory.
+constexpr int64_t kConvMixMaxRank = 32;
+
+// The fused core conv and expansion, one kernel, one block per 64 rows of the result.
+// Forward (transposed = false): mid = u = conv(src = z, k) (N, R = r_out, out_h, out_w), then out = y
+//   (N, C, out_h, out_w) += alpha * f . u, f = U_out (C, R).
+// Backward (transposed = true): mid = dz = the input gradient of that conv for src = du (N, r_out, out_h,
+//   out_w), (N, R = r_in, in_h, in_w), then out = dx (N, C, in_h, in_w) += mask * (f . dz), f = U_in (C, R);
+//   the mask (dd) indexes dx's logical elements (as mix's output mask).
+// kp: the core kernel as (R, k_h, k_w, C_src) contiguous (C_src = sv.c: r_in forward, r_out backward);
+// f contiguous; mid and out through their views mv / ov (groups 1; mv.c = R <= kConvMixMaxRank, ov.c = C).
+// u / dz is rounded to dt once, written out and used for the expansion.
+cudaError_t conv_mix(DType dt, bool transposed, const ConvShape& cs, const void* src, const Act4& sv, const void* kp,
+                     void* mid, const Act& mv, const void* f, void* out, const Act& ov, double alpha, DropParams dd,
+                     cudaStream_t stream);
+
 // out[i] = the dropout multiplier of element i (0 or 1 / (1 - p)); out contiguous.
 cudaError_t dropout_mask(DType dt, void* out, int64_t n, DropParams d, cudaStream_t stream);
 

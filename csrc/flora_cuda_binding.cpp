@@ -203,6 +203,61 @@ std::tuple<Tensor, Tensor> adapter_linear_grad_cuda(const Tensor& dy_, const Ten
   return {ds, db};
 }
 
+// The core conv's shape for conv_mix (geometry as 2-D: a 1-D conv has H = 1).
+cuda::ConvShape conv_shape(const CoreConvGeom& g) {
+  return cuda::ConvShape{g.N,         g.in[0],     g.in[1],  g.out[0], g.out[1], g.kern[0], g.kern[1],
+                         g.stride[0], g.stride[1], g.dil[0], g.dil[1], g.plo[0], g.plo[1]};
+}
+
+cuda::Act4 act4(const Tensor& t) {
+  const bool one_d = t.dim() == 3;
+  return cuda::Act4{t.size(1), t.stride(0), t.stride(1), one_d ? 0 : t.stride(2), t.stride(one_d ? 2 : 3)};
+}
+
+// k (r_out, r_in, *kernel) as (R, *kernel, C_src) contiguous: R = r_out (forward) or r_in (backward).
+Tensor kernel_rows(const Tensor& k, bool transposed) {
+  const int64_t R = transposed ? 1 : 0, S = transposed ? 0 : 1;
+  return (k.dim() == 3 ? k.permute({R, 2, S}) : k.permute({R, 2, 3, S})).contiguous();
+}
+
+void check_rank(int64_t r, const char* what) {
+  TORCH_CHECK(r <= cuda::kConvMixMaxRank, what, ": expected at most ", cuda::kConvMixMaxRank,
+              " (the CUDA kernel keeps a 64 x ", cuda::kConvMixMaxRank, " tile of its result in shared memory), got ", r);
+}
+
+Tensor adapter_conv_expand_cuda(Tensor& y, const Tensor& z, const Tensor& k, const Tensor& u_out_,
+                                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                double scale) {
+  const CoreConvGeom g = check_conv_expand(y, z, k, u_out_, stride, padding, dilation);
+  check_cuda(z, "z");
+  check_rank(k.size(0), "r_out (k.shape[0])");
+  const Act ov = inplace_view(y, 1, "y");
+  c10::cuda::CUDAGuard guard(z.device());
+  Tensor u = at::empty(with_channels(y, k.size(0)), z.options().memory_format(layout_of(z)));
+  const Tensor kp = kernel_rows(k, false), f = u_out_.contiguous();
+  check_launch(cuda::conv_mix(dtype_of(z), false, conv_shape(g), z.data_ptr(), act4(z), kp.data_ptr(), u.data_ptr(),
+                              inplace_view(u, 1, "u"), f.data_ptr(), y.data_ptr(), ov, scale, DropParams{}, stream()),
+               "adapter_conv_expand_");
+  return u;
+}
+
+Tensor adapter_conv_shrink_grad_input_cuda(Tensor& dx, const Tensor& du, const Tensor& k, const Tensor& u_in_,
+                                           c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                           c10::IntArrayRef dilation, double p, int64_t seed) {
+  const CoreConvGeom g = check_conv_shrink_grad(dx, du, k, u_in_, stride, padding, dilation, p);
+  check_cuda(du, "du");
+  check_rank(k.size(1), "r_in (k.shape[1])");
+  const Act ov = inplace_view(dx, 1, "dx");
+  c10::cuda::CUDAGuard guard(du.device());
+  Tensor dz = at::empty(with_channels(dx, k.size(1)), du.options().memory_format(layout_of(du)));
+  const Tensor kp = kernel_rows(k, true), f = u_in_.contiguous();
+  check_launch(cuda::conv_mix(dtype_of(du), true, conv_shape(g), du.data_ptr(), act4(du), kp.data_ptr(),
+                              dz.data_ptr(), inplace_view(dz, 1, "dz"), f.data_ptr(), dx.data_ptr(), ov, 1.0,
+                              make_drop(p, seed), stream()),
+               "adapter_conv_shrink_grad_input_");
+  return dz;
+}
+
 Tensor dropout_mask_cuda(const Tensor& x, double p, int64_t seed) {
   check_tensor(x, "x");
   check_cuda(x, "x");
@@ -228,6 +283,8 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("adapter_factor_grad", &adapter_factor_grad_cuda);
   m.impl("adapter_linear_grad", &adapter_linear_grad_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
+  m.impl("adapter_conv_expand_", &adapter_conv_expand_cuda);
+  m.impl("adapter_conv_shrink_grad_input_", &adapter_conv_shrink_grad_input_cuda);
 }
 
 }  // namespace flora

@@ -243,3 +243,69 @@ def test_emulated_dropout_mask(emu, dtype, numel):
     m = torch.empty_like(x)
     assert emu.h_mask(DT[dtype], _p(m), L(numel), D(0.3), L(11)) == 0
     assert torch.equal(m, torch.ops.flora.dropout_mask(x, 0.3, 11))
+
+
+# The fused core conv + expansion (conv_mix_kernel): (N, C_in, C_out, spatial, kernel, stride, pads (lo, hi)
+# per dim, dilation, r_in, r_out, channels_last). Tile edges (rows past 64, C_out past 32), odd channel
+# counts and ranks (scalar gather), ranks of 8 / 16 with channels_last (16-byte runs), stride 2,
+# dilation 2, asymmetric pads, 1-D (also channel-minor).
+CONV_MIX = [
+    (2, 13, 19, (7, 7), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 3, 8, False),
+    (2, 24, 40, (9, 9), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), 8, 16, True),
+    (2, 13, 19, (9, 7), (3, 2), (2, 1), ((0, 2), (1, 0)), (2, 1), 16, 3, True),
+    (1, 40, 24, (9, 9), (2, 3), (1, 2), ((1, 0), (2, 2)), (2, 2), 16, 32, False),
+    (2, 6, 9, (11,), (4,), (2,), ((2, 1),), (2,), 5, 16, False),
+    (2, 16, 8, (13,), (3,), (1,), ((1, 1),), (1,), 8, 8, True),
+]
+
+
+def _act4(t):
+    if t.dim() == 3:
+        return (L * 5)(t.shape[1], t.stride(0), t.stride(1), 0, t.stride(2))
+    return (L * 5)(t.shape[1], *t.stride())
+
+
+def _conv_shape(n, sp, out, ks, stride, pads, dil):
+    if len(sp) == 1:
+        return (L * 13)(n, 1, sp[0], 1, out[0], 1, ks[0], 1, stride[0], 1, dil[0], 0, pads[0][0])
+    return (L * 13)(n, *sp, *out, *ks, *stride, *dil, pads[0][0], pads[1][0])
+
+
+def _conv_ref(z, k, stride, pads, dil):
+    zp = torch.nn.functional.pad(z, [p for lo_hi in reversed(pads) for p in lo_hi])
+    return (torch.nn.functional.conv1d if z.dim() == 3 else torch.nn.functional.conv2d)(zp, k, None, stride, 0, dil)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_MIX, ids=str)
+def test_emulated_conv_mix(emu, case, dtype):
+    """u = conv(z, k) and y += s U_out . u (forward); dz = the transposed conv of du and dx += mask *
+    (U_in . dz) (backward), against F.conv in fp64 and the expansion of the kernel's own rounded u / dz."""
+    n, ci, co, sp, ks, stride, pads, dil, ri, ro, cl = case
+    tol, p, seed = TOL[dtype], 0.3, 21
+    z = _layout(torch.randn(n, ri, *sp, dtype=dtype), cl)
+    k = torch.randn(ro, ri, *ks, dtype=dtype) / (ri * len(ks)) ** 0.5
+    u_out, u_in = torch.randn(co, ro, dtype=dtype), torch.randn(ci, ri, dtype=dtype)
+    u_ref = _conv_ref(z.double(), k.double(), stride, pads, dil)
+    out = tuple(u_ref.shape[2:])
+    shape = _conv_shape(n, sp, out, ks, stride, pads, dil)
+    u = _layout(torch.empty(n, ro, *out, dtype=dtype), cl)
+    y0 = _layout(torch.randn(n, co, *out, dtype=dtype), cl)
+    y = y0.clone()
+    perm = (0, *range(2, k.dim()), 1)
+    assert emu.h_conv_mix(DT[dtype], 0, shape, _p(z), _act4(z), _p(k.permute(perm).contiguous()), _p(u), _act(u, 1),
+                          _p(u_out), _p(y), _act(y, 1), D(0.7), D(0), L(0)) == 0
+    _close("u", u, u_ref, tol)
+    _close("y", y, y0.double() + 0.7 * torch.einsum("or,nr...->no...", u_out.double(), u.double()), tol)
+    du = _layout(torch.randn(u.shape, dtype=dtype), cl)
+    zz = z.double().requires_grad_(True)
+    (_conv_ref(zz, k.double(), stride, pads, dil) * du.double()).sum().backward()
+    dz = _layout(torch.empty(z.shape, dtype=dtype), cl)
+    dx0 = _layout(torch.randn(n, ci, *sp, dtype=dtype), cl)
+    dx = dx0.clone()
+    perm_t = (1, *range(2, k.dim()), 0)
+    assert emu.h_conv_mix(DT[dtype], 1, shape, _p(du), _act4(du), _p(k.permute(perm_t).contiguous()), _p(dz),
+                          _act(dz, 1), _p(u_in), _p(dx), _act(dx, 1), D(1.0), D(p), L(seed)) == 0
+    _close("dz", dz, zz.grad, tol)
+    mask = torch.ops.flora.dropout_mask(dx0.contiguous(), p, seed).double()
+    _close("dx", dx, dx0.double() + mask * torch.einsum("cr,nr...->nc...", u_in.double(), dz.double()), tol)

@@ -46,6 +46,13 @@ int h_linear_grad(int dt, const void* dy, const void* s, const void* b, void* ds
                   long chunk, void* ws) {
   return linear_grad(DType(dt), dy, s, b, ds, db, M, O, r, chunk, ws, nullptr);
 }
+// cs: ConvShape's 13 fields; sv: Act4's 5; mv / ov as in h_mix.
+int h_conv_mix(int dt, int transposed, const long* cs, const void* src, const long* sv, const void* kp, void* mid,
+               const long* mv, const void* f, void* out, const long* ov, double alpha, double p, long seed) {
+  const ConvShape c{cs[0], cs[1], cs[2], cs[3], cs[4], cs[5], cs[6], cs[7], cs[8], cs[9], cs[10], cs[11], cs[12]};
+  return conv_mix(DType(dt), transposed != 0, c, src, Act4{sv[0], sv[1], sv[2], sv[3], sv[4]}, kp, mid, act(mv), f,
+                  out, act(ov), alpha, make_drop(p, seed), nullptr);
+}
 int h_mask(int dt, void* out, long n, double p, long seed) { return dropout_mask(DType(dt), out, n, make_drop(p, seed), nullptr); }
 // The fast division of the kernels' index maps: q[i] = x[i] / d through the magic number.
 void h_fastdiv(long d, const unsigned* x, unsigned* q, long n) {
