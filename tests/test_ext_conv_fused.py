@@ -331,3 +331,49 @@ def test_real_model_timm_resnet(spy):
     assert g.keys() == gr.keys() and any("flora" in n for n in g)
     for n in g:
         torch.testing.assert_close(g[n], gr[n], rtol=1e-8, atol=1e-8, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ---- on a GPU (marked gpu: skipped without one) ---------------------------------------------------
+GPU_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture
+def cuda_ok():
+    from flora_kernels.backends.ext import CudaBackend
+
+    reason = CudaBackend().unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"extension not built with CUDA: {reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", list(GPU_TOL), ids=str)
+@pytest.mark.parametrize("case", OP_CASES, ids=_op_id)
+def test_cuda_ops_match_cpu(case, dtype, cl, cuda_ok):
+    """The CUDA kernel (conv_mix_kernel) of both ops against the CPU ops in fp64, and opcheck on CUDA."""
+    n, ci, co, sp, ks, stride, pads, dil, ri, ro = case
+    lay = _cl if cl else (lambda t: t)
+    geo = (list(stride), _flat(pads), list(dil))
+    z = lay(torch.randn(n, ri, *sp, dtype=torch.float64))
+    k = torch.randn(ro, ri, *ks, dtype=torch.float64) / (ri * len(ks)) ** 0.5
+    u_out, u_in = torch.randn(co, ro, dtype=torch.float64), torch.randn(ci, ri, dtype=torch.float64)
+    out = _ref_conv(z, k, stride, pads, dil).shape[2:]
+    y, du = lay(torch.randn(n, co, *out, dtype=torch.float64)), lay(torch.randn(n, ro, *out, dtype=torch.float64))
+    dx = lay(torch.randn(n, ci, *sp, dtype=torch.float64))
+
+    def run(dev, dt):
+        t = [a.to(dev, dt) for a in (y, z, k, u_out, dx, du, u_in)]
+        u = ops().adapter_conv_expand_(t[0], t[1], t[2], t[3], *geo, 0.7)
+        dz = ops().adapter_conv_shrink_grad_input_(t[4], t[5], t[2], t[6], *geo, 0.3, 8)
+        return [r.cpu().double() for r in (u, t[0], dz, t[4])], [r.stride() for r in (u, t[0], dz, t[4])]
+
+    (want, wst), (got, gst) = run("cpu", torch.float64), run("cuda", dtype)
+    for name, a, b in zip(("u", "y", "dz", "dx"), got, want):
+        err = (a - b).abs().max().item()
+        assert err <= GPU_TOL[dtype] * max(1.0, b.abs().max().item()), f"{name}: max error {err:.3g}"
+    assert gst == wst
+    if dtype == torch.float32:
+        for name, args in _samples().items():
+            for a in args:
+                torch.library.opcheck(getattr(ops(), name), [v.cuda() if torch.is_tensor(v) else v for v in a])
