@@ -377,3 +377,36 @@ def test_cuda_ops_match_cpu(case, dtype, cl, cuda_ok):
         for name, args in _samples().items():
             for a in args:
                 torch.library.opcheck(getattr(ops(), name), [v.cuda() if torch.is_tensor(v) else v for v in a])
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3]], ids=_case_id)
+def test_single_dy_pass_matches_two_ops(case, monkeypatch):
+    """A channel-minor dy (channels_last 4-D, (N, L, C) memory for 1-D) takes one adapter_linear_grad
+    pass for du and dU_out; a contiguous dy the two ops; same gradients."""
+    from flora_kernels.backends.ext import ops as ext_ops
+
+    inputs, geo = _inputs(case, torch.float64, False)
+    x, w, b, core, *fs = inputs
+    spec = ConvSpec.make(tuple(w.shape[2:]), **geo)
+    calls = []
+    real = ext_ops.flora
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "adapter_linear_grad":
+                calls.append(name)
+            return getattr(real(), name)
+
+    monkeypatch.setattr(ext_ops, "flora", Counting)
+    grads = []
+    for layout in (_cl, lambda t: t.contiguous()):
+        leaves = _leaves(x, core, *fs)
+        k = ext_backend.conv_core(leaves[1], leaves[2:], 1)
+        y = ConvFused.apply(leaves[0], w, b, k, leaves[2], leaves[3], spec, 0.7, 0.0, 0)
+        dy = layout(torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype))
+        assert (ext_ops.channel_minor_tokens(dy) is not None) == (layout is _cl)
+        y.backward(dy)
+        grads.append([t.grad for t in leaves])
+    assert calls == ["adapter_linear_grad"]
+    for a, b_ in zip(*grads):
+        torch.testing.assert_close(a, b_)
