@@ -514,7 +514,6 @@ Tensor adapter_conv_shrink_grad_input_cpu(Tensor& dx, const Tensor& du, const Te
   if (!a.symmetric)
     for (int64_t d = 0; d < du.dim() - 2; ++d) g = g.narrow(2 + d, padding[2 * d], dx.size(2 + d));
   const Tensor dz = in_layout_of(g, du);
-  check_shrink_grad_input_inplace(dx, dz, u_in, 1);
   shrink_grad_input_impl(dx, dz, u_in, 1, p, seed, true);
   return dz;
 }

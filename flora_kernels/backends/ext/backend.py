@@ -35,7 +35,7 @@ def conv_core(core: Tensor, factors: Sequence[Tensor], groups: int) -> Tensor:
 
 
 # The fused core-conv ops keep a 64-token x 32-channel tile of u (forward) / dz (backward) in the
-# CUDA kernel's shared memory, so both ranks are at most 32.
+# CUDA kernel's shared memory, so both ranks are at most 32 (kConvMixMaxRank, csrc/flora_cuda.h).
 FUSED_CONV_MAX_RANK = 32
 
 
