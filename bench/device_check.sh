@@ -22,7 +22,7 @@
 #      (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); a failure is logged and the script goes on
 #   5. FLORA_TEST_GPU=1 python -m pytest -q -m gpu tests
 #   5b. compute-sanitizer --tool memcheck and --tool racecheck over the op-level CUDA tests
-#      (tests/test_ext_gpu.py -k ops_match; 90 s each); in a dry run the commands are logged
+#      (tests/test_ext_gpu.py -k ops_match, tests/test_ext_conv_fused.py -k cuda_ops_match_cpu; 90 s each); in a dry run the commands are logged
 #   6. flora-bench --device cuda --out/--md/--plot/--csv $OUT/results.*, with --max-minutes set
 #      from the time left so it writes its files before the hard timeout
 # Files back (<= 8): log.txt, summary.txt, nvidia-smi.txt, triton_microbench.json, results.{json,md,png,csv}.
@@ -144,9 +144,9 @@ SANITIZER="$(command -v compute-sanitizer || true)"
 for d in "${CUDA_HOME:-/usr/local/cuda}/bin" "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")"; do
     [ -z "$SANITIZER" ] && [ -x "$d/compute-sanitizer" ] && SANITIZER="$d/compute-sanitizer"
 done
-SAN_TESTS=(-m pytest -q -m gpu -p no:cacheprovider -x tests/test_ext_gpu.py)
+SAN_TESTS=(-m pytest -q -m gpu -p no:cacheprovider -x tests/test_ext_gpu.py tests/test_ext_conv_fused.py)
 for tool in memcheck racecheck; do
-    if [ "$tool" = memcheck ]; then sel="ops_match and bfloat16"; else sel="ops_match and bfloat16 and nchw"; fi
+    if [ "$tool" = memcheck ]; then sel="(ops_match or cuda_ops_match_cpu) and bfloat16"; else sel="(ops_match and bfloat16 and nchw) or (cuda_ops_match_cpu and bfloat16 and contiguous)"; fi
     if [ -z "$SANITIZER" ]; then
         echo "== sanitizer-$tool: SKIPPED (no compute-sanitizer here); would run: compute-sanitizer --tool $tool --target-processes all --error-exitcode 1 $PY ${SAN_TESTS[*]} -k '$sel'" | tee -a "$LOG"
         echo "sanitizer-$tool SKIPPED 0s (no compute-sanitizer)" >>"$SUMMARY"
