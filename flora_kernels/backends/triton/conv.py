@@ -205,7 +205,7 @@ def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, facto
     want = _requested_variant()
     if want != "auto":
         return want
-    if ig.unsupported_reason(x.dim(), spec) is not None or not _measures(x.device):
+    if ig.unsupported_reason(x.dim(), spec, weight.shape[1]) is not None or not _measures(x.device):
         return "cudnn"
     call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
                          strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
@@ -255,10 +255,10 @@ def conv_factorized(
     if variant is not None and variant not in CONV_VARIANTS:
         raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
     if (variant or _variant(x, weight, bias, core, factors, scale, spec, dropout_p)) == "igemm":
-        why = ig.unsupported_reason(x.dim(), spec)
+        why = ig.unsupported_reason(x.dim(), spec, weight.shape[1])
         if why is not None:
             raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
-        return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, dropout_p, seed)[0]
+        return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, g, mode, dropout_p, seed)[0]
     y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
     if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv
         z = F.pad(z, [p for lo_hi in reversed(spec.pads) for p in lo_hi], mode=mode)
