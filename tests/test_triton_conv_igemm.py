@@ -212,6 +212,7 @@ def test_variant_measured(monkeypatch):
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: tuple(t * 2 if i == 0 else t for i, t in enumerate(real(*a))))
     monkeypatch.setattr(C, "_DECISIONS", {})
+    autotune.clear_autotune_cache(disk=True)  # the first decision was written to disk: measure again
     with pytest.warns(autotune.AutotuneWarning, match="triton/igemm"):
         fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
     (d,) = C.conv_variant_report()

@@ -1,20 +1,29 @@
-"""The factorized FLoRA Conv2d as one implicit GEMM per direction (groups = 1, zero padding),
-the adapter riding as a K extension of the base conv so that y and dx are written once.
+"""The factorized FLoRA ConvNd (d = 1, 2, 3, any groups but depthwise, every padding mode) as one
+implicit GEMM per direction, the adapter riding as a K extension of the base conv so that y and
+(with zero padding) dx are written once.
 
-With z = drop(x) U_in (N, r_in, H, W) and u = conv(z, s K) (N, r_out, Ho, Wo) computed first
-(channel_gemm.project, core_conv: small), for output rows m = (n, p) (M = N Ho Wo) and columns o:
+With z = drop(x) U_in (N, G r_in, *in) and u = conv(z, s K) (N, G r_out, *out) computed first
+(channel_gemm.project, core_conv: small), for output rows m = (n, p) (M = N prod(out)) and the
+columns o of group g (G groups: a grid axis; W (C_out, C_in / G, *k)):
 
-    forward:  y[m, o]  = bias[o] + sum_r u[m, r] U_out[o, r] + sum_{t, c} x[n, c, p st - pad + k_t dil] W[o, c, t]
-    backward: dx[m, c] = mask / (1 - p) * sum_a dz[m, a] U_in[c, a] + sum_{t, o} dy[n, o, q_t(m)] W[o, c, t]
+    forward:  y[m, g O + o]  = bias + sum_r u[m, g r_out + r] U_out[g O + o, r] + sum_{t, c} x[n, g C + c, p st - pad + k_t dil] W[g O + o, c, t]
+    backward: dx[m, g C + c] = mask / (1 - p) * sum_a dz[m, g r_in + a] U_in[c, a] + sum_{t, o} dy[n, g O + o, q_t(m)] W[g O + o, c, t]
 
-where, for dx, the rows are x's positions (M = N H W), mask the dropout keep mask of x written
-1 bit per element by the shrink (saved for the backward, as the Linear does) and q_t(m) = (m + pad - k_t dil) / st where
-the stride divides it and it lies inside dy (the transposed conv as a gather: exact for any stride,
-but a stride s > 1 issues s^2 times the useful MACs, masked). K = kh kw C_in (+ r_out), resp.
-kh kw C_out (+ r_in), looped tap-major with channel blocks of BK inside each tap. dz comes from
-du = dy U_out through the core conv's transpose (core_conv). The frozen base weight gets no
-gradient; the adapter gradients (dU_out, dK, dU_in, dbias) use the channel GEMMs and core conv.
-Tensors may have any strides; channels_last (channel-minor) gives contiguous K loads.
+(O = C_out / G, C = C_in / G; U_in is shared by the groups, U_out has its rows per group, as the
+reference defines them). For dx the rows are x's positions (M = N prod(in)), mask the dropout
+keep mask of x, 1 bit per element (written by the shrink for G = 1, by ``mask_bits`` from the
+same Philox draws for G > 1; saved for the backward, as the Linear does), and q_t(m) = (m + pad
+- k_t dil) / st where the stride divides it and it lies inside dy (the transposed conv as a
+gather: exact for any stride, but a stride s > 1 issues s^d times the useful MACs, masked).
+K = prod(k) C (+ r_out), resp. prod(k) O (+ r_in), looped tap-major with channel blocks of BK
+inside each tap. 1-D and 2-D convs run as D = 2 with a unit leading dim (views, no copies), 3-D
+as D = 3. Zero padding, asymmetric too, is the kernel's bounds (before-pads); other padding
+modes pad x and z explicitly (F.pad, as the cudnn variant does) and run valid convs; their dx
+is the base part over the padded input through the pad's adjoint plus the adapter part added in
+place by ``channel_gemm.expand``. dz comes from du = dy U_out through the core conv's transpose
+(core_conv). The frozen base weight gets no gradient; the adapter gradients (dU_out, dK, dU_in,
+dbias) use the channel GEMMs and core conv. Tensors may have any strides; channels-last
+(channel-minor) gives contiguous K loads.
 """
 
 from __future__ import annotations
@@ -31,8 +40,8 @@ from torch import Tensor
 from ...convspec import ConvSpec, pad_adjoint
 from ..oplib import fake
 from . import channel_gemm as cg
-from ._common import INTERPRET, MAX_RANK, dot_precision, keep_mask, mask_words, rank_pad, unpack_bits
-from .core_conv import strides3, core_conv_backward, core_conv_forward
+from ._common import INTERPRET, MAX_RANK, block, dot_precision, keep_mask, mask_words, pack_bits, rank_pad, unpack_bits
+from .core_conv import core_conv_backward, core_conv_forward, strides3
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -60,7 +69,7 @@ def _prune(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[
 
 @triton.autotune(
     configs=[_INTERPRET_CONFIG] if INTERPRET else list(_CONFIGS.values()),
-    key=["M_BUCKET", "NO", "C", "K1", "K2", "K3", "sac", "TRANSPOSED", "HAS_BIAS", "DROP", "RP"],
+    key=["M_BUCKET", "NO", "C", "K1", "K2", "K3", "sac", "TRANSPOSED", "HAS_BIAS", "DROPOUT", "RP"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -69,18 +78,19 @@ def _igemm_kernel(
     M, M_BUCKET, NO, C, R, S1, S2, S3, P1, P2, P3, K1, K2, K3,
     st1, st2, st3, pd1, pd2, pd3, dl1, dl2, dl3,
     san, sac, sa1, sa2, sa3, swk, swn, sw1, sw2, sw3, swg, sen, ser, se1, se2, se3, sfr, sfn, sfg,
-    syn, syc, sy1, sy2, sy3, sbits, p, seed,
-    TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, DROP: tl.constexpr, RP: tl.constexpr,
+    syn, syc, sy1, sy2, sy3, sbits, p,
+    D: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr,
     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[b, g NO + o, q] = bias + keep / (1 - p) * sum_r e[b, g R + r, q] F_g[r, o] + sum_{t, c} A[b, g C + c, src_t(q)] W_{g,t}[c, o].
+    """y[b, g NO + o, q] = bias + keep / (1 - p) * sum_r e[b, g R + r, q] F_g[r, o] + sum_{t, c} A[b, g C + c, src_t(q)] W_gt[c, o].
 
     Group g = program_id(1). y, e: (NB, G NO | G R, P1, P2, P3); A: (NB, G C, S1, S2, S3), zero
-    outside; W_{g,t}[c, o] at g swg + c swk + o swn + k1 sw1 + k2 sw2 + k3 sw3; F_g[r, o] at
-    g sfg + r sfr + o sfn. src_t(q) = q st - pad + k dil (forward), or (q + pad - k dil) / st
-    where exact (TRANSPOSED). keep: DROP 1 the Philox draw of y's element (its logical index in
-    (NB, G NO, P1 P2 P3), as ``keep_mask``), DROP 2 bit o % 32 of the int32 word
-    bits[m, o // 32] (m = (b, q) flattened; G = 1). M_BUCKET only keys the autotuner (with sac: the layout)."""
+    outside; W_gt[c, o] at g swg + c swk + o swn + k1 sw1 + k2 sw2 + k3 sw3; F_g[r, o] at
+    g sfg + r sfr + o sfn. D = 3, or 2 with S1 = P1 = K1 = 1 (1-D and 2-D convs: the first
+    spatial dim compiled out). src_t(q) = q st - pad + k dil (forward), or (q + pad - k dil) / st
+    where exact (TRANSPOSED). keep (DROPOUT) is bit (g NO + o) % 32 of the int32 word
+    bits[m, (g NO + o) // 32] (m = (b, q) flattened), the packed dropout mask of y's elements.
+    M_BUCKET only keys the autotuner (with sac: the layout)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     n_pm = tl.cdiv(M, BM)
@@ -99,74 +109,96 @@ def _igemm_kernel(
     e_ptr += g.to(tl.int64) * R * ser
     f_ptr += g.to(tl.int64) * sfg
     y_ptr += g.to(tl.int64) * NO * syc
-    L = P1 * P2 * P3
-    b = offs_m // L
-    q1 = (offs_m // (P2 * P3)) % P1
+    b = offs_m // (P1 * P2 * P3)
     q2 = (offs_m // P3) % P2
     q3 = offs_m % P3
+    e_row = e_ptr + b.to(tl.int64) * sen + q2 * se2 + q3 * se3
+    if D == 3:
+        q1 = (offs_m // (P2 * P3)) % P1
+        e_row += q1 * se1
     # the rank-R extension of the K loop, first (masked by the dropout keep of y's elements)
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
-    e = tl.load(e_ptr + (b.to(tl.int64) * sen + q1 * se1 + q2 * se2 + q3 * se3)[:, None] + offs_r[None, :] * ser,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    e = tl.load(e_row[:, None] + offs_r[None, :] * ser, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     f = tl.load(f_ptr + offs_r[:, None] * sfr + offs_n[None, :] * sfn, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = tl.dot(e, f.to(e.dtype), input_precision=PREC)
-    if DROP == 1:
-        oc = (g * NO + offs_n).to(tl.int64)
-        keep = keep_mask(seed, (b.to(tl.int64)[:, None] * (tl.num_programs(1) * NO) + oc[None, :]) * L
-                         + (offs_m - b * L)[:, None], p)
-        acc = tl.where(keep, acc / (1.0 - p), 0.0)
-    elif DROP == 2:
-        keep = unpack_bits(bits_ptr, offs_m.to(tl.int64), offs_n, sbits, mask_m[:, None] & mask_n[None, :])
+    if DROPOUT:
+        keep = unpack_bits(bits_ptr, offs_m.to(tl.int64), g * NO + offs_n, sbits, mask_m[:, None] & mask_n[None, :])
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     # the base conv: taps outer, channel blocks inner, flattened into one loop; per row only the
     # sample's offset and the tap-independent part of the source coordinates stay live
     a_row = a_ptr + b.to(tl.int64) * san
     if TRANSPOSED:
-        h1 = q1 + pd1
         h2 = q2 + pd2
         h3 = q3 + pd3
     else:
-        h1 = q1 * st1 - pd1
         h2 = q2 * st2 - pd2
         h3 = q3 * st3 - pd3
+    if D == 3:
+        if TRANSPOSED:
+            h1 = q1 + pd1
+        else:
+            h1 = q1 * st1 - pd1
     offs_k = tl.arange(0, BK)
     n_cb = (C + BK - 1) // BK
     for kk in range(K1 * K2 * K3 * n_cb):
         t = kk // n_cb
         c0 = (kk % n_cb) * BK
-        k1 = t // (K2 * K3)
         k2 = (t // K3) % K2
         k3 = t % K3
         if TRANSPOSED:
-            a1 = h1 - k1 * dl1
             a2 = h2 - k2 * dl2
             a3 = h3 - k3 * dl3
-            i1 = a1 // st1
             i2 = a2 // st2
             i3 = a3 // st3
-            ok = mask_m & (a1 >= 0) & (a2 >= 0) & (a3 >= 0) & (i1 * st1 == a1) & (i2 * st2 == a2) & (i3 * st3 == a3)
-            ok = ok & (i1 < S1) & (i2 < S2) & (i3 < S3)
+            ok = mask_m & (a2 >= 0) & (a3 >= 0) & (i2 * st2 == a2) & (i3 * st3 == a3) & (i2 < S2) & (i3 < S3)
         else:
-            i1 = h1 + k1 * dl1
             i2 = h2 + k2 * dl2
             i3 = h3 + k3 * dl3
-            ok = mask_m & (i1 >= 0) & (i1 < S1) & (i2 >= 0) & (i2 < S2) & (i3 >= 0) & (i3 < S3)
+            ok = mask_m & (i2 >= 0) & (i2 < S2) & (i3 >= 0) & (i3 < S3)
+        src = i2 * sa2 + i3 * sa3
+        w_tap = k2 * sw2 + k3 * sw3
+        if D == 3:
+            k1 = t // (K2 * K3)
+            if TRANSPOSED:
+                a1 = h1 - k1 * dl1
+                i1 = a1 // st1
+                ok = ok & (a1 >= 0) & (i1 * st1 == a1) & (i1 < S1)
+            else:
+                i1 = h1 + k1 * dl1
+                ok = ok & (i1 >= 0) & (i1 < S1)
+            src += i1 * sa1
+            w_tap += k1 * sw1
         offs_c = c0 + offs_k
         mask_c = offs_c < C
-        a = tl.load(a_row[:, None] + (i1 * sa1 + i2 * sa2 + i3 * sa3)[:, None] + offs_c[None, :] * sac,
-                    mask=ok[:, None] & mask_c[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_c[:, None] * swk + offs_n[None, :] * swn + (k1 * sw1 + k2 * sw2 + k3 * sw3),
+        a = tl.load(a_row[:, None] + src[:, None] + offs_c[None, :] * sac, mask=ok[:, None] & mask_c[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_c[:, None] * swk + offs_n[None, :] * swn + w_tap,
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + g * NO + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    b = offs_m // L
-    q1 = (offs_m // (P2 * P3)) % P1
+    b = offs_m // (P1 * P2 * P3)
     q2 = (offs_m // P3) % P2
     q3 = offs_m % P3
-    dst = y_ptr + (b.to(tl.int64) * syn + q1 * sy1 + q2 * sy2 + q3 * sy3)[:, None] + offs_n[None, :] * syc
-    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    y_row = y_ptr + b.to(tl.int64) * syn + q2 * sy2 + q3 * sy3
+    if D == 3:
+        y_row += ((offs_m // (P2 * P3)) % P1) * sy1
+    tl.store(y_row[:, None] + offs_n[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _mask_bits_kernel(bits_ptr, L, C, W, p, seed, BL: tl.constexpr, BW: tl.constexpr):
+    """bits[n, l, w] = the packed keep mask of channels 32 w .. 32 w + 31 of token l of sample n:
+    the draws ``channel_gemm.project`` makes for the element (n, c, l) of an (N, C, L) input."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_lb = tl.cdiv(L, BL)
+    n = pid // n_lb
+    offs_l = (pid % n_lb) * BL + tl.arange(0, BL).to(tl.int64)
+    offs_w = tl.program_id(1) * BW + tl.arange(0, BW)
+    offs_c = tl.program_id(1).to(tl.int64) * BW * 32 + tl.arange(0, BW * 32)
+    keep = keep_mask(seed, (n * C + offs_c[None, :]) * L + offs_l[:, None], p) & (offs_c < C)[None, :]
+    tl.store(bits_ptr + (n * L + offs_l[:, None]) * W + offs_w[None, :], pack_bits(keep, BL, BW * 32),
+             mask=(offs_l < L)[:, None] & (offs_w < W)[None, :])
 
 
 _igemm_kernel.configs_for = igemm_configs  # compile_check compiles what the pruning keeps per target
@@ -204,7 +236,6 @@ def _dims3(v: Sequence[int], fill: int) -> list[int]:
 def igemm(
     a: Tensor, weight: Tensor, e: Tensor | None, f: Tensor | None, bias: Tensor | None, out: Tensor, stride: list[int],
     pads: list[int], dilation: list[int], transposed: bool, groups: int = 1, p: float = 0.0, bits: Tensor | None = None,
-    seed: int = 0,
 ) -> Tensor:
     """Writes the implicit GEMM of the module docstring into ``out`` and returns it (d = 1, 2, 3).
 
@@ -212,9 +243,8 @@ def igemm(
     (N, G r, *out), f = U_out (C_out, r). Input gradient: a = dy (N, C_out, *out), out = dx
     (N, C_in, *in), e = dz (N, G r, *in), f = U_in (C_in / G, r) shared by the groups, with
     p > 0 the dropout keep mask of dx's elements read from ``bits`` (int32 (N, prod(in),
-    ceil(C_in / 32)), as ``channel_gemm.project`` writes it; G = 1) or else drawn from ``seed``
-    as ``project`` draws it. e = f = None: no rank part. weight: (C_out, C_in / G, *kernel);
-    pads: (before, after) per dim, zero padding."""
+    ceil(C_in / 32)), as ``channel_gemm.project`` or ``mask_bits`` write it). e = f = None: no
+    rank part. weight: (C_out, C_in / G, *kernel); pads: (before, after) per dim, zero padding."""
     nb, no_all = out.shape[0], out.shape[1]
     d = out.dim() - 2
     r = f.shape[1] if f is not None else 0
@@ -228,16 +258,16 @@ def igemm(
                  lambda: f"igemm: a {tuple(a.shape)}, weight {tuple(weight.shape)} and out {tuple(out.shape)} do not chain")
     if e is not None and f is not None:
         torch._check(tuple(e.shape) == (nb, groups * r, *out.shape[2:]) and f.shape[0] == (no if transposed else no_all),
-                     lambda: f"igemm: expected e {(nb, groups * r, *out.shape[2:])} and f ({no if transposed else no_all}, {r}), "
-                             f"got {tuple(e.shape)} and {tuple(f.shape)}")
+                     lambda: f"igemm: expected e {(nb, groups * r, *out.shape[2:])} and f ({no if transposed else no_all}, "
+                             f"{r}), got {tuple(e.shape)} and {tuple(f.shape)}")
     torch._check(r <= MAX_RANK, lambda: f"rank: expected <= {MAX_RANK}, got {r}")
     torch._check(max(out.numel(), a.numel()) < 2**31,
                  lambda: f"igemm: expected a and out of < 2^31 elements, got {a.numel()} and {out.numel()}")
     torch._check(a.dtype == weight.dtype, lambda: f"expected x and weight of one dtype, got {a.dtype} and {weight.dtype}")
     length = math.prod(out.shape[2:])
-    torch._check(bits is None or (groups == 1 and bits.dtype == torch.int32 and bits.is_contiguous()
-                                  and tuple(bits.shape) == (nb, length, mask_words(no_all))),
-                 lambda: f"igemm: packed mask bits need groups = 1 and a contiguous int32 {(nb, length, mask_words(no_all))}")
+    torch._check(p <= 0 or (bits is not None and bits.dtype == torch.int32 and bits.is_contiguous()
+                            and tuple(bits.shape) == (nb, length, mask_words(no_all))),
+                 lambda: f"igemm: dropout (p > 0) needs contiguous int32 mask bits {(nb, length, mask_words(no_all))}")
     if out.numel() == 0:
         return out
     if e is None or f is None:
@@ -256,15 +286,28 @@ def igemm(
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(no, meta["BN"]), groups)
 
     _igemm_kernel[grid](
-        a, weight, e, f, bias if bias is not None else out, bits if bits is not None else out, out,
+        a, weight, e, f, bias if bias is not None else out, bits if p > 0 else out, out,
         m, max(16, triton.next_power_of_2(m)), no, c, r, *_dims3(a.shape[2:], 1), *_dims3(out.shape[2:], 1),
         *_dims3(weight.shape[2:], 1), *_dims3(stride, 1), *_dims3(pads[::2], 0), *_dims3(dilation, 1),
         *strides3(a), swk, swn, *sw[2:], swg, se[0], se[1], *se[2:], *sf, sfg,
-        *strides3(out), mask_words(no_all), float(p), int(seed),
-        TRANSPOSED=transposed, HAS_BIAS=bias is not None, DROP=0 if p <= 0 else (2 if bits is not None else 1),
-        RP=rank_pad(r), PREC=dot_precision(a.dtype),
+        *strides3(out), mask_words(no_all), float(p),
+        D=3 if d == 3 else 2, TRANSPOSED=transposed, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rank_pad(r),
+        PREC=dot_precision(a.dtype),
     )
     return out
+
+
+def mask_bits(x: Tensor, p: float, seed: int) -> Tensor:
+    """The dropout keep mask ``channel_gemm.project`` draws for x (N, C, *spatial) with ``seed``,
+    packed: int32 (N, prod(spatial), ceil(C / 32)), bit c % 32 of word c // 32 (any groups)."""
+    n, c, length = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    words = mask_words(c)
+    bits = torch.empty((n, length, words), dtype=torch.int32, device=x.device)
+    if bits.numel():
+        bl, bw = block(length, 32 if INTERPRET else 64), min(4, triton.next_power_of_2(words))
+        _mask_bits_kernel[(n * triton.cdiv(length, bl), triton.cdiv(words, bw))](
+            bits, length, c, words, float(p), int(seed), BL=bl, BW=bw)
+    return bits
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -274,10 +317,10 @@ def _spec(stride: list[int], pads: list[int], dilation: list[int], groups: int, 
     return ConvSpec(tuple(stride), tuple(zip(pads[::2], pads[1::2])), tuple(dilation), groups, padding_mode)
 
 
-def _packs_bits(groups: int, padding_mode: str, p: float) -> bool:
-    """Whether the dropout mask is written packed by the projection and read back (groups = 1,
-    zero padding), rather than redrawn from the seed by every kernel that needs it."""
-    return p > 0 and groups == 1 and padding_mode == "zeros"
+def _packs_bits(padding_mode: str, p: float) -> bool:
+    """Whether the dropout mask is kept packed for the input-gradient GEMM (zero padding; other
+    modes add the adapter's dx in a separate pass that redraws the mask from the seed)."""
+    return p > 0 and padding_mode == "zeros"
 
 
 def _fwd_shapes(x: Tensor, weight: Tensor, u_in: Tensor, k: Tensor, spec: ConvSpec) -> tuple[tuple[int, ...], ...]:
@@ -304,16 +347,18 @@ def conv_igemm_fwd(
     """(y, z, u, bits): z = grouped 1x1 of drop(x) by U_in (N, G r_in, *in), u = grouped conv(z, k)
     (N, G r_out, *out) and y = conv(x, W) + bias + grouped 1x1 of u by U_out (N, C_out, *out), one
     implicit GEMM writing y once; bits the packed int32 keep mask (N, prod(in), ceil(C_in / 32))
-    of the dropout when ``_packs_bits`` (else empty: the kernels redraw it from ``seed``).
+    of the dropout with zero padding (else empty: the kernels redraw it from ``seed``).
     x (N, C_in, *in), weight (C_out, C_in / G, *kernel), u_in (C_in / G, r_in) shared by the groups,
     k (r_out, r_in, *kernel) (the scaled core kernel), u_out (C_out, r_out); pads (before, after
     per dim) in ``padding_mode``: a mode other than zeros pads x and z explicitly (F.pad), then
     the convs are valid."""
     spec = _spec(stride, pads, dilation, groups, padding_mode)
     y_shape, z_shape, u_shape = _fwd_shapes(x, weight, u_in, k, spec)
-    packed = _packs_bits(groups, padding_mode, p)
-    bits = torch.empty(_bits_shape(x, packed), dtype=torch.int32, device=x.device)
-    z = cg.project(x, u_in, groups, _out_like(z_shape, x, x), True, p, seed, bits if packed else None)
+    packed = _packs_bits(padding_mode, p)
+    bits = torch.empty(_bits_shape(x, packed and groups == 1), dtype=torch.int32, device=x.device)
+    z = cg.project(x, u_in, groups, _out_like(z_shape, x, x), True, p, seed, bits if packed and groups == 1 else None)
+    if packed and groups > 1:  # the projection writes the packed mask for one group only
+        bits = mask_bits(x, p, seed)
     xa, za = x, z
     if padding_mode != "zeros":
         xa, za = (F.pad(t, _flat_pad(spec), mode=padding_mode) for t in (x, z))
@@ -327,7 +372,7 @@ def conv_igemm_fwd(
 def _(x, weight, bias, u_in, k, u_out, stride, pads, dilation, groups, padding_mode, p, seed):  # type: ignore[no-untyped-def]
     y_shape, z_shape, u_shape = _fwd_shapes(x, weight, u_in, k, _spec(stride, pads, dilation, groups, padding_mode))
     return (_out_like(y_shape, x, weight), _out_like(z_shape, x, x), _out_like(u_shape, x, x),
-            x.new_empty(_bits_shape(x, _packs_bits(groups, padding_mode, p)), dtype=torch.int32))
+            x.new_empty(_bits_shape(x, _packs_bits(padding_mode, p)), dtype=torch.int32))
 
 
 @torch.library.custom_op("flora_triton::conv_igemm_bwd", mutates_args=())
@@ -342,7 +387,7 @@ def conv_igemm_bwd(
     pad's adjoint, then the adapter part added in place by the expansion kernel."""
     spec = _spec(stride, pads, dilation, groups, padding_mode)
     dx, du_in, dk, du_out, dbias = x.new_empty(0), u_in.new_empty(0), k.new_empty(0), u_out.new_empty(0), dy.new_empty(0)
-    mask = bits if _packs_bits(groups, padding_mode, p) else None
+    mask = bits if _packs_bits(padding_mode, p) else None
     if need_du_out:
         du_out = cg.reduce(dy, u, groups, False).to(u_out.dtype)
     if need_dbias:
@@ -359,14 +404,14 @@ def conv_igemm_bwd(
         if need_dz:
             dz = dza if padding_mode == "zeros" else pad_adjoint(dza, spec.pads, padding_mode)
         if need_dx and padding_mode == "zeros":
-            dx = igemm(dy, weight, dz, u_in, None, torch.empty_like(x), stride, pads, dilation, True, groups, p, mask, seed)
+            dx = igemm(dy, weight, dz, u_in, None, torch.empty_like(x), stride, pads, dilation, True, groups, p, mask)
         elif need_dx:
             xp_shape = (*x.shape[:2], *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], spec.pads)))
             dxp = igemm(dy, weight, None, None, None, _out_like(xp_shape, x, x), stride, cpads, dilation, True, groups)
             dx = torch.empty_like(x).copy_(pad_adjoint(dxp, spec.pads, padding_mode))
             dx = cg.expand(dz, u_in, groups, dx, dx, True, p, seed)
         if need_du_in:
-            du_in = cg.reduce(x, dz, groups, True, p, seed, bits=mask).to(u_in.dtype)
+            du_in = cg.reduce(x, dz, groups, True, p, seed, bits=mask if groups == 1 else None).to(u_in.dtype)
     return dx, du_in, dk, du_out, dbias
 
 
