@@ -47,7 +47,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: counts.__setitem__("igemm", counts["igemm"] + 1) or real(*a))
     monkeypatch.setattr(L, "_measures", lambda device: True)
     monkeypatch.setattr(L, "_measure_variants", measure_gemm)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU torch cannot ask
     yield counts
     autotune.clear_autotune_cache()
 
@@ -108,16 +107,16 @@ def test_autotune_off_and_graph_capture_never_measure(cache, monkeypatch):
     _gemm()
     assert cache == {"conv": 0, "gemm": 0, "igemm": 0}  # the defaults ("cudnn"; "tiled" where TMA does not apply)
     monkeypatch.delenv("FLORA_AUTOTUNE")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(autotune, "capturing", lambda device: True)
     _conv()
     _gemm()
     assert cache == {"conv": 0, "gemm": 0, "igemm": 0} and not C.conv_variant_report()
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(autotune, "capturing", lambda device: False)
     _conv()
     _gemm()
     assert cache == {"conv": 1, "gemm": 1, "igemm": 1}
     autotune.clear_autotune_cache()
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(autotune, "capturing", lambda device: True)
     _conv()  # capture: a decision on disk is replayed, nothing is timed
     _gemm()
     assert cache == {"conv": 1, "gemm": 1, "igemm": 2}
@@ -164,7 +163,6 @@ def test_fresh_process_replays_without_measuring(cache):
             raise AssertionError("measured again")
 
         C._measures = L._measures = lambda device: True
-        torch.cuda.is_current_stream_capturing = lambda: False
         C._measure_variants = L._measure_variants = boom
         torch.manual_seed(0)
         t._conv()

@@ -317,6 +317,11 @@ def save_choice(namespace: str, device: str, key: str, choice: str, times_s: dic
                                                                                           (times_s or {}).items()}})
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the device's current stream (then nothing may be timed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def on_clear(hook: Callable[[], None]) -> None:
     """Registers ``hook`` (forgets a backend's in-memory choices) to run in ``clear_autotune_cache``."""
     _CLEAR_HOOKS.append(hook)

@@ -223,7 +223,7 @@ def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, facto
         hit = autotune.cached_choice(_CACHE_NAMESPACE, call.device, key)
         if hit is not None and hit[0] in CONV_VARIANTS:
             d = autotune.Decision("triton", hit[0], "cached", str(call), tuple(hit[1].items()))
-        elif torch.cuda.is_current_stream_capturing():  # nothing is timed during CUDA graph capture
+        elif autotune.capturing(x.device):  # nothing is timed during CUDA graph capture
             return "cudnn"
         else:
             d = _measure_variants(call, (x, weight, bias, core, *factors), scale, spec, dropout_p)

@@ -281,7 +281,7 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
     hit = autotune.cached_choice(_CACHE_NAMESPACE, key[0], repr(key[1:]))
     if hit is not None and hit[0] in allowed:
         _gemm_choice[key] = hit[0]
-    elif torch.cuda.is_current_stream_capturing():
+    elif autotune.capturing(a.device):
         return default
     else:
         _gemm_choice[key] = _measure_variants(args, allowed)
