@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...convspec import ConvSpec, pad_adjoint
+from ...convspec import ConvSpec, _explicit_pad, pad_adjoint
 from ..oplib import fake
 from . import channel_gemm as cg
 from ._common import INTERPRET, MAX_RANK, block, dot_precision, keep_mask, mask_words, pack_bits, rank_pad, unpack_bits
@@ -334,11 +334,6 @@ def _bits_shape(x: Tensor, packed: bool) -> tuple[int, ...]:
     return (x.shape[0], math.prod(x.shape[2:]), mask_words(x.shape[1])) if packed else (0,)
 
 
-def _flat_pad(spec: ConvSpec) -> list[int]:
-    """F.pad's argument (last dim first) for the spec's pads."""
-    return [p for lo_hi in reversed(spec.pads) for p in lo_hi]
-
-
 @torch.library.custom_op("flora_triton::conv_igemm_fwd", mutates_args=())
 def conv_igemm_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, u_in: Tensor, k: Tensor, u_out: Tensor, stride: list[int],
@@ -361,7 +356,8 @@ def conv_igemm_fwd(
         bits = mask_bits(x, p, seed)
     xa, za = x, z
     if padding_mode != "zeros":
-        xa, za = (F.pad(t, _flat_pad(spec), mode=padding_mode) for t in (x, z))
+        flat, mode = _explicit_pad(spec)
+        xa, za = (F.pad(t, flat, mode=mode) for t in (x, z))
         pads = [0] * len(pads)
     u = core_conv_forward(za, k, stride, pads, dilation, groups, _out_like(u_shape, x, x))
     y = igemm(xa, weight, u, u_out, bias, _out_like(y_shape, x, weight), stride, pads, dilation, False, groups)
@@ -397,7 +393,8 @@ def conv_igemm_bwd(
         du = cg.project(dy, u_out, groups, torch.empty_like(u), False)
         za, cpads = z, pads
         if padding_mode != "zeros":
-            za, cpads = F.pad(z, _flat_pad(spec), mode=padding_mode), [0] * len(pads)
+            flat, mode = _explicit_pad(spec)
+            za, cpads = F.pad(z, flat, mode=mode), [0] * len(pads)
         dza, dk_full = core_conv_backward(du, za, k, stride, cpads, dilation, groups,
                                           torch.empty_like(za) if need_dz else None, need_dk)
         dk = dk_full if dk_full is not None else dk
