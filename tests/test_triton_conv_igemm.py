@@ -255,9 +255,7 @@ GEOMETRIES = [
     ((3,), 2, 1, 1, 1, "zeros", (5, 7), (11,), True, torch.float32, "contiguous"),
     ((5,), 1, 2, 2, 3, "reflect", (6, 9), (13,), False, torch.float16, "contiguous"),
     ((4,), 1, "same", 1, 2, "circular", (4, 6), (9,), True, torch.float32, "contiguous"),  # pads (1, 2)
-    ((3, 3), 1, 1, 1, 2, "zeros", (6, 10), (5, 4), True, torch.float32, "channels_last"),
     ((3, 2), 2, (1, 1), 1, 3, "circular", (9, 6), (8, 7), True, torch.float16, "channels_last"),
-    ((2, 2), 1, "same", 1, 1, "replicate", (5, 4), (6, 5), False, torch.float32, "contiguous"),  # pads (0, 1)
     ((3, 3), 1, (2, 1), (2, 1), 1, "reflect", (3, 5), (8, 7), True, torch.float32, "channels_last"),
     ((3, 3), 1, 1, 1, 4, "zeros", (8, 8), (3, 4), True, torch.float32, "contiguous"),  # 2 channels per group
     ((3, 2, 2), (1, 2, 1), 1, 1, 2, "replicate", (4, 6), (3, 4, 3), True, torch.float32, "channels_last"),
@@ -364,8 +362,8 @@ def test_torch_compile_igemm_grouped_1d(igemm):
 
 
 def test_igemm_wav2vec2_conv1d(igemm):
-    """A tiny wav2vec2 (its Conv1d feature extractor and the grouped, padded positional Conv1d) adapted
-    with backend="triton", the conv forced to igemm: outputs and adapter gradients equal the
+    """A tiny wav2vec2 whose grouped, padded positional Conv1d (groups 4, kernel 8, padding 4) is
+    adapted with backend="triton", the conv forced to igemm: output and adapter gradients equal the
     reference backend's."""
     transformers = pytest.importorskip("transformers")
     import copy
@@ -376,7 +374,7 @@ def test_igemm_wav2vec2_conv1d(igemm):
         conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
         hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
         mask_time_prob=0.0)).to(DEVICE).eval()
-    targets = ["conv_layers.1.conv", "pos_conv_embed.conv"]
+    targets = ["pos_conv_embed.conv"]
     models = {}
     for backend in ("triton", "reference"):
         m = copy.deepcopy(model)
@@ -387,7 +385,7 @@ def test_igemm_wav2vec2_conv1d(igemm):
             if ".flora_core." in name:
                 p.normal_(0, 0.3)
     models["reference"].load_state_dict(models["triton"].state_dict())
-    assert sum(".flora_core." in n for n, _ in models["triton"].named_parameters()) == 2
+    assert sum(".flora_core." in n for n, _ in models["triton"].named_parameters()) == 1
     wave = torch.randn(1, 240, device=DEVICE)
     res = {}
     for backend, m in models.items():
