@@ -1,9 +1,12 @@
-"""The implicit-GEMM variant of the Triton factorized Conv2d (conv_igemm.py) vs the reference path:
+"""The implicit-GEMM variant of the Triton factorized ConvNd (conv_igemm.py) vs the reference path:
 output and every gradient on odd shapes (stride, asymmetric padding, dilation, 1x1 / 3x3 / 5x3 /
-2x2 kernels, ragged tiles), fp32 and fp16, channels_last and contiguous inputs; the dropout mask;
-opcheck; torch.compile; how the variant is chosen."""
+2x2 kernels, ragged tiles; 1-D and 3-D, groups, reflect / replicate / circular padding), fp32
+and fp16, channels_last and contiguous inputs; the dropout mask (the cudnn variant's, per seed);
+opcheck; torch.compile; a real model's grouped Conv1d; how the variant is chosen."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -121,14 +124,19 @@ def test_opcheck_igemm_ops():
         t = torch.randn(*s, device=DEVICE)
         return (t.to(memory_format=torch.channels_last) if cl else t).requires_grad_()
 
-    x, w = rq(1, 3, 5, 4, cl=True), torch.randn(4, 3, 3, 2, device=DEVICE)
-    geometry = ([2, 1], [1, 1, 0, 1], [1, 1])
-    opcheck(ig.conv_igemm_fwd, (x, w, rq(4), rq(3, 2), rq(3, 2, 3, 2), rq(4, 3), *geometry, 0.2, 5))
-    y, z, u, bits = ig.conv_igemm_fwd(x.detach(), w, None, torch.randn(3, 2), torch.randn(3, 2, 3, 2), torch.randn(4, 3),
-                                      *geometry, 0.2, 5)
-    args = (torch.randn_like(y), x.detach(), w, torch.randn(3, 2), torch.randn(3, 2, 3, 2), torch.randn(4, 3), z, u, bits,
-            *geometry, 0.2, True, True, True, True, True)
-    opcheck(ig.conv_igemm_bwd, args)
+    # (x, weight, u_in, k, u_out, geometry (stride, pads, dilation, groups, padding_mode), p)
+    cases = [
+        (rq(1, 3, 5, 4, cl=True), torch.randn(4, 3, 3, 2, device=DEVICE), rq(3, 2), rq(3, 2, 3, 2), rq(4, 3),
+         ([2, 1], [1, 1, 0, 1], [1, 1], 1, "zeros"), 0.2),  # packed mask bits
+        (rq(1, 6, 7), torch.randn(4, 3, 3, device=DEVICE), rq(3, 2), rq(3, 2, 3), rq(4, 3),
+         ([2], [2, 1], [1], 2, "reflect"), 0.3),  # 1-D, grouped, Philox mask
+    ]
+    for x, w, u_in, k, u_out, geometry, p in cases:
+        opcheck(ig.conv_igemm_fwd, (x, w, rq(w.shape[0]), u_in, k, u_out, *geometry, p, 5))
+        y, z, u, bits = ig.conv_igemm_fwd(x.detach(), w, None, u_in.detach(), k.detach(), u_out.detach(), *geometry, p, 5)
+        args = (torch.randn_like(y), x.detach(), w, u_in.detach(), k.detach(), u_out.detach(), z, u, bits,
+                *geometry, p, 5, True, True, True, True, True)
+        opcheck(ig.conv_igemm_bwd, args)
 
 
 def test_torch_compile_igemm(igemm):
@@ -170,17 +178,14 @@ def test_variant_choice(monkeypatch):
         C.set_conv_variant("winograd")
     C.set_conv_variant("igemm")
     try:
-        w2 = torch.randn(4, 5, 3, device=DEVICE)
-        core2 = torch.randn(2, 2, 2, device=DEVICE)
-        fs2 = [torch.randn(4, 2, device=DEVICE), torch.randn(5, 2, device=DEVICE), torch.randn(3, 2, device=DEVICE)]
-        with pytest.raises(ValueError, match="2-D only"):
-            fk.flora_conv(torch.randn(1, 5, 8, device=DEVICE), w2, None, core2, fs2, 1.0, strategy="factorized", backend="triton")
-        with pytest.raises(ValueError, match="groups = 1, got 5"):
+        with pytest.raises(ValueError, match="does not serve depthwise convs"):
             fk.flora_conv(x.detach(), torch.randn(5, 1, 3, 3, device=DEVICE), None, torch.randn(2, 1, 2, 2, device=DEVICE),
                           [torch.randn(5, 2, device=DEVICE), torch.randn(1, 1, device=DEVICE), *fs[2:]], 0.5, groups=5,
                           strategy="factorized", backend="triton")
     finally:
         C.set_conv_variant(None)
+    assert C.ig.unsupported_reason(4, ConvSpec.make((3,), padding=1), 3) is not None  # 1-D spec, 2-D input
+    assert C.ig.unsupported_reason(3, ConvSpec.make((3,), padding=1, groups=2), 3) is None
 
 
 def test_variant_measured(monkeypatch):
@@ -207,6 +212,7 @@ def test_variant_measured(monkeypatch):
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: tuple(t * 2 if i == 0 else t for i, t in enumerate(real(*a))))
     monkeypatch.setattr(C, "_DECISIONS", {})
+    autotune.clear_autotune_cache(disk=True)  # the first decision was written to disk: measure again
     with pytest.warns(autotune.AutotuneWarning, match="triton/igemm"):
         fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
     (d,) = C.conv_variant_report()
@@ -240,3 +246,165 @@ def test_gpu_igemm_bf16_benchmark_shape(igemm, stride):
     _bf16_bound(yk, yt, y32, "igemm y")
     for i, (a, b, c) in enumerate(zip(gk, gt, g32)):
         _bf16_bound(a, b, c, f"igemm grad {i}")
+
+
+# ----------------------------------------------------------------------------- 1-D, 3-D, groups, padding modes
+
+# (kernel, stride, padding, dilation, groups, padding_mode, (c_in, c_out), spatial, bias, dtype, layout)
+GEOMETRIES = [
+    ((3,), 2, 1, 1, 1, "zeros", (5, 7), (11,), True, torch.float32, "contiguous"),
+    ((5,), 1, 2, 2, 3, "reflect", (6, 9), (13,), False, torch.float16, "contiguous"),
+    ((4,), 1, "same", 1, 2, "circular", (4, 6), (9,), True, torch.float32, "contiguous"),  # pads (1, 2)
+    ((3, 2), 2, (1, 1), 1, 3, "circular", (9, 6), (8, 7), True, torch.float16, "channels_last"),
+    ((3, 3), 1, (2, 1), (2, 1), 1, "reflect", (3, 5), (8, 7), True, torch.float32, "channels_last"),
+    ((2, 2, 2), (1, 2, 1), 1, 1, 2, "replicate", (4, 6), (3, 4, 3), True, torch.float32, "channels_last"),
+    ((2, 3, 1), 1, "same", 1, 1, "zeros", (3, 5), (3, 4, 5), False, torch.float16, "contiguous"),
+]
+GEOMETRY_IDS = [f"{len(k)}d-k{'x'.join(map(str, k))}-s{s}-p{p}-g{g}-{m}-{'fp16' if dt == torch.float16 else 'fp32'}-{lay}"
+                for k, s, p, _d, g, m, _c, _sp, _b, dt, lay in GEOMETRIES]
+
+
+def _setup_nd(kernel, groups, channels, spatial, bias, layout, n=2):
+    (c_in, c_out), d = channels, len(kernel)
+    x = torch.randn(n, c_in, *spatial, device=DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if d == 2 else torch.channels_last_3d)
+    w = torch.randn(c_out, c_in // groups, *kernel, device=DEVICE) / (c_in // groups * math.prod(kernel)) ** 0.5
+    b = torch.randn(c_out, device=DEVICE).requires_grad_() if bias else None
+    ranks = (3, 2, *(min(2, k) for k in kernel))
+    core = torch.randn(ranks, device=DEVICE, requires_grad=True)
+    fs = [(torch.randn(m, r, device=DEVICE) / r**0.5).requires_grad_()
+          for m, r in zip((c_out, c_in // groups, *kernel), ranks)]
+    return [x.requires_grad_(), w, b, core, *fs]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,mode,channels,spatial,bias,dtype,layout", GEOMETRIES,
+                         ids=GEOMETRY_IDS)
+def test_igemm_geometry_vs_reference(igemm, kernel, stride, padding, dilation, groups, mode, channels, spatial, bias,
+                                     dtype, layout):
+    inputs = _setup_nd(kernel, groups, channels, spatial, bias, layout)
+    kw = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups, "padding_mode": mode}
+    spec = ConvSpec.make(kernel, **kw)
+
+    def kern(x, w, b, core, *fs):
+        return fk.flora_conv(x, w, b, core, fs, 0.8, strategy="factorized", backend="triton", **kw)
+
+    def oracle(x, w, b, core, *fs):
+        return ref.conv_factorized(x, w, b, core, fs, 0.8, spec)
+
+    compare(kern, oracle, inputs, dtype, ["x", "weight", "bias", "core"] + [f"factors[{i}]" for i in range(len(inputs) - 4)])
+    assert igemm, "the igemm variant did not run"
+    if mode == "zeros":
+        x, w, b = inputs[:3]
+        assert kern(*inputs).stride() == conv_nd(x, w, b, spec).stride()  # the layout torch's conv gives
+
+
+def test_igemm_grouped_multi_tile(igemm):
+    """Groups with more channels than one K block (16) and more output channels than one column tile (32)."""
+    inputs = _setup_nd((3,), 2, (38, 70), (9,), True, "contiguous", n=1)
+    spec = ConvSpec.make((3,), padding=1, groups=2)
+
+    def kern(x, w, b, core, *fs):
+        return fk.flora_conv(x, w, b, core, fs, 1.3, padding=1, groups=2, strategy="factorized", backend="triton")
+
+    compare(kern, lambda x, w, b, core, *fs: ref.conv_factorized(x, w, b, core, fs, 1.3, spec), inputs, torch.float32,
+            ["x", "weight", "bias", "core", "factors[0]", "factors[1]", "factors[2]"])
+    assert igemm, "the igemm variant did not run"
+
+
+@pytest.mark.parametrize("kernel,groups,mode,layout", [
+    ((3,), 3, "zeros", "contiguous"),  # the packed mask from mask_bits
+    ((3, 3), 2, "reflect", "channels_last"),  # the mask redrawn by the expansion
+], ids=["1d-g3-zeros", "2d-g2-reflect"])
+def test_igemm_dropout_matches_cudnn_variant(monkeypatch, kernel, groups, mode, layout):
+    """p > 0, one seed: the igemm variant's output and every gradient equal the cudnn variant's (same mask)."""
+    from flora_kernels.backends.triton import conv as C
+
+    monkeypatch.setattr(C, "new_seed", lambda: 1234)
+    inputs = _setup_nd(kernel, groups, (3 * groups, 2 * groups + 1 if groups == 1 else 2 * groups), (4,) * len(kernel),
+                       True, layout)
+    kw = {"padding": 1, "groups": groups, "padding_mode": mode, "dropout_p": 0.35}
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    out = {}
+    for variant in C.CONV_VARIANTS:
+        C.set_conv_variant(variant)
+        try:
+            x, w, b, core, *fs = inputs
+            y = fk.flora_conv(x, w, b, core, fs, 0.7, strategy="factorized", backend="triton", **kw)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+            out[variant] = [y, *torch.autograd.grad(y, leaves, dy)]
+        finally:
+            C.set_conv_variant(None)
+    y0 = ref.conv_factorized(*inputs[:4], inputs[4:], 0.7, ConvSpec.make(kernel, padding=1, groups=groups, padding_mode=mode))
+    assert (out["igemm"][0] - y0).abs().max() > 1e-3  # the dropout is active
+    for i, (a, r) in enumerate(zip(out["igemm"], out["cudnn"])):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+def test_mask_bits_equal_the_projections():
+    """``mask_bits`` packs the draws the projection makes (and packs itself for one group), any channel count."""
+    from flora_kernels.backends.triton import channel_gemm as cgemm
+    from flora_kernels.backends.triton import conv_igemm as ig
+
+    def keep(b, c):  # (N, L, words) -> (N, L, C) bits; the last word's bits past C are never read
+        return ((b.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=DEVICE)) & 1).flatten(-2)[..., :c]
+
+    for c in (5, 37, 70):
+        x = torch.randn(2, c, 3, 5, device=DEVICE)
+        bits = torch.empty((2, 15, -(-c // 32)), dtype=torch.int32, device=DEVICE)
+        cgemm.project(x, torch.randn(c, 2, device=DEVICE), 1, torch.empty(2, 2, 3, 5, device=DEVICE), True, 0.3, 77, bits)
+        assert torch.equal(keep(ig.mask_bits(x, 0.3, 77), c), keep(bits, c))
+        assert 0.6 < keep(bits, c).float().mean().item() < 0.8
+
+
+def test_torch_compile_igemm_grouped_1d(igemm):
+    """1-D, grouped, reflect padding: traces under torch.compile (aot_eager, fullgraph), matches eager."""
+    torch._dynamo.reset()
+    x, w, b, core, *fs = _setup_nd((3,), 2, (4, 6), (9,), True, "contiguous")
+
+    def fn(x, b, core, f0, f1, f2):
+        return fk.flora_conv(x, w, b, core, [f0, f1, f2], 0.5, stride=2, padding=1, groups=2, padding_mode="reflect",
+                             strategy="factorized", backend="triton")
+
+    inputs = [x, b, core, *fs]
+    y_c = torch.compile(fn, backend="aot_eager", fullgraph=True)(*inputs)
+    y_e = fn(*inputs)
+    dy = torch.randn_like(y_e)
+    for a, r in zip([y_c, *torch.autograd.grad(y_c, inputs, dy)], [y_e, *torch.autograd.grad(y_e, inputs, dy)]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_igemm_wav2vec2_conv1d(igemm):
+    """A tiny wav2vec2 whose grouped, padded positional Conv1d (groups 4, kernel 8, padding 4) is
+    adapted with backend="triton", the conv forced to igemm: output and adapter gradients equal the
+    reference backend's."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+        mask_time_prob=0.0)).to(DEVICE).eval()
+    targets = ["pos_conv_embed.conv"]
+    models = {}
+    for backend in ("triton", "reference"):
+        m = copy.deepcopy(model)
+        fk.inject_flora(m, fk.FLoRAConfig(rank=4, target_modules=targets, strategy="factorized", backend=backend))
+        models[backend] = m
+    with torch.no_grad():
+        for name, p in models["triton"].named_parameters():
+            if ".flora_core." in name:
+                p.normal_(0, 0.3)
+    models["reference"].load_state_dict(models["triton"].state_dict())
+    assert sum(".flora_core." in n for n, _ in models["triton"].named_parameters()) == 1
+    wave = torch.randn(1, 160, device=DEVICE)
+    res = {}
+    for backend, m in models.items():
+        y = m(wave).last_hidden_state
+        params = [p for _, p in sorted(m.named_parameters()) if p.requires_grad]
+        res[backend] = [y, *torch.autograd.grad(y.square().sum(), params)]
+    assert igemm, "the igemm variant did not run"
+    for i, (a, r) in enumerate(zip(res["triton"], res["reference"], strict=True)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"tensor {i}: {m}")

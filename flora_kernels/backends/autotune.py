@@ -23,7 +23,8 @@ layout, device, grad flags, dropout, threads) and requested backend:
 Controls: ``FLORA_AUTOTUNE=0/1`` (default: 1, see docs/ARCHITECTURE.md for why), overridden by
 ``set_autotune(True/False)``; ``FLORA_AUTOTUNE_BUDGET_MS`` (default 100) bounds the timing of
 one signature; ``FLORA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/flora_kernels`` or
-``~/.cache/flora_kernels``) holds ``autotune.json``. A corrupt, stale or unwritable cache is
+``~/.cache/flora_kernels``) holds ``autotune.json`` (also the backends' own measured choices,
+``save_choice`` / ``cached_choice``: e.g. the Triton kernel variants). A corrupt, stale or unwritable cache is
 ignored with a warning, never fatal. Inspect with ``dispatch_report()`` (every decision) and
 ``record_dispatch(model)`` (decisions per module during a step).
 """
@@ -153,12 +154,15 @@ def autotune_enabled() -> bool:
 
 
 def clear_autotune_cache(disk: bool = False) -> None:
-    """Forget every decision in memory; ``disk=True`` also deletes the cache file."""
+    """Forget every decision in memory (the backends' measured choices too, see ``on_clear``);
+    ``disk=True`` also deletes the cache file."""
     with _STATE.lock:
         _STATE.memo.clear()
         _STATE.planned.clear()
         _STATE.disk = None
         _STATE.warned.clear()
+        for hook in _CLEAR_HOOKS:
+            hook()
         if disk:
             with contextlib.suppress(FileNotFoundError):
                 cache_path().unlink()
@@ -247,7 +251,8 @@ def _read_disk(path: Path, quiet: bool) -> dict[str, dict]:
         return {}
     out = {}
     for k, v in doc["entries"].items():
-        if isinstance(v, dict) and isinstance(v.get("backend"), str) and v.get("strategy") in STRATEGIES + (None,):
+        if isinstance(v, dict) and (isinstance(v.get("choice"), str) if k.startswith(_CHOICE_PREFIX) else
+                                    isinstance(v.get("backend"), str) and v.get("strategy") in STRATEGIES + (None,)):
             out[k] = v
         elif not quiet:
             _warn_once(f"entry:{path}", f"flora_kernels autotune cache {path} has malformed entries; ignoring them")
@@ -262,9 +267,14 @@ def _disk() -> dict[str, dict]:
 
 
 def _save(key: str, d: Decision) -> None:
+    _write_entry(key, {"backend": d.backend, "strategy": d.strategy, "times_us": {k: v * 1e6 for k, v in d.times_s}})
+
+
+def _write_entry(key: str, entry: dict) -> None:
+    """Adds one entry to the cache file (atomically, merged with what other processes wrote)."""
     path = cache_path()
     entries = _disk()
-    entries[key] = {"backend": d.backend, "strategy": d.strategy, "times_us": {k: v * 1e6 for k, v in d.times_s}}
+    entries[key] = entry
     merged = {**_read_disk(path, quiet=True), **entries}  # keep what other processes wrote meanwhile
     doc = {"fingerprint": fingerprint(), "entries": merged}
     try:
@@ -276,6 +286,45 @@ def _save(key: str, d: Decision) -> None:
     except OSError as e:
         _warn_once(f"write:{path}", f"flora_kernels autotune cache {path} is not writable ({type(e).__name__}: {e}); "
                    "decisions stay in memory only (set FLORA_CACHE_DIR to a writable directory)")
+
+
+# Backends' own measured choices (e.g. a kernel variant per shape) share the cache file and its
+# invalidation (fingerprint, device name) under keys "choice:<namespace>|<device name>|<key>".
+_CHOICE_PREFIX = "choice:"
+_CLEAR_HOOKS: list[Callable[[], None]] = []
+
+
+def _choice_key(namespace: str, device: str, key: str) -> str:
+    return f"{_CHOICE_PREFIX}{namespace}|{device_name(device)}|{key}"
+
+
+def cached_choice(namespace: str, device: str, key: str) -> tuple[str, dict[str, float]] | None:
+    """(choice, candidate -> seconds) that ``save_choice`` recorded for ``key`` of ``namespace`` on a
+    device of this name with these library versions, else None (a corrupt cache warns, see module doc)."""
+    with _STATE.lock:
+        hit = _disk().get(_choice_key(namespace, device, key))
+    if hit is None:
+        return None
+    times = hit.get("times_us", {})
+    ok = isinstance(times, dict)
+    return hit["choice"], {str(k): float(v) / 1e6 for k, v in times.items() if isinstance(v, (int, float))} if ok else {}
+
+
+def save_choice(namespace: str, device: str, key: str, choice: str, times_s: dict[str, float] | None = None) -> None:
+    """Records a measured ``choice`` (with the candidates' times) for ``cached_choice`` in later processes."""
+    with _STATE.lock:
+        _write_entry(_choice_key(namespace, device, key), {"choice": choice, "times_us": {k: v * 1e6 for k, v in
+                                                                                          (times_s or {}).items()}})
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the device's current stream (then nothing may be timed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def on_clear(hook: Callable[[], None]) -> None:
+    """Registers ``hook`` (forgets a backend's in-memory choices) to run in ``clear_autotune_cache``."""
+    _CLEAR_HOOKS.append(hook)
 
 
 # ---- candidates --------------------------------------------------------------------------------

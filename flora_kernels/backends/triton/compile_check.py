@@ -9,9 +9,9 @@ Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout (the dropout s
 also trains the bias), with the GEMMs on the tiled kernel and on the persistent TMA kernel
 (``-tma``; no configs below sm_90); Conv2d N = 64, C = 256,
 56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; its implicit-GEMM variant at N = 8, C = 64,
-28 x 28, with and without dropout; the depthwise 7 x 7 ConvNeXt conv) runs
-forward and backward through the backend's entry points on meta tensors, with each
-``flora_triton`` op's real implementation in place of its fake and each kernel launch captured
+28 x 28, with and without dropout, and grouped (groups = 2) with dropout (the packed mask from
+``mask_bits``); the depthwise 7 x 7 ConvNeXt conv) runs forward and backward through the
+backend's entry points on meta tensors, with each ``flora_triton`` op's real implementation in place of its fake and each kernel launch captured
 instead of run (``split_for`` sized for 132 SMs). Each captured launch is then specialised by
 Triton's own binder for the target (16-byte pointer alignment, integers divisible by 16 or
 equal to 1, exactly as at run time), compiled through the GPU front end, the TTGIR passes and
@@ -227,6 +227,7 @@ SCENARIOS: dict[str, Callable[[torch.dtype], None]] = {
     "conv3x3-merged": _conv("merged", 0.0, 3, 1, (16, 16)),
     "conv3x3-igemm": _conv("factorized", 0.0, 3, 1, (16, 16), "igemm", (8, 64, 28)),
     "conv3x3-igemm-dropout": _conv("factorized", 0.1, 3, 1, (16, 16), "igemm", (8, 64, 28)),
+    "conv3x3-igemm-g2-dropout": _conv("factorized", 0.1, 3, 2, (16, 16), "igemm", (8, 64, 28)),
     "dw7x7": _conv("factorized", 0.0, 7, 256, (16, 1)),
     "dw7x7-merged": _conv("merged", 0.0, 7, 256, (16, 1)),
 }

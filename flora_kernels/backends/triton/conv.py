@@ -16,13 +16,15 @@ The base conv and the projection share one op so that the backward adds the adap
 the base conv's input gradient in place, instead of autograd summing two x-sized tensors.
 The base weight is frozen: no weight gradient.
 
-Variants (``CONV_VARIANTS``): "cudnn" is the composition above; "igemm" (conv_igemm.py; 2-D,
-groups = 1, zero padding) runs the base conv itself as a Triton implicit GEMM with the
-expansion as extra K columns, so y and dx are each written once. ``set_conv_variant`` (or
-``FLORA_TRITON_CONV``) forces one; by default a CUDA call that igemm can serve measures both
-once per call signature with the measured dispatch's timing and checks
-(``backends.autotune``; honours ``FLORA_AUTOTUNE``, decisions in memory only, see
-``conv_variant_report``) and every other call runs "cudnn".
+Variants (``CONV_VARIANTS``): "cudnn" is the composition above; "igemm" (conv_igemm.py; 1-, 2-
+and 3-D, any groups but depthwise, every padding mode) runs the base conv itself as a Triton
+implicit GEMM with the expansion as extra K columns, so y is written once (and dx too with
+zero padding). ``set_conv_variant`` (or ``FLORA_TRITON_CONV``) forces one; by default a CUDA
+call that igemm can serve measures both once per call signature with the measured dispatch's
+timing and checks (``backends.autotune``; honours ``FLORA_AUTOTUNE``, nothing timed during
+CUDA graph capture) and keeps the decision in memory and in autotune's disk cache (a later
+process replays it; ``clear_autotune_cache`` forgets it, see ``conv_variant_report``); every
+other call runs "cudnn".
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import astuple
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +172,8 @@ conv_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
 CONV_VARIANTS = ("cudnn", "igemm")
 _forced: str | None = None
 _DECISIONS: dict[Call, autotune.Decision] = {}
+_CACHE_NAMESPACE = "triton_conv_variant"  # the decisions' entries in autotune's disk cache
+autotune.on_clear(lambda: _DECISIONS.clear())  # the current dict (tests swap it)
 
 
 def set_conv_variant(variant: str | None) -> None:
@@ -190,7 +195,8 @@ def _requested_variant() -> str:
 
 
 def conv_variant_report() -> list[autotune.Decision]:
-    """Every measured variant decision of this process (label "triton/<variant>", with times)."""
+    """Every variant decision of this process, measured or read from the disk cache (label
+    "triton/<variant>", with times)."""
     return list(_DECISIONS.values())
 
 
@@ -205,7 +211,7 @@ def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, facto
     want = _requested_variant()
     if want != "auto":
         return want
-    if ig.unsupported_reason(x.dim(), spec) is not None or not _measures(x.device):
+    if ig.unsupported_reason(x.dim(), spec, weight.shape[1]) is not None or not _measures(x.device):
         return "cudnn"
     call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
                          strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
@@ -213,7 +219,16 @@ def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, facto
     if d is None:
         if torch.compiler.is_compiling() or not autotune.autotune_enabled():
             return "cudnn"
-        d = _measure_variants(call, (x, weight, bias, core, *factors), scale, spec, dropout_p)
+        key = repr(astuple(call))
+        hit = autotune.cached_choice(_CACHE_NAMESPACE, call.device, key)
+        if hit is not None and hit[0] in CONV_VARIANTS:
+            d = autotune.Decision("triton", hit[0], "cached", str(call), tuple(hit[1].items()))
+        elif autotune.capturing(x.device):  # nothing is timed during CUDA graph capture
+            return "cudnn"
+        else:
+            d = _measure_variants(call, (x, weight, bias, core, *factors), scale, spec, dropout_p)
+            if d.source == "measured":
+                autotune.save_choice(_CACHE_NAMESPACE, call.device, key, d.strategy or "cudnn", dict(d.times_s))
         _DECISIONS[call] = d
     return d.strategy or "cudnn"
 
@@ -255,10 +270,10 @@ def conv_factorized(
     if variant is not None and variant not in CONV_VARIANTS:
         raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
     if (variant or _variant(x, weight, bias, core, factors, scale, spec, dropout_p)) == "igemm":
-        why = ig.unsupported_reason(x.dim(), spec)
+        why = ig.unsupported_reason(x.dim(), spec, weight.shape[1])
         if why is not None:
             raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
-        return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, dropout_p, seed)[0]
+        return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, g, mode, dropout_p, seed)[0]
     y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
     if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv
         z = F.pad(z, [p for lo_hi in reversed(spec.pads) for p in lo_hi], mode=mode)

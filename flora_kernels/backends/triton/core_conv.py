@@ -166,7 +166,7 @@ def _geom3(z: Tensor, k: Tensor, stride: list[int], pads: list[int], dilation: l
     return {"S": s, "O": o, "K": ks, "st": st, "pd": lo, "dl": dl, "d": d}
 
 
-def _strides3(t: Tensor) -> list[int]:
+def strides3(t: Tensor) -> list[int]:
     """(n, c, s1, s2, s3) strides with unit leading spatial dims for lower d."""
     return [t.stride(0), t.stride(1)] + [0] * (5 - t.dim()) + list(t.stride()[2:])
 
@@ -204,7 +204,7 @@ def core_conv_forward(z: Tensor, k: Tensor, stride: list[int], pads: list[int], 
     grid = (triton.cdiv(math.prod(geo["O"]), bl) * z.shape[0] * groups,)
     if out.numel():
         _core_conv_fwd_kernel[grid](
-            z, k, out, *_common_args(geo, groups, ri, ro), *_strides3(z), *_strides3(out),
+            z, k, out, *_common_args(geo, groups, ri, ro), *strides3(z), *strides3(out),
             RIP=rank_pad(ri), ROP=rank_pad(ro), PREC=dot_precision(z.dtype), BL=bl,
         )
     return out
@@ -225,7 +225,7 @@ def core_conv_backward(
     if dz is not None and dz.numel():
         grid = (triton.cdiv(math.prod(geo["S"]), bl) * n * groups,)
         _core_conv_dz_kernel[grid](
-            du, kc, dz, *args, *_strides3(du), *_strides3(dz), RIP=rip, ROP=rop, PREC=prec, BL=bl,
+            du, kc, dz, *args, *strides3(du), *strides3(dz), RIP=rip, ROP=rop, PREC=prec, BL=bl,
         )
     dk = None
     if need_dk:
@@ -234,7 +234,7 @@ def core_conv_backward(
         part = torch.zeros((sp, ro, ri, t), dtype=torch.float32, device=z.device)
         if du.numel() and z.numel():
             _core_conv_dk_kernel[(t * sp,)](
-                du, z, part, n * groups, *args[:12], sp, *args[12:], *_strides3(du), *_strides3(z),
+                du, z, part, n * groups, *args[:12], sp, *args[12:], *strides3(du), *strides3(z),
                 RIP=rip, ROP=rop, PREC=prec, BL=bl,
             )
         dk = part.sum(0).reshape(k.shape).to(k.dtype)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import autotune
 from ..oplib import fake
 from . import channel_gemm as cg
 from ._common import INTERPRET, MAX_RANK, dot_precision, mask_words, new_seed, rank_pad, split_for
@@ -190,6 +191,7 @@ GEMM_VARIANTS = ("tiled", "tma", "cublas")
 GEMM_TIMING_RUNS = 5
 _forced_gemm: list[str] = []
 _gemm_choice: dict[tuple, str] = {}
+_CACHE_NAMESPACE = "triton_gemm_variant"  # the choices' entries in autotune's disk cache
 
 
 @contextlib.contextmanager
@@ -210,8 +212,12 @@ def _check_variant(variant: str, what: str) -> None:
 
 
 def clear_gemm_choices() -> None:
-    """Forget the measured per-shape GEMM choices (the next call on each shape measures again)."""
+    """Forget the per-shape GEMM choices in memory (the next call on each shape reads autotune's
+    disk cache, else measures again); ``clear_autotune_cache`` calls it."""
     _gemm_choice.clear()
+
+
+autotune.on_clear(clear_gemm_choices)
 
 
 def gemm_choices() -> dict[tuple, str]:
@@ -230,7 +236,8 @@ def gemm_ext(
     ``shrink`` writes it). Returns (M, N) in a's dtype. ``variant`` (default: the
     ``gemm_variant`` block's, else ``FLORA_TRITON_GEMM``, else "auto"): one of GEMM_VARIANTS,
     or "auto", which on a CUDA device times every variant that applies once per shape key
-    (``gemm_choices``) and keeps the fastest (no timing when ``FLORA_AUTOTUNE=0`` or during
+    (``gemm_choices``) and keeps the fastest, in memory and in autotune's disk cache (replayed
+    by later processes on a device of the same name and the same versions; no timing when ``FLORA_AUTOTUNE=0`` or during
     CUDA graph capture: then "tma" where it applies, else "tiled"); "tiled" elsewhere. A "tma"
     request whose operands TMA cannot address runs "tiled" (with a warning giving the reason)."""
     m, k = a.shape
@@ -262,18 +269,29 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
     """The measured (or default) variant for the call ``_GEMMS[v](*args)``."""
     a, b, a2, _, bias, p, _ = args
     default = "tma" if tma_why is None else "tiled"
-    if a.device.type != "cuda":
+    if not _measures(a.device):
         return "tiled"
     key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[1],
            operand_layout(a, b), bias is not None, p > 0, tma_why is None)
     if key in _gemm_choice:
         return _gemm_choice[key]
-    from ..autotune import autotune_enabled
-
-    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+    if not autotune.autotune_enabled():
         return default
-    _gemm_choice[key] = _measure_variants(args, [v for v in GEMM_VARIANTS if v != "tma" or tma_why is None])
+    allowed = [v for v in GEMM_VARIANTS if v != "tma" or tma_why is None]
+    hit = autotune.cached_choice(_CACHE_NAMESPACE, key[0], repr(key[1:]))
+    if hit is not None and hit[0] in allowed:
+        _gemm_choice[key] = hit[0]
+    elif autotune.capturing(a.device):
+        return default
+    else:
+        _gemm_choice[key] = _measure_variants(args, allowed)
+        autotune.save_choice(_CACHE_NAMESPACE, key[0], repr(key[1:]), _gemm_choice[key])
     return _gemm_choice[key]
+
+
+def _measures(device: torch.device) -> bool:
+    """Whether "auto" measures the variants on this device (CUDA only: interpreter timings mean nothing)."""
+    return device.type == "cuda"
 
 
 def _measure_variants(args: tuple, variants: list[str]) -> str:
