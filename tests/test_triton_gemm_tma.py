@@ -211,11 +211,12 @@ def test_opcheck_linear_ops_on_tma():
 
     w = torch.randn(8, 16, device=DEVICE)
     with L.gemm_variant("tma"):
-        opcheck(L.linear_fwd, (rq(11, 16), w, rq(8), rq(16, 3), rq(8, 3), 0.0, 0))
-        x, u_in, b = torch.randn(11, 16, device=DEVICE), torch.randn(16, 3, device=DEVICE), torch.randn(8, 3, device=DEVICE)
-        bits = L.linear_fwd(x, w, None, u_in, b, 0.2, 3)[2]
+        opcheck(L.linear_fwd, (rq(11, 16), w, rq(8), rq(16, 3), rq(2, 3), rq(8, 2), 0.5, 0.0, 0))
+        x, u_in = torch.randn(11, 16, device=DEVICE), torch.randn(16, 3, device=DEVICE)
+        core, u_out = torch.randn(2, 3, device=DEVICE), torch.randn(8, 2, device=DEVICE)
+        bits = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.2, 3)[2]
         dy, s = torch.randn(11, 8, device=DEVICE), torch.randn(11, 3, device=DEVICE)
-        opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, bits, 0.2, True, True, True, True))
+        opcheck(L.linear_bwd, (dy, x, w, u_in, core, u_out, 0.5, s, bits, 0.2, True, True, True, True, torch.float32))
 
 
 @pytest.mark.gpu

@@ -3,6 +3,8 @@ loads and stores, for sm_90+ (Hopper); ``linear._gemm_ext_kernel`` serves older 
 
     y = keep / (1 - p) * (A2 B2) + A B + bias        A (M, K), B (K, N), A2 (M, R), B2 (R, N)
 
+(the forward's B2 = s G^T U_out^T formed per tile from the core and U_out: ``rank_part``).
+
 The grid is min(tiles, SMs); program i walks the (BM, BN) output tiles i, i + P, i + 2P, ...
 in grouped order (GROUP_M row tiles share a column tile, so B stays in L2). Per tile: the
 rank-R part (a few KiB, plain masked loads, any stride) seeds the accumulator, the dropout
@@ -23,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import INTERPRET, unpack_bits
+from ._common import INTERPRET, rank_pad, unpack_bits
 
 # (BM, BN, BK, warps, stages): wgmma tiles for fp16/bf16; FMA tiles for exact fp32
 _HALF_CONFIGS = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))
@@ -73,14 +75,25 @@ def grouped_tile(tile, n_pm, n_pn, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
-              R, RP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, scr, scq,
+              sbits, p, scale, R, Q, RP: tl.constexpr, QP: tl.constexpr, FOLD: tl.constexpr, DROPOUT: tl.constexpr,
+              PREC: tl.constexpr):
     """The rank-R extension of an extended-K GEMM tile, the accumulator's start: A2[m, :R] B2[:R, n]
-    in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT."""
+    in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT.
+
+    FOLD: B2 is not stored but formed per tile, B2[:, n] = scale * C V[:, n] with C (R, Q) at
+    c_ptr (strides scr, scq) and V (Q, N) at b2_ptr: an (RP x QP) @ (QP x BN) dot in fp32."""
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
     a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if FOLD:
+        offs_q = tl.arange(0, QP)
+        mask_q = offs_q < Q
+        c = tl.load(c_ptr + offs_r[:, None] * scr + offs_q[None, :] * scq, mask=mask_r[:, None] & mask_q[None, :], other=0.0)
+        v = tl.load(b2_ptr + offs_q[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_q[:, None] & mask_n[None, :], other=0.0)
+        b2 = tl.dot(c.to(tl.float32), v.to(tl.float32), input_precision=PREC) * scale
+    else:
+        b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
     if DROPOUT:
         keep = unpack_bits(bits_ptr, offs_m, offs_n, sbits, mask_m[:, None] & mask_n[None, :])
@@ -90,19 +103,20 @@ def rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa
 
 @triton.autotune(
     configs=[_CONFIGS[_INTERPRET_TILE]] if INTERPRET else [_CONFIGS[c] for c in _HALF_CONFIGS + _FP32_CONFIGS],
-    key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "QP", "FOLD", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _gemm_tma_kernel(
-    a_desc, b_desc, y_desc, a2_ptr, b2_ptr, bias_ptr, bits_ptr, M, N, K, R, M_BUCKET, NUM_PROGS,
-    sa2m, sa2r, sb2r, sb2n, sbits, p,
-    B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    a_desc, b_desc, y_desc, a2_ptr, b2_ptr, c_ptr, bias_ptr, bits_ptr, M, N, K, R, Q, M_BUCKET, NUM_PROGS,
+    sa2m, sa2r, sb2r, sb2n, scr, scq, sbits, p, scale,
+    B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, QP: tl.constexpr,
+    FOLD: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = keep[m, n] / (1 - p) * sum_r A2[m, r] B2[r, n] + sum_k A[m, k] B[k, n] + bias[n].
 
-    a_desc: A (M, K); b_desc: B^T (N, K) if B_KMAJOR else B (K, N); y_desc: y (M, N). keep
+    FOLD: B2 = scale * C V, formed per tile (``rank_part``). a_desc: A (M, K); b_desc: B^T (N, K) if B_KMAJOR else B (K, N); y_desc: y (M, N). keep
     (DROPOUT) is bit n % 32 of the int32 word bits[m, n // 32]. NUM_PROGS is the tile stride:
     the grid size, or more when the grid is min(NUM_PROGS, tiles) = tiles (one tile each).
     M_BUCKET only keys the autotuner."""
@@ -117,8 +131,8 @@ def _gemm_tma_kernel(
         offs_n = off_n.to(tl.int64) + tl.arange(0, BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
-                        R, RP, DROPOUT, PREC)
+        acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n,
+                        scr, scq, sbits, p, scale, R, Q, RP, QP, FOLD, DROPOUT, PREC)
         for k0 in range(0, K, BK):
             a = a_desc.load([off_m, k0])
             if B_KMAJOR:
@@ -169,12 +183,12 @@ def sm_count(device: torch.device) -> int:
 
 def gemm_tma(
     a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
-    m_bucket: int, rp: int, prec: str, programs: int | None = None,
+    m_bucket: int, rp: int, prec: str, programs: int | None = None, core: Tensor | None = None, scale: float = 1.0,
 ) -> Tensor:
-    """y = a b + mask * (a2 b2) + bias, as ``linear.gemm_ext`` (which checks the shapes):
-    a (M, K), b (K, N), a2 (M, R) and b2 (R, N) in a's dtype, bits int32 (M, ceil(N / 32)).
-    ``programs`` caps the persistent grid (default: one program per SM). Raises ValueError
-    when ``unsupported_reason`` is not None."""
+    """y = a b + mask * (a2 B2) + bias, as ``linear.gemm_ext`` (which checks the shapes):
+    a (M, K), b (K, N), a2 (M, R), bits int32 (M, ceil(N / 32)); B2 = b2 (R, N), or with ``core``
+    (R, Q) B2 = scale * core b2 for b2 (Q, N), formed per tile. ``programs`` caps the persistent
+    grid (default: one program per SM). Raises ValueError when ``unsupported_reason`` is not None."""
     m, k = a.shape
     n, r = b.shape[1], a2.shape[1]
     why = unsupported_reason(a, b, n)
@@ -188,14 +202,17 @@ def gemm_tma(
     b_desc = TensorDescriptor(bt, list(bt.shape), [bt.stride(0), 1], list(block))
     y_desc = TensorDescriptor(y, [m, n], [n, 1], list(block))
     cap = programs if programs is not None else sm_count(a.device)
+    q = core.shape[1] if core is not None else r
 
     def grid(meta: dict) -> tuple[int]:
         return (min(cap, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)
 
     _gemm_tma_kernel[grid](
-        a_desc, b_desc, y_desc, a2, b2, bias if bias is not None else y, bits if bits is not None else y,
-        m, n, k, r, m_bucket, cap,
-        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), bits.stride(0) if bits is not None else 0, float(p),
-        B_KMAJOR=kmajor, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rp, PREC=prec,
+        a_desc, b_desc, y_desc, a2, b2, core if core is not None else y, bias if bias is not None else y,
+        bits if bits is not None else y, m, n, k, r, q, m_bucket, cap,
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
+        bits.stride(0) if bits is not None else 0, float(p), float(scale),
+        B_KMAJOR=kmajor, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rp, QP=rank_pad(q), FOLD=core is not None,
+        PREC=prec,
     )
     return y
