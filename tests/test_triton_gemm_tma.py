@@ -92,6 +92,33 @@ def test_gemm_ext_variants_agree(variant, p):
         assert_bounded(L.gemm_ext(a, b, a2, b2, None, p, bits), lo, hi, torch.float32, f"gemm_variant({variant})")
 
 
+@pytest.mark.parametrize("variant", ["tiled", "tma", "cublas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gemm_ext_variants_fold_core_and_sum_partials(variant, dtype):
+    """The forward's rank part as every variant forms it: B2 = scale * core V per tile (r_out != r_in)
+    and A2 summed from fp32 split-K partials, also written out rounded to a's dtype; the forward
+    layout (W K-major), bias and dropout bits, odd shapes."""
+    L, _ = _mods()
+    m, k, n, (r, q), sc, p = 45, 40, 56, (5, 3), 0.7, 0.3
+    a, w, bvec = (torch.randn(*s, device=DEVICE, dtype=torch.float64) for s in ((m, k), (n, k), (n,)))
+    parts = torch.randn(3, m, r, device=DEVICE, dtype=torch.float64)
+    core, v = torch.randn(r, q, device=DEVICE, dtype=torch.float64), torch.randn(n, q, device=DEVICE, dtype=torch.float64)
+    bits = torch.randint(-(2**31), 2**31 - 1, (m, -(-n // 32)), dtype=torch.int32, device=DEVICE)
+    keep = _unpack(bits, n)
+
+    def oracle(dt):
+        a2 = parts.sum(0).to(dt)
+        rank = torch.where(keep, a2 @ (sc * core.to(dt) @ v.to(dt).t()) / (1 - p), torch.zeros((), dtype=dt))
+        return a.to(dt) @ w.to(dt).t() + rank + bvec.to(dt), a2
+
+    a2_out = torch.empty((m, r), device=DEVICE, dtype=dtype)
+    y = L.gemm_ext(a.to(dtype), w.to(dtype).t(), parts.float(), v.to(dtype).t(), bvec.to(dtype), p, bits,
+                   variant=variant, core=core.to(dtype), scale=sc, a2_out=a2_out)
+    (y_lo, s_lo), (y_hi, s_hi) = oracle(dtype), oracle(torch.float64)
+    assert_bounded(a2_out, s_lo, s_hi, dtype, f"{variant} A2")
+    assert_bounded(y, y_lo, y_hi, dtype, variant)
+
+
 def _count_variants(monkeypatch, L):
     used: list[str] = []
     for name, fn in list(L._GEMMS.items()):

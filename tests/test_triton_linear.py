@@ -360,3 +360,24 @@ def test_reduce_in_kernel_split_sum(groups, shared, split):
     got = cg.reduce(x.float().to(DEVICE), z.float().to(DEVICE), groups, shared, split=split, dtype=torch.float16)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want.to(DEVICE), rtol=2e-3, atol=2e-3)
+
+
+def test_shrink_split_k_partials_and_bits(monkeypatch):
+    """At small T the shrink splits the input features: fp32 partials whose sum is drop(x) U_in, and
+    every mask word written exactly once by the program of its channels (the same bits as unsplit)."""
+    from flora_kernels.backends.triton import linear as L
+
+    t, in_f, r, p = 37, 100, 5, 0.4
+    x, u = torch.randn(t, in_f, device=DEVICE), torch.randn(in_f, r, device=DEVICE)
+    bits1 = torch.full((t, -(-in_f // 32)), -1, dtype=torch.int32, device=DEVICE)
+    s1 = L.shrink(x, u, p, 7, bits1, partials=True)  # the interpreter's target: no split
+    assert s1.shape == (t, r)
+    _force_splits(monkeypatch)
+    bits2 = torch.full_like(bits1, -1)
+    parts = L.shrink(x, u, p, 7, bits2, partials=True)
+    assert parts.dim() == 3 and parts.shape[0] == 2 and parts.dtype == torch.float32  # 4 blocks of 32 -> 2 splits
+    assert torch.equal(bits1, bits2)
+    keep = _unpack(bits2, in_f)
+    want = torch.where(keep, x.double() / (1 - p), 0.0) @ u.double()
+    torch.testing.assert_close(parts.sum(0).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.double(), want, rtol=1e-5, atol=1e-5)

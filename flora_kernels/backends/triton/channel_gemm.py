@@ -44,14 +44,20 @@ from ._common import (
 
 @triton.jit
 def _project_kernel(
-    x_ptr, u_ptr, z_ptr, bits_ptr, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, sug, p, seed,
+    x_ptr, u_ptr, z_ptr, bits_ptr, L, C, Cg, R, G, W, sxn, sxc, sxl, szk, szn, szc, szl, sug, p, seed, NG, C_PER,
     DROPOUT: tl.constexpr, BITS: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):
-    """z = drop(x) U per group; with BITS (G = 1, BC % 32 = 0) also bits[n, l, c // 32] |= keep << c % 32."""
+    """z = drop(x) U per group; with BITS (G = 1, BC % 32 = 0) also bits[n, l, c // 32] |= keep << c % 32.
+
+    NG = N * G. Split-K: program (k, n, g, token block) covers the group's channels [k C_PER, (k+1) C_PER)
+    (C_PER a multiple of BC, so every mask word is written by one program) and writes its part of
+    the sum at z + k szk (one split: C_PER >= Cg, k = 0)."""
     pid = tl.program_id(0).to(tl.int64)
     n_lb = tl.cdiv(L, BL)
-    pid_b = pid // n_lb
     pid_l = pid % n_lb
+    rest = pid // n_lb
+    k = rest // NG
+    pid_b = rest % NG
     n = pid_b // G
     g = pid_b % G
     offs_l = pid_l * BL + tl.arange(0, BL).to(tl.int64)
@@ -59,7 +65,7 @@ def _project_kernel(
     mask_l = offs_l < L
     mask_r = offs_r < R
     acc = tl.zeros((BL, RP), dtype=tl.float32)
-    for c0 in range(0, Cg, BC):
+    for c0 in range(k * C_PER, tl.minimum(k * C_PER + C_PER, Cg), BC):
         offs_c = c0 + tl.arange(0, BC).to(tl.int64)
         mask_c = offs_c < Cg
         cc = g * Cg + offs_c
@@ -74,7 +80,7 @@ def _project_kernel(
                          mask=mask_l[:, None] & (offs_w < W)[None, :])
         u = tl.load(u_ptr + g * sug + offs_c[:, None] * R + offs_r[None, :], mask=mask_c[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(xt, u.to(xt.dtype), acc, input_precision=PREC)
-    dst = z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl
+    dst = z_ptr + k * szk + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl
     tl.store(dst, acc.to(z_ptr.dtype.element_ty), mask=mask_l[:, None] & mask_r[None, :])
 
 
@@ -175,12 +181,11 @@ def _reduce_kernel(
     else:
         part = part_ptr + row[:, None] * R + offs_r[None, :]
         tl.store(part + split * rows_total * R, acc, mask=m)
-        if last_to_arrive(count_ptr + rest, SPLIT):
-            tl.debug_barrier()
-            total = tl.zeros((BC, RP), dtype=tl.float32)
-            for k in range(0, SPLIT):
-                total += tl.load(part + k * rows_total * R, mask=m, other=0.0, cache_modifier=".cg")
-            tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=m)
+        last = last_to_arrive(count_ptr + rest, SPLIT)
+        total = tl.zeros((BC, RP), dtype=tl.float32)
+        for k in range(0, tl.where(last, SPLIT, 0)):  # a loop, not a branch: no spill on sm_80
+            total += tl.load(part + k * rows_total * R, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=m & last)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -205,13 +210,16 @@ def _check_rank(r: int) -> None:
 
 def project(
     x: Tensor, u: Tensor, groups: int, z: Tensor, shared: bool, p: float = 0.0, seed: int = 0,
-    bits: Tensor | None = None,
+    bits: Tensor | None = None, partials: bool = False,
 ) -> Tensor:
     """Writes z (N, G*r, *spatial) = grouped 1x1 of drop(x) (N, G*Cg, *spatial) by U and returns it.
 
     u: (Cg, r) if ``shared`` else (G*Cg, r). z: any layout whose spatial dims flatten into one stride.
     ``bits`` (p > 0, groups = 1): an int32 (N, L, mask_words(C)) tensor that receives the keep mask,
-    1 bit per element, for kernels that reuse it (``reduce(..., bits=)``, the Linear dx GEMM)."""
+    1 bit per element, for kernels that reuse it (``reduce(..., bits=)``, the Linear dx GEMM).
+    ``partials``: where the token blocks alone make under two waves of programs (a Linear at
+    small T), split the channel loop and return instead of z its fp32 split-K partials
+    (split, N, G*r, L), summed over dim 0 by the consumer (z is then not written)."""
     _check_rank(u.shape[1])
     n, c = x.shape[0], x.shape[1]
     cg, r = c // groups, u.shape[1]
@@ -229,13 +237,20 @@ def project(
         _check_bits(bits, n, length, c, groups)
         torch._check(p > 0, lambda: "bits: only written with dropout (p > 0)")
         bc = max(bc, 32)
-    grid = (triton.cdiv(length, bl) * n * groups,)
-    _project_kernel[grid](
-        x, u, z, bits if bits is not None else z, length, c, cg, r, groups, mask_words(c),
-        sxn, sxc, sxl, szn, szc, szl, 0 if shared else cg * r, float(p), int(seed),
+    programs = triton.cdiv(length, bl) * n * groups
+    n_cb = triton.cdiv(cg, bc)
+    c_per = triton.cdiv(n_cb, split_for(n_cb, programs, x.device) if partials else 1) * bc
+    sp = triton.cdiv(cg, c_per)
+    out, szk = z, 0
+    if sp > 1:
+        out = torch.empty((sp, n, groups * r, length), dtype=torch.float32, device=x.device)
+        szk, szn, szc, szl = out.stride()
+    _project_kernel[(programs * sp,)](
+        x, u, out, bits if bits is not None else z, length, c, cg, r, groups, mask_words(c),
+        sxn, sxc, sxl, szk, szn, szc, szl, 0 if shared else cg * r, float(p), int(seed), n * groups, c_per,
         DROPOUT=p > 0, BITS=bits is not None, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
     )
-    return z
+    return out
 
 
 def _check_bits(bits: Tensor, n: int, length: int, c: int, groups: int) -> None:

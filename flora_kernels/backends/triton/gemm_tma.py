@@ -75,17 +75,28 @@ def grouped_tile(tile, n_pm, n_pn, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, scr, scq,
-              sbits, p, scale, R, Q, RP: tl.constexpr, QP: tl.constexpr, FOLD: tl.constexpr, DROPOUT: tl.constexpr,
-              PREC: tl.constexpr):
+def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r, sb2r, sb2n,
+              scr, scq, sa2om, sa2or, sbits, p, scale, R, Q, A2_SPLIT, write_a2, RP: tl.constexpr, QP: tl.constexpr,
+              FOLD: tl.constexpr, SUM_A2: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """The rank-R extension of an extended-K GEMM tile, the accumulator's start: A2[m, :R] B2[:R, n]
     in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT.
 
+    SUM_A2: A2 is given as A2_SPLIT fp32 split-K partials (stride sa2k), summed here in split order
+    and rounded to a2o's dtype; programs with ``write_a2`` (one column tile) store that A2 to a2o.
     FOLD: B2 is not stored but formed per tile, B2[:, n] = scale * C V[:, n] with C (R, Q) at
     c_ptr (strides scr, scq) and V (Q, N) at b2_ptr: an (RP x QP) @ (QP x BN) dot in fp32."""
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
-    a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    ma = mask_m[:, None] & mask_r[None, :]
+    a2_ptrs = a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r
+    if SUM_A2:
+        a2f = tl.zeros((offs_m.shape[0], RP), dtype=tl.float32)
+        for k in range(0, A2_SPLIT):
+            a2f += tl.load(a2_ptrs + k * sa2k, mask=ma, other=0.0)
+        a2 = a2f.to(a2o_ptr.dtype.element_ty)
+        tl.store(a2o_ptr + offs_m[:, None] * sa2om + offs_r[None, :] * sa2or, a2, mask=ma & write_a2)
+    else:
+        a2 = tl.load(a2_ptrs, mask=ma, other=0.0)
     if FOLD:
         offs_q = tl.arange(0, QP)
         mask_q = offs_q < Q
@@ -103,20 +114,21 @@ def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, s
 
 @triton.autotune(
     configs=[_CONFIGS[_INTERPRET_TILE]] if INTERPRET else [_CONFIGS[c] for c in _HALF_CONFIGS + _FP32_CONFIGS],
-    key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "QP", "FOLD", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "QP", "FOLD", "SUM_A2", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _gemm_tma_kernel(
-    a_desc, b_desc, y_desc, a2_ptr, b2_ptr, c_ptr, bias_ptr, bits_ptr, M, N, K, R, Q, M_BUCKET, NUM_PROGS,
-    sa2m, sa2r, sb2r, sb2n, scr, scq, sbits, p, scale,
+    a_desc, b_desc, y_desc, a2_ptr, b2_ptr, c_ptr, a2o_ptr, bias_ptr, bits_ptr, M, N, K, R, Q, A2_SPLIT, M_BUCKET,
+    NUM_PROGS, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sa2om, sa2or, sbits, p, scale,
     B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, QP: tl.constexpr,
-    FOLD: tl.constexpr, PREC: tl.constexpr,
+    FOLD: tl.constexpr, SUM_A2: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = keep[m, n] / (1 - p) * sum_r A2[m, r] B2[r, n] + sum_k A[m, k] B[k, n] + bias[n].
 
-    FOLD: B2 = scale * C V, formed per tile (``rank_part``). a_desc: A (M, K); b_desc: B^T (N, K) if B_KMAJOR else B (K, N); y_desc: y (M, N). keep
+    FOLD: B2 = scale * C V, formed per tile; SUM_A2: A2 from split-K partials, written to a2o by
+    the first column tile's programs (``rank_part``). a_desc: A (M, K); b_desc: B^T (N, K) if B_KMAJOR else B (K, N); y_desc: y (M, N). keep
     (DROPOUT) is bit n % 32 of the int32 word bits[m, n // 32]. NUM_PROGS is the tile stride:
     the grid size, or more when the grid is min(NUM_PROGS, tiles) = tiles (one tile each).
     M_BUCKET only keys the autotuner."""
@@ -131,8 +143,9 @@ def _gemm_tma_kernel(
         offs_n = off_n.to(tl.int64) + tl.arange(0, BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n,
-                        scr, scq, sbits, p, scale, R, Q, RP, QP, FOLD, DROPOUT, PREC)
+        acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r,
+                        sb2r, sb2n, scr, scq, sa2om, sa2or, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
+                        SUM_A2, DROPOUT, PREC)
         for k0 in range(0, K, BK):
             a = a_desc.load([off_m, k0])
             if B_KMAJOR:
@@ -184,13 +197,16 @@ def sm_count(device: torch.device) -> int:
 def gemm_tma(
     a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
     m_bucket: int, rp: int, prec: str, programs: int | None = None, core: Tensor | None = None, scale: float = 1.0,
+    a2_out: Tensor | None = None,
 ) -> Tensor:
-    """y = a b + mask * (a2 B2) + bias, as ``linear.gemm_ext`` (which checks the shapes):
-    a (M, K), b (K, N), a2 (M, R), bits int32 (M, ceil(N / 32)); B2 = b2 (R, N), or with ``core``
-    (R, Q) B2 = scale * core b2 for b2 (Q, N), formed per tile. ``programs`` caps the persistent
-    grid (default: one program per SM). Raises ValueError when ``unsupported_reason`` is not None."""
+    """y = a b + mask * (A2 B2) + bias, as ``linear.gemm_ext`` (which checks the shapes):
+    a (M, K), b (K, N), bits int32 (M, ceil(N / 32)); A2 = a2 (M, R), or with ``a2_out`` (M, R)
+    the sum of a2's fp32 split-K partials (split, M, R), also written to a2_out; B2 = b2 (R, N),
+    or with ``core`` (R, Q) B2 = scale * core b2 for b2 (Q, N), formed per tile. ``programs``
+    caps the persistent grid (default: one program per SM). Raises ValueError when
+    ``unsupported_reason`` is not None."""
     m, k = a.shape
-    n, r = b.shape[1], a2.shape[1]
+    n, r = b.shape[1], a2.shape[-1]
     why = unsupported_reason(a, b, n)
     if why is not None:
         raise ValueError(f"gemm_tma: {why}")
@@ -203,16 +219,19 @@ def gemm_tma(
     y_desc = TensorDescriptor(y, [m, n], [n, 1], list(block))
     cap = programs if programs is not None else sm_count(a.device)
     q = core.shape[1] if core is not None else r
+    a2s = a2.stride() if a2.dim() == 3 else (0, *a2.stride())
 
     def grid(meta: dict) -> tuple[int]:
         return (min(cap, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)
 
     _gemm_tma_kernel[grid](
-        a_desc, b_desc, y_desc, a2, b2, core if core is not None else y, bias if bias is not None else y,
-        bits if bits is not None else y, m, n, k, r, q, m_bucket, cap,
-        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
-        bits.stride(0) if bits is not None else 0, float(p), float(scale),
+        a_desc, b_desc, y_desc, a2, b2, core if core is not None else y, a2_out if a2_out is not None else y,
+        bias if bias is not None else y, bits if bits is not None else y,
+        m, n, k, r, q, a2.shape[0] if a2_out is not None else 1, m_bucket, cap,
+        *a2s, b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
+        *(a2_out.stride() if a2_out is not None else (0, 0)), bits.stride(0) if bits is not None else 0,
+        float(p), float(scale),
         B_KMAJOR=kmajor, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rp, QP=rank_pad(q), FOLD=core is not None,
-        PREC=prec,
+        SUM_A2=a2_out is not None, PREC=prec,
     )
     return y

@@ -99,21 +99,22 @@ def operand_layout(a: Tensor, b: Tensor) -> int:
 
 @triton.autotune(
     configs=[_INTERPRET_CONFIG] if INTERPRET else list(_CONFIGS.values()),
-    key=["M_BUCKET", "N", "K", "LAYOUT", "RP", "QP", "FOLD", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "LAYOUT", "RP", "QP", "FOLD", "SUM_A2", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_gemm},
 )
 @triton.jit
 def _gemm_ext_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, bias_ptr, bits_ptr, y_ptr, M, N, K, R, Q, M_BUCKET, LAYOUT,
-    sam, sak, sbk, sbn, sa2m, sa2r, sb2r, sb2n, scr, scq, sym, syn, sbits, p, scale,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, a2o_ptr, bias_ptr, bits_ptr, y_ptr, M, N, K, R, Q, A2_SPLIT, M_BUCKET, LAYOUT,
+    sam, sak, sbk, sbn, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sa2om, sa2or, sym, syn, sbits, p, scale,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, QP: tl.constexpr, FOLD: tl.constexpr,
-    PREC: tl.constexpr,
+    SUM_A2: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = keep[m, n] / (1 - p) * sum_r A2[m, r] B2[r, n] + sum_k A[m, k] B[k, n] + bias[n].
 
     keep (DROPOUT) is bit n % 32 of the int32 word bits[m, n // 32]. FOLD: B2 = scale * C V
-    formed per tile from C (R, Q) and V (Q, N) (``rank_part``). The rank part is computed
+    formed per tile from C (R, Q) and V (Q, N); SUM_A2: A2 summed from A2_SPLIT fp32 split-K
+    partials and written to a2o by the first column tile's programs (``rank_part``). The rank part is computed
     first and masked into the accumulator, so one (BM, BN) accumulator is live at a time.
     M_BUCKET and LAYOUT only key the autotuner."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
@@ -122,8 +123,9 @@ def _gemm_ext_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     # the rank-R extension of the K loop, first
-    acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n,
-                    scr, scq, sbits, p, scale, R, Q, RP, QP, FOLD, DROPOUT, PREC)
+    acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r,
+                    sb2r, sb2n, scr, scq, sa2om, sa2or, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
+                    SUM_A2, DROPOUT, PREC)
     # the main K loop: rows and columns past the edge wrap (their results are not stored), so
     # only the K tail is masked; pointers advance by one K block per step
     offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM)
@@ -263,12 +265,11 @@ def _ds_db_finish_kernel(
             else:
                 part = dg_part_ptr + offs_q[:, None] * RP + offs_r[None, :]
                 tl.store(part + cb * QP * RP, dg)
-                if last_to_arrive(count_ptr, N_CB):
-                    tl.debug_barrier()
-                    total = tl.zeros((QP, RP), dtype=tl.float32)
-                    for k in range(0, N_CB):
-                        total += tl.load(part + k * QP * RP, cache_modifier=".cg")
-                    tl.store(dg_dst, total.to(dg_ptr.dtype.element_ty), mask=mg)
+                last = last_to_arrive(count_ptr, N_CB)
+                total = tl.zeros((QP, RP), dtype=tl.float32)
+                for k in range(0, tl.where(last, N_CB, 0)):  # a loop, not a branch: no spill on sm_80
+                    total += tl.load(part + k * QP * RP, cache_modifier=".cg")
+                tl.store(dg_dst, total.to(dg_ptr.dtype.element_ty), mask=mg & last)
         if DBIAS:
             dbias = tl.zeros((BC,), dtype=tl.float32)
             for i in range(0, TSPLIT):
@@ -321,11 +322,13 @@ def gemm_choices() -> dict[tuple, str]:
 
 def gemm_ext(
     a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float = 0.0, bits: Tensor | None = None,
-    variant: str | None = None, core: Tensor | None = None, scale: float = 1.0,
+    variant: str | None = None, core: Tensor | None = None, scale: float = 1.0, a2_out: Tensor | None = None,
 ) -> Tensor:
-    """y = a b + mask * (a2 B2) + bias: a (M, K), b (K, N), a2 (M, R), any strides; B2 = b2 (R, N),
-    or with ``core`` (R, Q): B2 = scale * core b2 for b2 (Q, N), formed per output tile by the
-    Triton kernels (the forward's B^T = s G^T U_out^T from the core and U_out).
+    """y = a b + mask * (A2 B2) + bias: a (M, K), b (K, N), any strides. A2 = a2 (M, R), or with
+    ``a2_out`` (M, R) the sum of a2's fp32 split-K partials (split, M, R) (``shrink`` at small T),
+    which the kernels also write to a2_out. B2 = b2 (R, N), or with ``core`` (R, Q):
+    B2 = scale * core b2 for b2 (Q, N), formed per output tile by the Triton kernels (the
+    forward's B^T = s G^T U_out^T from the core and U_out).
 
     The mask (p > 0) is read from ``bits``, an int32 (M, mask_words(N)) packed keep mask (as
     ``shrink`` writes it). Returns (M, N) in a's dtype. ``variant`` (default: the
@@ -335,9 +338,11 @@ def gemm_ext(
     CUDA graph capture: then "tma" where it applies, else "tiled"); "tiled" elsewhere. A "tma"
     request whose operands TMA cannot address runs "tiled" (with a warning giving the reason)."""
     m, k = a.shape
-    n, r = b.shape[1], a2.shape[1]
+    n, r = b.shape[1], a2.shape[-1]
     q = core.shape[1] if core is not None else r
-    torch._check(b.shape[0] == k and a2.shape[0] == m and tuple(b2.shape) == (q, n)
+    torch._check(a2.dim() == (3 if a2_out is not None else 2) and (a2_out is None or tuple(a2_out.shape) == (m, r)),
+                 lambda: f"gemm_ext: expected a2 (M, R), or (split, M, R) partials with a2_out (M, R), got {tuple(a2.shape)}")
+    torch._check(b.shape[0] == k and a2.shape[-2] == m and tuple(b2.shape) == (q, n)
                  and (core is None or core.shape[0] == r),
                  lambda: f"gemm_ext: shapes {tuple(a.shape)} {tuple(b.shape)} {tuple(a2.shape)} {tuple(b2.shape)} "
                  f"(core {None if core is None else tuple(core.shape)}) do not chain")
@@ -348,11 +353,13 @@ def gemm_ext(
         torch._check(bits.dtype == torch.int32 and tuple(bits.shape) == (m, mask_words(n)) and bits.stride(1) == 1,
                      lambda: f"bits: expected int32 {(m, mask_words(n))} with unit column stride, got {bits.dtype} {tuple(bits.shape)}")
     if m * n == 0:
+        if a2_out is not None:
+            a2_out.copy_(a2.sum(0))
         return torch.empty((m, n), dtype=a.dtype, device=a.device)
-    a2 = a2.to(a.dtype)
+    a2 = a2 if a2_out is not None else a2.to(a.dtype)
     variant = variant or (_forced_gemm[-1] if _forced_gemm else os.environ.get("FLORA_TRITON_GEMM", "auto"))
     _check_variant(variant, "gemm variant")
-    args = (a, b, a2, b2, bias, p, bits if p > 0 else None, core, float(scale))
+    args = (a, b, a2, b2, bias, p, bits if p > 0 else None, core, float(scale), a2_out)
     tma_why = unsupported_reason(a, b, n) if variant in ("auto", "tma") else None
     if variant == "auto":
         variant = _auto_variant(args, tma_why)
@@ -368,7 +375,7 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
     default = "tma" if tma_why is None else "tiled"
     if a.device.type != "cuda":
         return "tiled"
-    key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[1],
+    key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[-1],
            operand_layout(a, b), bias is not None, p > 0, tma_why is None)
     if key in _gemm_choice:
         return _gemm_choice[key]
@@ -407,10 +414,10 @@ def _measure_variants(args: tuple, variants: list[str]) -> str:
 
 
 def _gemm_tiled(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
-                core: Tensor | None = None, scale: float = 1.0) -> Tensor:
+                core: Tensor | None = None, scale: float = 1.0, a2_out: Tensor | None = None) -> Tensor:
     """``gemm_ext`` through ``_gemm_ext_kernel`` (one program per output tile)."""
     m, k = a.shape
-    n, r = b.shape[1], a2.shape[1]
+    n, r = b.shape[1], a2.shape[-1]
     q = core.shape[1] if core is not None else r
     y = torch.empty((m, n), dtype=a.dtype, device=a.device)
 
@@ -418,28 +425,32 @@ def _gemm_tiled(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | Non
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
     _gemm_ext_kernel[grid](
-        a, b, a2, b2, core if core is not None else y, bias if bias is not None else y, bits if bits is not None else y,
-        y, m, n, k, r, q, token_bucket(m), operand_layout(a, b),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
-        *(core.stride() if core is not None else (0, 0)), y.stride(0), y.stride(1),
+        a, b, a2, b2, core if core is not None else y, a2_out if a2_out is not None else y,
+        bias if bias is not None else y, bits if bits is not None else y, y,
+        m, n, k, r, q, a2.shape[0] if a2_out is not None else 1, token_bucket(m), operand_layout(a, b),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *(a2.stride() if a2.dim() == 3 else (0, *a2.stride())),
+        b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
+        *(a2_out.stride() if a2_out is not None else (0, 0)), y.stride(0), y.stride(1),
         bits.stride(0) if bits is not None else 0, float(p), float(scale),
         HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rank_pad(r), QP=rank_pad(q), FOLD=core is not None,
-        PREC=dot_precision(a.dtype),
+        SUM_A2=a2_out is not None, PREC=dot_precision(a.dtype),
     )
     return y
 
 
 def _gemm_tma(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
-              core: Tensor | None = None, scale: float = 1.0) -> Tensor:
+              core: Tensor | None = None, scale: float = 1.0, a2_out: Tensor | None = None) -> Tensor:
     """``gemm_ext`` through the persistent TMA kernel (``gemm_tma``)."""
-    return gemm_tma(a, b, a2, b2, bias, p, bits, token_bucket(a.shape[0]), rank_pad(a2.shape[1]), dot_precision(a.dtype),
-                    core=core, scale=scale)
+    return gemm_tma(a, b, a2, b2, bias, p, bits, token_bucket(a.shape[0]), rank_pad(a2.shape[-1]), dot_precision(a.dtype),
+                    core=core, scale=scale, a2_out=a2_out)
 
 
 def _gemm_cublas(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
-                 core: Tensor | None = None, scale: float = 1.0) -> Tensor:
+                 core: Tensor | None = None, scale: float = 1.0, a2_out: Tensor | None = None) -> Tensor:
     """``gemm_ext`` as torch.addmm (cuBLAS) plus a second pass over y adding the rank part
-    (B2 = scale * core b2 formed by torch first when ``core`` is given)."""
+    (A2 summed and B2 = scale * core b2 formed by torch first where given so)."""
+    if a2_out is not None:
+        a2 = a2_out.copy_(a2.sum(0))
     b2 = b2.to(a.dtype) if core is None else (core.to(a.dtype) @ b2.to(a.dtype)).mul_(scale)
     y = torch.addmm(bias.to(a.dtype), a, b) if bias is not None else a @ b
     if bits is None:
@@ -523,12 +534,17 @@ def _tokens(t: Tensor) -> Tensor:
     return t.t().unsqueeze(0)
 
 
-def shrink(x: Tensor, u: Tensor, p: float = 0.0, seed: int = 0, bits: Tensor | None = None) -> Tensor:
+def shrink(x: Tensor, u: Tensor, p: float = 0.0, seed: int = 0, bits: Tensor | None = None,
+           partials: bool = False) -> Tensor:
     """S = drop(x) U: x (T, in), u (in, r) -> (T, r) in x's dtype. ``bits`` (p > 0): an int32
-    (T, mask_words(in)) tensor that receives the keep mask, 1 bit per element."""
+    (T, mask_words(in)) tensor that receives the keep mask, 1 bit per element. ``partials``:
+    where T alone gives under two waves of programs, the input features are split and the fp32
+    split-K partials (split, T, r) are returned instead (their sum is S; ``gemm_ext(a2_out=)``)."""
     s = torch.empty((x.shape[0], u.shape[1]), dtype=x.dtype, device=x.device)
-    cg.project(_tokens(x), u, 1, _tokens(s), True, p, seed, bits.unsqueeze(0) if bits is not None else None)
-    return s
+    z = _tokens(s)
+    out = cg.project(_tokens(x), u, 1, z, True, p, seed, bits.unsqueeze(0) if bits is not None else None,
+                     partials=partials)
+    return s if out is z else out[:, 0].transpose(1, 2)
 
 
 def _bits_shape(x: Tensor, p: float) -> tuple[int, ...]:
@@ -548,8 +564,12 @@ def linear_fwd(
     x (T, in), u_in (in, r_in), core G (r_out, r_in), u_out (out, r_out); two launches (the
     shrink, and the GEMM forming B^T = s G^T U_out^T per output tile)."""
     bits = torch.empty(_bits_shape(x, p), dtype=torch.int32, device=x.device)
-    s = shrink(x, u_in, p, seed, bits if p > 0 else None)
-    y = gemm_ext(x, weight.t(), s, u_out.t(), bias, core=core.t(), scale=scale)
+    s = shrink(x, u_in, p, seed, bits if p > 0 else None, partials=True)
+    if s.dim() == 3:  # split-K partials of S at small T: the GEMM sums them and writes S
+        parts, s = s, torch.empty((x.shape[0], u_in.shape[1]), dtype=x.dtype, device=x.device)
+        y = gemm_ext(x, weight.t(), parts, u_out.t(), bias, core=core.t(), scale=scale, a2_out=s)
+    else:
+        y = gemm_ext(x, weight.t(), s, u_out.t(), bias, core=core.t(), scale=scale)
     return y, s, bits
 
 
