@@ -84,7 +84,7 @@ def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, 
     SUM_A2: A2 is given as A2_SPLIT fp32 split-K partials (stride sa2k), summed here in split order
     and rounded to a2o's dtype; programs with ``write_a2`` (one column tile) store that A2 to a2o.
     FOLD: B2 is not stored but formed per tile, B2[:, n] = scale * C V[:, n] with C (R, Q) at
-    c_ptr (strides scr, scq) and V (Q, N) at b2_ptr: an (RP x QP) @ (QP x BN) dot in fp32."""
+    c_ptr (strides scr, scq) and V (Q, N) at b2_ptr: Q outer products of RP x BN in fp32 (QP unused)."""
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
     ma = mask_m[:, None] & mask_r[None, :]
@@ -97,12 +97,13 @@ def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, 
         tl.store(a2o_ptr + offs_m[:, None] * sa2om + offs_r[None, :] * sa2or, a2, mask=ma & write_a2)
     else:
         a2 = tl.load(a2_ptrs, mask=ma, other=0.0)
-    if FOLD:
-        offs_q = tl.arange(0, QP)
-        mask_q = offs_q < Q
-        c = tl.load(c_ptr + offs_r[:, None] * scr + offs_q[None, :] * scq, mask=mask_r[:, None] & mask_q[None, :], other=0.0)
-        v = tl.load(b2_ptr + offs_q[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_q[:, None] & mask_n[None, :], other=0.0)
-        b2 = tl.dot(c.to(tl.float32), v.to(tl.float32), input_precision=PREC) * scale
+    if FOLD:  # Q rank-1 updates in fp32 (a dot here would hold a third fp32 tile: the fp32 FMA tiles spill)
+        b2 = tl.zeros((RP, offs_n.shape[0]), dtype=tl.float32)
+        for q in range(0, Q):
+            cq = tl.load(c_ptr + offs_r * scr + q * scq, mask=mask_r, other=0.0).to(tl.float32)
+            vq = tl.load(b2_ptr + q * sb2r + offs_n * sb2n, mask=mask_n, other=0.0).to(tl.float32)
+            b2 += cq[:, None] * vq[None, :]
+        b2 = b2 * scale
     else:
         b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)

@@ -1,13 +1,22 @@
 """FLoRA Linear in Triton: the factorized path (fused shrink / GEMM-with-epilogue / extended-K dx).
 The merged path is the reconstruct kernel + torch's matmul, composed in ``backends.merged``.
 
-Factorized, with B = s U_out G (out, r_in) folded in torch (tiny, differentiable):
+Factorized, with B = s U_out G (out, r_in) never stored: the kernels form the tiles they need
+from the core G (r_out, r_in) and U_out (out, r_out):
 
     forward:  S = drop(x) U_in                          (T, r_in)   channel_gemm.project (+ mask bits)
-              y = x W^T + bias + S B^T                  one GEMM, the rank part as an extra K step
+              y = x W^T + bias + S B^T                  one GEMM, the rank part as an extra K step,
+                                                        B^T tile = s G^T U_out^T[:, tile] per output tile
     backward: dS = dy B, dB = dy^T S, dbias = sum_t dy  one pass over dy (ds_db), split-K partials
+              dU_out = s dB G^T, dG = s U_out^T dB      + one finish launch summing the partials
               dx = dy W + mask * (dS U_in^T)             one GEMM over an extended K loop
-              dU_in = drop(x)^T dS                       token reduction, no T x out temporaries
+              dU_in = drop(x)^T dS                       token reduction, partials summed in-kernel
+
+A training step is six launches and no torch op (allocations aside). At small T (under two
+waves of token blocks) the shrink splits the input features; the forward GEMM sums those fp32
+partials in its rank part and writes S. Every split-K reduction is deterministic (fixed order,
+no float atomics): the reducing program is picked by an int32 arrival counter
+(``_common.last_to_arrive``), zeroed by an earlier launch of the same step.
 
 Dropout: the shrink draws the Philox mask from a seed once and writes it packed, 1 bit per
 element (T x ceil(in / 32) int32 words, saved for the backward); the dx GEMM and dU_in read
@@ -230,7 +239,13 @@ def _ds_db_finish_kernel(
     dG = scale U_out^T dB, an fp32 partial dg_part[block] (Q, R); the last of the N_CB programs
     to arrive (``last_to_arrive`` on count_ptr, zeroed by ``_ds_db_kernel``) sums the partials
     in block order and writes dG (deterministic; DG_DIRECT, one block: written directly).
-    DBIAS: dbias[block] = sum_i dbias_part[i, block]."""
+    DBIAS: dbias[block] = sum_i dbias_part[i, block].
+
+    Why an arrival counter for dG: a second launch for a 64 KiB reduction would cost more than
+    this whole kernel (a launch is ~3-5 us, the kernel's floor ~4.5 us at T = 8192, out = 4096),
+    float atomics would make dG depend on the arrival order, and one program summing all of dB
+    would read out x r fp32 partials x TSPLIT on one SM. The counter needs no memset: the
+    preceding ds_db launch zeroes it."""
     pid = tl.program_id(0)
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
