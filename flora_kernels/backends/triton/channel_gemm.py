@@ -243,7 +243,8 @@ def project(
     sp = triton.cdiv(cg, c_per)
     out, szk = z, 0
     if sp > 1:
-        out = torch.empty((sp, n, groups * r, length), dtype=torch.float32, device=x.device)
+        # (split, N, L, G*r) memory: each split's Linear S partial (T, r) is contiguous, like S
+        out = torch.empty((sp, n, length, groups * r), dtype=torch.float32, device=x.device).transpose(2, 3)
         szk, szn, szc, szl = out.stride()
     _project_kernel[(programs * sp,)](
         x, u, out, bits if bits is not None else z, length, c, cg, r, groups, mask_words(c),

@@ -76,27 +76,28 @@ def grouped_tile(tile, n_pm, n_pn, GROUP_M: tl.constexpr):
 
 @triton.jit
 def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r, sb2r, sb2n,
-              scr, scq, sa2om, sa2or, sbits, p, scale, R, Q, A2_SPLIT, write_a2, RP: tl.constexpr, QP: tl.constexpr,
+              scr, scq, sbits, p, scale, R, Q, A2_SPLIT, write_a2, RP: tl.constexpr, QP: tl.constexpr,
               FOLD: tl.constexpr, SUM_A2: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """The rank-R extension of an extended-K GEMM tile, the accumulator's start: A2[m, :R] B2[:R, n]
     in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT.
 
     SUM_A2: A2 is given as A2_SPLIT fp32 split-K partials (stride sa2k), summed here in split order
-    and rounded to a2o's dtype; programs with ``write_a2`` (one column tile) store that A2 to a2o.
+    and rounded to a2o's dtype; programs with ``write_a2`` (one column tile) store that A2 to a2o,
+    which has the partials' (M, R) strides (one offset tile for both: no spill in fp32).
     FOLD: B2 is not stored but formed per tile, B2[:, n] = scale * C V[:, n] with C (R, Q) at
     c_ptr (strides scr, scq) and V (Q, N) at b2_ptr: Q outer products of RP x BN in fp32 (QP unused)."""
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
     ma = mask_m[:, None] & mask_r[None, :]
-    a2_ptrs = a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r
+    a2_off = offs_m[:, None] * sa2m + offs_r[None, :] * sa2r
     if SUM_A2:
         a2f = tl.zeros((offs_m.shape[0], RP), dtype=tl.float32)
         for k in range(0, A2_SPLIT):
-            a2f += tl.load(a2_ptrs + k * sa2k, mask=ma, other=0.0)
+            a2f += tl.load(a2_ptr + k * sa2k + a2_off, mask=ma, other=0.0)
         a2 = a2f.to(a2o_ptr.dtype.element_ty)
-        tl.store(a2o_ptr + offs_m[:, None] * sa2om + offs_r[None, :] * sa2or, a2, mask=ma & write_a2)
+        tl.store(a2o_ptr + a2_off, a2, mask=ma & write_a2)
     else:
-        a2 = tl.load(a2_ptrs, mask=ma, other=0.0)
+        a2 = tl.load(a2_ptr + a2_off, mask=ma, other=0.0)
     if FOLD:  # Q rank-1 updates in fp32 (a dot here would hold a third fp32 tile: the fp32 FMA tiles spill)
         b2 = tl.zeros((RP, offs_n.shape[0]), dtype=tl.float32)
         for q in range(0, Q):
@@ -121,7 +122,7 @@ def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, 
 @triton.jit
 def _gemm_tma_kernel(
     a_desc, b_desc, y_desc, a2_ptr, b2_ptr, c_ptr, a2o_ptr, bias_ptr, bits_ptr, M, N, K, R, Q, A2_SPLIT, M_BUCKET,
-    NUM_PROGS, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sa2om, sa2or, sbits, p, scale,
+    NUM_PROGS, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sbits, p, scale,
     B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, QP: tl.constexpr,
     FOLD: tl.constexpr, SUM_A2: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -145,7 +146,7 @@ def _gemm_tma_kernel(
         mask_m = offs_m < M
         mask_n = offs_n < N
         acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r,
-                        sb2r, sb2n, scr, scq, sa2om, sa2or, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
+                        sb2r, sb2n, scr, scq, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
                         SUM_A2, DROPOUT, PREC)
         for k0 in range(0, K, BK):
             a = a_desc.load([off_m, k0])
@@ -230,7 +231,7 @@ def gemm_tma(
         bias if bias is not None else y, bits if bits is not None else y,
         m, n, k, r, q, a2.shape[0] if a2_out is not None else 1, m_bucket, cap,
         *a2s, b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
-        *(a2_out.stride() if a2_out is not None else (0, 0)), bits.stride(0) if bits is not None else 0,
+        bits.stride(0) if bits is not None else 0,
         float(p), float(scale),
         B_KMAJOR=kmajor, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rp, QP=rank_pad(q), FOLD=core is not None,
         SUM_A2=a2_out is not None, PREC=prec,

@@ -114,7 +114,7 @@ def operand_layout(a: Tensor, b: Tensor) -> int:
 @triton.jit
 def _gemm_ext_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, a2o_ptr, bias_ptr, bits_ptr, y_ptr, M, N, K, R, Q, A2_SPLIT, M_BUCKET, LAYOUT,
-    sam, sak, sbk, sbn, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sa2om, sa2or, sym, syn, sbits, p, scale,
+    sam, sak, sbk, sbn, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sym, syn, sbits, p, scale,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, QP: tl.constexpr, FOLD: tl.constexpr,
     SUM_A2: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -133,7 +133,7 @@ def _gemm_ext_kernel(
     mask_n = offs_n < N
     # the rank-R extension of the K loop, first
     acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r,
-                    sb2r, sb2n, scr, scq, sa2om, sa2or, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
+                    sb2r, sb2n, scr, scq, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
                     SUM_A2, DROPOUT, PREC)
     # the main K loop: rows and columns past the edge wrap (their results are not stored), so
     # only the K tail is masked; pointers advance by one K block per step
@@ -341,7 +341,7 @@ def gemm_ext(
 ) -> Tensor:
     """y = a b + mask * (A2 B2) + bias: a (M, K), b (K, N), any strides. A2 = a2 (M, R), or with
     ``a2_out`` (M, R) the sum of a2's fp32 split-K partials (split, M, R) (``shrink`` at small T),
-    which the kernels also write to a2_out. B2 = b2 (R, N), or with ``core`` (R, Q):
+    which the kernels also write to a2_out (strides: the partials' last two). B2 = b2 (R, N), or with ``core`` (R, Q):
     B2 = scale * core b2 for b2 (Q, N), formed per output tile by the Triton kernels (the
     forward's B^T = s G^T U_out^T from the core and U_out).
 
@@ -355,8 +355,10 @@ def gemm_ext(
     m, k = a.shape
     n, r = b.shape[1], a2.shape[-1]
     q = core.shape[1] if core is not None else r
-    torch._check(a2.dim() == (3 if a2_out is not None else 2) and (a2_out is None or tuple(a2_out.shape) == (m, r)),
-                 lambda: f"gemm_ext: expected a2 (M, R), or (split, M, R) partials with a2_out (M, R), got {tuple(a2.shape)}")
+    torch._check(a2.dim() == (3 if a2_out is not None else 2)
+                 and (a2_out is None or (tuple(a2_out.shape) == (m, r) and a2_out.stride() == a2.stride()[1:])),
+                 lambda: f"gemm_ext: expected a2 (M, R), or (split, M, R) partials with a2_out (M, R) of their strides, "
+                 f"got {tuple(a2.shape)}")
     torch._check(b.shape[0] == k and a2.shape[-2] == m and tuple(b2.shape) == (q, n)
                  and (core is None or core.shape[0] == r),
                  lambda: f"gemm_ext: shapes {tuple(a.shape)} {tuple(b.shape)} {tuple(a2.shape)} {tuple(b2.shape)} "
@@ -445,7 +447,7 @@ def _gemm_tiled(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | Non
         m, n, k, r, q, a2.shape[0] if a2_out is not None else 1, token_bucket(m), operand_layout(a, b),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), *(a2.stride() if a2.dim() == 3 else (0, *a2.stride())),
         b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
-        *(a2_out.stride() if a2_out is not None else (0, 0)), y.stride(0), y.stride(1),
+        y.stride(0), y.stride(1),
         bits.stride(0) if bits is not None else 0, float(p), float(scale),
         HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rank_pad(r), QP=rank_pad(q), FOLD=core is not None,
         SUM_A2=a2_out is not None, PREC=dot_precision(a.dtype),
