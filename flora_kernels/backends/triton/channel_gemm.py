@@ -183,7 +183,7 @@ def _reduce_kernel(
         tl.store(part + split * rows_total * R, acc, mask=m)
         last = last_to_arrive(count_ptr + rest, SPLIT)
         total = tl.zeros((BC, RP), dtype=tl.float32)
-        for k in range(0, tl.where(last, SPLIT, 0)):  # a loop, not a branch: no spill on sm_80
+        for k in range(tl.where(last, SPLIT, 0)):  # a loop, not a branch: no spill on sm_80
             total += tl.load(part + k * rows_total * R, mask=m, other=0.0, cache_modifier=".cg")
         tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=m & last)
 

@@ -92,7 +92,7 @@ def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, 
     a2_off = offs_m[:, None] * sa2m + offs_r[None, :] * sa2r
     if SUM_A2:
         a2f = tl.zeros((offs_m.shape[0], RP), dtype=tl.float32)
-        for k in range(0, A2_SPLIT):
+        for k in range(A2_SPLIT):
             a2f += tl.load(a2_ptr + k * sa2k + a2_off, mask=ma, other=0.0)
         a2 = a2f.to(a2o_ptr.dtype.element_ty)
         tl.store(a2o_ptr + a2_off, a2, mask=ma & write_a2)
@@ -100,7 +100,7 @@ def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, 
         a2 = tl.load(a2_ptr + a2_off, mask=ma, other=0.0)
     if FOLD:  # Q rank-1 updates in fp32 (a dot here would hold a third fp32 tile: the fp32 FMA tiles spill)
         b2 = tl.zeros((RP, offs_n.shape[0]), dtype=tl.float32)
-        for q in range(0, Q):
+        for q in range(Q):
             cq = tl.load(c_ptr + offs_r * scr + q * scq, mask=mask_r, other=0.0).to(tl.float32)
             vq = tl.load(b2_ptr + q * sb2r + offs_n * sb2n, mask=mask_n, other=0.0).to(tl.float32)
             b2 += cq[:, None] * vq[None, :]

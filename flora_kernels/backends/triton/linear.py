@@ -255,7 +255,7 @@ def _ds_db_finish_kernel(
         offs_t = (pid * BL + tl.arange(0, BL)).to(tl.int64)
         m = (offs_t < T)[:, None] & mask_r[None, :]
         ds = tl.zeros((BL, RP), dtype=tl.float32)
-        for j in range(0, NSPLIT):
+        for j in range(NSPLIT):
             ds += tl.load(ds_part_ptr + (j * T + offs_t)[:, None] * R + offs_r[None, :], mask=m, other=0.0)
         tl.store(ds_ptr + offs_t[:, None] * R + offs_r[None, :], ds.to(ds_ptr.dtype.element_ty), mask=m)
     else:
@@ -265,7 +265,7 @@ def _ds_db_finish_kernel(
         if DB:
             m = mask_n[:, None] & mask_r[None, :]
             db = tl.zeros((BC, RP), dtype=tl.float32)
-            for i in range(0, TSPLIT):
+            for i in range(TSPLIT):
                 db += tl.load(db_part_ptr + (i * N + offs_n)[:, None] * R + offs_r[None, :], mask=m, other=0.0)
             g = tl.load(g_ptr + offs_q[:, None] * sgq + offs_r[None, :] * sgr, mask=mask_q[:, None] & mask_r[None, :], other=0.0)
             du = tl.dot(db, tl.trans(g.to(tl.float32)), input_precision=PREC) * scale  # (BC, QP)
@@ -282,12 +282,12 @@ def _ds_db_finish_kernel(
                 tl.store(part + cb * QP * RP, dg)
                 last = last_to_arrive(count_ptr, N_CB)
                 total = tl.zeros((QP, RP), dtype=tl.float32)
-                for k in range(0, tl.where(last, N_CB, 0)):  # a loop, not a branch: no spill on sm_80
+                for k in range(tl.where(last, N_CB, 0)):  # a loop, not a branch: no spill on sm_80
                     total += tl.load(part + k * QP * RP, cache_modifier=".cg")
                 tl.store(dg_dst, total.to(dg_ptr.dtype.element_ty), mask=mg & last)
         if DBIAS:
             dbias = tl.zeros((BC,), dtype=tl.float32)
-            for i in range(0, TSPLIT):
+            for i in range(TSPLIT):
                 dbias += tl.load(dbias_part_ptr + i * N + offs_n, mask=mask_n, other=0.0)
             tl.store(dbias_ptr + offs_n, dbias.to(dbias_ptr.dtype.element_ty), mask=mask_n)
 
