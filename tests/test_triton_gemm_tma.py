@@ -92,6 +92,33 @@ def test_gemm_ext_variants_agree(variant, p):
         assert_bounded(L.gemm_ext(a, b, a2, b2, None, p, bits), lo, hi, torch.float32, f"gemm_variant({variant})")
 
 
+@pytest.mark.parametrize("variant", ["tiled", "tma", "cublas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gemm_ext_variants_fold_core_and_sum_partials(variant, dtype):
+    """The forward's rank part as every variant forms it: B2 = scale * core V per tile (r_out != r_in)
+    and A2 summed from fp32 split-K partials, also written out rounded to a's dtype; the forward
+    layout (W K-major), bias and dropout bits, odd shapes."""
+    L, _ = _mods()
+    m, k, n, (r, q), sc, p = 45, 40, 56, (5, 3), 0.7, 0.3
+    a, w, bvec = (torch.randn(*s, device=DEVICE, dtype=torch.float64) for s in ((m, k), (n, k), (n,)))
+    parts = torch.randn(3, m, r, device=DEVICE, dtype=torch.float64)
+    core, v = torch.randn(r, q, device=DEVICE, dtype=torch.float64), torch.randn(n, q, device=DEVICE, dtype=torch.float64)
+    bits = torch.randint(-(2**31), 2**31 - 1, (m, -(-n // 32)), dtype=torch.int32, device=DEVICE)
+    keep = _unpack(bits, n)
+
+    def oracle(dt):
+        a2 = parts.sum(0).to(dt)
+        rank = torch.where(keep, a2 @ (sc * core.to(dt) @ v.to(dt).t()) / (1 - p), torch.zeros((), dtype=dt))
+        return a.to(dt) @ w.to(dt).t() + rank + bvec.to(dt), a2
+
+    a2_out = torch.empty((m, r), device=DEVICE, dtype=dtype)
+    y = L.gemm_ext(a.to(dtype), w.to(dtype).t(), parts.float(), v.to(dtype).t(), bvec.to(dtype), p, bits,
+                   variant=variant, core=core.to(dtype), scale=sc, a2_out=a2_out)
+    (y_lo, s_lo), (y_hi, s_hi) = oracle(dtype), oracle(torch.float64)
+    assert_bounded(a2_out, s_lo, s_hi, dtype, f"{variant} A2")
+    assert_bounded(y, y_lo, y_hi, dtype, variant)
+
+
 def _count_variants(monkeypatch, L):
     used: list[str] = []
     for name, fn in list(L._GEMMS.items()):
@@ -211,11 +238,12 @@ def test_opcheck_linear_ops_on_tma():
 
     w = torch.randn(8, 16, device=DEVICE)
     with L.gemm_variant("tma"):
-        opcheck(L.linear_fwd, (rq(11, 16), w, rq(8), rq(16, 3), rq(8, 3), 0.0, 0))
-        x, u_in, b = torch.randn(11, 16, device=DEVICE), torch.randn(16, 3, device=DEVICE), torch.randn(8, 3, device=DEVICE)
-        bits = L.linear_fwd(x, w, None, u_in, b, 0.2, 3)[2]
+        opcheck(L.linear_fwd, (rq(11, 16), w, rq(8), rq(16, 3), rq(2, 3), rq(8, 2), 0.5, 0.0, 0))
+        x, u_in = torch.randn(11, 16, device=DEVICE), torch.randn(16, 3, device=DEVICE)
+        core, u_out = torch.randn(2, 3, device=DEVICE), torch.randn(8, 2, device=DEVICE)
+        bits = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.2, 3)[2]
         dy, s = torch.randn(11, 8, device=DEVICE), torch.randn(11, 3, device=DEVICE)
-        opcheck(L.linear_bwd, (dy, x, w, u_in, b, s, bits, 0.2, True, True, True, True))
+        opcheck(L.linear_bwd, (dy, x, w, u_in, core, u_out, 0.5, s, bits, 0.2, True, True, True, True, torch.float32))
 
 
 @pytest.mark.gpu

@@ -83,3 +83,67 @@ def compare(
         if c is not None:
             assert a is not None, f"no gradient for {name}"
             assert_bounded(a, b, c, dtype, f"grad {name}")
+
+
+#: aten ops that only allocate or alias memory (no kernel runs): allowed anywhere in a step.
+ALLOC_OPS = frozenset({"aten::empty", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+                       "aten::empty_like", "aten::lift_fresh", "aten::detach"})
+
+
+def _aliases(out: object, src: object) -> bool:
+    """Whether the op's output is (a view of) its first argument's memory (``aten::to`` is a
+    view op that copies when the dtype changes)."""
+    return (isinstance(out, Tensor) and isinstance(src, Tensor)
+            and out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr())
+
+
+def count_step_ops(step: Callable[[], object]) -> tuple[list[str], list[str]]:
+    """(Triton kernel launches, aten compute ops) that ``step()`` issues, in order.
+
+    Launches are counted at ``kernel[grid](...)`` (an autotuned kernel once). Aten ops are seen by
+    a dispatch mode that also runs each ``flora_triton`` custom op's implementation under itself
+    (a mode does not see inside a custom op otherwise); ops issued while a kernel launch is in
+    progress (the interpreter's own copies) and allocation / view ops (ALLOC_OPS, ``is_view`` ops
+    whose output aliases their input) are not counted."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import jit
+
+    launches: list[str] = []
+    ops: list[str] = []
+    in_kernel = [0]
+    saved = jit.KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        run = saved(kernel, grid)
+
+        def launch(*args, **kwargs):
+            fn = getattr(kernel, "fn", kernel)
+            launches.append(getattr(fn, "__name__", type(fn).__name__))
+            in_kernel[0] += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                in_kernel[0] -= 1
+
+        return launch
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            kwargs = kwargs or {}
+            if name.startswith("flora_triton::"):
+                with self:
+                    return OPDEFS[name]._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if not in_kernel[0] and name not in ALLOC_OPS and not (func.is_view and _aliases(out, args[0])):
+                ops.append(name)
+            return out
+
+    jit.KernelInterface.__getitem__ = getitem
+    try:
+        with Count():
+            step()
+    finally:
+        jit.KernelInterface.__getitem__ = saved
+    return launches, ops

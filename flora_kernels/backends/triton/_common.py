@@ -110,3 +110,24 @@ def unpack_bits(bits_ptr, rows, cols, stride_row, mask):
     """Keep mask at (rows[:, None], cols[None, :]) from int32 words ``bits[row, col // 32]`` (bit col % 32)."""
     w = tl.load(bits_ptr + rows[:, None] * stride_row + (cols // 32)[None, :], mask=mask, other=0)
     return ((w >> (cols % 32).to(tl.int32)[None, :]) & 1) != 0
+
+
+@triton.jit
+def last_to_arrive(count_ptr, n):
+    """True in the one program, of the ``n`` that call this on the int32 counter at ``count_ptr``,
+    that arrives last; the global stores every program made before arriving are visible to it
+    (a CTA barrier, then an acq_rel atomic at GPU scope; read them with ``cache_modifier=".cg"``).
+
+    The counter must be 0 before the first arrival: a preceding launch on the stream zeroes it
+    (``zero_counters``). The arrival order decides only which program reduces, never the order
+    it sums in, so a reduction behind this is deterministic."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+
+
+@triton.jit
+def zero_counters(count_ptr, n):
+    """Stores 0 into the ``n`` int32 counters at ``count_ptr`` (for the next launches' ``last_to_arrive``)."""
+    for c0 in range(0, n, 32):
+        offs = c0 + tl.arange(0, 32)
+        tl.store(count_ptr + offs, tl.zeros((32,), dtype=tl.int32), mask=offs < n)

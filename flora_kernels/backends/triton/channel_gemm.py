@@ -30,6 +30,7 @@ from ._common import (
     dot_precision,
     fills_device,
     keep_mask,
+    last_to_arrive,
     mask_words,
     pack_bits,
     rank_pad,
@@ -43,14 +44,20 @@ from ._common import (
 
 @triton.jit
 def _project_kernel(
-    x_ptr, u_ptr, z_ptr, bits_ptr, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, sug, p, seed,
+    x_ptr, u_ptr, z_ptr, bits_ptr, L, C, Cg, R, G, W, sxn, sxc, sxl, szk, szn, szc, szl, sug, p, seed, NG, C_PER,
     DROPOUT: tl.constexpr, BITS: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):
-    """z = drop(x) U per group; with BITS (G = 1, BC % 32 = 0) also bits[n, l, c // 32] |= keep << c % 32."""
+    """z = drop(x) U per group; with BITS (G = 1, BC % 32 = 0) also bits[n, l, c // 32] |= keep << c % 32.
+
+    NG = N * G. Split-K: program (k, n, g, token block) covers the group's channels [k C_PER, (k+1) C_PER)
+    (C_PER a multiple of BC, so every mask word is written by one program) and writes its part of
+    the sum at z + k szk (one split: C_PER >= Cg, k = 0)."""
     pid = tl.program_id(0).to(tl.int64)
     n_lb = tl.cdiv(L, BL)
-    pid_b = pid // n_lb
     pid_l = pid % n_lb
+    rest = pid // n_lb
+    k = rest // NG
+    pid_b = rest % NG
     n = pid_b // G
     g = pid_b % G
     offs_l = pid_l * BL + tl.arange(0, BL).to(tl.int64)
@@ -58,7 +65,7 @@ def _project_kernel(
     mask_l = offs_l < L
     mask_r = offs_r < R
     acc = tl.zeros((BL, RP), dtype=tl.float32)
-    for c0 in range(0, Cg, BC):
+    for c0 in range(k * C_PER, tl.minimum(k * C_PER + C_PER, Cg), BC):
         offs_c = c0 + tl.arange(0, BC).to(tl.int64)
         mask_c = offs_c < Cg
         cc = g * Cg + offs_c
@@ -73,7 +80,7 @@ def _project_kernel(
                          mask=mask_l[:, None] & (offs_w < W)[None, :])
         u = tl.load(u_ptr + g * sug + offs_c[:, None] * R + offs_r[None, :], mask=mask_c[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(xt, u.to(xt.dtype), acc, input_precision=PREC)
-    dst = z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl
+    dst = z_ptr + k * szk + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl
     tl.store(dst, acc.to(z_ptr.dtype.element_ty), mask=mask_l[:, None] & mask_r[None, :])
 
 
@@ -114,13 +121,19 @@ def _expand_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    x_ptr, z_ptr, bits_ptr, part_ptr, N, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, p, seed, SPLIT,
+    x_ptr, z_ptr, bits_ptr, part_ptr, out_ptr, count_ptr, N, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, p,
+    seed, SPLIT,
     SHARED: tl.constexpr, DROP: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
     BL: tl.constexpr, BC: tl.constexpr,
 ):
-    """part[split, (g*Cg if not SHARED) + c, a] = sum_{tokens of split} drop(X)[n, g*Cg + c, l] Z[n, g*R + a, l].
+    """out[(g*Cg if not SHARED) + c, a] = sum over tokens drop(X)[n, g*Cg + c, l] Z[n, g*R + a, l],
+    in out's dtype; the token loop is split SPLIT ways across programs.
 
-    DROP: 0 no dropout, 1 the Philox mask of (seed, index), 2 the packed mask bits[n, l, c // 32] (G = 1)."""
+    With SPLIT > 1 each program writes its fp32 partial part[split, row, a]; the last of a channel
+    block's SPLIT programs to arrive (``last_to_arrive`` on that block's counter, zeroed before the
+    launch) sums the block's partials in split order and writes out (deterministic). SPLIT = 1
+    writes out directly. DROP: 0 no dropout, 1 the Philox mask of (seed, index), 2 the packed mask
+    bits[n, l, c // 32] (G = 1)."""
     pid = tl.program_id(0).to(tl.int64)
     split = pid % SPLIT
     rest = pid // SPLIT
@@ -161,8 +174,18 @@ def _reduce_kernel(
         acc = tl.dot(tl.trans(xt), zt.to(xt.dtype), acc, input_precision=PREC)
     row = offs_c if SHARED else g_own * Cg + offs_c
     rows_total = Cg if SHARED else G * Cg
-    dst = part_ptr + (split * rows_total + row[:, None]) * R + offs_r[None, :]
-    tl.store(dst, acc, mask=mask_c[:, None] & mask_r[None, :])
+    m = mask_c[:, None] & mask_r[None, :]
+    dst = out_ptr + row[:, None] * R + offs_r[None, :]
+    if SPLIT == 1:
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        part = part_ptr + row[:, None] * R + offs_r[None, :]
+        tl.store(part + split * rows_total * R, acc, mask=m)
+        last = last_to_arrive(count_ptr + rest, SPLIT)
+        total = tl.zeros((BC, RP), dtype=tl.float32)
+        for k in range(tl.where(last, SPLIT, 0)):  # a loop, not a branch: no spill on sm_80
+            total += tl.load(part + k * rows_total * R, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=m & last)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -187,13 +210,16 @@ def _check_rank(r: int) -> None:
 
 def project(
     x: Tensor, u: Tensor, groups: int, z: Tensor, shared: bool, p: float = 0.0, seed: int = 0,
-    bits: Tensor | None = None,
+    bits: Tensor | None = None, partials: bool = False,
 ) -> Tensor:
     """Writes z (N, G*r, *spatial) = grouped 1x1 of drop(x) (N, G*Cg, *spatial) by U and returns it.
 
     u: (Cg, r) if ``shared`` else (G*Cg, r). z: any layout whose spatial dims flatten into one stride.
     ``bits`` (p > 0, groups = 1): an int32 (N, L, mask_words(C)) tensor that receives the keep mask,
-    1 bit per element, for kernels that reuse it (``reduce(..., bits=)``, the Linear dx GEMM)."""
+    1 bit per element, for kernels that reuse it (``reduce(..., bits=)``, the Linear dx GEMM).
+    ``partials``: where the token blocks alone make under two waves of programs (a Linear at
+    small T), split the channel loop and return instead of z its fp32 split-K partials
+    (split, N, G*r, L), summed over dim 0 by the consumer (z is then not written)."""
     _check_rank(u.shape[1])
     n, c = x.shape[0], x.shape[1]
     cg, r = c // groups, u.shape[1]
@@ -211,13 +237,21 @@ def project(
         _check_bits(bits, n, length, c, groups)
         torch._check(p > 0, lambda: "bits: only written with dropout (p > 0)")
         bc = max(bc, 32)
-    grid = (triton.cdiv(length, bl) * n * groups,)
-    _project_kernel[grid](
-        x, u, z, bits if bits is not None else z, length, c, cg, r, groups, mask_words(c),
-        sxn, sxc, sxl, szn, szc, szl, 0 if shared else cg * r, float(p), int(seed),
+    programs = triton.cdiv(length, bl) * n * groups
+    n_cb = triton.cdiv(cg, bc)
+    c_per = triton.cdiv(n_cb, split_for(n_cb, programs, x.device) if partials else 1) * bc
+    sp = triton.cdiv(cg, c_per)
+    out, szk = z, 0
+    if sp > 1:
+        # (split, N, L, G*r) memory: each split's Linear S partial (T, r) is contiguous, like S
+        out = torch.empty((sp, n, length, groups * r), dtype=torch.float32, device=x.device).transpose(2, 3)
+        szk, szn, szc, szl = out.stride()
+    _project_kernel[(programs * sp,)](
+        x, u, out, bits if bits is not None else z, length, c, cg, r, groups, mask_words(c),
+        sxn, sxc, sxl, szk, szn, szc, szl, 0 if shared else cg * r, float(p), int(seed), n * groups, c_per,
         DROPOUT=p > 0, BITS=bits is not None, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
     )
-    return z
+    return out
 
 
 def _check_bits(bits: Tensor, n: int, length: int, c: int, groups: int) -> None:
@@ -260,31 +294,49 @@ def expand(
 
 def reduce(
     x: Tensor, z: Tensor, groups: int, shared: bool, p: float = 0.0, seed: int = 0, split: int | None = None,
-    bits: Tensor | None = None,
+    bits: Tensor | None = None, dtype: torch.dtype | None = None, counters: Tensor | None = None,
 ) -> Tensor:
-    """dU = sum over tokens of drop(x)[n, g*Cg + c, l] z[n, g*r + a, l], fp32 partials reduced in torch.
+    """dU = sum over tokens of drop(x)[n, g*Cg + c, l] z[n, g*r + a, l], split-K partials summed in
+    the same launch (``_reduce_kernel``).
 
     x: (N, G*Cg, *spatial), z: (N, G*r, *spatial). Returns (Cg, r) summed over groups if ``shared``,
-    else (G*Cg, r), in x's dtype. The mask (p > 0) is read from ``bits`` (see ``project``) when
-    given, else recomputed from ``seed``."""
+    else (G*Cg, r), in ``dtype`` (default x's). The mask (p > 0) is read from ``bits`` (see
+    ``project``) when given, else recomputed from ``seed``. ``counters``: int32, at least one per
+    channel block, zeroed by an earlier launch on the stream (default: allocated zeroed here)."""
     n, c = x.shape[0], x.shape[1]
     cg, r = c // groups, z.shape[1] // groups
     _check_rank(r)
     x, length, sxn, sxc, sxl = ncl(x)
     z, _, szn, szc, szl = ncl(z)
     rows = cg if shared else c
-    bl, bc = block(length, 32 if INTERPRET else 64), block(cg, tile_cap(x.dtype))
-    programs = triton.cdiv(cg, bc) * (1 if shared else groups)
+    out = torch.empty((rows, r), dtype=dtype or x.dtype, device=x.device)
+    if x.numel() == 0 or r == 0:
+        return out.zero_()
+    bl, bc = block(length, 32 if INTERPRET else 64), _reduce_block(cg, x.dtype)
+    programs = reduce_programs(x, groups, shared)
     items = (n * groups if shared else n) * triton.cdiv(length, bl)
     sp = split or split_for(items, programs, x.device)
-    part = torch.zeros((sp, rows, r), dtype=torch.float32, device=x.device)
+    part = torch.empty((sp, rows, r) if sp > 1 else (0,), dtype=torch.float32, device=x.device)
+    if sp > 1 and counters is None:
+        counters = torch.zeros((programs,), dtype=torch.int32, device=x.device)
+    torch._check(sp == 1 or counters.numel() >= programs,  # type: ignore[union-attr]
+                 lambda: f"reduce: expected >= {programs} counters, got {counters.numel()}")  # type: ignore[union-attr]
     if bits is not None:
         _check_bits(bits, n, length, c, groups)
     drop = 0 if p <= 0 else (2 if bits is not None else 1)
-    if x.numel() and r:
-        _reduce_kernel[(programs * sp,)](
-            x, z, bits if bits is not None else part, part, n, length, c, cg, r, groups, mask_words(c),
-            sxn, sxc, sxl, szn, szc, szl, float(p), int(seed), sp,
-            SHARED=shared, DROP=drop, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
-        )
-    return part.sum(0).to(x.dtype)
+    _reduce_kernel[(programs * sp,)](
+        x, z, bits if bits is not None else part, part, out, counters if counters is not None else out,
+        n, length, c, cg, r, groups, mask_words(c), sxn, sxc, sxl, szn, szc, szl, float(p), int(seed), sp,
+        SHARED=shared, DROP=drop, RP=rank_pad(r), PREC=dot_precision(x.dtype), BL=bl, BC=bc,
+    )
+    return out
+
+
+def reduce_programs(x: Tensor, groups: int, shared: bool) -> int:
+    """The channel blocks of ``reduce`` on x (N, G*Cg, *spatial): the counters it needs."""
+    cg = x.shape[1] // groups
+    return triton.cdiv(cg, _reduce_block(cg, x.dtype)) * (1 if shared else groups)
+
+
+def _reduce_block(cg: int, dtype: torch.dtype) -> int:
+    return block(cg, tile_cap(dtype))

@@ -7,7 +7,8 @@ launches them, and check their registers, spills and shared memory.
 The launches are recorded, not written down: every scenario (the benchmark shapes:
 Linear 4096 x 4096 at T = 8192, rank 16, with and without dropout (the dropout step
 also trains the bias), with the GEMMs on the tiled kernel and on the persistent TMA kernel
-(``-tma``; no configs below sm_90); Conv2d N = 64, C = 256,
+(``-tma``; no configs below sm_90), and the dropout step at T = 512 (``-t512``: the split-K
+shrink whose partials the GEMM sums); Conv2d N = 64, C = 256,
 56 x 56, 3 x 3, ranks (16, 16, 3, 3), channels_last; its implicit-GEMM variant at N = 8, C = 64,
 28 x 28, with and without dropout, and grouped (groups = 2) with dropout (the packed mask from
 ``mask_bits``); the depthwise 7 x 7 ConvNeXt conv) runs forward and backward through the
@@ -178,12 +179,12 @@ def _backend() -> Any:
     return TritonBackend()
 
 
-def _linear(strategy: str, p: float, gemm: str = "auto") -> Callable[[torch.dtype], None]:
+def _linear(strategy: str, p: float, gemm: str = "auto", t: int = 8192) -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
         from .. import merged
         from . import linear
 
-        t, d_in, d_out, r = 8192, 4096, 4096, 16
+        d_in, d_out, r = 4096, 4096, 16
         x, w = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt)
         bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
         core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
@@ -222,6 +223,8 @@ SCENARIOS: dict[str, Callable[[torch.dtype], None]] = {
     "linear-merged": _linear("merged", 0.0),
     "linear-tma": _linear("factorized", 0.0, "tma"),
     "linear-dropout-tma": _linear("factorized", 0.1, "tma"),
+    "linear-dropout-t512": _linear("factorized", 0.1, t=512),  # split-K shrink, S summed in the GEMM
+    "linear-dropout-t512-tma": _linear("factorized", 0.1, "tma", t=512),
     "conv3x3": _conv("factorized", 0.0, 3, 1, (16, 16)),
     "conv3x3-dropout": _conv("factorized", 0.1, 3, 1, (16, 16)),
     "conv3x3-merged": _conv("merged", 0.0, 3, 1, (16, 16)),

@@ -3,6 +3,8 @@ loads and stores, for sm_90+ (Hopper); ``linear._gemm_ext_kernel`` serves older 
 
     y = keep / (1 - p) * (A2 B2) + A B + bias        A (M, K), B (K, N), A2 (M, R), B2 (R, N)
 
+(the forward's B2 = s G^T U_out^T formed per tile from the core and U_out: ``rank_part``).
+
 The grid is min(tiles, SMs); program i walks the (BM, BN) output tiles i, i + P, i + 2P, ...
 in grouped order (GROUP_M row tiles share a column tile, so B stays in L2). Per tile: the
 rank-R part (a few KiB, plain masked loads, any stride) seeds the accumulator, the dropout
@@ -23,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import INTERPRET, unpack_bits
+from ._common import INTERPRET, rank_pad, unpack_bits
 
 # (BM, BN, BK, warps, stages): wgmma tiles for fp16/bf16; FMA tiles for exact fp32
 _HALF_CONFIGS = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))
@@ -73,14 +75,38 @@ def grouped_tile(tile, n_pm, n_pn, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
-              R, RP: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
+def rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r, sb2r, sb2n,
+              scr, scq, sbits, p, scale, R, Q, A2_SPLIT, write_a2, RP: tl.constexpr, QP: tl.constexpr,
+              FOLD: tl.constexpr, SUM_A2: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """The rank-R extension of an extended-K GEMM tile, the accumulator's start: A2[m, :R] B2[:R, n]
-    in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT."""
+    in fp32, masked by the packed dropout bits and scaled by 1 / (1 - p) when DROPOUT.
+
+    SUM_A2: A2 is given as A2_SPLIT fp32 split-K partials (stride sa2k), summed here in split order
+    and rounded to a2o's dtype; programs with ``write_a2`` (one column tile) store that A2 to a2o,
+    which has the partials' (M, R) strides (one offset tile for both: no spill in fp32).
+    FOLD: B2 is not stored but formed per tile, B2[:, n] = scale * C V[:, n] with C (R, Q) at
+    c_ptr (strides scr, scq) and V (Q, N) at b2_ptr: Q outer products of RP x BN in fp32 (QP unused)."""
     offs_r = tl.arange(0, RP)
     mask_r = offs_r < R
-    a2 = tl.load(a2_ptr + offs_m[:, None] * sa2m + offs_r[None, :] * sa2r, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    ma = mask_m[:, None] & mask_r[None, :]
+    a2_off = offs_m[:, None] * sa2m + offs_r[None, :] * sa2r
+    if SUM_A2:
+        a2f = tl.zeros((offs_m.shape[0], RP), dtype=tl.float32)
+        for k in range(A2_SPLIT):
+            a2f += tl.load(a2_ptr + k * sa2k + a2_off, mask=ma, other=0.0)
+        a2 = a2f.to(a2o_ptr.dtype.element_ty)
+        tl.store(a2o_ptr + a2_off, a2, mask=ma & write_a2)
+    else:
+        a2 = tl.load(a2_ptr + a2_off, mask=ma, other=0.0)
+    if FOLD:  # Q rank-1 updates in fp32 (a dot here would hold a third fp32 tile: the fp32 FMA tiles spill)
+        b2 = tl.zeros((RP, offs_n.shape[0]), dtype=tl.float32)
+        for q in range(Q):
+            cq = tl.load(c_ptr + offs_r * scr + q * scq, mask=mask_r, other=0.0).to(tl.float32)
+            vq = tl.load(b2_ptr + q * sb2r + offs_n * sb2n, mask=mask_n, other=0.0).to(tl.float32)
+            b2 += cq[:, None] * vq[None, :]
+        b2 = b2 * scale
+    else:
+        b2 = tl.load(b2_ptr + offs_r[:, None] * sb2r + offs_n[None, :] * sb2n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = tl.dot(a2, b2.to(a2.dtype), input_precision=PREC)
     if DROPOUT:
         keep = unpack_bits(bits_ptr, offs_m, offs_n, sbits, mask_m[:, None] & mask_n[None, :])
@@ -90,19 +116,21 @@ def rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa
 
 @triton.autotune(
     configs=[_CONFIGS[_INTERPRET_TILE]] if INTERPRET else [_CONFIGS[c] for c in _HALF_CONFIGS + _FP32_CONFIGS],
-    key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "B_KMAJOR", "RP", "QP", "FOLD", "SUM_A2", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _gemm_tma_kernel(
-    a_desc, b_desc, y_desc, a2_ptr, b2_ptr, bias_ptr, bits_ptr, M, N, K, R, M_BUCKET, NUM_PROGS,
-    sa2m, sa2r, sb2r, sb2n, sbits, p,
-    B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    a_desc, b_desc, y_desc, a2_ptr, b2_ptr, c_ptr, a2o_ptr, bias_ptr, bits_ptr, M, N, K, R, Q, A2_SPLIT, M_BUCKET,
+    NUM_PROGS, sa2k, sa2m, sa2r, sb2r, sb2n, scr, scq, sbits, p, scale,
+    B_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, QP: tl.constexpr,
+    FOLD: tl.constexpr, SUM_A2: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = keep[m, n] / (1 - p) * sum_r A2[m, r] B2[r, n] + sum_k A[m, k] B[k, n] + bias[n].
 
-    a_desc: A (M, K); b_desc: B^T (N, K) if B_KMAJOR else B (K, N); y_desc: y (M, N). keep
+    FOLD: B2 = scale * C V, formed per tile; SUM_A2: A2 from split-K partials, written to a2o by
+    the first column tile's programs (``rank_part``). a_desc: A (M, K); b_desc: B^T (N, K) if B_KMAJOR else B (K, N); y_desc: y (M, N). keep
     (DROPOUT) is bit n % 32 of the int32 word bits[m, n // 32]. NUM_PROGS is the tile stride:
     the grid size, or more when the grid is min(NUM_PROGS, tiles) = tiles (one tile each).
     M_BUCKET only keys the autotuner."""
@@ -117,8 +145,9 @@ def _gemm_tma_kernel(
         offs_n = off_n.to(tl.int64) + tl.arange(0, BN)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = rank_part(a2_ptr, b2_ptr, bits_ptr, offs_m, offs_n, mask_m, mask_n, sa2m, sa2r, sb2r, sb2n, sbits, p,
-                        R, RP, DROPOUT, PREC)
+        acc = rank_part(a2_ptr, b2_ptr, c_ptr, bits_ptr, a2o_ptr, offs_m, offs_n, mask_m, mask_n, sa2k, sa2m, sa2r,
+                        sb2r, sb2n, scr, scq, sbits, p, scale, R, Q, A2_SPLIT, pid_n == 0, RP, QP, FOLD,
+                        SUM_A2, DROPOUT, PREC)
         for k0 in range(0, K, BK):
             a = a_desc.load([off_m, k0])
             if B_KMAJOR:
@@ -169,14 +198,17 @@ def sm_count(device: torch.device) -> int:
 
 def gemm_tma(
     a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
-    m_bucket: int, rp: int, prec: str, programs: int | None = None,
+    m_bucket: int, rp: int, prec: str, programs: int | None = None, core: Tensor | None = None, scale: float = 1.0,
+    a2_out: Tensor | None = None,
 ) -> Tensor:
-    """y = a b + mask * (a2 b2) + bias, as ``linear.gemm_ext`` (which checks the shapes):
-    a (M, K), b (K, N), a2 (M, R) and b2 (R, N) in a's dtype, bits int32 (M, ceil(N / 32)).
-    ``programs`` caps the persistent grid (default: one program per SM). Raises ValueError
-    when ``unsupported_reason`` is not None."""
+    """y = a b + mask * (A2 B2) + bias, as ``linear.gemm_ext`` (which checks the shapes):
+    a (M, K), b (K, N), bits int32 (M, ceil(N / 32)); A2 = a2 (M, R), or with ``a2_out`` (M, R)
+    the sum of a2's fp32 split-K partials (split, M, R), also written to a2_out; B2 = b2 (R, N),
+    or with ``core`` (R, Q) B2 = scale * core b2 for b2 (Q, N), formed per tile. ``programs``
+    caps the persistent grid (default: one program per SM). Raises ValueError when
+    ``unsupported_reason`` is not None."""
     m, k = a.shape
-    n, r = b.shape[1], a2.shape[1]
+    n, r = b.shape[1], a2.shape[-1]
     why = unsupported_reason(a, b, n)
     if why is not None:
         raise ValueError(f"gemm_tma: {why}")
@@ -188,14 +220,20 @@ def gemm_tma(
     b_desc = TensorDescriptor(bt, list(bt.shape), [bt.stride(0), 1], list(block))
     y_desc = TensorDescriptor(y, [m, n], [n, 1], list(block))
     cap = programs if programs is not None else sm_count(a.device)
+    q = core.shape[1] if core is not None else r
+    a2s = a2.stride() if a2.dim() == 3 else (0, *a2.stride())
 
     def grid(meta: dict) -> tuple[int]:
         return (min(cap, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)
 
     _gemm_tma_kernel[grid](
-        a_desc, b_desc, y_desc, a2, b2, bias if bias is not None else y, bits if bits is not None else y,
-        m, n, k, r, m_bucket, cap,
-        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), bits.stride(0) if bits is not None else 0, float(p),
-        B_KMAJOR=kmajor, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rp, PREC=prec,
+        a_desc, b_desc, y_desc, a2, b2, core if core is not None else y, a2_out if a2_out is not None else y,
+        bias if bias is not None else y, bits if bits is not None else y,
+        m, n, k, r, q, a2.shape[0] if a2_out is not None else 1, m_bucket, cap,
+        *a2s, b2.stride(0), b2.stride(1), *(core.stride() if core is not None else (0, 0)),
+        bits.stride(0) if bits is not None else 0,
+        float(p), float(scale),
+        B_KMAJOR=kmajor, HAS_BIAS=bias is not None, DROPOUT=p > 0, RP=rp, QP=rank_pad(q), FOLD=core is not None,
+        SUM_A2=a2_out is not None, PREC=prec,
     )
     return y

@@ -23,6 +23,7 @@ import torch
 #: (bytes/s, bf16 dense FLOP/s) by device-name fragment; the first match wins.
 DEVICE_PEAKS = {"H200": (4.3e12, 790e12), "H100": (3.0e12, 800e12)}
 T, D_IN, D_OUT, R = 8192, 4096, 4096, 16
+T_SMALL = 512  # the shrink's split-K regime (32 token blocks of 16 on 132 SMs without it)
 CONV_N, CONV_C, CONV_HW, CONV_R = 64, 256, 56, 16
 _B = 2  # bytes per bf16 element
 
@@ -65,8 +66,8 @@ def cases() -> list[Case]:
 
     def gemm_fwd(variant: str) -> Callable[[], Callable[[], object]]:
         def make() -> Callable[[], object]:
-            x, w, b, s, bb = rnd(T, D_IN), rnd(D_OUT, D_IN), rnd(D_OUT), rnd(T, R), rnd(D_OUT, R)
-            return lambda: lin.gemm_ext(x, w.t(), s, bb.t(), b, variant=variant)
+            x, w, b, s, u_out, core = rnd(T, D_IN), rnd(D_OUT, D_IN), rnd(D_OUT), rnd(T, R), rnd(D_OUT, R), rnd(R, R)
+            return lambda: lin.gemm_ext(x, w.t(), s, u_out.t(), b, variant=variant, core=core.t(), scale=2.0)
 
         return make
 
@@ -91,10 +92,14 @@ def cases() -> list[Case]:
 
     def ds_db(dbias: bool) -> Callable[[], Callable[[], object]]:
         def make() -> Callable[[], object]:
-            dy, b, s = rnd(T, D_OUT), rnd(D_OUT, R), rnd(T, R)
-            return lambda: lin.ds_db(dy, b, s, dbias)
+            dy, s, u_out, core = rnd(T, D_OUT), rnd(T, R), rnd(D_OUT, R), rnd(R, R)
+            return lambda: lin.ds_db(dy, s, u_out, core, 2.0, True, dt if dbias else None)
 
         return make
+
+    def shrink_small_t() -> Callable[[], object]:
+        x, u = rnd(T_SMALL, D_IN), rnd(D_IN, R)
+        return lambda: lin.shrink(x, u, partials=True)
 
     def du_in() -> Callable[[], object]:
         x, ds = rnd(T, D_IN), rnd(T, R)
@@ -130,7 +135,7 @@ def cases() -> list[Case]:
     gemm_flops = 2 * T * D_OUT * (D_IN + R)
     l_conv = CONV_N * CONV_HW * CONV_HW
     act, small = l_conv * CONV_C * _B, l_conv * CONV_R * _B
-    ds_db_part = (16 * T * R + 17 * D_OUT * (R + 1)) * 4 * 2  # fp32 partials written and summed
+    ds_db_part = (16 * T * R + 17 * D_OUT * (R + 1)) * 4 * 2  # fp32 partials written and summed (finish launch)
     return [
         Case("F.linear (base forward)", 2 * T * D_OUT * D_IN, x_b + w_b + y_b, None, linear_ref),
         Case("torch.matmul dy W (base dx)", 2 * T * D_OUT * D_IN, x_b + w_b + y_b, None, matmul_dx),
@@ -142,8 +147,10 @@ def cases() -> list[Case]:
                gemm_dx(0.1, v)) for v in GEMM_VARIANTS),
         Case("shrink S = x U_in", 2 * T * D_IN * R, x_b + T * R * _B, None, shrink(0.0)),
         Case("shrink + dropout (writes bits)", 2 * T * D_IN * R, x_b + T * R * _B + bits_b, None, shrink(0.1)),
-        Case("ds_db (dS, dB)", 4 * T * D_OUT * R, y_b + ds_db_part, None, ds_db(False)),
-        Case("ds_db (dS, dB, dbias)", 2 * T * D_OUT * (2 * R + 1), y_b + ds_db_part, None, ds_db(True)),
+        Case(f"shrink at T = {T_SMALL} (split-K partials)", 2 * T_SMALL * D_IN * R, T_SMALL * D_IN * _B, None,
+             shrink_small_t),
+        Case("ds_db + finish (dS, dU_out, dG)", 4 * T * D_OUT * R, y_b + ds_db_part, None, ds_db(False)),
+        Case("ds_db + finish (dS, dU_out, dG, dbias)", 2 * T * D_OUT * (2 * R + 1), y_b + ds_db_part, None, ds_db(True)),
         Case("reduce dU_in", 2 * T * D_IN * R, x_b + T * R * _B, None, du_in),
         Case("reconstruct W + s dW", 2 * R * D_OUT * D_IN, 2 * w_b, None, recon),
         Case("reconstruct adjoint", 4 * R * D_OUT * D_IN, 2 * w_b, None, adjoint),
