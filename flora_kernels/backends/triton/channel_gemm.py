@@ -134,7 +134,7 @@ def _reduce_kernel(
     launch) sums the block's partials in split order and writes out (deterministic). SPLIT = 1
     writes out directly. DROP: 0 no dropout, 1 the Philox mask of (seed, index), 2 the packed mask
     bits[n, l, c // 32] (G = 1)."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)  # int32 block and item indices (no 64-bit division in the loop), int64 offsets
     split = pid % SPLIT
     rest = pid // SPLIT
     n_cb = tl.cdiv(Cg, BC)
@@ -158,6 +158,7 @@ def _reduce_kernel(
         else:
             n = it // n_lb
             g = g_own
+        n = n.to(tl.int64)
         offs_l = lb * BL + tl.arange(0, BL).to(tl.int64)
         mask_l = offs_l < L
         cc = g * Cg + offs_c
@@ -172,7 +173,7 @@ def _reduce_kernel(
         zt = tl.load(z_ptr + n * szn + (g * R + offs_r[None, :]) * szc + offs_l[:, None] * szl,
                      mask=mask_l[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(tl.trans(xt), zt.to(xt.dtype), acc, input_precision=PREC)
-    row = offs_c if SHARED else g_own * Cg + offs_c
+    row = offs_c if SHARED else g_own.to(tl.int64) * Cg + offs_c
     rows_total = Cg if SHARED else G * Cg
     m = mask_c[:, None] & mask_r[None, :]
     dst = out_ptr + row[:, None] * R + offs_r[None, :]

@@ -47,7 +47,7 @@ from .core_conv import core_conv_backward, core_conv_forward, strides3
 
 # (BM, BN, BK, warps, stages): tensor-core tiles for fp16/bf16; exact-fp32 (FMA) tiles for fp32
 _HALF_CONFIGS = ((128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (128, 64, 32, 4, 4))
-_FP32_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3))
+_FP32_CONFIGS = ((64, 64, 32, 8, 3), (128, 64, 32, 8, 3))
 _INTERPRET_CONFIG = triton.Config({"BM": 64, "BN": 32, "BK": 16, "GROUP_M": 4}, num_warps=4)
 _CONFIGS = {
     c: triton.Config({"BM": c[0], "BN": c[1], "BK": c[2], "GROUP_M": 8}, num_warps=c[3], num_stages=c[4])
