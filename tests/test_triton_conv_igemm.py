@@ -15,6 +15,7 @@ from torch.library import opcheck
 
 import flora_kernels as fk
 from flora_kernels import reference as ref
+from flora_kernels.backends.triton import _common
 from flora_kernels.convspec import ConvSpec, conv_nd
 
 pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")]
@@ -160,7 +161,7 @@ def test_variant_choice(monkeypatch):
     reason; bad names are refused."""
     from flora_kernels.backends.triton import conv as C
 
-    monkeypatch.setattr(C, "_measures", lambda device: False)
+    monkeypatch.setattr(_common, "measures_variants", lambda device: False)
     calls = []
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: calls.append(1) or real(*a))
@@ -195,7 +196,7 @@ def test_variant_measured(monkeypatch):
     from flora_kernels.backends import autotune
     from flora_kernels.backends.triton import conv as C
 
-    monkeypatch.setattr(C, "_measures", lambda device: True)
+    monkeypatch.setattr(_common, "measures_variants", lambda device: True)
     monkeypatch.setattr(C, "_DECISIONS", {})
     monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "0")
     x, w, b, core, *fs = _setup((3, 3), (2, 2, 2, 2), True, True, n=1, c_in=3, c_out=4, hw=(5, 4))

@@ -18,6 +18,7 @@ from test_triton_helpers import DEVICE, needs_triton
 
 import flora_kernels as fk
 from flora_kernels.backends import autotune
+from flora_kernels.backends.triton import _common
 
 pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")]
 
@@ -42,10 +43,9 @@ def cache(tmp_path, monkeypatch):
         return "cublas"
 
     real = C.ig.conv_igemm_fwd
-    monkeypatch.setattr(C, "_measures", lambda device: True)
+    monkeypatch.setattr(_common, "measures_variants", lambda device: True)
     monkeypatch.setattr(C, "_measure_variants", measure_conv)
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: counts.__setitem__("igemm", counts["igemm"] + 1) or real(*a))
-    monkeypatch.setattr(L, "_measures", lambda device: True)
     monkeypatch.setattr(L, "_measure_variants", measure_gemm)
     yield counts
     autotune.clear_autotune_cache()
@@ -157,12 +157,12 @@ def test_fresh_process_replays_without_measuring(cache):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import torch
         import test_triton_variant_cache as t
-        from flora_kernels.backends.triton import conv as C, linear as L
+        from flora_kernels.backends.triton import _common, conv as C, linear as L
 
         def boom(*a):
             raise AssertionError("measured again")
 
-        C._measures = L._measures = lambda device: True
+        _common.measures_variants = lambda device: True
         C._measure_variants = L._measure_variants = boom
         torch.manual_seed(0)
         t._conv()

@@ -42,6 +42,7 @@ from ...convspec import ConvSpec, conv_nd, conv_nd_backward
 from .. import autotune
 from ..base import Call, load_backend
 from ..oplib import fake
+from . import _common
 from . import channel_gemm as cg
 from . import conv_igemm as ig
 from ._common import alloc_like, new_seed
@@ -200,18 +201,13 @@ def conv_variant_report() -> list[autotune.Decision]:
     return list(_DECISIONS.values())
 
 
-def _measures(device: torch.device) -> bool:
-    """Whether "auto" measures the variants on this device (CUDA only: interpreter timings mean nothing)."""
-    return device.type == "cuda"
-
-
 def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
              spec: ConvSpec, dropout_p: float) -> str:
     """The variant serving this call: the forced one, else measured (CUDA, igemm applies), else "cudnn"."""
     want = _requested_variant()
     if want != "auto":
         return want
-    if ig.unsupported_reason(x.dim(), spec, weight.shape[1]) is not None or not _measures(x.device):
+    if ig.unsupported_reason(x.dim(), spec, weight.shape[1]) is not None or not _common.measures_variants(x.device):
         return "cudnn"
     call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
                          strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))

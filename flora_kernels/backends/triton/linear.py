@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .. import autotune
 from ..oplib import fake
+from . import _common
 from . import channel_gemm as cg
 from ._common import (
     INTERPRET,
@@ -397,7 +398,7 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
     """The measured (or default) variant for the call ``_GEMMS[v](*args)``."""
     a, b, a2, _, bias, p, *_ = args
     default = "tma" if tma_why is None else "tiled"
-    if not _measures(a.device):
+    if not _common.measures_variants(a.device):
         return "tiled"
     key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[-1],
            operand_layout(a, b), bias is not None, p > 0, tma_why is None)
@@ -415,11 +416,6 @@ def _auto_variant(args: tuple, tma_why: str | None) -> str:
         _gemm_choice[key] = _measure_variants(args, allowed)
         autotune.save_choice(_CACHE_NAMESPACE, key[0], repr(key[1:]), _gemm_choice[key])
     return _gemm_choice[key]
-
-
-def _measures(device: torch.device) -> bool:
-    """Whether "auto" measures the variants on this device (CUDA only: interpreter timings mean nothing)."""
-    return device.type == "cuda"
 
 
 def _measure_variants(args: tuple, variants: list[str]) -> str:
