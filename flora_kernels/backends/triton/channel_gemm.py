@@ -42,7 +42,7 @@ from ._common import (
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed: no recompile when it is 1 or a multiple of 16
 def _project_kernel(
     x_ptr, u_ptr, z_ptr, bits_ptr, L, C, Cg, R, G, W, sxn, sxc, sxl, szk, szn, szc, szl, sug, p, seed, NG, C_PER,
     DROPOUT: tl.constexpr, BITS: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
@@ -84,7 +84,7 @@ def _project_kernel(
     tl.store(dst, acc.to(z_ptr.dtype.element_ty), mask=mask_l[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed: no recompile when it is 1 or a multiple of 16
 def _expand_kernel(
     z_ptr, u_ptr, base_ptr, y_ptr, L, C, Co, R, G, szn, szc, szl, sbn, sbc, sbl, syn, syc, syl, sug, p, seed,
     HAS_BASE: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
@@ -119,7 +119,7 @@ def _expand_kernel(
     tl.store(y_ptr + n * syn + oc[None, :] * syc + offs_l[:, None] * syl, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed: no recompile when it is 1 or a multiple of 16
 def _reduce_kernel(
     x_ptr, z_ptr, bits_ptr, part_ptr, out_ptr, count_ptr, N, L, C, Cg, R, G, W, sxn, sxc, sxl, szn, szc, szl, p,
     seed, SPLIT,

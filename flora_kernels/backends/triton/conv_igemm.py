@@ -186,7 +186,7 @@ def _igemm_kernel(
     tl.store(y_row[:, None] + offs_n[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed: no recompile when it is 1 or a multiple of 16
 def _mask_bits_kernel(bits_ptr, L, C, W, p, seed, BL: tl.constexpr, BW: tl.constexpr):
     """bits[n, l, w] = the packed keep mask of channels 32 w .. 32 w + 31 of token l of sample n:
     the draws ``channel_gemm.project`` makes for the element (n, c, l) of an (N, C, L) input."""
