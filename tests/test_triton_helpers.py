@@ -90,6 +90,16 @@ ALLOC_OPS = frozenset({"aten::empty", "aten::empty_strided", "aten::new_empty", 
                        "aten::empty_like", "aten::lift_fresh", "aten::detach"})
 
 
+def assert_compiles_like_eager(fn: Callable[..., Tensor], inputs: Sequence[Tensor]) -> None:
+    """``torch.compile(fn, backend="aot_eager", fullgraph=True)`` gives eager's output and the
+    gradients of every input for one random output gradient (fp32 rounding apart)."""
+    y_c = torch.compile(fn, backend="aot_eager", fullgraph=True)(*inputs)
+    y_e = fn(*inputs)
+    dy = torch.randn_like(y_e)
+    for a, b in zip([y_c, *torch.autograd.grad(y_c, inputs, dy)], [y_e, *torch.autograd.grad(y_e, inputs, dy)]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _aliases(out: object, src: object) -> bool:
     """Whether the op's output is (a view of) its first argument's memory (``aten::to`` is a
     view op that copies when the dtype changes)."""
