@@ -352,14 +352,13 @@ class ConvFused(torch.autograd.Function):
         else:
             du = ops.adapter_expand_grad_input(dy, u_out, 1, scale) if need_du else None
             du_out = ops.adapter_factor_grad(dy, u, 1, True, scale, 0.0, 0) if need_uo else None
-        if need_k:
-            dk = conv_nd_backward(du, z, k, spec, False, True)[1]
+        dz = None
+        if need_k or (need_ui and not need_x):  # the core conv's dk (and dz when dx is not asked) in one call
+            dz, dk = conv_nd_backward(du, z, k, spec, need_ui and not need_x, need_k)
         if need_x or need_w:
             dx, dw = conv_nd_backward(dy, x, weight, spec, need_x, need_w)
         if need_x:
             dz = ops.adapter_conv_shrink_grad_input_(dx, du, k, u_in, *core_conv_args(spec), ctx.p, ctx.seed)
-        elif need_ui:
-            dz = conv_nd_backward(du, z, k, spec, True, False)[0]
         if need_b:
             db = dy.sum([0, *range(2, dy.dim())])
         if need_ui:
