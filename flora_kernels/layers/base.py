@@ -201,6 +201,15 @@ class FLoRALayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
+    # ------------------------------------------------------------------ change events
+
+    def _changed(self) -> None:
+        """Adapters, their settings, the active/merged/disabled state or the base weight changed.
+
+        Every method that changes any of them calls this once, after the change: prepared
+        per-call state (bound calls, weight views) is dropped and rebuilt on the next forward.
+        """
+
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(

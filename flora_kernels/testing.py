@@ -1,0 +1,68 @@
+"""How a fast path is judged against the reference path: one tolerance table, one error
+measure, one float64 rule. Used by measured dispatch (verifying candidates), the benchmark
+(checking providers) and the tests.
+
+- ``rel_err(out, ref)``: ``||out - ref|| / ||ref||`` in float64 (inf for a shape mismatch or a
+  non-finite value).
+- ``tolerance(dtype, device_type)``: the relative-norm error a candidate computing in ``dtype``
+  may show against the reference path run in the same dtype (fp32 on CUDA allows TF32).
+- ``within_reference_error(errs_vs_exact, ref_errs_vs_exact, tol)``: the float64 rule. Where a
+  candidate misses the tolerance against the reference path (low precision, autocast, a
+  gradient that nearly cancels), both are judged against the reference path run in float64:
+  the candidate passes if it is within ``SLACK`` times the reference path's own error (or the
+  tolerance) of that oracle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Relative-norm error against the reference path, per compute dtype.
+TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-8,
+    torch.float32: 1e-3,
+    torch.float16: 2e-2,
+    torch.bfloat16: 5e-2,
+}
+TOLERANCE_FP32_CUDA = 1e-2  # TF32 matmuls
+SLACK = 4.0
+
+
+def tolerance(dtype: torch.dtype, device_type: str = "cpu") -> float:
+    """The relative-norm tolerance of a computation in ``dtype`` on ``device_type``."""
+    if dtype == torch.float32 and device_type == "cuda":
+        return TOLERANCE_FP32_CUDA
+    return TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
+
+
+def rel_err(out: Tensor | None, ref: Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf for a missing, mis-shaped or non-finite output."""
+    if out is None or tuple(out.shape) != tuple(ref.shape):
+        return math.inf
+    o = out.detach().to(device=ref.device, dtype=torch.float64)
+    if not torch.isfinite(o).all():
+        return math.inf
+    r = ref.detach().to(torch.float64)
+    return float((o - r).norm() / r.norm().clamp_min(1e-300))
+
+
+def rel_errs(outs: Sequence[Tensor | None], refs: Sequence[Tensor]) -> list[float]:
+    """``rel_err`` per pair (the lists must have equal length)."""
+    return [rel_err(o, r) for o, r in zip(outs, refs, strict=True)]
+
+
+def within_reference_error(
+    errs_vs_exact: Sequence[float], ref_errs_vs_exact: Sequence[float], tol: float
+) -> tuple[bool, float, float]:
+    """The float64 rule: each tensor's error against the float64 oracle is at most
+    ``max(tol, SLACK * the reference path's own error)``.
+
+    Returns (passes, the worst error, the bound it was held to).
+    """
+    bounds = [max(tol, SLACK * e) for e in ref_errs_vs_exact]
+    worst = max(range(len(bounds)), key=lambda i: errs_vs_exact[i] / bounds[i])
+    return errs_vs_exact[worst] <= bounds[worst], errs_vs_exact[worst], bounds[worst]
