@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from flora_kernels.bench.counts import counted
-from flora_kernels.bench.harness import build_case
-from flora_kernels.bench.providers import SkipProvider
+from flora_bench.counts import counted
+from flora_bench.harness import build_case
+from flora_bench.providers import SkipProvider
 
 
 def run_case(benchmark, case_spec, device: str, rounds: int) -> None:

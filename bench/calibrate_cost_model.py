@@ -1,6 +1,6 @@
 """Calibrate the CPU cost model (``flora_kernels.plan.CPU_PROFILES``) from measured layer calls.
 
-Runs one training step of each benchmark model (``flora_kernels.bench.models``: resnet18, vit_tiny,
+Runs one training step of each benchmark model (``flora_bench.models``: resnet18, vit_tiny,
 convnext_atto) with every Linear/ConvNd adapted, ``strategy="auto"``, and measured dispatch on, and
 keeps every measured call: its ``Call`` and each candidate's time. A strategy's time is its fastest
 backend's. Then it scores cost-model profiles by regret, the time lost by the strategy the model
@@ -26,8 +26,8 @@ def measure(threads: int, image_sizes: list[int], batch: int, rank: int) -> list
     """[{call, model, times: {strategy: seconds}}] for every measured call of the three models at
     each image size."""
     import flora_kernels as fk
+    from flora_bench import models
     from flora_kernels.backends import autotune
-    from flora_kernels.bench import models
 
     torch.set_num_threads(threads)
     autotune.set_autotune(True)

@@ -6,7 +6,7 @@
 
 Options select the same shapes, providers and modes as ``flora-bench`` (names and presets in
 ``flora-bench --list``). Each case is built and checked against the float64 reference by
-``flora_kernels.bench.harness.build_case`` before pytest-benchmark times it.
+``flora_bench.harness.build_case`` before pytest-benchmark times it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import fnmatch
 import pytest
 import torch
 
-from flora_kernels.bench.counts import MODES
-from flora_kernels.bench.providers import default_providers
-from flora_kernels.bench.shapes import resolve_shapes
+from flora_bench.counts import MODES
+from flora_bench.providers import default_providers
+from flora_bench.shapes import resolve_shapes
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

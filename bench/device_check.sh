@@ -163,7 +163,7 @@ done
 # 6. the full benchmark table; --max-minutes keeps it inside the time left (writes its files)
 REM=$(left)
 MAXMIN=$(awk -v r="$REM" 'BEGIN { m = (r - 45) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }')
-if command -v flora-bench >/dev/null && [ "$DRY_RUN" != "1" ]; then BENCH=(flora-bench); else BENCH=("$PY" -m flora_kernels bench); fi
+if command -v flora-bench >/dev/null && [ "$DRY_RUN" != "1" ]; then BENCH=(flora-bench); else BENCH=("$PY" -m flora_bench); fi
 # shellcheck disable=SC2086
 step flora-bench "$REM" "${BENCH[@]}" $BENCH_DEFAULT ${BENCH_ARGS:-} --keep-going --no-progress --max-minutes "$MAXMIN" \
     --out "$OUT/results.json" --md "$OUT/results.md" --plot "$OUT/results.png" --csv "$OUT/results.csv" || true

@@ -2,7 +2,7 @@
 
     python bench/profile_model_ops.py convnext_atto flora-reference-merged,flora-cpp-merged --threads 1
 
-Each provider's step (flora_kernels.bench.models) runs under torch.profiler twice, interleaved,
+Each provider's step (flora_bench.models) runs under torch.profiler twice, interleaved,
 and the smaller of the two self-CPU times per op is printed (ms per step). Measured dispatch is
 off (the strategies are explicit or the cost model's), so the comparison is of the backends.
 """
@@ -15,7 +15,7 @@ import torch
 from torch.profiler import profile
 
 import flora_kernels as fk
-from flora_kernels.bench import models
+from flora_bench import models
 
 
 def main() -> None:

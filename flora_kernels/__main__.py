@@ -1,4 +1,4 @@
-"""``python -m flora_kernels info`` (versions, device, backends) and ``... bench`` (= flora-bench)."""
+"""``python -m flora_kernels info``: versions, device, backends."""
 
 import sys
 

@@ -37,17 +37,22 @@ Its first step (which includes measured dispatch, when on) is timed on its own.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
-import gc
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flora_kernels import FLoRAConfig, inject_flora
+from flora_kernels.backends.base import STRATEGIES, backend_names
+from flora_kernels.testing import rel_err, tolerance, within_reference_error
+
+from .memory import fmt_mib, mib, peak_bytes, saved_bytes
+from .timing import CLOCKS, interleaved, quantile
 
 MODELS = ("resnet18", "vit_tiny", "convnext_atto")
 TIMM_NAMES = {"resnet18": "resnet18", "vit_tiny": "vit_tiny_patch16_224", "convnext_atto": "convnext_atto"}
@@ -210,7 +215,7 @@ def make_model(name: str, image_size: int) -> tuple[nn.Module, str]:
         src = f"timm {timm.__version__} {TIMM_NAMES[name]}"
     else:
         m = {"resnet18": ResNet18, "vit_tiny": lambda: ViTTiny(image_size), "convnext_atto": ConvNeXtAtto}[name]()
-        src = f"flora_kernels.bench.models.{type(m).__name__} ({why})"
+        src = f"flora_bench.models.{type(m).__name__} ({why})"
     return m.eval(), src  # eval: BatchNorm uses running stats, the same in every provider
 
 
@@ -225,11 +230,34 @@ class ModelCase:
     autotune: bool | None = None
 
 
-def _flora(base: nn.Module, rank: int, strategy: str, backend: str, seed: int) -> nn.Module:
-    from .. import FLoRAConfig, inject_flora
-    from ..layers import flora_layers
+# Which modules the providers adapt: "all" every Linear/ConvNd (``target_modules=None``), "linear"
+# every Linear ("all-linear"); both leave out tied output heads and, for "linear", the model's
+# output embeddings (flora_kernels.model.select_targets). PEFT LoRA adapts the same modules where
+# it can (Linear, ungrouped Conv2d).
+TARGETS = {"all": None, "linear": "all-linear"}
 
-    m = inject_flora(copy.deepcopy(base), FLoRAConfig(rank=rank, strategy=strategy, backend=backend))
+
+def _target_config(targets: str, **kw) -> FLoRAConfig:
+    if targets not in TARGETS:
+        raise ValueError(f"targets: expected one of {tuple(TARGETS)}, got {targets!r}")
+    return FLoRAConfig(target_modules=TARGETS[targets], **kw)
+
+
+def lean_option() -> str | None:
+    """The name of ``FLoRAConfig``'s lean-memory switch (a bool field whose name holds "lean"),
+    or None while it has none."""
+    for f in dataclasses.fields(FLoRAConfig):
+        if "lean" in f.name and (f.type in (bool, "bool") or isinstance(f.default, bool)):
+            return f.name
+    return None
+
+
+def _flora(base: nn.Module, rank: int, strategy: str, backend: str, seed: int, targets: str = "all",
+           **options) -> nn.Module:
+    from flora_kernels.layers import flora_layers
+
+    cfg = _target_config(targets, rank=rank, strategy=strategy, backend=backend, **options)
+    m = inject_flora(copy.deepcopy(base), cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the same non-zero adapter in every copy (the paper's zero core makes dW = 0)
         for _, layer in flora_layers(m):
@@ -268,14 +296,23 @@ def _peft_reason() -> str | None:
     return None
 
 
-def _lora(base: nn.Module, rank: int) -> tuple[nn.Module, str]:
-    targets = [n for n, mod in base.named_modules()
-               if type(mod) is nn.Linear or (type(mod) is nn.Conv2d and mod.groups == 1)]
-    where = f"r={rank} on {len(targets)} Linear/ungrouped Conv2d"
+def lora_targets(base: nn.Module, targets: str = "all") -> list[str]:
+    """The modules FLoRA adapts under ``targets`` that PEFT's LoRA supports (Linear, ungrouped
+    Conv2d: peft's conv LoRA needs the rank divisible by the groups)."""
+    from flora_kernels.model import select_targets
+
+    names = select_targets(base, _target_config(targets))
+    return [n for n in names if type(m := base.get_submodule(n)) is nn.Linear
+            or (type(m) is nn.Conv2d and m.groups == 1)]
+
+
+def _lora(base: nn.Module, rank: int, targets: str = "all") -> tuple[nn.Module, str]:
+    names = lora_targets(base, targets)
+    where = f"r={rank} on {len(names)} Linear/ungrouped Conv2d"
     m = copy.deepcopy(base)
     why = _peft_reason()
     if why is not None:
-        for n in targets:
+        for n in names:
             parent, _, child = n.rpartition(".")
             owner = m.get_submodule(parent) if parent else m
             setattr(owner, child, LoRA(getattr(owner, child), rank))
@@ -288,14 +325,13 @@ def _lora(base: nn.Module, rank: int) -> tuple[nn.Module, str]:
     import peft
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names, bias="none")
     return get_peft_model(m, cfg), f"peft {peft.__version__} LoRA, {where}"
 
 
-def build(name: str, base: nn.Module, rank: int, seed: int) -> ModelCase:
-    """Provider ``name`` over a copy of ``base``; raises ValueError for an unknown name."""
-    from ..backends.base import STRATEGIES, backend_names
-
+def build(name: str, base: nn.Module, rank: int, seed: int, targets: str = "all") -> ModelCase:
+    """Provider ``name`` over a copy of ``base``; raises ValueError for an unknown name and
+    ``SkipCase`` for one this installation cannot build (e.g. flora-lean without the option)."""
     if name == "frozen":
         m = copy.deepcopy(base).requires_grad_(False)
         return ModelCase(name, m, "the base model, frozen (input gradient only)")
@@ -303,11 +339,17 @@ def build(name: str, base: nn.Module, rank: int, seed: int) -> ModelCase:
         m = copy.deepcopy(base).requires_grad_(True)
         return ModelCase(name, m, "full fine-tuning (every parameter trainable)")
     if name == "lora":
-        m, impl = _lora(base, rank)
+        m, impl = _lora(base, rank, targets)
         return ModelCase(name, m, impl)
     if name == "flora-planned":
-        m = _flora(base, rank, "auto", "auto", seed)
+        m = _flora(base, rank, "auto", "auto", seed, targets)
         return ModelCase(name, m, f"fk.inject_flora(rank={rank}), measured dispatch off", autotune=False)
+    if name == "flora-lean":
+        opt = lean_option()
+        if opt is None:
+            raise SkipCase("fk.FLoRAConfig has no lean-memory option (a bool field named *lean*) in this version")
+        m = _flora(base, rank, "auto", "auto", seed, targets, **{opt: True})
+        return ModelCase(name, m, f"fk.inject_flora(rank={rank}, {opt}=True)")
     parts = name.split("-")
     strategies = STRATEGIES + ("auto",)
     if parts[0] == "flora" and len(parts) == 2 and parts[1] in strategies:
@@ -315,15 +357,21 @@ def build(name: str, base: nn.Module, rank: int, seed: int) -> ModelCase:
     elif parts[0] == "flora" and len(parts) == 3 and parts[1] in backend_names() and parts[2] in strategies:
         backend, strategy = parts[1], parts[2]
     else:
-        raise ValueError(f"unknown model provider {name!r}: expected frozen, full, lora, flora-<strategy> or "
-                         f"flora-<backend>-<strategy> (strategies {strategies}, backends {backend_names()})")
-    m = _flora(base, rank, strategy, backend, seed)
+        raise ValueError(f"unknown model provider {name!r}: expected frozen, full, lora, flora-lean, "
+                         f"flora-<strategy> or flora-<backend>-<strategy> (strategies {strategies}, backends "
+                         f"{backend_names()})")
+    m = _flora(base, rank, strategy, backend, seed, targets)
     return ModelCase(name, m, f"fk.inject_flora(rank={rank}, backend={backend}, strategy={strategy})")
+
+
+class SkipCase(Exception):
+    """A provider this installation cannot build (the message says why)."""
 
 
 # ---- the run -----------------------------------------------------------------------------------
 def _step(c: ModelCase, x: Tensor, dy: Tensor) -> None:
-    from ..backends import autotune
+    """One training step of ``c`` (forward, ``backward(dy)``), its gradients dropped after."""
+    from flora_kernels.backends import autotune
 
     before = autotune._STATE.switch
     if c.autotune is not None:
@@ -332,38 +380,82 @@ def _step(c: ModelCase, x: Tensor, dy: Tensor) -> None:
         c.model(x).backward(dy)
     finally:
         autotune.set_autotune(before)
+    _step_clear(c, [x])
+
+
+def _step_clear(c: ModelCase, inputs: Sequence[Tensor]) -> None:
     for p in c.model.parameters():
         p.grad = None
-    x.grad = None
+    for t in inputs:
+        t.grad = None
 
 
-def _output_and_dx(model: nn.Module, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+def _output_and_dx(model: nn.Module, x: Tensor, dy: Tensor) -> list[Tensor]:
     xx = x.detach().requires_grad_(True)
     y = model(xx)
     (dx,) = torch.autograd.grad(y, xx, dy)
-    return y.detach(), dx
+    return [y.detach(), dx]
 
 
-def _rel_err(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor]) -> float:
-    """The larger of the output's and the input gradient's ||got - want|| / ||want||."""
-    return max(float((g.double() - w).norm() / w.norm()) for g, w in zip(got, want, strict=True))
+def _model_inputs(base: nn.Module, batch: int, image_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """x (batch, 3, image_size, image_size), requiring grad, and a fixed dy like the output."""
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).requires_grad_(True)
+    with torch.no_grad():
+        y0 = base(x)
+    return x, torch.randn(y0.shape, generator=g)
 
 
-def _quantile(v: Sequence[float], q: float) -> float:
-    s = sorted(v)
-    i = (len(s) - 1) * q
-    lo, hi = math.floor(i), math.ceil(i)
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
+def build_cases(names: Sequence[str], base: nn.Module, rank: int, seed: int,
+                targets: str = "all") -> tuple[list[ModelCase], dict[str, str]]:
+    """The providers (frozen first) and {name: why skipped} for those that cannot be built."""
+    cases, skipped = [], {}
+    for n in ["frozen"] + [p for p in names if p != "frozen"]:
+        try:
+            cases.append(build(n, base, rank, seed, targets))
+        except (ImportError, SkipCase) as e:
+            skipped[n] = str(e) if isinstance(e, SkipCase) else f"{type(e).__name__}: {e}"
+    return cases, skipped
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+def check_flora(name: str, cases: Sequence[ModelCase], base: nn.Module, rank: int, seed: int, x: Tensor,
+                dy: Tensor) -> dict[str, float]:
+    """Each FLoRA provider's output and input gradient against the reference path run in float64
+    (``flora_kernels.testing``'s float64 rule: within 4x the float32 reference path's own error, at
+    least the float32 tolerance). Returns {provider: worst relative error}; raises AssertionError."""
+    flora = [c for c in cases if c.name.startswith("flora")]
+    if not flora:
+        return {}
+    ref = _flora(base, rank, "factorized", "reference", seed)
+    exact = _output_and_dx(copy.deepcopy(ref).double(), x.double(), dy.double())
+    ref_errs = [rel_err(t, e) for t, e in zip(_output_and_dx(ref, x, dy), exact)]
+    del ref
+    checks = {}
+    for c in flora:
+        errs = [rel_err(t, e) for t, e in zip(_output_and_dx(c.model, x, dy), exact)]
+        ok, worst, bound = within_reference_error(errs, ref_errs, tolerance(x.dtype, x.device.type))
+        checks[c.name] = max(errs)
+        if not ok:
+            raise AssertionError(f"{name}: provider {c.name} disagrees with the reference path run in float64 "
+                                 f"(relative error {worst:.2e} > {bound:.1e})")
+    return checks
+
+
+def step_memory(c: ModelCase, inputs: Sequence[Tensor], dy: Tensor) -> dict[str, float | None]:
+    """``saved_mib``: what one training step's forward saves for backward (parameters, buffers and
+    the inputs left out); ``peak_mib``: the device's peak during one step (None on a CPU)."""
+    keep = [*c.model.parameters(), *c.model.buffers(), *inputs]
+    saved = saved_bytes(lambda: c.model(*inputs), keep)
+    peak = peak_bytes(lambda: _step(c, inputs[0], dy), inputs[0].device)
+    _step_clear(c, inputs)
+    return {"saved_mib": mib(saved), "peak_mib": mib(peak)}
 
 
 def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: int = 8, image_size: int = 96,
               rank: int = 8, rounds: int = 7, seed: int = 0, log: Callable[[str], None] | None = None,
               clock: str = "wall") -> dict:
     """Time ``providers`` on model ``name``; returns {model, impl, rows: [...], ...} (see module doc)."""
-    from ..backends.autotune import clear_autotune_cache
+    from flora_kernels.backends.autotune import clear_autotune_cache
 
     if clock not in CLOCKS:
         raise ValueError(f"clock: expected one of {tuple(CLOCKS)}, got {clock!r}")
@@ -372,71 +464,29 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
     torch.manual_seed(seed)
     base, src = make_model(name, image_size)
     base.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 3, image_size, image_size, generator=g).requires_grad_(True)
-    with torch.no_grad():
-        y0 = base(x)
-    dy = torch.randn(y0.shape, generator=g)
-    names = ["frozen"] + [p for p in providers if p != "frozen"]
-    cases, skipped = [], {}
-    for n in names:
-        try:
-            cases.append(build(n, base, rank, seed))
-        except ImportError as e:
-            skipped[n] = f"{type(e).__name__}: {e}"
-    # first step (measured dispatch happens here for flora-auto), then the checks, then the rounds
-    first = {}
+    x, dy = _model_inputs(base, batch, image_size, seed)
+    cases, skipped = build_cases(providers, base, rank, seed)
+    first = {}  # first step (measured dispatch happens here for flora-auto), then the checks, then the rounds
     for c in cases:
         t0 = now()
         _step(c, x, dy)
         first[c.name] = now() - t0
-    # correctness of the FLoRA providers: output and input gradient vs the reference path in float64
-    checks = {}
-    flora = [c for c in cases if c.name.startswith("flora")]
-    if flora:
-        ref = _flora(base, rank, "factorized", "reference", seed)
-        exact = _output_and_dx(copy.deepcopy(ref).double(), x.double(), dy.double())
-        # the bound: the fp32 reference path's own error (x4), at least 1e-3
-        bound = max(1e-3, 4 * _rel_err(_output_and_dx(ref, x, dy), exact))
-        del ref
-        for c in flora:
-            err = _rel_err(_output_and_dx(c.model, x, dy), exact)  # decisions are made by now (first step)
-            checks[c.name] = err
-            if not err <= bound:
-                raise AssertionError(f"{name}: provider {c.name} disagrees with the reference path run in float64 "
-                                     f"(relative error {err:.2e} > {bound:.1e})")
-    times: dict[str, list[float]] = {c.name: [] for c in cases}
-    ratios: dict[str, list[float]] = {c.name: [] for c in cases}
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(1):  # warm-up round
-            for c in cases:
-                _step(c, x, dy)
+    checks = check_flora(name, cases, base, rank, seed, x, dy)  # decisions are made by now (first step)
+    memory = {c.name: step_memory(c, [x], dy) for c in cases}
+    times = interleaved({c.name: functools.partial(_step, c, x, dy) for c in cases}, rounds, clock)
+    if log:
         for r in range(rounds):
-            k = r % len(cases)
-            this = {}
-            for c in cases[k:] + cases[:k]:
-                t0 = now()
-                _step(c, x, dy)
-                this[c.name] = now() - t0
-            for n, t in this.items():
-                times[n].append(t)
-                ratios[n].append(t / this["frozen"])
-            if log:
-                log(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in this.items()))
-    finally:
-        if gc_was:
-            gc.enable()
+            log(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[r] * 1e3:.0f} ms" for n, t in times.items()))
     rows = []
     for c in cases:
-        rs, ts = ratios[c.name], times[c.name]
-        med = statistics.median(ts)
+        ts = times[c.name]
+        rs = [t / f for t, f in zip(ts, times["frozen"])]
+        med = quantile(ts, 0.5)
         rows.append({
-            "provider": c.name, "impl": c.impl, "median_ms": med * 1e3, "ratio": statistics.median(rs),
-            "ratio_q20": _quantile(rs, 0.2), "ratio_q80": _quantile(rs, 0.8),
+            "provider": c.name, "impl": c.impl, "median_ms": med * 1e3, "ratio": quantile(rs, 0.5),
+            "ratio_q20": quantile(rs, 0.2), "ratio_q80": quantile(rs, 0.8),
             "first_step_ms": first[c.name] * 1e3, "first_extra_ms": (first[c.name] - med) * 1e3,
-            "check_rel_err": checks.get(c.name),
+            "check_rel_err": checks.get(c.name), **memory[c.name],
         })
     return {"model": name, "impl": src, "batch": batch, "image_size": image_size, "rank": rank, "rounds": rounds,
             "threads": torch.get_num_threads(), "clock": clock, "rows": rows, "skipped": skipped,
@@ -445,7 +495,7 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
 
 def _dispatch_summary(cases: Sequence[ModelCase], x: Tensor, dy: Tensor) -> dict[str, dict[str, int]]:
     """Per FLoRA provider: how many adapted calls of one step ran each (backend/strategy [source])."""
-    from ..backends.autotune import record_dispatch
+    from flora_kernels.backends.autotune import record_dispatch
 
     out = {}
     for c in cases:
@@ -471,14 +521,16 @@ def markdown(results: Sequence[dict]) -> str:
         lines.append("")
         lines.append(f"Model: {res['impl']}.")
         lines.append("")
-        lines.append("| provider | step ms | ratio to frozen | q20-q80 | first step extra ms | check |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| provider | step ms | ratio to frozen | q20-q80 | first step extra ms | check "
+                     "| saved for backward MiB | peak MiB |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in res["rows"]:
             chk = "" if r["check_rel_err"] is None else f"{r['check_rel_err']:.1e}"
             lines.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['ratio']:.2f}x | {r['ratio_q20']:.2f}-"
-                         f"{r['ratio_q80']:.2f} | {r['first_extra_ms']:.0f} | {chk} |")
+                         f"{r['ratio_q80']:.2f} | {r['first_extra_ms']:.0f} | {chk} | {fmt_mib(r.get('saved_mib'))} "
+                         f"| {fmt_mib(r.get('peak_mib'))} |")
         for n, why in res["skipped"].items():
-            lines.append(f"| {n} | skipped: {why} | | | | |")
+            lines.append(f"| {n} | skipped: {why} | | | | | | |")
         lines.append("")
         for n, counts in res.get("dispatch", {}).items():
             lines.append(f"- {n} dispatch: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))

@@ -389,7 +389,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         (
-            "FLOPs and bytes are counted per `flora_kernels/bench/counts.py` (the layer's useful work, "
+            "FLOPs and bytes are counted per `flora_bench/counts.py` (the layer's useful work, "
             "the same for every adapted provider)."
         ),
         "",

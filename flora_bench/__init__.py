@@ -1,4 +1,7 @@
-"""The benchmark harness shared by ``flora-bench`` and the pytest-benchmark suites in bench/.
+"""flora_bench: the benchmark of flora_kernels (``flora-bench``, ``python -m flora_bench``), a
+top-level package next to the runtime one, installed by the same distribution; users of the
+library never import it. The harness is shared by ``flora-bench`` and the pytest-benchmark
+suites in bench/.
 
 - ``shapes``: benchmark shapes and presets (gpu, cpu, quick, tiny).
 - ``providers``: what is compared (base, FLoRA per backend x strategy, LoRA, the paper's
@@ -6,6 +9,8 @@
 - ``counts``: the FLOP and byte counts behind TFLOP/s and GB/s.
 - ``harness``: correctness check against the float64 reference, interleaved timing, memory.
 - ``report``: stdout table, JSON, CSV, Markdown, plot, target verdicts.
+- ``models``: whole-model training steps (``--models``).
+- ``timing``, ``memory``: interleaved rounds, clocks, quantiles; bytes saved for backward, peaks.
 """
 
 from .counts import MODES

@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends import BackendUnavailable, Call, available_backends, backend_names
-from ..backends.autotune import candidates
-from ..backends.base import STRATEGIES
-from ..convspec import ConvSpec
-from ..layers import FLoRAConv2d, FLoRALayer, FLoRALinear
-from ..tucker import init_tucker_, mode_n_product, tucker_reconstruct
+from flora_kernels.backends import BackendUnavailable, Call, available_backends, backend_names
+from flora_kernels.backends.autotune import candidates
+from flora_kernels.backends.base import STRATEGIES
+from flora_kernels.convspec import ConvSpec
+from flora_kernels.layers import FLoRAConv2d, FLoRALayer, FLoRALinear
+from flora_kernels.tucker import init_tucker_, mode_n_product, tucker_reconstruct
+
 from .shapes import Shape
 
 

@@ -7,28 +7,12 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from flora_kernels import __version__
+from flora_kernels.cli import cpu_model, dist_version
 
 
 def loadavg() -> list[float] | None:
@@ -40,7 +24,7 @@ def loadavg() -> list[float] | None:
 
 def git_commit() -> dict[str, object] | None:
     """HEAD of the checkout the package lives in (None outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
@@ -67,8 +51,6 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device | str) -> dict:
     """The metadata block of a result document."""
-    from .. import __version__
-
     device = torch.device(device)
     env = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -83,9 +65,9 @@ def environment(device: torch.device | str) -> dict:
         "flora_kernels": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "peft": _version("peft"),
-        "numpy": _version("numpy"),
+        "triton": dist_version("triton"),
+        "peft": dist_version("peft"),
+        "numpy": dist_version("numpy"),
         "git": git_commit(),
         "env": {
             k: os.environ[k] for k in ("FLORA_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES") if k in os.environ

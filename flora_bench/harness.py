@@ -1,7 +1,7 @@
 """The benchmark harness: providers x modes x shapes, checked against the reference, then timed.
 
-Used by ``flora-bench`` (``flora_kernels.cli``), by the pytest-benchmark suites in ``bench/``
-(through ``build_case``) and by ``tests/test_bench_harness.py``.
+Used by ``flora-bench`` (``flora_bench.cli``), by the pytest-benchmark suites in ``bench/``
+(through ``build_case``) and by ``tests/bench/test_harness.py``.
 
 For each shape:
 
@@ -11,7 +11,8 @@ For each shape:
 3. Every selected provider is built (or skipped, with the reason) and checked once per mode
    family it will be timed in: training (y, dx and its parameter gradients mapped back to
    FLoRA's core and factors), inference (y), merged inference (y). The figure is the relative
-   error ||out - ref|| / ||ref||; a value above the dtype's tolerance (``TOLERANCE``) stops
+   error ||out - ref|| / ||ref||; a value above the dtype's tolerance
+   (``flora_kernels.testing.tolerance``) stops
    the run with ``CorrectnessError`` naming provider, shape, mode, tensor and error (or, with
    ``keep_going``, marks the provider FAIL and leaves it out of the timing).
 4. Per mode, the providers are timed in interleaved rounds (each round runs every provider
@@ -34,24 +35,24 @@ torch's allocator.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
-import gc
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..layers import FLoRAConv2d, FLoRALinear
+from flora_kernels.layers import FLoRAConv2d, FLoRALinear
+from flora_kernels.testing import rel_err, tolerance
+
 from . import counts
 from .counts import MODES
 from .env import environment, loadavg
+from .memory import mib, peak_bytes, saved_bytes
 from .providers import (
     Built,
     Materials,
@@ -63,6 +64,7 @@ from .providers import (
     make_materials,
 )
 from .shapes import Shape
+from .timing import gc_paused, quantiles
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +85,6 @@ MODE_ALIASES = {
 TRAINING_MODES = ("fwd", "bwd", "full")
 # Modes are timed in this order, so that a --max-minutes cut drops the least important last.
 RUN_ORDER = ("full", "infer", "fwd", "bwd", "merged")
-
-# Relative-norm tolerance against the float64 reference, per dtype (METHOD: fp32 arithmetic
-# lands far under 1e-3, bf16 operands between 1e-3 and 1e-2). Low precision is loose like
-# tests/helpers.py (bf16 5e-2): adapter gradients are reductions over every token/pixel, and
-# PyTorch's own bf16 CPU ops accumulate them in bf16 (seen: 4.3e-2 on a depthwise U_in grad
-# of the reference factorized path). fp32 on CUDA allows TF32.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-TOLERANCE_FP32_CUDA = 2e-3
-
-
-def tolerance(dtype: torch.dtype, device: torch.device) -> float:
-    if dtype == torch.float32 and device.type == "cuda":
-        return TOLERANCE_FP32_CUDA
-    return TOLERANCE[dtype]
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -177,16 +164,6 @@ def select_providers(patterns: Sequence[str] | None, catalog: Sequence[Provider]
 # Correctness
 
 
-def rel_err(out: Tensor | None, ref: Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; inf for a missing or non-finite output."""
-    if out is None:
-        return math.inf
-    o = out.detach().to(device=ref.device, dtype=torch.float64)
-    if o.shape != ref.shape or not torch.isfinite(o).all():
-        return math.inf
-    return float((o - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
 def compute_oracle(mat: Materials) -> dict[str, Tensor]:
     """The reference path in float64: y, dx, and d core, d factors[n]."""
     base64 = copy.deepcopy(mat.base).double()
@@ -244,7 +221,10 @@ def check_provider(b: Built, mat: Materials, oracle: dict[str, Tensor], modes: S
     if "merged" in modes and b.adapted and b.merged_forward is not None:
         with torch.no_grad():
             errs["merged:y"] = rel_err(b.merged_forward(mat.x), oracle["y"])
-    tol = tolerance(mat.shape.torch_dtype, mat.device)
+    # The provider runs in the shape's dtype, the oracle in float64: the reference path's own
+    # tolerance in that dtype (flora_kernels.testing) bounds both the provider's rounding and
+    # the reference path's, so it is the bound here too.
+    tol = tolerance(mat.shape.torch_dtype, mat.device.type)
     return {"errors": errs, "max": max(errs.values(), default=0.0), "tol": tol}
 
 
@@ -323,23 +303,11 @@ class Clock:
         return out
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def time_steps(steps: Sequence[Step], clock: Clock, budget: Budget, deadline: float | None) -> list[list[float]]:
     """Interleaved rounds (rotating order); per-step lists of milliseconds."""
     n = len(steps)
     times: list[list[float]] = [[] for _ in range(n)]
-    with _gc_paused():
+    with gc_paused():
         for _ in range(budget.warmup):
             clock.round(steps)
         t_start = time.perf_counter()
@@ -362,50 +330,27 @@ def time_steps(steps: Sequence[Step], clock: Clock, budget: Budget, deadline: fl
     return times
 
 
-def quantiles(v: Sequence[float]) -> tuple[float, float, float]:
-    a = np.asarray(v, dtype=np.float64)
-    p20, p50, p80 = np.percentile(a, [20, 50, 80])
-    return float(p50), float(p20), float(p80)
-
-
-def saved_bytes(b: Built, xr: Tensor, exclude: Iterable[Tensor]) -> int | None:
-    """Bytes of the unique storages the training forward saves for backward (params, x excluded)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        try:
-            st = t.untyped_storage()
-            if st.data_ptr() not in skip and st.data_ptr() != 0:
-                seen[st.data_ptr()] = st.nbytes()
-        except Exception as e:  # noqa: BLE001 - tensor subclasses without storage
-            log.debug("saved tensor without a storage: %s", e)
-        return t
-
+def provider_saved_bytes(b: Built, xr: Tensor, exclude: Iterable[Tensor]) -> int | None:
+    """Bytes the provider's training forward saves for backward (``exclude``: params, x);
+    None when the forward raises (logged)."""
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-            y = b.forward(xr)
-        del y
+        return saved_bytes(lambda: b.forward(xr), exclude)
     except Exception as e:  # noqa: BLE001
         log.info("saved-bytes measurement failed for %s: %s", b.name, e)
         return None
-    _clear(b, xr)
-    return sum(seen.values())
+    finally:
+        _clear(b, xr)
 
 
-def peak_bytes(step: Step, device: torch.device) -> int | None:
-    """CUDA only: peak allocated during one run() above what was allocated before it."""
+def peak_step_bytes(step: Step, device: torch.device) -> int | None:
+    """CUDA only: the peak allocated during one ``step.run()`` above what was allocated before it."""
     if device.type != "cuda":
         return None
     step.setup()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    m0 = torch.cuda.memory_allocated(device)
-    step.run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated(device) - m0
-    step.teardown()
-    return int(peak)
+    try:
+        return peak_bytes(step.run, device)
+    finally:
+        step.teardown()
 
 
 # --------------------------------------------------------------------------------------
@@ -445,227 +390,266 @@ def _fail_message(provider: str, shape: str, check: dict) -> str:
     )
 
 
+class _Run:
+    """One ``run``: the result document and the steps that fill it, shape by shape."""
+
+    def __init__(self, cfg: BenchConfig, on_row: Callable[[dict], None] | None) -> None:
+        self.cfg, self.on_row = cfg, on_row
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch.cuda.is_available() is False on this machine")
+        self.modes = normalize_modes(cfg.modes)
+        self.budget = cfg.resolved_budget()
+        catalog = default_providers() + list(cfg.extra_providers)
+        self.providers, explicit = select_providers(cfg.providers, catalog)
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+        self.result = self._document()
+        self.ctx: dict = {"backends": self.result["backends"], "explicit": explicit, "quick": cfg.quick, "plans": {}}
+        self.bar = None
+
+    def _document(self) -> dict:
+        cfg, device = self.cfg, self.device
+        return {
+            "meta": environment(device),
+            "config": {
+                "device": str(device),
+                "quick": cfg.quick,
+                "modes": list(self.modes),
+                "seed": cfg.seed,
+                "providers": [p.name for p in self.providers],
+                "provider_patterns": list(cfg.providers or []),
+                "shapes": [s.name for s in cfg.shapes],
+                "budget": asdict(self.budget),
+                "keep_going": cfg.keep_going,
+                "max_minutes": cfg.max_minutes,
+                "timing": "CUDA events, L2 flushed before each call"
+                if device.type == "cuda"
+                else "time.perf_counter, gc paused",
+                "tolerance": {
+                    str(dt).replace("torch.", ""): tolerance(dt, device.type)
+                    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+                },
+            },
+            "backends": backends_status(),
+            "shapes": [],
+            "checks": [],
+            "rows": [],
+            "skipped": [],
+            "notes": [],
+        }
+
+    # ---- small helpers ----
+    def _skip(self, shape: str, provider: str, mode: str, reason: str) -> None:
+        self.result["skipped"].append({"shape": shape, "provider": provider, "mode": mode, "reason": reason})
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def _time_reason(self) -> str:
+        return f"time budget (--max-minutes {self.cfg.max_minutes}) exhausted"
+
+    def _progress(self, desc: str | None = None, advance: int = 0) -> None:
+        if self.bar is None:
+            return
+        if desc is not None:
+            self.bar.set_description(desc)
+        if advance:
+            self.bar.update(advance)
+
+    def _fail(self, shape: str, provider: str, msg: str, cause: BaseException | None = None) -> None:
+        """A provider failed to build or raised: recorded with --keep-going, else raised."""
+        if not self.cfg.keep_going:
+            raise CorrectnessError(msg) from cause
+        self.result["checks"].append({"shape": shape, "provider": provider, "status": "FAIL", "message": msg, "errors": {}})
+
+    # ---- the run ----
+    def __call__(self) -> dict:
+        cfg = self.cfg
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(cfg.shapes) * (1 + len(self.modes)), desc="flora-bench", unit="step", leave=False)
+        try:
+            for si, shape in enumerate(cfg.shapes):
+                self.run_shape(si, shape)
+        except CorrectnessError as e:
+            e.result = self.result  # type: ignore[attr-defined]  # the partial document, for the reports
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.result["meta"]["elapsed_s"] = time.perf_counter() - self.t0
+            self.result["meta"]["loadavg_end"] = loadavg()
+        return self.result
+
+    def run_shape(self, si: int, shape: Shape) -> None:
+        """Materials, oracle, every provider built and checked, then every mode timed."""
+        if self._out_of_time():
+            self._skip(shape.name, "all providers", "*", self._time_reason())
+            self._progress(advance=1 + len(self.modes))
+            return
+        self._progress(f"{shape.name}: build+check")
+        mat = make_materials(shape, self.device, seed=self.cfg.seed + si)
+        plans = plans_for(mat)
+        self.ctx["plans"][shape.name] = {k: v["strategy"] for k, v in plans.items()}
+        oracle = compute_oracle(mat)
+        shape_doc = _shape_doc(shape, mat, plans)
+        self.result["shapes"].append(shape_doc)
+        built = [b for p in self.providers if (b := self.build_and_check(p, mat, oracle)) is not None]
+        for b in built:
+            shape_doc["providers"][b.name] = b.impl
+        self._progress(advance=1)
+        xr = mat.x.detach().clone().requires_grad_(True)
+        saved = self.saved_per_provider(built, mat, xr)
+        for mode in sorted(self.modes, key=RUN_ORDER.index):
+            self.time_mode(mode, built, mat, xr, saved)
+        del built, mat, oracle
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def build_and_check(self, p: Provider, mat: Materials, oracle: dict[str, Tensor]) -> Built | None:
+        """Provider ``p`` built and checked against the oracle; None when skipped or failed."""
+        shape = mat.shape.name
+        reason = p.skip_reason(mat.shape, self.device, self.ctx)
+        if reason is not None:
+            self._skip(shape, p.name, "*", reason)
+            return None
+        try:
+            t_build = time.perf_counter()
+            b = p.build(mat, self.ctx)
+        except SkipProvider as e:
+            self._skip(shape, p.name, "*", str(e))
+            return None
+        except Exception as e:  # noqa: BLE001 - recorded (--keep-going) or raised by _fail
+            self._fail(shape, p.name, f"provider {p.name!r} on shape {shape!r} failed to build: {_short(e)}", e)
+            return None
+        try:
+            t_check = time.perf_counter()
+            chk = check_provider(b, mat, oracle, self.modes)
+            first_s = time.perf_counter() - t_check
+        except Exception as e:  # noqa: BLE001 - a skip, recorded (--keep-going) or raised by _fail
+            if b.exception_is_skip:
+                self._skip(shape, p.name, "*", f"failed at first call: {_short(e)}")
+                return None
+            msg = f"provider {p.name!r} on shape {shape!r} raised during the correctness check: {_short(e)}"
+            self._fail(shape, p.name, msg, e)
+            return None
+        ok = all(v <= chk["tol"] for v in chk["errors"].values())
+        entry = {
+            "shape": shape,
+            "provider": p.name,
+            "status": ("ok" if ok else "FAIL") if b.adapted else "floor",
+            "errors": chk["errors"],
+            "max_error": chk["max"],
+            "tol": chk["tol"],
+            "first_call_s": first_s,
+            "build_s": t_check - t_build,
+        }
+        if not ok:
+            entry["message"] = _fail_message(p.name, shape, chk)
+        self.result["checks"].append(entry)
+        if not ok:
+            if not self.cfg.keep_going:
+                raise CorrectnessError(entry["message"])
+            return None
+        if b.exception_is_skip and first_s > 5:
+            self.result["notes"].append(f"{p.name} on {shape}: first calls (compilation) took {first_s:.1f} s")
+        return b
+
+    def saved_per_provider(self, built: Sequence[Built], mat: Materials, xr: Tensor) -> dict[str, int | None]:
+        """Bytes saved for backward by each provider's training forward (training modes only)."""
+        if not any(m in TRAINING_MODES for m in self.modes):
+            return {}
+        exclude = [mat.x, xr] + list(mat.base.parameters())
+        return {b.name: None if b.exception_is_skip else provider_saved_bytes(b, xr, exclude + b.params) for b in built}
+
+    def time_mode(
+        self, mode: str, built: Sequence[Built], mat: Materials, xr: Tensor, saved: dict[str, int | None]
+    ) -> None:
+        """Every provider serving ``mode``, timed in interleaved rounds; one row each."""
+        shape = mat.shape.name
+        self._progress(f"{shape}: {mode}")
+        if self._out_of_time():
+            for b in built:
+                self._skip(shape, b.name, mode, self._time_reason())
+            self._progress(advance=1)
+            return
+        run_b = []
+        for b in built:
+            if mode in _modes_for(b, self.modes):
+                run_b.append(b)
+            else:
+                self._skip(shape, b.name, mode, b.merged_skip or "mode not supported")
+        steps = [Step(b, mode, mat, xr) for b in run_b]
+        times = time_steps(steps, Clock(self.device), self.budget, self.deadline)
+        base_t = times[[b.name for b in run_b].index("base")]
+        for b, ts in zip(run_b, times):
+            peak = peak_step_bytes(Step(b, mode, mat, xr), self.device)
+            row = self._row(mat.shape, b, mode, ts, base_t, peak, saved.get(b.name) if mode in TRAINING_MODES else None)
+            self.result["rows"].append(row)
+            if self.on_row:
+                self.on_row(row)
+        self._progress(advance=1)
+
+    def _row(
+        self, shape: Shape, b: Built, mode: str, ts: list[float], base_t: list[float], peak: int | None,
+        saved: int | None,
+    ) -> dict:
+        med, p20, p80 = quantiles(ts)
+        r50, r20, r80 = quantiles([t / bt for t, bt in zip(ts, base_t)])
+        flops, nbytes = counts.counted(shape, mode, b.adapted)
+        check = next(
+            (c["status"] for c in self.result["checks"] if c["shape"] == shape.name and c["provider"] == b.name), "n/a"
+        )
+        return {
+            "shape": shape.name,
+            "op": shape.op,
+            "provider": b.name,
+            "impl": b.impl,
+            "mode": mode,
+            "median_ms": med,
+            "p20_ms": p20,
+            "p80_ms": p80,
+            "reps": len(ts),
+            "ratio": r50,
+            "ratio_p20": r20,
+            "ratio_p80": r80,
+            "ratio_of_medians": med / quantiles(base_t)[0],
+            "flops": flops,
+            "bytes": nbytes,
+            "tflops": flops / (med * 1e-3) / 1e12,
+            "gbps": nbytes / (med * 1e-3) / 1e9,
+            "peak_mib": mib(peak),
+            "saved_mib": mib(saved),
+            "check": check,
+            "dtype": shape.dtype,
+        }
+
+
+def _shape_doc(shape: Shape, mat: Materials, plans: dict[str, dict]) -> dict:
+    return {
+        "name": shape.name,
+        "op": shape.op,
+        "description": shape.describe(),
+        "note": shape.note,
+        "x_shape": list(shape.x_shape),
+        "weight_shape": list(shape.weight_shape),
+        "ranks": list(shape.ranks),
+        "dtype": shape.dtype,
+        "channels_last": shape.channels_last,
+        "scale": mat.scale,
+        "auto_plan": plans,
+        "providers": {},
+    }
+
+
 def run(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None) -> dict:
     """Run the benchmark; returns the result document (see ``report`` for its layout).
 
     Raises ``CorrectnessError`` on the first mismatch unless ``cfg.keep_going``.
     """
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch.cuda.is_available() is False on this machine")
-    modes = normalize_modes(cfg.modes)
-    budget = cfg.resolved_budget()
-    catalog = default_providers() + list(cfg.extra_providers)
-    providers, explicit = select_providers(cfg.providers, catalog)
-    t0 = time.perf_counter()
-    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
-    result: dict = {
-        "meta": environment(device),
-        "config": {
-            "device": str(device),
-            "quick": cfg.quick,
-            "modes": list(modes),
-            "seed": cfg.seed,
-            "providers": [p.name for p in providers],
-            "provider_patterns": list(cfg.providers or []),
-            "shapes": [s.name for s in cfg.shapes],
-            "budget": asdict(budget),
-            "keep_going": cfg.keep_going,
-            "max_minutes": cfg.max_minutes,
-            "timing": "CUDA events, L2 flushed before each call"
-            if device.type == "cuda"
-            else "time.perf_counter, gc paused",
-            "tolerance": {str(k).replace("torch.", ""): v for k, v in TOLERANCE.items()},
-        },
-        "backends": backends_status(),
-        "shapes": [],
-        "checks": [],
-        "rows": [],
-        "skipped": [],
-        "notes": [],
-    }
-    ctx: dict = {"backends": result["backends"], "explicit": explicit, "quick": cfg.quick, "plans": {}}
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(cfg.shapes) * (1 + len(modes)), desc="flora-bench", unit="step", leave=False)
-
-    def skip(shape: str, provider: str, mode: str, reason: str) -> None:
-        result["skipped"].append({"shape": shape, "provider": provider, "mode": mode, "reason": reason})
-
-    try:
-        for si, shape in enumerate(cfg.shapes):
-            if deadline is not None and time.perf_counter() > deadline:
-                skip(shape.name, "all providers", "*", f"time budget (--max-minutes {cfg.max_minutes}) exhausted")
-                if bar:
-                    bar.update(1 + len(modes))
-                continue
-            if bar:
-                bar.set_description(f"{shape.name}: build+check")
-            mat = make_materials(shape, device, seed=cfg.seed + si)
-            plans = plans_for(mat)
-            ctx["plans"][shape.name] = {k: v["strategy"] for k, v in plans.items()}
-            oracle = compute_oracle(mat)
-            shape_doc = {
-                "name": shape.name,
-                "op": shape.op,
-                "description": shape.describe(),
-                "note": shape.note,
-                "x_shape": list(shape.x_shape),
-                "weight_shape": list(shape.weight_shape),
-                "ranks": list(shape.ranks),
-                "dtype": shape.dtype,
-                "channels_last": shape.channels_last,
-                "scale": mat.scale,
-                "auto_plan": plans,
-                "providers": {},
-            }
-            result["shapes"].append(shape_doc)
-            built: list[Built] = []
-            for p in providers:
-                reason = p.skip_reason(shape, device, ctx)
-                if reason is not None:
-                    skip(shape.name, p.name, "*", reason)
-                    continue
-                try:
-                    t_build = time.perf_counter()
-                    b = p.build(mat, ctx)
-                except SkipProvider as e:
-                    skip(shape.name, p.name, "*", str(e))
-                    continue
-                except Exception as e:
-                    msg = f"provider {p.name!r} on shape {shape.name!r} failed to build: {_short(e)}"
-                    if cfg.keep_going:
-                        result["checks"].append(
-                            {"shape": shape.name, "provider": p.name, "status": "FAIL", "message": msg, "errors": {}}
-                        )
-                        continue
-                    raise CorrectnessError(msg) from e
-                try:
-                    t_check = time.perf_counter()
-                    chk = check_provider(b, mat, oracle, modes)
-                    first_s = time.perf_counter() - t_check
-                except Exception as e:
-                    if b.exception_is_skip:
-                        skip(shape.name, p.name, "*", f"failed at first call: {_short(e)}")
-                        continue
-                    msg = (
-                        f"provider {p.name!r} on shape {shape.name!r} raised during the correctness check: {_short(e)}"
-                    )
-                    if cfg.keep_going:
-                        result["checks"].append(
-                            {"shape": shape.name, "provider": p.name, "status": "FAIL", "message": msg, "errors": {}}
-                        )
-                        continue
-                    raise CorrectnessError(msg) from e
-                ok = all(v <= chk["tol"] for v in chk["errors"].values())
-                status = ("ok" if ok else "FAIL") if b.adapted else "floor"
-                entry = {
-                    "shape": shape.name,
-                    "provider": p.name,
-                    "status": status,
-                    "errors": chk["errors"],
-                    "max_error": chk["max"],
-                    "tol": chk["tol"],
-                    "first_call_s": first_s,
-                    "build_s": t_check - t_build,
-                }
-                if not ok:
-                    entry["message"] = _fail_message(p.name, shape.name, chk)
-                result["checks"].append(entry)
-                if not ok:
-                    if not cfg.keep_going:
-                        raise CorrectnessError(entry["message"])
-                    continue
-                if b.exception_is_skip and first_s > 5:
-                    result["notes"].append(f"{p.name} on {shape.name}: first calls (compilation) took {first_s:.1f} s")
-                shape_doc["providers"][p.name] = b.impl
-                built.append(b)
-            if bar:
-                bar.update(1)
-
-            xr = mat.x.detach().clone().requires_grad_(True)
-            exclude = [mat.x, xr] + list(mat.base.parameters())
-            saved: dict[str, int | None] = {}
-            if any(m in TRAINING_MODES for m in modes):
-                for b in built:
-                    saved[b.name] = None if b.exception_is_skip else saved_bytes(b, xr, exclude + b.params)
-            clock = Clock(device)
-            base_b = next(b for b in built if b.name == "base")
-            for mode in sorted(modes, key=RUN_ORDER.index):
-                if bar:
-                    bar.set_description(f"{shape.name}: {mode}")
-                if deadline is not None and time.perf_counter() > deadline:
-                    for b in built:
-                        skip(shape.name, b.name, mode, f"time budget (--max-minutes {cfg.max_minutes}) exhausted")
-                    if bar:
-                        bar.update(1)
-                    continue
-                run_b = []
-                for b in built:
-                    if mode in _modes_for(b, modes):
-                        run_b.append(b)
-                    else:
-                        skip(shape.name, b.name, mode, b.merged_skip or "mode not supported")
-                steps = [Step(b, mode, mat, xr) for b in run_b]
-                times = time_steps(steps, clock, budget, deadline)
-                base_t = times[run_b.index(base_b)]
-                peaks = {b.name: peak_bytes(Step(b, mode, mat, xr), device) for b in run_b}
-                for b, ts in zip(run_b, times):
-                    med, p20, p80 = quantiles(ts)
-                    ratios = [t / bt for t, bt in zip(ts, base_t)]
-                    r50, r20, r80 = quantiles(ratios)
-                    flops, nbytes = counts.counted(shape, mode, b.adapted)
-                    row = {
-                        "shape": shape.name,
-                        "op": shape.op,
-                        "provider": b.name,
-                        "impl": b.impl,
-                        "mode": mode,
-                        "median_ms": med,
-                        "p20_ms": p20,
-                        "p80_ms": p80,
-                        "reps": len(ts),
-                        "ratio": r50,
-                        "ratio_p20": r20,
-                        "ratio_p80": r80,
-                        "ratio_of_medians": med / quantiles(base_t)[0],
-                        "flops": flops,
-                        "bytes": nbytes,
-                        "tflops": flops / (med * 1e-3) / 1e12,
-                        "gbps": nbytes / (med * 1e-3) / 1e9,
-                        "peak_mib": None if peaks[b.name] is None else peaks[b.name] / 2**20,
-                        "saved_mib": (None if saved.get(b.name) is None else saved[b.name] / 2**20)
-                        if mode in TRAINING_MODES
-                        else None,
-                        "check": next(
-                            (
-                                c["status"]
-                                for c in result["checks"]
-                                if c["shape"] == shape.name and c["provider"] == b.name
-                            ),
-                            "n/a",
-                        ),
-                        "dtype": shape.dtype,
-                    }
-                    result["rows"].append(row)
-                    if on_row:
-                        on_row(row)
-                if bar:
-                    bar.update(1)
-            del built, mat, oracle
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    except CorrectnessError as e:
-        e.result = result  # type: ignore[attr-defined]  # the partial document, for the reports
-        raise
-    finally:
-        if bar:
-            bar.close()
-        result["meta"]["elapsed_s"] = time.perf_counter() - t0
-        result["meta"]["loadavg_end"] = loadavg()
-    return result
+    return _Run(cfg, on_row)()
 
 
 # --------------------------------------------------------------------------------------

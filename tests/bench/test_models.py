@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora_kernels.bench import models
-from flora_kernels.cli import bench_main
+from flora_bench import models
+from flora_bench.cli import main as bench_main
 
 
 @pytest.mark.parametrize("name,classes", [("resnet18", 1000), ("vit_tiny", 1000), ("convnext_atto", 1000)])
