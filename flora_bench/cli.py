@@ -4,6 +4,9 @@
     flora-bench --device cpu --out r.json --md r.md --plot r.png
     flora-bench --device cuda --providers 'base,flora-*-auto,lora' --modes full,infer
     flora-bench --models resnet18,vit_tiny,convnext_atto --threads 1 --md m.md   # whole-model steps
+    flora-bench --host --md host.md --out host.json        # host path: 48 tiny adapted layers, vs PEFT LoRA
+    flora-bench --memory --md mem.md                        # saved-for-backward / peak memory of a step
+    flora-bench --compile --compile-blocks 8,16             # torch.compile first step per extra block
 
 Exit status: 0 on success, 2 when a provider fails its correctness check (the message names
 provider, shape, tensor and error), 3 when ``--baseline`` finds a ratio regression.
@@ -12,10 +15,11 @@ provider, shape, tensor and error), 3 when ``--baseline`` finds a ratio regressi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,6 +36,13 @@ def _default_device() -> str:
 
 def _csv_list(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv_list(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smaller CPU shapes (preset 'quick'), fewer repeats, no torch.compile on CPU, --max-minutes 2.5",
+        help="smaller CPU shapes (preset 'quick'), fewer repeats, no torch.compile on CPU, --max-minutes 2.5 "
+        "for the shapes, then a short host-path case (--no-host: without it)",
     )
     p.add_argument(
         "--shapes",
@@ -118,10 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=int, default=8, help="model cases: batch size (default: 8)")
     m.add_argument("--image-size", type=int, default=96, help="model cases: input resolution (default: 96)")
     m.add_argument("--rank", type=int, default=8, help="model cases: adapter rank, FLoRA and LoRA (default: 8)")
-    m.add_argument("--rounds", type=int, default=7, help="model cases: timed interleaved rounds (default: 7)")
-    m.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="model cases: wall time, or the process's CPU time (with --threads 1, robust to other "
-                   "load on the machine; default: wall)")
+    m.add_argument("--rounds", type=int, default=None,
+                   help="model cases: timed interleaved rounds (default: 7; --host: 15)")
+    m.add_argument("--clock", choices=("wall", "cpu", "thread"), default=None,
+                   help="model cases: wall time, the process's CPU time (cpu) or the calling thread's (thread); "
+                   "with one torch thread CPU time is robust to other load on the machine (default: wall; "
+                   "--host: thread)")
+    c = p.add_argument_group(
+        "other cases (run instead of the layer shapes; several may be combined; --providers picks out of the "
+        "model-case names, --rank applies)"
+    )
+    c.add_argument("--host", action="store_true",
+                   help="host-path case: 48 x Linear(64, 64) and 48 x Conv2d(16, 16, 3) stacks, every layer adapted; "
+                   "extra CPU time per adapted layer and call, forward (no_grad) and training step, FLoRA vs PEFT "
+                   "LoRA, 1 torch thread (a short version runs with --quick)")
+    c.add_argument("--no-host", action="store_true", help="--quick: leave out the short host-path case")
+    c.add_argument("--host-layers", type=int, default=48, help="--host: layers per stack (default: 48)")
+    c.add_argument("--host-inner", type=int, default=None, help="--host: stack calls per timed sample (default: 10)")
+    c.add_argument("--compile", action="store_true",
+                   help="compile case: torch.compile(backend='aot_eager') first training step of a tiny Llama, per "
+                   "extra block, frozen / PEFT LoRA / FLoRA, with graph breaks and recompiles (about 2-3 min of CPU)")
+    c.add_argument("--compile-blocks", type=_int_list, default=[8, 16],
+                   help="--compile: block counts (default: 8,16; the figure is per extra block between the extremes)")
+    c.add_argument("--memory", action="store_true",
+                   help="memory case: tensors saved for backward (and the GPU peak) in one training step of a tiny "
+                   "Llama, timm resnet18 and vit_tiny: frozen, full, PEFT LoRA, FLoRA per strategy, FLoRA lean")
+    c.add_argument("--memory-models", type=_csv_list, default=None,
+                   help="--memory: models out of llama, resnet18, vit_tiny (default: all three)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list shapes, providers and modes, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -167,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.models:
-        return _models_main(args)
+    if args.models or args.host or args.compile or args.memory:
+        return _cases_main(args, argv)
     try:
         shapes = resolve_shapes(args.shapes, args.device, args.quick)
         modes = harness.normalize_modes(args.modes)
@@ -218,41 +253,103 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"flora-bench: {e}", file=sys.stderr)
         return 1
+    if args.quick and not args.no_host and status == 0:
+        from . import hostpath
+
+        result["host_path"] = hostpath.run(host_config(args, quick=True), _log(args))
     result["meta"]["argv"] = list(sys.argv[1:] if argv is None else argv)
     result["notes"] = notes + result.get("notes", [])
     return _report(args, result, status)
 
 
-def _models_main(args: argparse.Namespace) -> int:
-    """``flora-bench --models``: whole-model training steps; prints Markdown, writes --md / --out."""
-    import json
+def _log(args: argparse.Namespace) -> Callable[[str], None] | None:
+    return None if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
 
+
+def _run_models(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from . import models
 
     names = list(models.MODELS) if args.models == ["all"] else args.models
     providers = args.providers or list(models.DEFAULT_PROVIDERS)
-    log = None if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
-    results = []
-    try:
-        for name in names:
-            results.append(models.run_model(name, providers, args.batch, args.image_size, args.rank, args.rounds,
-                                            args.seed, log, args.clock))
-    except (ValueError, AssertionError) as e:
-        print(f"flora-bench: {e}", file=sys.stderr)
-        return 2 if isinstance(e, AssertionError) else 1
+    results = [models.run_model(name, providers, args.batch, args.image_size, args.rank, args.rounds or 7, args.seed,
+                                _log(args), args.clock or "wall") for name in names]
+    return models.markdown(results), results
+
+
+def host_config(args: argparse.Namespace, quick: bool = False):
+    """The host-path case's configuration from the flags (``quick``: the short version)."""
+    from . import hostpath
+
+    base = hostpath.QUICK if quick else hostpath.HostConfig()
+    kw = {"layers": args.host_layers, "rank": args.rank, "seed": args.seed}
+    if args.rounds:
+        kw["rounds"] = args.rounds
+    if args.host_inner:
+        kw["inner"] = args.host_inner
+    if args.clock:
+        kw["clock"] = args.clock
+    if args.providers and not quick:
+        kw["providers"] = tuple(args.providers)
+    return dataclasses.replace(base, **kw)
+
+
+def _run_host(args: argparse.Namespace) -> tuple[str, dict]:
+    from . import hostpath
+
+    doc = hostpath.run(host_config(args), _log(args))
+    return hostpath.markdown(doc), doc
+
+
+def _run_compile(args: argparse.Namespace) -> tuple[str, dict]:
+    from . import compile_case
+
+    providers = args.providers or list(compile_case.PROVIDERS)
+    doc = compile_case.run(args.compile_blocks, providers, args.rank, args.seed, _log(args))
+    return compile_case.markdown(doc), doc
+
+
+def _run_memory(args: argparse.Namespace) -> tuple[str, dict]:
+    from . import memory_case
+
+    providers = args.providers or list(memory_case.PROVIDERS)
+    doc = memory_case.run(args.memory_models or list(memory_case.MODELS), providers, args.rank, args.device,
+                          args.seed, log=_log(args))
+    return memory_case.markdown(doc), doc
+
+
+def _cases_main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """The cases other than the layer shapes (--models, --host, --compile, --memory), in that order:
+    prints Markdown, writes --md / --out (one document, a key per case)."""
+    import json
+
     from .env import environment
 
     env = environment(args.device)
+    cmd = list(sys.argv[1:] if argv is None else argv)
+    doc: dict = {"env": env, "argv": cmd}
+    texts = []
+    runners = (("models", args.models, _run_models), ("host_path", args.host, _run_host),
+               ("compile", args.compile, _run_compile), ("memory", args.memory, _run_memory))
+    try:
+        for key, wanted, runner in runners:
+            if wanted:
+                text, doc[key] = runner(args)
+                texts.append(text)
+    except (ValueError, AssertionError) as e:
+        print(f"flora-bench: {e}", file=sys.stderr)
+        return 2 if isinstance(e, AssertionError) else 1
+    from .env import loadavg
+
     head = (f"Run {env['date_utc']} on {env['device_name']}, torch {env['torch']}, load average "
-            f"{env['loadavg_start']} at the end; command: flora-bench {' '.join(sys.argv[1:])}\n\n")
-    text = head + models.markdown(results)
+            f"{env['loadavg_start']} at the start and {loadavg()} at the end; command: flora-bench {' '.join(cmd)}\n\n")
+    text = head + "\n".join(texts)
     print(text)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"env": env, "argv": sys.argv[1:], "models": results}, f, indent=1)
+            json.dump(doc, f, indent=1)
     return 0
 
 

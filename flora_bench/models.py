@@ -442,10 +442,9 @@ def check_flora(name: str, cases: Sequence[ModelCase], base: nn.Module, rank: in
 
 
 def step_memory(c: ModelCase, inputs: Sequence[Tensor], dy: Tensor) -> dict[str, float | None]:
-    """``saved_mib``: what one training step's forward saves for backward (parameters, buffers and
-    the inputs left out); ``peak_mib``: the device's peak during one step (None on a CPU)."""
-    keep = [*c.model.parameters(), *c.model.buffers(), *inputs]
-    saved = saved_bytes(lambda: c.model(*inputs), keep)
+    """``saved_mib``: what one training step's forward saves for backward (each storage once, the
+    model's parameters left out); ``peak_mib``: the device's peak during one step (None on a CPU)."""
+    saved = saved_bytes(lambda: c.model(*inputs), list(c.model.parameters()))
     peak = peak_bytes(lambda: _step(c, inputs[0], dy), inputs[0].device)
     _step_clear(c, inputs)
     return {"saved_mib": mib(saved), "peak_mib": mib(peak)}

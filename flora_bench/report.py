@@ -11,7 +11,8 @@ The result document (``harness.run``) holds:
 - ``rows``: per (shape, provider, mode) median/p20/p80 ms, ratio to the base (median of
   per-round ratios, with its 20/80 quantiles), counted FLOPs/bytes, TFLOP/s, GB/s, memory;
 - ``skipped``: (shape, provider, mode, reason) for everything not run;
-- ``verdicts``: the docs/ARCHITECTURE.md, Performance targets targets evaluated on this run (``verdicts()``).
+- ``verdicts``: the docs/ARCHITECTURE.md, Performance targets targets evaluated on this run (``verdicts()``);
+- ``host_path`` (``--quick``): the short host-path case (``flora_bench.hostpath``).
 """
 
 from __future__ import annotations
@@ -173,8 +174,18 @@ def table(result: dict) -> str:
         out += [f"  [{_status(x)}] {x['text']}" for x in v]
     for n in result.get("notes", []):
         out.append(f"note: {n}")
+    out += _host_section(result)
     out.append(f"elapsed {result['meta'].get('elapsed_s', 0):.0f} s")
     return "\n".join(out)
+
+
+def _host_section(result: dict) -> list[str]:
+    """The short host-path case of ``--quick`` (``flora_bench.hostpath``), when it ran."""
+    if not result.get("host_path"):
+        return []
+    from .hostpath import markdown as host_markdown
+
+    return ["", host_markdown(result["host_path"])]
 
 
 def verdicts(result: dict) -> list[dict]:
@@ -408,6 +419,7 @@ def markdown(result: dict) -> str:
             + (f" — {ck['message']}" if ck.get("message") else "")
         )
     lines.append("")
+    lines += _host_section(result)
     return "\n".join(lines)
 
 

@@ -224,6 +224,7 @@ def test_cli_end_to_end(tmp_path, capsys):
             "--modes",
             "full",
             "--quick",
+            "--no-host",
             "--out",
             str(out),
             "--md",
