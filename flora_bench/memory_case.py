@@ -23,7 +23,8 @@ Figures per provider, after one warm-up step (measured dispatch decides there):
   input is counted: it is the same in every provider);
 - ``peak_mib``: the device's peak during one step above what was allocated before it
   (``torch.cuda.max_memory_allocated``; "n/a" on a CPU);
-- ``vs_frozen``: saved_mib / the frozen model's.
+- ``vs_frozen``: saved_mib / the frozen model's;
+- ``dispatch`` (FLoRA providers): what the adapted calls of one step ran (backend/strategy [source]).
 
 No timing, hence no correctness check here (the layer, model and host-path cases check theirs).
 """
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .memory import fmt_mib, mib, peak_bytes, saved_bytes
-from .models import build_cases, make_model
+from .models import build_cases, dispatch_counts, make_model
 
 MODELS = ("llama", "resnet18", "vit_tiny")
 PROVIDERS = ("frozen", "full", "lora", "flora-auto", "flora-factorized", "flora-merged", "flora-lean")
@@ -118,7 +119,10 @@ def measure(w: Workload, providers: Sequence[str] = PROVIDERS, rank: int = 8, se
         w.step(model)  # warm-up: measured dispatch decides here
         saved = saved_bytes(functools.partial(w.forward, model), list(model.parameters()))
         peak = peak_bytes(functools.partial(w.step, model), w.inputs[0].device)
-        rows.append({"provider": c.name, "impl": c.impl, "saved_mib": mib(saved), "peak_mib": mib(peak)})
+        row = {"provider": c.name, "impl": c.impl, "saved_mib": mib(saved), "peak_mib": mib(peak)}
+        if c.name.startswith("flora"):
+            row["dispatch"] = dispatch_counts(model, functools.partial(w.step, model))
+        rows.append(row)
         if log:
             log(f"memory {w.name} {c.name}: saved {saved / 2**20:.1f} MiB, peak {fmt_mib(mib(peak))}")
     frozen = next((r["saved_mib"] for r in rows if r["provider"] == "frozen"), None)
@@ -149,5 +153,9 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['provider']} | {r['saved_mib']:.1f} | {vs} | {fmt_mib(r['peak_mib'])} |")
         for n, why in m["skipped"].items():
             lines.append(f"| {n} | skipped: {why} | | |")
+        lines.append("")
+        for r in m["rows"]:
+            if r.get("dispatch"):
+                lines.append(f"- {r['provider']} ran: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["dispatch"].items())))
         lines.append("")
     return "\n".join(lines)

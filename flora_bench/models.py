@@ -492,23 +492,24 @@ def run_model(name: str, providers: Sequence[str] = DEFAULT_PROVIDERS, batch: in
             "dispatch": _dispatch_summary(cases, x, dy)}
 
 
-def _dispatch_summary(cases: Sequence[ModelCase], x: Tensor, dy: Tensor) -> dict[str, dict[str, int]]:
-    """Per FLoRA provider: how many adapted calls of one step ran each (backend/strategy [source])."""
+def dispatch_counts(model: nn.Module, step: Callable[[], None]) -> dict[str, int]:
+    """How many adapted calls of one ``step()`` of ``model`` ran each backend/strategy [source]."""
     from flora_kernels.backends.autotune import record_dispatch
 
-    out = {}
-    for c in cases:
-        if not c.name.startswith("flora"):
-            continue
-        with record_dispatch(c.model) as rep:
-            _step(c, x, dy)
-        counts: dict[str, int] = {}
-        for ds in rep.values():
-            for d in ds:
-                k = f"{d.label} [{d.source}]"
-                counts[k] = counts.get(k, 0) + 1
-        out[c.name] = counts
-    return out
+    with record_dispatch(model) as rep:
+        step()
+    counts: dict[str, int] = {}
+    for ds in rep.values():
+        for d in ds:
+            k = f"{d.label} [{d.source}]"
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def _dispatch_summary(cases: Sequence[ModelCase], x: Tensor, dy: Tensor) -> dict[str, dict[str, int]]:
+    """Per FLoRA provider: ``dispatch_counts`` of one step."""
+    return {c.name: dispatch_counts(c.model, functools.partial(_step, c, x, dy))
+            for c in cases if c.name.startswith("flora")}
 
 
 def markdown(results: Sequence[dict]) -> str:
