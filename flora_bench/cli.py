@@ -28,6 +28,8 @@ from flora_kernels import __version__
 # --quick stops starting new shapes/modes after this long (the rest is reported as skipped),
 # so that the README's main job stays within a few minutes even on a loaded machine.
 QUICK_MAX_MINUTES = 2.5
+# What --quick's short host-path case takes at most on a loaded 2-core machine (about 20 s idle).
+QUICK_HOST_S = 60
 
 
 def _default_device() -> str:
@@ -178,6 +180,8 @@ def _list(out) -> None:
     for p in default_providers():
         print(f"  {p.name}", file=out)
     print("modes: " + ", ".join(MODES), file=out)
+    print("other cases: --models (resnet18, vit_tiny, convnext_atto), --host (48-layer Linear and Conv2d stacks), "
+          "--memory (llama, resnet18, vit_tiny), --compile (tiny Llama, --compile-blocks)", file=out)
     print("backends: " + ", ".join(f"{k}: {v}" for k, v in backends_status().items()), file=out)
 
 
@@ -210,23 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"flora-bench: {e}", file=sys.stderr)
         return 1
-    notes = []
-    if args.device == "cpu":
-        from .env import loadavg
-
-        la, n = loadavg(), os.cpu_count() or 1
-        if la and la[0] > 0.75 * n:
-            msg = (
-                f"machine loaded: load average {la[0]:.1f} on {n} logical CPUs while timing with "
-                f"{torch.get_num_threads()} torch threads; CPU timings will be noisy"
-                + (
-                    ""
-                    if torch.get_num_threads() == 1
-                    else " (with several threads, OpenMP waits on descheduled threads: consider --threads 1)"
-                )
-            )
-            print(f"flora-bench: warning: {msg}", file=sys.stderr)
-            notes.append(msg)
+    notes = _load_warning(args)
     max_minutes = args.max_minutes
     if max_minutes is None and args.quick:
         max_minutes = QUICK_MAX_MINUTES
@@ -254,12 +242,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flora-bench: {e}", file=sys.stderr)
         return 1
     if args.quick and not args.no_host and status == 0:
-        from . import hostpath
-
-        result["host_path"] = hostpath.run(host_config(args, quick=True), _log(args))
+        _quick_host(args, result)
     result["meta"]["argv"] = list(sys.argv[1:] if argv is None else argv)
     result["notes"] = notes + result.get("notes", [])
     return _report(args, result, status)
+
+
+def _quick_host(args: argparse.Namespace, result: dict) -> None:
+    """--quick's short host-path case, into ``result["host_path"]``; left out (with a note) when an
+    explicit --max-minutes leaves less than QUICK_HOST_S after the layer shapes."""
+    from . import hostpath
+
+    elapsed = result["meta"].get("elapsed_s", 0.0)
+    if args.max_minutes is not None and elapsed + QUICK_HOST_S > args.max_minutes * 60:
+        result["notes"].append(f"short host-path case left out: --max-minutes {args.max_minutes} leaves less than "
+                               f"{QUICK_HOST_S} s after {elapsed:.0f} s of layer shapes")
+        return
+    result["host_path"] = hostpath.run(host_config(args, quick=True), _log(args))
+
+
+def _load_warning(args: argparse.Namespace) -> list[str]:
+    """A note (also printed) when a CPU run starts on a loaded machine."""
+    from .env import loadavg
+
+    la, n = loadavg(), os.cpu_count() or 1
+    if args.device != "cpu" or not la or la[0] <= 0.75 * n:
+        return []
+    msg = (
+        f"machine loaded: load average {la[0]:.1f} on {n} logical CPUs while timing with "
+        f"{torch.get_num_threads()} torch threads; CPU timings will be noisy"
+        + ("" if torch.get_num_threads() == 1
+           else " (with several threads, OpenMP waits on descheduled threads: consider --threads 1)")
+    )
+    print(f"flora-bench: warning: {msg}", file=sys.stderr)
+    return [msg]
 
 
 def _log(args: argparse.Namespace) -> Callable[[str], None] | None:

@@ -148,7 +148,7 @@ def run_stack(stack: Stack, cfg: HostConfig, log: Callable[[str], None] | None =
     names = [p for p in cfg.providers if p != "lora" or _peft_reason() is None]
     cases, skipped = build_cases(names, base, cfg.rank, cfg.seed)
     if "lora" in cfg.providers and "lora" not in names:
-        skipped["lora"] = f"PEFT LoRA skipped: {_peft_reason()} (pip install peft)"
+        skipped["lora"] = f"PEFT LoRA: {_peft_reason()} (pip install peft)"
     checks = check_flora(f"host-path {stack.name}", cases, base, cfg.rank, cfg.seed, x, dy)
     calls = _calls(cases, x, dy, cfg.inner)
     for per_mode in calls.values():  # first calls: measured dispatch decides here, before any timing

@@ -188,14 +188,14 @@ def _host_section(result: dict) -> list[str]:
     return ["", host_markdown(result["host_path"])]
 
 
-def verdicts(result: dict) -> list[dict]:
-    """docs/ARCHITECTURE.md, Performance targets targets on this run's rows (ratios to the base, training step = full)."""
-    rows = _by_key(result)
-    out: list[dict] = []
-    on_cpu = result["config"]["device"] == "cpu"
-    flora = [p for p in result["config"]["providers"] if p.startswith("flora-")]
+class _Verdicts:
+    """The verdicts of one result document, shape by shape (``verdicts``)."""
 
-    def add(ok: bool, text: str, **kw) -> None:
+    def __init__(self, result: dict) -> None:
+        self.rows = _by_key(result)
+        self.out: list[dict] = []
+
+    def add(self, ok: bool, text: str, **kw) -> None:
         """A verdict; "noise" when the value is within this run's timing noise of its target
         (the spread of base-again around 1, scaled to the target)."""
         noise = kw.pop("noise", None)
@@ -203,84 +203,77 @@ def verdicts(result: dict) -> list[dict]:
         if noise is not None and abs(kw["value"] - kw["target"]) <= noise * kw["target"]:
             status = f"NOISE {status}"
             text += f" [within this run's noise: base-again off by {noise * 100:.0f}%]"
-        out.append({"ok": bool(ok), "status": status, "text": text, **kw})
+        self.out.append({"ok": bool(ok), "status": status, "text": text, **kw})
 
-    def noise_of(shape: str, mode: str) -> float | None:
-        r = rows.get((shape, "base-again", mode))
+    def noise_of(self, shape: str, mode: str) -> float | None:
+        r = self.rows.get((shape, "base-again", mode))
         return None if r is None else abs(r["ratio"] - 1.0)
 
-    for sd in result["shapes"]:
-        name, op = sd["name"], sd["op"]
-        paper = rows.get((name, "paper-formula", "full"))
+    def vs_paper(self, name: str, p: str, r: dict, paper: dict, noise: float | None, medians: bool) -> None:
+        """FLoRA's training step against the paper's formula's."""
+        text = f"{name}: {p} training step {r['ratio']:.2f}x vs paper formula {paper['ratio']:.2f}x"
+        if medians:
+            text += f" (medians: {r['median_ms']:.1f} ms vs {paper['median_ms']:.1f} ms)"
+        self.add(r["ratio"] < paper["ratio"], text, shape=name, provider=p, value=r["ratio"], target=paper["ratio"],
+                 noise=noise)
+
+    def cpu(self, sd: dict, flora: list[str]) -> None:
+        """CPU targets: the factorized conv's training step, and never slower than the paper's formula."""
+        name = sd["name"]
+        paper = self.rows.get((name, "paper-formula", "full"))
         pick = sd["auto_plan"]["train"]["strategy"]
-        if on_cpu:
-            for p in flora:
-                r = rows.get((name, p, "full"))
-                if r is None:
-                    continue
-                if op == "conv" and p.endswith("-factorized"):
-                    add(
-                        r["ratio"] <= CPU_CONV_FACTORIZED_TARGET,
-                        f"{name}: {p} training step {r['ratio']:.2f}x base "
-                        f"(target <= {CPU_CONV_FACTORIZED_TARGET}; auto picks {pick})",
-                        shape=name,
-                        provider=p,
-                        value=r["ratio"],
-                        target=CPU_CONV_FACTORIZED_TARGET,
-                        noise=noise_of(name, "full"),
-                    )
-                if paper is not None and p.endswith(("-factorized", "-auto")):
-                    add(
-                        r["ratio"] < paper["ratio"],
-                        f"{name}: {p} training step {r['ratio']:.2f}x vs paper formula {paper['ratio']:.2f}x "
-                        f"(medians: {r['median_ms']:.1f} ms vs {paper['median_ms']:.1f} ms)",
-                        shape=name,
-                        provider=p,
-                        value=r["ratio"],
-                        target=paper["ratio"],
-                        noise=noise_of(name, "full"),
-                    )
+        for p in flora:
+            r = self.rows.get((name, p, "full"))
+            if r is None:
+                continue
+            if sd["op"] == "conv" and p.endswith("-factorized"):
+                self.add(
+                    r["ratio"] <= CPU_CONV_FACTORIZED_TARGET,
+                    f"{name}: {p} training step {r['ratio']:.2f}x base "
+                    f"(target <= {CPU_CONV_FACTORIZED_TARGET}; auto picks {pick})",
+                    shape=name, provider=p, value=r["ratio"], target=CPU_CONV_FACTORIZED_TARGET,
+                    noise=self.noise_of(name, "full"),
+                )
+            if paper is not None and p.endswith(("-factorized", "-auto")):
+                self.vs_paper(name, p, r, paper, self.noise_of(name, "full"), medians=True)
+
+    def best(self, name: str, providers: list[str], mode: str) -> dict | None:
+        cands = [self.rows[(name, p, mode)] for p in providers if (name, p, mode) in self.rows]
+        return min(cands, key=lambda r: r["ratio"]) if cands else None
+
+    def gpu(self, sd: dict, autos: list[str]) -> None:
+        """GPU targets: the best auto provider's training step / inference / merged inference,
+        and never slower than the paper's formula."""
+        name = sd["name"]
+        for mode in ("full", "infer"):
+            tgt, best = GPU_TARGETS.get((sd["op"], mode)), self.best(name, autos, mode)
+            if tgt is not None and best is not None:
+                self.add(best["ratio"] <= tgt,
+                         f"{name}: best FLoRA ({best['provider']}) {mode} {best['ratio']:.3f}x base (target <= {tgt})",
+                         shape=name, provider=best["provider"], value=best["ratio"], target=tgt)
+        best = self.best(name, autos, "merged")
+        if best is not None:
+            self.add(best["ratio"] <= MERGED_TARGET,
+                     f"{name}: merged inference ({best['provider']}) {best['ratio']:.3f}x base "
+                     f"(target 1.00, noise allowance {MERGED_TARGET})",
+                     shape=name, provider=best["provider"], value=best["ratio"], target=MERGED_TARGET)
+        paper = self.rows.get((name, "paper-formula", "full"))
+        for p in autos:
+            r = self.rows.get((name, p, "full"))
+            if paper is not None and r is not None:
+                self.vs_paper(name, p, r, paper, None, medians=False)
+
+
+def verdicts(result: dict) -> list[dict]:
+    """docs/ARCHITECTURE.md, Performance targets targets on this run's rows (ratios to the base, training step = full)."""
+    v = _Verdicts(result)
+    flora = [p for p in result["config"]["providers"] if p.startswith("flora-")]
+    for sd in result["shapes"]:
+        if result["config"]["device"] == "cpu":
+            v.cpu(sd, flora)
         else:
-            autos = [p for p in flora if p.endswith("-auto")]
-            for mode in ("full", "infer"):
-                tgt = GPU_TARGETS.get((op, mode))
-                cands = [rows[(name, p, mode)] for p in autos if (name, p, mode) in rows]
-                if tgt is None or not cands:
-                    continue
-                best = min(cands, key=lambda r: r["ratio"])
-                add(
-                    best["ratio"] <= tgt,
-                    f"{name}: best FLoRA ({best['provider']}) {mode} {best['ratio']:.3f}x base (target <= {tgt})",
-                    shape=name,
-                    provider=best["provider"],
-                    value=best["ratio"],
-                    target=tgt,
-                )
-            cands = [rows[(name, p, "merged")] for p in autos if (name, p, "merged") in rows]
-            if cands:
-                best = min(cands, key=lambda r: r["ratio"])
-                add(
-                    best["ratio"] <= MERGED_TARGET,
-                    f"{name}: merged inference ({best['provider']}) {best['ratio']:.3f}x base "
-                    f"(target 1.00, noise allowance {MERGED_TARGET})",
-                    shape=name,
-                    provider=best["provider"],
-                    value=best["ratio"],
-                    target=MERGED_TARGET,
-                )
-            if paper is not None:
-                for p in autos:
-                    r = rows.get((name, p, "full"))
-                    if r is not None:
-                        add(
-                            r["ratio"] < paper["ratio"],
-                            f"{name}: {p} training step {r['ratio']:.2f}x vs paper formula {paper['ratio']:.2f}x",
-                            shape=name,
-                            provider=p,
-                            value=r["ratio"],
-                            target=paper["ratio"],
-                        )
-    return out
+            v.gpu(sd, [p for p in flora if p.endswith("-auto")])
+    return v.out
 
 
 def write_json(result: dict, path: str) -> None:

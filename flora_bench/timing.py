@@ -14,14 +14,9 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-# wall: elapsed time; process: this process's CPU time (every thread); thread: the calling
-# thread's CPU time. With one torch thread, CPU time is the cost undistorted by other load.
-CLOCKS: dict[str, Callable[[], float]] = {
-    "wall": time.perf_counter,
-    "cpu": time.process_time,
-    "process": time.process_time,
-    "thread": time.thread_time,
-}
+# wall: elapsed time; cpu: this process's CPU time (every thread); thread: the calling thread's
+# CPU time. With one torch thread, CPU time is the cost undistorted by other load.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
 
 
 def quantile(v: Sequence[float], q: float) -> float:

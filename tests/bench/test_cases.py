@@ -134,6 +134,9 @@ def test_cli_case_flags(tmp_path, capsys):
     assert cli.host_config(a, quick=True).rounds == hostpath.QUICK.rounds
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--compile-blocks", "8,x"])
+    late = {"meta": {"elapsed_s": 100.0}, "notes": []}  # --quick's host case needs the time --max-minutes leaves
+    cli._quick_host(cli.build_parser().parse_args(["--quick", "--max-minutes", "1"]), late)
+    assert "host_path" not in late and "short host-path case left out" in late["notes"][0]
     out = tmp_path / "h.json"
     rc = cli.main(["--host", "--host-layers", "2", "--rounds", "1", "--host-inner", "1", "--providers",
                    "frozen,flora-reference-factorized", "--no-progress", "--out", str(out), "--md",
