@@ -308,11 +308,9 @@ def write_csv(result: dict, path: str, append: bool = True) -> None:
             w.writerow({**r, "date_utc": m["date_utc"], "device_name": m["device_name"], "git_commit": commit})
 
 
-def markdown(result: dict) -> str:
+def _md_header(result: dict, modes: list[str]) -> list[str]:
+    """What the run was measured on, its configuration, notes and target verdicts."""
     m, c = result["meta"], result["config"]
-    rows = _by_key(result)
-    modes = [md for md in MODES if md in c["modes"]]
-    provs = _providers_in_order(result)
     git = m.get("git") or {}
     lines = [
         f"# flora-bench: {m['device_name']}",
@@ -344,7 +342,14 @@ def markdown(result: dict) -> str:
     if v:
         lines += ["## Targets (docs/ARCHITECTURE.md, Performance targets)", ""]
         lines += [f"- **{_status(x)}** {x['text']}" for x in v] + [""]
-    lines += ["## Ratio to the frozen base", ""]
+    return lines
+
+
+def _md_ratios(result: dict, modes: list[str]) -> list[str]:
+    """Per shape: every provider's ratio to the frozen base per mode, the training step's time, the check."""
+    rows = _by_key(result)
+    provs = _providers_in_order(result)
+    lines = ["## Ratio to the frozen base", ""]
     for sd in result["shapes"]:
         plan = sd["auto_plan"]
         lines += [
@@ -376,7 +381,12 @@ def markdown(result: dict) -> str:
         impls = sd.get("providers", {})
         if impls:
             lines += ["Providers: " + "; ".join(f"`{k}`: {v}" for k, v in impls.items()), ""]
-    lines += [
+    return lines
+
+
+def _md_figures(result: dict) -> list[str]:
+    """Every row: times, ratio, TFLOP/s, GB/s, memory."""
+    lines = [
         "## Every figure",
         "",
         "| shape | provider | mode | median ms | p20 | p80 | reps | ratio | TFLOP/s | GB/s | peak MiB | saved MiB |",
@@ -398,6 +408,12 @@ def markdown(result: dict) -> str:
         ),
         "",
     ]
+    return lines
+
+
+def _md_skips_and_checks(result: dict) -> list[str]:
+    """What did not run (grouped by reason) and every correctness check."""
+    lines = []
     groups = _skip_groups(result)
     if groups:
         lines += ["## Skipped", ""]
@@ -412,8 +428,14 @@ def markdown(result: dict) -> str:
             + (f" — {ck['message']}" if ck.get("message") else "")
         )
     lines.append("")
-    lines += _host_section(result)
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The result document as a Markdown report."""
+    modes = [md for md in MODES if md in result["config"]["modes"]]
+    lines = _md_header(result, modes) + _md_ratios(result, modes) + _md_figures(result)
+    return "\n".join(lines + _md_skips_and_checks(result) + _host_section(result))
 
 
 def write_markdown(result: dict, path: str) -> None:
