@@ -17,6 +17,10 @@ Providers, each a copy of one randomly initialised model (same weights):
   needs the rank divisible by the groups, which depthwise convs are not); where peft does not
   import, the same layer written here (``LoRA``), which ``impl`` says.
 - ``full``: full fine-tuning: every parameter trainable.
+- ``flora-lean``: flora-auto with ``fk.FLoRAConfig``'s lean-memory option on, where it has one.
+
+``build(..., targets="linear")`` adapts every Linear only (PEFT's "all-linear"); the memory,
+host-path and compile cases build their providers here too.
 
 One step: forward, ``y.backward(dy)`` with a fixed dy, then the gradients are dropped (no
 optimizer). Rounds are interleaved (each round runs every provider once, rotating the order) and
@@ -26,12 +30,15 @@ wall time: with one torch thread that is the step's cost undistorted by other lo
 machine (with several threads it adds up every thread's busy time, spin-waits included).
 
 Before timing, every FLoRA provider's output and input gradient are checked against
-``flora-reference-factorized`` run in float64 on the same (non-zero) adapter values: within 4x
-the float32 reference path's own error, at least 1e-3. (On timm's resnet18, whose blocks end in a
+``flora-reference-factorized`` run in float64 on the same (non-zero) adapter values:
+``flora_kernels.testing``'s float64 rule (within 4x the float32 reference path's own error, at
+least the float32 tolerance, 1e-3). (On timm's resnet18, whose blocks end in a
 zero-initialised BatchNorm, the float32 factorized path's input gradient is 6e-3 off float64: one
 ReLU input in layer4.0 is exactly 0 in float64 and 6e-8 in float32, and the gradient through it
 is switched on; the merged path's rounding happens not to flip it.)
-Its first step (which includes measured dispatch, when on) is timed on its own.
+Its first step (which includes measured dispatch, when on) is timed on its own. Memory per
+provider: the tensors one step's forward saves for backward (parameters excluded) and, on a GPU,
+the peak (``flora_bench.memory``).
 """
 
 from __future__ import annotations
