@@ -99,6 +99,7 @@ def test_memory_case_small():
 
 
 def test_memory_llama_frozen_has_a_backward():
+    pytest.importorskip("transformers")
     w = memory_case.workload("llama")
     res = memory_case.measure(w, ["frozen", "flora-factorized"], rank=4)
     saved = {r["provider"]: r["saved_mib"] for r in res["rows"]}
@@ -106,6 +107,7 @@ def test_memory_llama_frozen_has_a_backward():
 
 
 def test_compile_case_one_block():
+    pytest.importorskip("transformers")
     doc = compile_case.run(blocks=(1,), providers=["flora-auto"], rank=4)
     assert [(r["provider"], r["blocks"]) for r in doc["rows"]] == [("frozen", 1), ("flora-auto", 1)]  # frozen: always
     for r in doc["rows"]:
