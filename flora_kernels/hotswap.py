@@ -199,7 +199,7 @@ def _scales(layer_info: Mapping[str, Any], layers: Mapping[str, FLoRALayer]) -> 
             raise ValueError(f"hotswap: layer_info names module {module!r}, which the new adapter's tensors do not")
         s = meta.get("scale") if isinstance(meta, Mapping) else None
         if not isinstance(s, (int, float)) or isinstance(s, bool):
-            raise ValueError(f"hotswap: layer_info[{real!r}]['scale']: expected a float, got {s!r}")
+            raise TypeError(f"hotswap: layer_info[{real!r}]['scale']: expected a float, got {s!r}")
         scales[module] = float(s)
     return scales
 

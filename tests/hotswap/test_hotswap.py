@@ -160,10 +160,11 @@ def test_hotswap_unprepared_same_or_smaller_rank_and_scale_tensor():
 
 def test_peft_hotswap_api_for_flora(tmp_path):
     pytest.importorskip("peft")
-    import flora_kernels.peft  # noqa: F401  (registers FLORA and its hotswap hooks)
-    from flora_kernels.peft import FloraConfig
     from peft import PeftModel, get_peft_model
     from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    import flora_kernels.peft  # noqa: F401  (registers FLORA and its hotswap hooks)
+    from flora_kernels.peft import FloraConfig
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(5 * 36, 4)).eval()
