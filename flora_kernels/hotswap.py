@@ -68,15 +68,19 @@ def _prepared_ranks(layer: FLoRALayer, name: str, target_rank: Rank | None,
 
 @torch.no_grad()
 def _pad_adapter(layer: FLoRALayer, name: str, ranks: tuple[int, ...]) -> None:
+    """Adapter ``name`` zero-padded to ``ranks`` (new parameters), its scale held as a tensor."""
     core, factors = layer.tensors(name)
-    if tuple(core.shape) != ranks:
+    padded = tuple(core.shape) != ranks
+    if padded:
         layer.flora_core[name] = nn.Parameter(_padded(core.detach(), ranks), requires_grad=core.requires_grad)
         for n, (f, r) in enumerate(zip(factors, ranks)):
-            padded = _padded(f.detach(), (f.shape[0], r))
-            getattr(layer, f"flora_u{n}")[name] = nn.Parameter(padded, requires_grad=f.requires_grad)
+            getattr(layer, f"flora_u{n}")[name] = nn.Parameter(_padded(f.detach(), (f.shape[0], r)),
+                                                             requires_grad=f.requires_grad)
         layer.flora_settings[name] = replace(layer.flora_settings[name], ranks=ranks)
-    layer.hold_scale_as_tensor(name)
-    layer._changed()
+    if layer.scale_tensor(name) is None:
+        layer.hold_scale_as_tensor(name)  # the change event, after the padding too
+    elif padded:
+        layer._changed()
 
 
 def prepare_layers(model: nn.Module, target_rank: Rank | None = None, target_kernel_rank: Rank | None = None) -> int:
@@ -244,8 +248,9 @@ def hotswap_adapter(
             dst.zero_()
             dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
         if module in scales:
-            layer.set_scale(scales[module], adapter_name)
-        layer._changed()
+            layer.set_scale(scales[module], adapter_name)  # writes the scale tensor too; the change event
+        else:
+            layer._changed()
     return model
 
 

@@ -10,6 +10,7 @@ equals a fresh model with B loaded. Then back to A.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -195,3 +196,45 @@ def test_peft_hotswap_api_for_flora(tmp_path):
         pm = get_peft_model(copy.deepcopy(base), FloraConfig(r=2, flora_dropout=0.1))
         pm.save_pretrained(str(tmp_path / "c"))
         hotswap_adapter(compiled, str(tmp_path / "c"), adapter_name="default", torch_device="cpu")
+
+
+def test_prepare_and_hotswap_announce_each_change_once(monkeypatch, tmp_path):
+    """Layers cache prepared calls keyed on ``FLoRALayer._changed``: one event per layer per call."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).eval()
+    a = adapted(base, None, rank=2, kernel_rank=None, scale=0.5)
+    b = adapted(base, None, rank=3, kernel_rank=None, scale=1.5)
+    events: list[int] = []
+    monkeypatch.setattr(fk.FLoRALayer, "_changed", lambda self: events.append(id(self)))
+    layers = [id(layer) for _, layer in flora_layers(a)]
+    fk.prepare_hotswap(a, target_rank=4)
+    assert sorted(events) == sorted(layers)
+    events.clear()
+    fk.hotswap_adapter(a, fk.model.adapter_state(b, "default"))  # tensors only
+    assert sorted(events) == sorted(layers)
+    events.clear()
+    fk.hotswap_adapter(a, fk.model.adapter_state(b, "default"), layer_info=fk.model.adapter_layer_info(b, "default"))
+    assert sorted(events) == sorted(layers)
+
+
+@pytest.mark.skipif(not os.environ.get("FLORA_TEST_INDUCTOR"), reason="inductor compiles for minutes on CPU; FLORA_TEST_INDUCTOR=1")
+@pytest.mark.parametrize("case", ["linear", "mha"])
+def test_hotswap_inductor_no_recompile(case, tmp_path):
+    make, make_x, targets = CASES[case]
+    torch.manual_seed(0)
+    base, x = make().eval(), make_x()
+    a = adapted(base, targets, rank=2, kernel_rank=None, scale=0.5)
+    b = adapted(base, targets, rank=3, kernel_rank=None, scale=1.7)
+    fk.save_flora(b, tmp_path / "b")
+    with torch.no_grad():
+        y_b = b(x)
+        fk.prepare_hotswap(a, target_rank=4)
+        a(x)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(a)
+        compiled(x)
+        before = graphs()
+        fk.hotswap_adapter(compiled, tmp_path / "b")
+        torch.testing.assert_close(compiled(x), y_b, atol=ATOL, rtol=RTOL)
+        assert graphs() == before
