@@ -238,3 +238,29 @@ def test_hotswap_inductor_no_recompile(case, tmp_path):
         fk.hotswap_adapter(compiled, tmp_path / "b")
         torch.testing.assert_close(compiled(x), y_b, atol=ATOL, rtol=RTOL)
         assert graphs() == before
+
+
+def test_peft_hotswap_api_still_serves_lora(tmp_path):
+    """The wrapped peft.utils.hotswap helpers hand LoRA models to PEFT's own code."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    import flora_kernels.peft  # noqa: F401
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).eval()
+    x = torch.randn(3, 6)
+    outs = {}
+    for name, (r, alpha) in {"a": (2, 1.0), "b": (3, 4.0)}.items():
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=["0", "2"],
+                                                             init_lora_weights=False))
+        pm.save_pretrained(str(tmp_path / name))
+        with torch.no_grad():
+            outs[name] = pm(x)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    prepare_model_for_compiled_hotswap(model, target_rank=4)
+    assert model.base_model.model[0].lora_A["default"].weight.shape == (4, 6)
+    hotswap_adapter(model, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), outs["b"], atol=ATOL, rtol=RTOL)
