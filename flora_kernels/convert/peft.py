@@ -822,9 +822,8 @@ def _lora_kind(module: nn.Module | None) -> str | None:
     return None
 
 
-def _lora_module(model: nn.Module, name: str, key: str) -> tuple[nn.Module, str]:
+def _lora_module(modules: Mapping[str, nn.Module], name: str, key: str) -> tuple[nn.Module, str]:
     """(module ``name``, its ``_lora_kind``); raises naming ``key``."""
-    modules = dict(model.named_modules())
     m = modules.get(name) if name else None
     kind = _lora_kind(m)
     if m is None:
@@ -868,35 +867,30 @@ def _plan_conv(name: str, a: tuple[str, Tensor], b: tuple[str, Tensor], base: nn
     return AdapterSpec(name, core, [u_out, identity(w[1])] + [identity(k) for k in ks], scale)
 
 
-def _plan_lora(model: nn.Module, name: str, ab: Pair, cfg: Mapping[str, Any]) -> AdapterSpec:
+def _plan_lora(modules: Mapping[str, nn.Module], name: str, ab: Pair, cfg: Mapping[str, Any]) -> AdapterSpec:
     """The exact FLoRA adapter of module ``name``'s lora_A/lora_B pair."""
     a, b = _pair(name, ab, "lora")
-    base, kind = _lora_module(model, name, a[0])
-    r, scale = _peft_scale(cfg, _peft_target_name(model, name))
+    base, kind = _lora_module(modules, name, a[0])
+    attn = _attention_of(modules, name)
+    r, scale = _peft_scale(cfg, attn or name)  # an out_proj takes its attention module's r and alpha
     if kind == "conv":
         spec = _plan_conv(name, a, b, base, r, scale)
     else:  # Linear (mode order (out, in)); Conv1D's stored (in, out) is transposed; MHA's in_proj (3E, E)
         w = FLoRAMultiheadAttention.weight_shape_of(base) if kind == "mha" else FLoRALinear.weight_shape_of(base)
         spec = _plan_matrix(name, a, b, w, r, scale)
-        spec.dropout = 0.0 if _in_mha(model, name) else None  # PEFT merges around MHA: no dropout there
+        spec.dropout = None if attn is None else 0.0  # PEFT runs MHA merged: no dropout there
     return fit_ranks(spec, _mode_shape(base, kind))
 
 
-def _in_mha(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a MultiheadAttention or the out_proj of one (PEFT runs both merged)."""
+def _attention_of(modules: Mapping[str, nn.Module], name: str) -> str | None:
+    """The MultiheadAttention module ``name`` is (or is the out_proj of), else None. PEFT adapts
+    in_proj and out_proj with the attention module's config entry (r, alpha) and runs both merged."""
+    if isinstance(modules.get(name), nn.MultiheadAttention):
+        return name
     parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    return isinstance(model.get_submodule(name), nn.MultiheadAttention) or (
-        child == "out_proj" and isinstance(owner, nn.MultiheadAttention))
-
-
-def _peft_target_name(model: nn.Module, name: str) -> str:
-    """The name PEFT's rank/alpha patterns see: a MultiheadAttention's out_proj takes its
-    attention module's r and alpha (PEFT adapts both with one config entry)."""
-    parent, _, child = name.rpartition(".")
-    if child == "out_proj" and parent and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+    if child == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
         return parent
-    return name
+    return None
 
 
 def _mode_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
@@ -907,9 +901,9 @@ def _mode_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
-def _plan_embedding(model: nn.Module, name: str, ab: Pair, cfg: Mapping[str, Any]) -> AdapterSpec:
+def _plan_embedding(modules: Mapping[str, nn.Module], name: str, ab: Pair, cfg: Mapping[str, Any]) -> AdapterSpec:
     a, b = _pair(name, ab, "embedding")
-    module = dict(model.named_modules()).get(name)
+    module = modules.get(name)
     if not isinstance(module, nn.Embedding):
         got = "no such module" if module is None else f"a {type(module).__name__}"
         raise TypeError(f"{a[0]}: expected module {name!r} to be an nn.Embedding, the model has {got}")
@@ -932,8 +926,9 @@ def plan_peft(model: nn.Module, path_or_state: Any, config: Any = None) -> tuple
     cfg, state = _read_peft(path_or_state, config)
     _check_lora_config(cfg)
     keys = _sort_peft_keys(model, state, cfg)
-    adapters = [_plan_embedding(model, n, ab, cfg) for n, ab in sorted(keys.embedding.items())]
-    adapters += [_plan_lora(model, n, ab, cfg) for n, ab in sorted(keys.lora.items())]
+    modules = dict(model.named_modules())
+    adapters = [_plan_embedding(modules, n, ab, cfg) for n, ab in sorted(keys.embedding.items())]
+    adapters += [_plan_lora(modules, n, ab, cfg) for n, ab in sorted(keys.lora.items())]
     return ImportPlan(adapters, keys.saved, keys.base), cfg
 
 
