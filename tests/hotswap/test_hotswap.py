@@ -85,7 +85,7 @@ def test_hotswap_compiled_no_recompile(case, tmp_path):
     fk.save_flora(a, tmp_path / "a")
     fk.save_flora(b, tmp_path / "b")
     with torch.no_grad():
-        y_a, y_b = a(x), b(x)
+        y_a, y_b = a(x), fk.load_flora(copy.deepcopy(base), tmp_path / "b").eval()(x)  # b loaded fresh
         fk.prepare_hotswap(a, target_rank=4)
         torch.testing.assert_close(a(x), y_a, atol=ATOL, rtol=RTOL)  # zero padding: same function
         torch._dynamo.reset()
