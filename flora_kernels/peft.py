@@ -466,6 +466,14 @@ def _flora_model(model: nn.Module) -> nn.Module:
     return tuner.model if isinstance(tuner, FloraModel) else model
 
 
+def _record_layer_info(model: nn.Module) -> None:
+    """Refresh the FloraConfigs' layer_info (ranks, scales) from the layers, so that
+    ``save_pretrained`` after a hot-swap preparation or a swap writes what the model holds."""
+    for name, config in getattr(_fk_hotswap.unwrap_compiled(model), "peft_config", {}).items():
+        if isinstance(config, FloraConfig):
+            config.layer_info = adapter_layer_info(_flora_model(model), name)
+
+
 def _hook_hotswap() -> None:
     """Make ``peft.utils.hotswap`` (``prepare_model_for_compiled_hotswap``, ``hotswap_adapter``)
     serve FLORA: the helpers they look up at call time are wrapped to run ``flora_kernels.hotswap``
@@ -481,6 +489,7 @@ def _hook_hotswap() -> None:
 
     def _pad_lora_weights(model, target_rank):
         found = _fk_hotswap.prepare_layers(model, target_rank) > 0
+        _record_layer_info(model)
         return pad(model, target_rank) or found
 
     def check_hotswap_configs_compatible(config0, config1):
@@ -497,6 +506,7 @@ def _hook_hotswap() -> None:
         if getattr(config, "peft_type", None) != PEFT_TYPE:
             return swap(model, state_dict, adapter_name, config, parameter_prefix)
         _fk_hotswap.hotswap_adapter(_flora_model(model), state_dict, adapter_name, layer_info=config.layer_info)
+        _record_layer_info(model)
         return None
 
     for fn, orig in ((_convert_scalings_to_tensor, convert), (_pad_lora_weights, pad),

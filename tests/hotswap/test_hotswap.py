@@ -192,6 +192,11 @@ def test_peft_hotswap_api_for_flora(tmp_path):
         hotswap_adapter(compiled, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")
         torch.testing.assert_close(compiled(x), outs["b"], atol=ATOL, rtol=RTOL)
         assert graphs() == before
+    model.save_pretrained(str(tmp_path / "swapped"))  # the padded ranks are recorded: it loads back
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        again = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "swapped")).eval()
+        torch.testing.assert_close(again(x), outs["b"], atol=ATOL, rtol=RTOL)
     with pytest.raises(ValueError, match="Configs are incompatible: for flora_dropout"):
         pm = get_peft_model(copy.deepcopy(base), FloraConfig(r=2, flora_dropout=0.1))
         pm.save_pretrained(str(tmp_path / "c"))
