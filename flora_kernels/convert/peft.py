@@ -457,7 +457,8 @@ def _export_mha(name: str, layer: FLoRALayer) -> _PeftEntry:
     alpha, fold = _alpha_for(held[0].scale, r) if len(scales) == 1 else (float(r), True)
     tensors = {}
     for prefix, shape, m, ab in zip((name, name + MHA_OUT), ((3 * e, e), (e, e)), parts, folded):
-        a, b = torch.zeros(r, shape[1], dtype=torch.float64), torch.zeros(shape[0], r, dtype=torch.float64)
+        a = torch.zeros(r, shape[1], dtype=torch.float64, device=held[0].core.device)
+        b = torch.zeros(shape[0], r, dtype=torch.float64, device=held[0].core.device)
         if ab is not None:
             a[: ab[0].shape[0]] = ab[0]
             b[:, : ab[1].shape[1]] = ab[1] * (m.scale if fold else 1.0)
