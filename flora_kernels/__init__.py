@@ -22,6 +22,7 @@ from .convert.extract import extract_flora
 from .convspec import ConvSpec
 from .decompose import tucker_decompose
 from .functional import flora_conv, flora_linear, tucker_project, tucker_reconstruct
+from .hotswap import hotswap_adapter, prepare_hotswap
 from .layers import (
     FLoRAConv1d,
     FLoRAConv2d,
@@ -88,11 +89,13 @@ __all__ = [
     "extract_flora",
     "flora_conv",
     "flora_linear",
+    "hotswap_adapter",
     "inject_flora",
     "load_flora",
     "merge_and_unload",
     "merge_flora",
     "param_summary",
+    "prepare_hotswap",
     "record_dispatch",
     "save_flora",
     "set_adapter",

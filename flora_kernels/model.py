@@ -209,6 +209,7 @@ def install_adapters(
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
     users = shared_weight_users(model)
+    targets = _fit_strategies(model, targets)
     layers: dict[str, FLoRALayer] = {}
     for name in sorted(targets, key=lambda n: n.count("."), reverse=True):
         real = resolve_name(model, name)
@@ -240,6 +241,28 @@ def install_adapters(
     set_state(model, configs, (active + [adapter_name]) if activate else active)
     refresh_trainable(model)
     return layers
+
+
+def _fit_strategies(model: nn.Module, targets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A config's strategy that a layer type lacks (``"factorized"`` on a MultiheadAttention,
+    which has only the merged path) becomes ``"auto"`` for that type, with one warning naming
+    the layers. (A layer built directly with such a strategy still raises.)"""
+    fitted, fell_back = {}, []
+    for name, kw in targets.items():
+        m = model.get_submodule(resolve_name(model, name))
+        cls = type(m) if isinstance(m, FLoRALayer) else layer_class_for(m)
+        strategy = kw.get("strategy", "auto")
+        if cls is not None and strategy != "auto" and strategy not in cls.strategies:
+            fell_back.append(f"{name} ({cls.__name__}: {strategy!r} asked, it has {', '.join(cls.strategies)})")
+            kw = {**kw, "strategy": "auto"}
+        fitted[name] = kw
+    if fell_back:
+        warnings.warn(
+            "FLoRA: the config's strategy is not implemented by every targeted layer type; these layers use "
+            "strategy='auto' instead: " + "; ".join(fell_back),
+            stacklevel=4,
+        )
+    return fitted
 
 
 _FASTPATH_FLAG = "_flora_fastpath_off"

@@ -39,6 +39,7 @@ try:
     from peft import mapping as _peft_mapping
     from peft.tuners import tuners_utils as _tuners_utils
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    from peft.utils import hotswap as _peft_hotswap
     from peft.utils.other import AuxiliaryTrainingWrapper
     from peft.utils.peft_types import PeftType
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
@@ -46,6 +47,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
         f"flora_kernels.peft needs the peft package (pip install 'peft>=0.21,<0.22'): {e}"
     ) from e
 
+from . import hotswap as _fk_hotswap
 from .config import FLoRAConfig, name_matches
 from .layers import FLoRALayer, flora_layers
 from .model import (
@@ -103,6 +105,13 @@ _EXPECTED_SIGNATURES = {
     (AuxiliaryTrainingWrapper, "delete_adapter"): ("adapter_name", "new_active_adapters"),
 }
 _REGISTRIES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+# peft.utils.hotswap helpers that its entry points look up at call time (wrapped for FLORA below)
+_HOTSWAP_HOOKS = {
+    "_convert_scalings_to_tensor": ("model",),
+    "_pad_lora_weights": ("model", "target_rank"),
+    "check_hotswap_configs_compatible": ("config0", "config1"),
+    "hotswap_adapter_from_state_dict": ("model", "state_dict", "adapter_name", "config", "parameter_prefix"),
+}
 
 
 def _params(fn: Any) -> tuple[str, ...]:
@@ -134,6 +143,11 @@ def check_peft(version: str | None = None) -> None:
         got = None if fn is None else _params(fn)
         if got != expected:
             problems.append(f"{owner.__module__}.{owner.__name__}.{meth}: expected parameters {expected}, got {got}")
+    for hook, expected in _HOTSWAP_HOOKS.items():
+        fn = getattr(_peft_hotswap, hook, None)
+        got = None if fn is None else _params(getattr(fn, "__wrapped__", fn))
+        if got != expected:
+            problems.append(f"peft.utils.hotswap.{hook}: expected parameters {expected}, got {got}")
     if not hasattr(_tuners_utils, "_ExcludedModule"):
         problems.append("peft.tuners.tuners_utils._ExcludedModule: missing")
     remove = getattr(BaseTuner, "_remove_adapter_name_from_key", None)
@@ -443,3 +457,62 @@ class FloraModel(BaseTuner):
 _peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE.value] = FloraConfig
 _peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE.value] = FloraModel
 _peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE.value] = PREFIX
+
+
+def _flora_model(model: nn.Module) -> nn.Module:
+    """The model holding the FLoRA layers of a (compiled) PeftModel, or ``model``."""
+    model = _fk_hotswap.unwrap_compiled(model)
+    tuner = getattr(model, "base_model", None)
+    return tuner.model if isinstance(tuner, FloraModel) else model
+
+
+def _record_layer_info(model: nn.Module) -> None:
+    """Refresh the FloraConfigs' layer_info (ranks, scales) from the layers, so that
+    ``save_pretrained`` after a hot-swap preparation or a swap writes what the model holds."""
+    for name, config in getattr(_fk_hotswap.unwrap_compiled(model), "peft_config", {}).items():
+        if isinstance(config, FloraConfig):
+            config.layer_info = adapter_layer_info(_flora_model(model), name)
+
+
+def _hook_hotswap() -> None:
+    """Make ``peft.utils.hotswap`` (``prepare_model_for_compiled_hotswap``, ``hotswap_adapter``)
+    serve FLORA: the helpers they look up at call time are wrapped to run ``flora_kernels.hotswap``
+    on FLoRA models and PEFT's own code on everything else."""
+    if getattr(_peft_hotswap.hotswap_adapter_from_state_dict, "__wrapped__", None) is not None:
+        return  # this module was imported (reloaded) before
+    convert, pad = _peft_hotswap._convert_scalings_to_tensor, _peft_hotswap._pad_lora_weights
+    check, swap = _peft_hotswap.check_hotswap_configs_compatible, _peft_hotswap.hotswap_adapter_from_state_dict
+
+    def _convert_scalings_to_tensor(model):
+        found = _fk_hotswap.prepare_layers(model) > 0
+        return convert(model) or found
+
+    def _pad_lora_weights(model, target_rank):
+        found = _fk_hotswap.prepare_layers(model, target_rank) > 0
+        _record_layer_info(model)
+        return pad(model, target_rank) or found
+
+    def check_hotswap_configs_compatible(config0, config1):
+        if PEFT_TYPE not in (config0.peft_type, config1.peft_type):
+            return check(config0, config1)
+        if config0.peft_type != config1.peft_type:
+            raise ValueError(f"Incompatible PEFT types found: {config0.peft_type} and {config1.peft_type}")
+        for key in ("flora_dropout", "strategy", "backend"):  # what the swapped tensors do not carry
+            if getattr(config0, key) != getattr(config1, key):
+                raise ValueError(f"Configs are incompatible: for {key}, {getattr(config0, key)} != {getattr(config1, key)}")
+        return None
+
+    def hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config, parameter_prefix="lora_"):
+        if getattr(config, "peft_type", None) != PEFT_TYPE:
+            return swap(model, state_dict, adapter_name, config, parameter_prefix)
+        _fk_hotswap.hotswap_adapter(_flora_model(model), state_dict, adapter_name, layer_info=config.layer_info)
+        _record_layer_info(model)
+        return None
+
+    for fn, orig in ((_convert_scalings_to_tensor, convert), (_pad_lora_weights, pad),
+                     (check_hotswap_configs_compatible, check), (hotswap_adapter_from_state_dict, swap)):
+        fn.__wrapped__ = orig
+        setattr(_peft_hotswap, orig.__name__, fn)
+
+
+_hook_hotswap()

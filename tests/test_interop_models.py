@@ -314,3 +314,28 @@ def test_set_adapter_scale(merged):
     with pytest.raises(TypeError):
         fk.set_adapter_scale(model, "2")
     assert all(isinstance(layer, FLoRALayer) for _, layer in flora_layers(model))
+
+
+# ----------------------------------------------------------------------------- strategy fallback
+
+
+def test_model_wide_strategy_falls_back_for_layer_types_without_it():
+    """strategy="factorized" on a model with MultiheadAttention (merged path only): one warning
+    naming the attention layers, which use "auto"; the other layers keep "factorized". A layer
+    built directly with the strategy it lacks still raises."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fk.inject_flora(enc, fk.FLoRAConfig(rank=2, strategy="factorized"))
+    notes = [str(w.message) for w in caught if "strategy" in str(w.message)]
+    assert len(notes) == 1
+    assert "layers.0.self_attn (FLoRAMultiheadAttention: 'factorized' asked, it has merged)" in notes[0]
+    assert "layers.1.self_attn" in notes[0] and "linear1" not in notes[0]
+    layers = dict(flora_layers(enc))
+    assert layers["layers.0.self_attn"].strategy == "auto"
+    assert layers["layers.0.linear1"].strategy == "factorized"
+    assert layers["layers.0.self_attn.base_layer.out_proj"].strategy == "factorized"
+    enc(torch.randn(2, 5, 16)).sum().backward()
+    with pytest.raises(ValueError, match=r"strategy: expected one of \('auto', 'merged'\) for FLoRAMultiheadAttention"):
+        fk.FLoRAMultiheadAttention(nn.MultiheadAttention(16, 2), rank=2, strategy="factorized")

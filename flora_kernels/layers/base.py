@@ -40,6 +40,7 @@ from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
 
 MAX_MODES = 5
+SCALE_BUFFER = "flora_scale_"  # + adapter name: the scale as a tensor (hold_scale_as_tensor)
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,10 @@ class FLoRALayer(nn.Module):
         for n in range(self.weight_modes().dim()):
             del getattr(self, f"flora_u{n}")[name]
         del self.flora_settings[name]
+        self._buffers.pop(SCALE_BUFFER + name, None)
         if name in self._active:
             self._active.remove(name)
+        self._changed()
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active set: only their tensors require grad (names absent here are ignored)."""
@@ -387,8 +390,39 @@ class FLoRALayer(nn.Module):
         self.unmerge()
         for n in names:
             self.flora_settings[n] = replace(self.flora_settings[n], scale=float(scale))
+            held = self.scale_tensor(n)
+            if held is not None:
+                held.fill_(float(scale))
         if merged:
             self.merge(merged)
+        self._changed()
+
+    def scale_tensor(self, name: str) -> Tensor | None:
+        """Adapter ``name``'s scale as a 0-d tensor, where ``hold_scale_as_tensor`` made one."""
+        return self._buffers.get(SCALE_BUFFER + name)
+
+    def hold_scale_as_tensor(self, name: str) -> Tensor:
+        """Keep adapter ``name``'s scale also as a 0-d buffer (adapter dtype and device, not
+        saved in state_dict) that the forward multiplies into the core; ``set_scale`` writes it
+        in place. A compiled model then sees a new scale as a new value of the same tensor, not
+        as a new constant (no recompile). Returns the buffer."""
+        self._check_names([name])
+        held = self.scale_tensor(name)
+        if held is None:
+            core = self.flora_core[name]
+            held = torch.tensor(self.flora_settings[name].scale, dtype=core.dtype, device=core.device)
+            self.register_buffer(SCALE_BUFFER + name, held, persistent=False)
+            self._changed()
+        return held
+
+    def adapter_terms(self, name: str) -> tuple[Tensor, list[Tensor], float]:
+        """(core, factors, scale) adapter ``name`` computes with: its parameters and settings'
+        scale, or, with a scale tensor (``hold_scale_as_tensor``), core * that tensor and 1.0."""
+        core, factors = self.tensors(name)
+        held = self.scale_tensor(name)
+        if held is None:
+            return core, factors, self.flora_settings[name].scale
+        return core * held, factors, 1.0
 
     # ------------------------------------------------------------------ forward
 
@@ -408,8 +442,8 @@ class FLoRALayer(nn.Module):
         w = self.weight_modes()
         total = None
         for n in names:
-            core, factors = self.tensors(n)
-            d = tucker_reconstruct(core, factors, self.flora_settings[n].scale, backend=self._reconstruct_backend(n))
+            core, factors, scale = self.adapter_terms(n)
+            d = tucker_reconstruct(core, factors, scale, backend=self._reconstruct_backend(n))
             total = d if total is None else total + d
         if total is None:
             return torch.zeros(w.shape, dtype=adapter_dtype(w), device=w.device)

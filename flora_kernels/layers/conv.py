@@ -31,10 +31,10 @@ class _FLoRAConvNd(FLoRALayer):
         self.spec = ConvSpec.of(base_layer)
 
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
-        core, factors = self.tensors(name)
+        core, factors, scale = self.adapter_terms(name)
         s, spec = self.flora_settings[name], self.spec
         return flora_conv(
-            x, self.base_weight(), self.base_layer.bias, core, factors, s.scale,
+            x, self.base_weight(), self.base_layer.bias, core, factors, scale,
             stride=spec.stride, padding=self.base_layer.padding, dilation=spec.dilation, groups=spec.groups,
             padding_mode=spec.padding_mode, strategy=s.strategy, backend=s.backend, dropout_p=dropout_p,
         )
@@ -96,9 +96,9 @@ class _FLoRAConvTransposeNd(FLoRALayer):
         unbatched = x.dim() == d + 1
         xb = x.unsqueeze(0) if unbatched else x
         out_pad = base._output_padding(xb, output_size, base.stride, base.padding, base.kernel_size, d, base.dilation)
-        core, factors = self.tensors(name)
+        core, factors, scale = self.adapter_terms(name)
         y = reference.conv_transpose_factorized(
-            xb, self.base_weight(), base.bias, core, factors, self.flora_settings[name].scale, base.stride,
+            xb, self.base_weight(), base.bias, core, factors, scale, base.stride,
             base.padding, tuple(out_pad), base.groups, base.dilation, dropout_p,
         )
         return y.squeeze(0) if unbatched else y

@@ -30,7 +30,7 @@ class FLoRAEmbedding(FLoRALayer):
     backends = ("reference",)
 
     def _forward_fused(self, ids: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
-        core, factors = self.tensors(name)
+        core, factors, scale = self.adapter_terms(name)
         s, base = self.flora_settings[name], self.base_layer
         strategy = s.strategy
         if strategy == "auto":
@@ -38,7 +38,7 @@ class FLoRAEmbedding(FLoRALayer):
         y = self._base_forward(ids)
         if strategy == "factorized":
             rows = reference.embedding_factorized(
-                ids, core, factors, s.scale, base.padding_idx, base.scale_grad_by_freq, y.dtype
+                ids, core, factors, scale, base.padding_idx, base.scale_grad_by_freq, y.dtype
             )
         else:
             rows = self._delta_forward(ids, self.delta_weight(name).to(y.dtype))

@@ -50,10 +50,10 @@ class FLoRALinear(FLoRALayer):
         return delta.t() if is_hf_conv1d(self.base_layer) else delta
 
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
-        core, factors = self.tensors(name)
+        core, factors, scale = self.adapter_terms(name)
         s = self.flora_settings[name]
         return flora_linear(
-            x, self.weight_modes(), self.base_layer.bias, core, factors, s.scale,
+            x, self.weight_modes(), self.base_layer.bias, core, factors, scale,
             dropout_p=dropout_p, strategy=s.strategy, backend=s.backend,
         )
 
