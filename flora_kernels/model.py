@@ -37,6 +37,9 @@ FORMAT_VERSION = 2
 PEFT_TYPE = "FLORA"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
+# Saved module types that load into any Linear (quantized or not): a QLoRA adapter trained on a
+# 4-bit base loads into the full-precision model, and the other way round.
+LINEAR_TYPE_NAMES = frozenset({"Linear", "Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"})
 
 # --------------------------------------------------------------------------- names
 
@@ -149,7 +152,7 @@ def select_targets(model: nn.Module, cfg: FLoRAConfig) -> dict[str, dict[str, An
                 )
             continue
         if default:
-            if cls is FLoRAEmbedding or (tm == ALL_LINEAR and cls is not FLoRALinear):
+            if cls is FLoRAEmbedding or (tm == ALL_LINEAR and not issubclass(cls, FLoRALinear)):
                 continue
             if id(base) in heads or _tied_with(base, name, users, cls.weight_name):
                 continue
@@ -677,9 +680,11 @@ def _validate(
         except (ValueError, AttributeError):
             raise ValueError(f"adapter module {logical!r} not found in the model") from None
         base = m.base_layer if isinstance(m, FLoRALayer) else m
-        if type(base).__name__ != meta["type"]:
-            raise ValueError(f"adapter module {logical!r}: expected a {meta['type']}, got {type(base).__name__}")
         cls = layer_class_for(base)
+        if type(base).__name__ != meta["type"] and not (
+            meta["type"] in LINEAR_TYPE_NAMES and cls is not None and issubclass(cls, FLoRALinear)
+        ):
+            raise ValueError(f"adapter module {logical!r}: expected a {meta['type']}, got {type(base).__name__}")
         if cls is None:
             raise ValueError(f"adapter module {logical!r}: {type(base).__name__} is not supported ({SUPPORTED})")
         shape = tuple(m.weight_modes().shape) if isinstance(m, FLoRALayer) else None
