@@ -33,6 +33,8 @@ from .layers import (
     FLoRALayer,
     FLoRALinear,
     FLoRAMultiheadAttention,
+    FLoRAQuantLinear,
+    QuantizedMergeWarning,
 )
 from .model import (
     ParamSummary,
@@ -53,6 +55,7 @@ from .model import (
     unmerge_flora,
 )
 from .plan import Plan
+from .quantization import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -72,8 +75,10 @@ __all__ = [
     "FLoRALayer",
     "FLoRALinear",
     "FLoRAMultiheadAttention",
+    "FLoRAQuantLinear",
     "ParamSummary",
     "Plan",
+    "QuantizedMergeWarning",
     "active_adapters",
     "adapter_batch",
     "add_adapter",
@@ -93,6 +98,7 @@ __all__ = [
     "merge_and_unload",
     "merge_flora",
     "param_summary",
+    "prepare_model_for_kbit_training",
     "record_dispatch",
     "save_flora",
     "set_adapter",

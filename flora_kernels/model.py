@@ -102,7 +102,7 @@ def _tied_with(base: nn.Module, name: str, users: dict[int, list[str]], weight_n
 def _layer_kwargs(cfg: FLoRAConfig, name: str) -> dict[str, Any]:
     return {
         "rank": cfg.rank_for(name), "kernel_rank": cfg.kernel_rank, "scale": cfg.scale_for(name), "dropout": cfg.dropout,
-        "strategy": cfg.strategy, "backend": cfg.backend,
+        "strategy": cfg.strategy, "backend": cfg.backend, "lean_memory": cfg.lean_memory,
     }
 
 
@@ -553,6 +553,7 @@ def config_to_peft_dict(cfg: FLoRAConfig, layer_info: dict[str, dict[str, Any]])
         "scale_pattern": d["scale_pattern"],
         "strategy": d["strategy"],
         "backend": d["backend"],
+        "lean_memory": d["lean_memory"],
         "layer_info": layer_info,
         "flora_format_version": FORMAT_VERSION,
     }
@@ -562,6 +563,7 @@ _PEFT_TO_CFG = {
     "r": "rank", "kernel_r": "kernel_rank", "scale": "scale", "flora_dropout": "dropout",
     "target_modules": "target_modules", "exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save",
     "rank_pattern": "rank_pattern", "scale_pattern": "scale_pattern", "strategy": "strategy", "backend": "backend",
+    "lean_memory": "lean_memory",
 }
 
 
@@ -654,7 +656,7 @@ def targets_from_layer_info(cfg: FLoRAConfig, info: dict[str, dict[str, Any]]) -
 def _target_from_meta(cfg: FLoRAConfig, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "rank": tuple(meta["ranks"]), "scale": float(meta["scale"]), "dropout": cfg.dropout,
-        "strategy": cfg.strategy, "backend": cfg.backend,
+        "strategy": cfg.strategy, "backend": cfg.backend, "lean_memory": cfg.lean_memory,
     }
 
 
