@@ -49,10 +49,15 @@ def prepare_model_for_kbit_training(
     docstring). Call it before ``inject_flora`` / ``get_peft_model``. Returns ``model``.
 
     Raises:
-        ValueError: ``use_gradient_checkpointing`` on a model without
+        TypeError: ``use_gradient_checkpointing`` on a model without
             ``gradient_checkpointing_enable`` (a plain ``nn.Module``; use
             ``torch.utils.checkpoint`` in its forward instead).
     """
+    if use_gradient_checkpointing and not callable(getattr(model, "gradient_checkpointing_enable", None)):
+        raise TypeError(
+            f"use_gradient_checkpointing: expected a model with gradient_checkpointing_enable() (a transformers "
+            f"model), got {type(model).__name__}; pass use_gradient_checkpointing=False"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.parameters():
@@ -60,11 +65,6 @@ def prepare_model_for_kbit_training(
             p.data = p.data.to(torch.float32)
     if not use_gradient_checkpointing:
         return model
-    if not callable(getattr(model, "gradient_checkpointing_enable", None)):
-        raise ValueError(
-            f"use_gradient_checkpointing: expected a model with gradient_checkpointing_enable() (a transformers "
-            f"model), got {type(model).__name__}; pass use_gradient_checkpointing=False"
-        )
     if callable(getattr(model, "enable_input_require_grads", None)):
         model.enable_input_require_grads()
     elif callable(getattr(model, "get_input_embeddings", None)):

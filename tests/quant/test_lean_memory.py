@@ -112,9 +112,9 @@ def test_lean_memory_is_saved_and_loaded(tmp_path):
 
 def test_lean_memory_through_peft():
     pytest.importorskip("peft")
-    import flora_kernels.peft  # noqa: F401
     from peft import get_peft_model
 
+    import flora_kernels.peft  # noqa: F401
     from flora_kernels.peft import FloraConfig
 
     model = get_peft_model(_model(), FloraConfig(r=4, target_modules=["0", "2"], lean_memory=True))
