@@ -7,17 +7,17 @@
 3. ``fk.prepare_model_for_kbit_training`` (freeze, fp32 norms, gradient checkpointing), then
    ``fk.inject_flora`` on every Linear ("all-linear": the 28 quantized projections).
 4. Train the adapters for some steps on a synthetic language (a sparse random Markov chain:
-   each token has 4 successors among 16 frequent tokens) and check that the loss falls and that the quantized bytes of
-   the base are bit-identical before and after.
+   each token has 4 successors among 16 frequent tokens) and check that the loss falls and
+   that the quantized bytes of the base are bit-identical before and after.
 5. Do the same with the fp32 model (the same recipe, nothing quantized) and print both side by
    side: the loss, the bytes of the base weights (state_dict, quantization statistics
-   included), the adapter bytes, and the peak resident memory while training (each variant in
-   its own process; on Linux the peak is reset after the model is built, so it is the
-   training's own peak, including the model).
+   included), the adapter bytes, the peak resident memory while training and how much of it
+   the training added to what was resident when it started (each variant in its own process,
+   both with the same libraries imported; on Linux the peak is reset after the model is built).
 
 Run:
 
-    python examples/qlora_llama.py            # 30 steps per variant, about a minute on 2 idle cores
+    python examples/qlora_llama.py            # 60 steps per variant, about 10 s of CPU time each (1 thread)
     python examples/qlora_llama.py --quick    # a few seconds (what tests/quant/test_qlora_example.py runs)
 """
 
@@ -49,7 +49,7 @@ from flora_kernels.layers import flora_layers
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=512)
@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (more made a busy machine slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     p.add_argument("--no-fp32", action="store_true", help="skip the fp32 comparison run")
@@ -246,14 +246,15 @@ def report(results: list[dict[str, Any]], vocab: int) -> str:
     lines = [
         (
             f"{'variant':<14} {'loss first -> last':>20} {'base weights':>13} {'adapters':>10} {'peak RSS':>10} "
-            f"{'CPU s':>7}"
+            f"{'of which training':>18} {'CPU s':>7}"
         ),
         "-" * 80,
     ]
     for r in results:
         lines.append(
             f"{r['variant']:<14} {r['losses'][0]:>9.3f} -> {r['losses'][-1]:<7.3f} {r['base_bytes'] / mib:>9.2f} MiB "
-            f"{r['adapter_bytes'] / mib:>6.2f} MiB {r['peak_rss_mib']:>6.0f} MiB {r['cpu_seconds']:>7.1f}"
+            f"{r['adapter_bytes'] / mib:>6.2f} MiB {r['peak_rss_mib']:>6.0f} MiB "
+            f"{r['peak_rss_mib'] - r['start_rss_mib']:>14.1f} MiB {r['cpu_seconds']:>7.1f}"
         )
     q = results[0]
     lines.append(
@@ -279,6 +280,7 @@ def main(argv: Sequence[str] | None = None, isolate: bool = True) -> dict[str, A
     """Run the example; ``isolate=False`` runs the variants in this process (the tests' choice)."""
     args = parse_args(argv)
     variants = [True] if args.no_fp32 else [True, False]
+    import bitsandbytes  # noqa: F401  (before the variants start: both processes hold the same libraries)
     run = run_isolated if isolate else train
     results = [run(args, q) for q in variants]
     print(report(results, args.vocab))

@@ -252,6 +252,7 @@ class FLoRALayer(nn.Module):
             getattr(self, f"flora_u{n}")[name] = f
         self.flora_settings[name] = settings
         self._active.append(name)
+        self.set_trainable(name, True)
 
     def make_settings(
         self, rank: Rank, kernel_rank: Rank | None, scale: float, dropout: float, strategy: str, backend: str

@@ -40,11 +40,15 @@ def _bnb4(quant_type: str, double: bool, compute: torch.dtype) -> Callable[[nn.L
     return build
 
 
-def _bnb8(lin: nn.Linear) -> nn.Module:
-    bnb = _bnb()
-    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
-    q.load_state_dict(lin.state_dict())
-    return q.to("cpu")
+def _bnb8(threshold: float) -> Callable[[nn.Linear], nn.Module]:
+    def build(lin: nn.Linear) -> nn.Module:
+        bnb = _bnb()
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
+                                threshold=threshold)
+        q.load_state_dict(lin.state_dict())
+        return q.to("cpu")
+
+    return build
 
 
 def _intx4() -> Callable[[nn.Linear], nn.Module]:
@@ -60,7 +64,8 @@ BASES: dict[str, tuple[Callable[[nn.Linear], nn.Module], torch.dtype]] = {
     "bnb-nf4-dq-bf16": (_bnb4("nf4", True, torch.bfloat16), torch.bfloat16),
     "bnb-fp4-dq": (_bnb4("fp4", True, torch.float32), torch.float32),
     "bnb-fp4-bf16": (_bnb4("fp4", False, torch.bfloat16), torch.bfloat16),
-    "bnb-int8": (_bnb8, torch.float32),
+    "bnb-int8": (_bnb8(0.0), torch.float32),
+    "bnb-int8-outliers": (_bnb8(6.0), torch.float32),  # LLM.int8 with outlier decomposition
     "torchao-int8wo": (_torchao_quantize("Int8WeightOnlyConfig"), torch.float32),
     "torchao-intx4": (_intx4(), torch.float32),
 }

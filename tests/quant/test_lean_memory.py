@@ -71,10 +71,8 @@ def _saved_storages(fn) -> set[int]:
 @pytest.mark.parametrize("lean", [False, True])
 def test_layer_input_saved_only_without_lean(lean):
     torch.manual_seed(0)
-    layer = fk.FLoRALinear(nn.Linear(24, 40), rank=4, lean_memory=lean)
-    layer.set_adapter("default")
-    for p in layer.base_layer.parameters():
-        p.requires_grad_(False)
+    layer = fk.FLoRALinear(nn.Linear(24, 40), rank=4, lean_memory=lean)  # freezes the base (and U_in if lean)
+    assert layer.flora_u1["default"].requires_grad == (not lean)
     x = torch.randn(7, 24, requires_grad=True)
     saved = _saved_storages(lambda: layer(x))
     assert (x.untyped_storage().data_ptr() in saved) == (not lean)

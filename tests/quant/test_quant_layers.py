@@ -204,3 +204,36 @@ def test_eval_forward_repacking_keeps_dequantization_exact():
         layer(torch.randn(2, IN))
     # bf16 statistics after repacking: equal up to bf16 rounding of the block absmax
     assert rel_err(layer.base_weight(), w) <= tolerance(torch.bfloat16)
+
+
+def test_unquantized_4bit_module_is_refused():
+    bnb = pytest.importorskip("bitsandbytes")
+    module = bnb.nn.Linear4bit(IN, OUT, quant_type="nf4")  # never moved to a device: not quantized yet
+    with pytest.raises(ValueError, match="expected a quantized weight"):
+        FLoRAQuantLinear(module)
+
+
+class _OtherTorchaoWeight(nn.Parameter):
+    """Stands for a torchao tensor type without a known requantization."""
+
+    def dequantize(self):
+        return self.data.clone()
+
+
+_OtherTorchaoWeight.__module__ = "torchao.quantization.other"
+
+
+def test_merge_refuses_an_unknown_torchao_type_and_leaves_the_layer_unchanged():
+    module = nn.Linear(IN, OUT)
+    module.weight = _OtherTorchaoWeight(module.weight.detach().clone(), requires_grad=False)
+    layer = FLoRAQuantLinear(module, rank=3)
+    randomize_adapter_(layer)
+    weight = module.weight
+    x = torch.randn(2, IN)
+    with torch.no_grad():
+        y = layer(x)
+    with pytest.raises(ValueError, match="requantizing a torchao _OtherTorchaoWeight weight is not supported.*unmerged"):
+        layer.merge()
+    assert not layer.merged and layer.base_layer.weight is weight and layer._merge_saved is None
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
