@@ -83,7 +83,8 @@ def test_output_and_gradients_match_the_dequantized_weight(base):
     F.linear(x64, w).backward(dy.double())
     for p, r in zip(params, p64):  # the adapter's gradients do not involve the quantized weight
         assert rel_err(p.grad, r.grad) <= tolerance(dtype), (rel_err(p.grad, r.grad), p.shape)
-    assert rel_err(x.grad, x64.grad) <= max(tolerance(dtype), SLACK * 0.15), rel_err(x.grad, x64.grad)
+    # dx: the quantized module's own backward (on its dequantized weight) plus the adapter's
+    assert rel_err(x.grad, x64.grad) <= bound, (rel_err(x.grad, x64.grad), bound)
 
 
 @pytest.mark.parametrize("base", list(BASES))
@@ -237,3 +238,18 @@ def test_merge_refuses_an_unknown_torchao_type_and_leaves_the_layer_unchanged():
     assert not layer.merged and layer.base_layer.weight is weight and layer._merge_saved is None
     with torch.no_grad():
         assert torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("base", ["bnb-nf4", "bnb-int8", "torchao-int8wo"])
+def test_rank_one_without_bias_and_two_adapters(base):
+    layer = FLoRAQuantLinear(make_base(base, bias=False), rank=1, scale=1.5)
+    layer.add_adapter("second", rank=(3, 2), scale=0.5)
+    randomize_adapter_(layer)
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        y = layer(x)
+        w = layer.base_weight().double()
+        for a in ("default", "second"):
+            core, factors = layer.tensors(a)
+            w = w + tucker_reconstruct(core.double(), [f.double() for f in factors], layer.flora_settings[a].scale)
+        assert rel_err(y, F.linear(x.double(), w)) <= max(tolerance(torch.float32), SLACK * _base_error(layer, x))
