@@ -4,6 +4,7 @@ the default path's gradients."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -131,3 +132,35 @@ def test_quantized_layer_lean_does_not_save_the_input():
     model = fk.inject_flora(nn.Sequential(make_base("bnb-nf4")), fk.FLoRAConfig(rank=4, lean_memory=True))
     x = torch.randn(5, IN, requires_grad=True)
     assert x.untyped_storage().data_ptr() not in _saved_storages(lambda: model(x))
+
+
+def _bench_module():
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "lean_memory.py")
+    spec = importlib.util.spec_from_file_location("lean_memory_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_saved_bytes_of_a_lean_mlp_stay_near_the_frozen_model():
+    """bench/lean_memory.py's measure on pre-norm MLP blocks: lean <= 1.15x frozen, the default
+    (which keeps every Linear's input) well above."""
+    bench = _bench_module()
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(3)]
+    frozen = nn.Sequential(*blocks)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 64, 64, requires_grad=True)
+    ratios = {}
+    for lean in (False, True):
+        model = fk.inject_flora(copy.deepcopy(frozen), fk.FLoRAConfig(rank=8, lean_memory=lean))
+        ratios[lean] = bench.saved_storage_bytes(lambda m=model: m(x), [*model.parameters(), x]) / (
+            bench.saved_storage_bytes(lambda: frozen(x), [*frozen.parameters(), x])
+        )
+    assert ratios[True] <= 1.15 < ratios[False], ratios
