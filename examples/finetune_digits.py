@@ -197,7 +197,7 @@ def train(
 def flora_config(args: argparse.Namespace) -> fk.FLoRAConfig:
     return fk.FLoRAConfig(
         rank=args.rank, kernel_rank=args.kernel_rank, scale=args.scale, dropout=args.dropout,
-        target_modules=TARGETS, modules_to_save=["head"], backend=args.backend,
+        target_modules=TARGETS, modules_to_save=["head"], backend=args.backend, lean_memory=args.lean_memory,
     )
 
 
@@ -252,6 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-rank", type=int, default=None, help="FLoRA rank of each 3x3 kernel mode (default: full, 3)")
     p.add_argument("--scale", type=float, default=1.0, help="FLoRA scale s in dW = s * G x_n U_n")
     p.add_argument("--dropout", type=float, default=0.0, help="FLoRA adapter dropout")
+    p.add_argument("--lean-memory", action="store_true",
+                   help="FLoRA lean_memory: the input factors stay frozen (LoRA-FA style; docs/memory.md)")
     p.add_argument("--lr-flora", type=float, default=2e-2, help="Adam learning rate for FLoRA (core starts at 0)")
     p.add_argument("--lr-full", type=float, default=1e-2, help="Adam learning rate for full fine-tuning")
     p.add_argument("--lr-head", type=float, default=1e-1, help="Adam learning rate for head-only training")
@@ -329,7 +331,8 @@ def run(args: argparse.Namespace) -> dict:
 
     print()
     print(f"FLoRA config: rank={args.rank}, kernel_rank={args.kernel_rank}, scale={args.scale}, "
-          f"dropout={args.dropout}, targets={TARGETS}, modules_to_save=['head'], backend={args.backend}")
+          f"dropout={args.dropout}, lean_memory={args.lean_memory}, targets={TARGETS}, modules_to_save=['head'], "
+          f"backend={args.backend}")
     print(f"FLoRA {fk.param_summary(flora)}")
     print()
     full_params = results[1].trainable

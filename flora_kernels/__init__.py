@@ -34,6 +34,8 @@ from .layers import (
     FLoRALayer,
     FLoRALinear,
     FLoRAMultiheadAttention,
+    FLoRAQuantLinear,
+    QuantizedMergeWarning,
 )
 from .model import (
     ParamSummary,
@@ -54,6 +56,7 @@ from .model import (
     unmerge_flora,
 )
 from .plan import Plan
+from .quantization import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -73,8 +76,10 @@ __all__ = [
     "FLoRALayer",
     "FLoRALinear",
     "FLoRAMultiheadAttention",
+    "FLoRAQuantLinear",
     "ParamSummary",
     "Plan",
+    "QuantizedMergeWarning",
     "active_adapters",
     "adapter_batch",
     "add_adapter",
@@ -96,6 +101,7 @@ __all__ = [
     "merge_flora",
     "param_summary",
     "prepare_hotswap",
+    "prepare_model_for_kbit_training",
     "record_dispatch",
     "save_flora",
     "set_adapter",

@@ -50,6 +50,12 @@ class FLoRAConfig:
             trainable and are saved with the adapter, e.g. a new classifier head.
         strategy: "auto" (cost model), "factorized" or "merged".
         backend: "auto", "reference", "triton", "cuda" or "cpp".
+        lean_memory: keep less for backward: the input factor U_in stays frozen at its random
+            init (LoRA-FA style) and a Linear computes its adapter term as a separate
+            ``(x U_in) (s G^T) U_out^T``, so autograd keeps S = x U_in (T x r_in) instead of
+            the layer input x (T x in). The core and the other factors train with their exact
+            gradients; what is lost is U_in's training (docs/memory.md gives the measured
+            memory and accuracy). Settable per layer: ``layer.set_lean_memory(True, name)``.
     """
 
     rank: Rank = 16
@@ -63,6 +69,7 @@ class FLoRAConfig:
     scale_pattern: dict[str, float] = field(default_factory=dict)
     strategy: str = "auto"
     backend: str = "auto"
+    lean_memory: bool = False
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "modules_to_save", "exclude_modules"):
@@ -83,6 +90,8 @@ class FLoRAConfig:
             raise ValueError(f"scale: expected a float, got {self.scale!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.lean_memory, bool):
+            raise ValueError(f"lean_memory: expected a bool, got {self.lean_memory!r}")
         if self.strategy not in STRATEGY_CHOICES:
             raise ValueError(f"strategy: expected one of {STRATEGY_CHOICES}, got {self.strategy!r}")
         if self.backend != "auto" and self.backend not in backend_names():

@@ -37,6 +37,9 @@ FORMAT_VERSION = 2
 PEFT_TYPE = "FLORA"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
+# Saved module types that load into any Linear (quantized or not): a QLoRA adapter trained on a
+# 4-bit base loads into the full-precision model, and the other way round.
+LINEAR_TYPE_NAMES = frozenset({"Linear", "Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"})
 
 # --------------------------------------------------------------------------- names
 
@@ -99,7 +102,7 @@ def _tied_with(base: nn.Module, name: str, users: dict[int, list[str]], weight_n
 def _layer_kwargs(cfg: FLoRAConfig, name: str) -> dict[str, Any]:
     return {
         "rank": cfg.rank_for(name), "kernel_rank": cfg.kernel_rank, "scale": cfg.scale_for(name), "dropout": cfg.dropout,
-        "strategy": cfg.strategy, "backend": cfg.backend,
+        "strategy": cfg.strategy, "backend": cfg.backend, "lean_memory": cfg.lean_memory,
     }
 
 
@@ -149,7 +152,7 @@ def select_targets(model: nn.Module, cfg: FLoRAConfig) -> dict[str, dict[str, An
                 )
             continue
         if default:
-            if cls is FLoRAEmbedding or (tm == ALL_LINEAR and cls is not FLoRALinear):
+            if cls is FLoRAEmbedding or (tm == ALL_LINEAR and not issubclass(cls, FLoRALinear)):
                 continue
             if id(base) in heads or _tied_with(base, name, users, cls.weight_name):
                 continue
@@ -573,6 +576,7 @@ def config_to_peft_dict(cfg: FLoRAConfig, layer_info: dict[str, dict[str, Any]])
         "scale_pattern": d["scale_pattern"],
         "strategy": d["strategy"],
         "backend": d["backend"],
+        "lean_memory": d["lean_memory"],
         "layer_info": layer_info,
         "flora_format_version": FORMAT_VERSION,
     }
@@ -582,6 +586,7 @@ _PEFT_TO_CFG = {
     "r": "rank", "kernel_r": "kernel_rank", "scale": "scale", "flora_dropout": "dropout",
     "target_modules": "target_modules", "exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save",
     "rank_pattern": "rank_pattern", "scale_pattern": "scale_pattern", "strategy": "strategy", "backend": "backend",
+    "lean_memory": "lean_memory",
 }
 
 
@@ -674,7 +679,7 @@ def targets_from_layer_info(cfg: FLoRAConfig, info: dict[str, dict[str, Any]]) -
 def _target_from_meta(cfg: FLoRAConfig, meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "rank": tuple(meta["ranks"]), "scale": float(meta["scale"]), "dropout": cfg.dropout,
-        "strategy": cfg.strategy, "backend": cfg.backend,
+        "strategy": cfg.strategy, "backend": cfg.backend, "lean_memory": cfg.lean_memory,
     }
 
 
@@ -700,9 +705,11 @@ def _validate(
         except (ValueError, AttributeError):
             raise ValueError(f"adapter module {logical!r} not found in the model") from None
         base = m.base_layer if isinstance(m, FLoRALayer) else m
-        if type(base).__name__ != meta["type"]:
-            raise ValueError(f"adapter module {logical!r}: expected a {meta['type']}, got {type(base).__name__}")
         cls = layer_class_for(base)
+        if type(base).__name__ != meta["type"] and not (
+            meta["type"] in LINEAR_TYPE_NAMES and cls is not None and issubclass(cls, FLoRALinear)
+        ):
+            raise ValueError(f"adapter module {logical!r}: expected a {meta['type']}, got {type(base).__name__}")
         if cls is None:
             raise ValueError(f"adapter module {logical!r}: {type(base).__name__} is not supported ({SUPPORTED})")
         shape = tuple(m.weight_modes().shape) if isinstance(m, FLoRALayer) else None

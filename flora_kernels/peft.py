@@ -186,6 +186,7 @@ class FloraConfig(PeftConfig):
             matches a name when ``re.fullmatch(rf"(.*\\.)?(?:{pattern})", name)``.
         strategy: "auto", "factorized" or "merged". backend: "auto", "reference", "triton",
             "cuda" or "cpp".
+        lean_memory: the input factor stays frozen (``FLoRAConfig.lean_memory``).
         layer_info: {module: {type, weight_shape, ranks, scale}} of the installed adapter,
             filled at injection; when given, it fixes the targets and ranks (so a saved adapter
             loads exactly).
@@ -210,6 +211,9 @@ class FloraConfig(PeftConfig):
     scale_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "{pattern: scale} per module."})
     strategy: str = field(default="auto", metadata={"help": "'auto', 'factorized' or 'merged'."})
     backend: str = field(default="auto", metadata={"help": "'auto', 'reference', 'triton', 'cuda' or 'cpp'."})
+    lean_memory: bool = field(
+        default=False, metadata={"help": "Freeze the input factor U_in (LoRA-FA style): backward keeps x U_in, not x."}
+    )
     layer_info: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "Per-module type, weight shape, ranks and scale (filled at injection)."}
     )
@@ -260,9 +264,8 @@ class _PeftLayerMixin:
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for name in names & set(self.flora_settings):
-            core, factors = self.tensors(name)
-            for p in (core, *factors):
-                p.requires_grad_(requires_grad)
+            self.set_trainable(name, requires_grad)  # the layer's rule (lean_memory keeps U_in frozen)
+        self._changed()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.flora_settings:

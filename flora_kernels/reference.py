@@ -155,3 +155,15 @@ def conv_transpose_factorized(
     z = _pointwise(_dropout(x, dropout_p), u_in.reshape(g, -1, r_in).transpose(1, 2))
     u = convt(z, k.repeat(g, *(1,) * (d + 1)) if g > 1 else k, None, stride, padding, output_padding, g, dilation)
     return y.add_(_pointwise(u, u_out.expand(g, -1, r_out)))
+
+
+def linear_delta(x: Tensor, core: Tensor, factors: Sequence[Tensor], scale: float, dropout_p: float = 0.0) -> Tensor:
+    """The adapter's term alone, ``((dropout(x) U_in) (s G^T)) U_out^T``, in x's dtype.
+
+    x: (..., in); core: (r_out, r_in); factors: (out, r_out), (in, r_in). Returns (..., out).
+    Autograd keeps S = dropout(x) U_in (..., r_in) for the expansion's gradient, and keeps x
+    only when U_in requires grad.
+    """
+    u_out, u_in = (f.to(x.dtype) for f in factors)
+    b = (u_out @ core.to(x.dtype)) * scale
+    return (_dropout(x, dropout_p) @ u_in) @ b.t()

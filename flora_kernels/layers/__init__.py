@@ -5,6 +5,7 @@
     conv.py        FLoRAConv1d/2d/3d, FLoRAConvTranspose1d/2d/3d
     embedding.py   FLoRAEmbedding
     mha.py         FLoRAMultiheadAttention
+    quantized.py   FLoRAQuantLinear (bitsandbytes 4/8-bit, torchao-quantized Linear)
     registry.py    layer_class_for / wrap / flora_layers
 """
 
@@ -20,6 +21,7 @@ from .conv import (
 from .embedding import FLoRAEmbedding
 from .linear import FLoRALinear
 from .mha import FLoRAMultiheadAttention
+from .quantized import FLoRAQuantLinear, QuantizedMergeWarning
 from .registry import LAYER_CLASSES, SUPPORTED, flora_layers, layer_class_for, wrap
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "FLoRALayer",
     "FLoRALinear",
     "FLoRAMultiheadAttention",
+    "FLoRAQuantLinear",
+    "QuantizedMergeWarning",
     "flora_layers",
     "layer_class_for",
     "wrap",

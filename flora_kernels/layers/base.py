@@ -46,13 +46,15 @@ SCALE_BUFFER = "flora_scale_"  # + adapter name: the scale as a tensor (hold_sca
 @dataclass(frozen=True)
 class AdapterSettings:
     """One adapter's hyper-parameters: full per-mode ``ranks`` (already clamped), scale s,
-    dropout on the adapter's input, and the strategy/backend its forward asks for."""
+    dropout on the adapter's input, the strategy/backend its forward asks for, and
+    ``lean_memory`` (its input factor stays frozen; see ``FLoRALayer.trainable_tensors``)."""
 
     ranks: tuple[int, ...]
     scale: float = 1.0
     dropout: float = 0.0
     strategy: str = "auto"
     backend: str = "auto"
+    lean_memory: bool = False
 
 
 def adapter_dtype(weight: Tensor) -> torch.dtype:
@@ -95,6 +97,8 @@ class FLoRALayer(nn.Module):
     #: backends with kernels for this layer type's op; None: every registered backend ("auto" is always accepted)
     backends: tuple[str, ...] | None = None
     other_param_names = ("flora_settings",)
+    #: the mode whose factor multiplies the layer input (U_in), frozen by ``lean_memory``; None: none does
+    input_mode: int | None = 1
 
     def __init__(
         self,
@@ -106,6 +110,7 @@ class FLoRALayer(nn.Module):
         strategy: str = "auto",
         backend: str = "auto",
         adapter_name: str | None = "default",
+        lean_memory: bool = False,
     ) -> None:
         super().__init__()
         if not self.accepts(base_layer):
@@ -128,7 +133,7 @@ class FLoRALayer(nn.Module):
         self.mixed_batch_dim = 0
         self.shared_with: tuple[str, ...] = ()  # other modules holding this weight (set by inject)
         if adapter_name is not None:
-            self.add_adapter(adapter_name, rank, kernel_rank, scale, dropout, strategy, backend)
+            self.add_adapter(adapter_name, rank, kernel_rank, scale, dropout, strategy, backend, lean_memory=lean_memory)
 
     # ------------------------------------------------------------------ type hooks
 
@@ -223,6 +228,7 @@ class FLoRALayer(nn.Module):
         strategy: str = "auto",
         backend: str = "auto",
         init: bool = True,
+        lean_memory: bool = False,
     ) -> None:
         """Create adapter ``name`` (paper init: dW = 0) and make it active alongside the others.
 
@@ -233,7 +239,9 @@ class FLoRALayer(nn.Module):
             raise ValueError(f"adapter name: expected a non-empty string without dots, got {name!r}")
         if name in self.flora_settings:
             raise ValueError(f"adapter {name!r} already exists on {type(self).__name__}; delete it first")
-        settings = self.make_settings(rank, kernel_rank, scale, dropout, strategy, backend)
+        if not isinstance(lean_memory, bool):
+            raise TypeError(f"lean_memory: expected a bool, got {lean_memory!r}")
+        settings = replace(self.make_settings(rank, kernel_rank, scale, dropout, strategy, backend), lean_memory=lean_memory)
         w = self.weight_modes()
         dt = adapter_dtype(w)
         core = nn.Parameter(torch.empty(settings.ranks, dtype=dt, device=w.device))
@@ -245,6 +253,7 @@ class FLoRALayer(nn.Module):
             getattr(self, f"flora_u{n}")[name] = f
         self.flora_settings[name] = settings
         self._active.append(name)
+        self.set_trainable(name, True)
 
     def make_settings(
         self, rank: Rank, kernel_rank: Rank | None, scale: float, dropout: float, strategy: str, backend: str
@@ -289,12 +298,43 @@ class FLoRALayer(nn.Module):
         self._changed()
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active set: only their tensors require grad (names absent here are ignored)."""
+        """Make ``names`` the active set: only their ``trainable_tensors`` require grad (names
+        absent here are ignored)."""
         names = [names] if isinstance(names, str) else list(names)
         self._active = [n for n in names if n in self.flora_settings]
         for n in self.flora_settings:
-            for p in self._tensors_of(n):
-                p.requires_grad_(n in self._active)
+            self.set_trainable(n, n in self._active)
+        self._changed()
+
+    def trainable_tensors(self, name: str) -> list[nn.Parameter]:
+        """The one rule of which tensors of adapter ``name`` train while it is active: all of
+        them, except the input factor (mode ``input_mode``) of a ``lean_memory`` adapter, which
+        stays at its init (LoRA-FA style), so that backward needs S = x U_in, not x."""
+        tensors = self._tensors_of(name)
+        if self.flora_settings[name].lean_memory and self.input_mode is not None:
+            frozen = tensors[1 + self.input_mode]
+            return [p for p in tensors if p is not frozen]
+        return tensors
+
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        """``requires_grad`` of adapter ``name``'s tensors: its ``trainable_tensors`` follow
+        ``trainable``, the others are frozen. The caller signals ``_changed`` once after it."""
+        train = {id(p) for p in self.trainable_tensors(name)} if trainable else set()
+        for p in self._tensors_of(name):
+            p.requires_grad_(id(p) in train)
+
+    def set_lean_memory(self, value: bool, name: str | None = None) -> None:
+        """Turn ``lean_memory`` on or off for adapter ``name`` (default: every adapter); an active
+        adapter's trainability follows (``trainable_tensors``)."""
+        names = self.adapter_names if name is None else [name]
+        self._check_names(names)
+        if not isinstance(value, bool):
+            raise TypeError(f"lean_memory: expected a bool, got {value!r}")
+        for n in names:
+            self.flora_settings[n] = replace(self.flora_settings[n], lean_memory=value)
+            if n in self._active:
+                self.set_trainable(n, True)
+        self._changed()
 
     @property
     def active_adapters(self) -> list[str]:
@@ -378,6 +418,7 @@ class FLoRALayer(nn.Module):
     strategy = property(lambda self: self._sole_setting("strategy"), lambda self, v: self._update_sole(strategy=v))
     backend = property(lambda self: self._sole_setting("backend"), lambda self, v: self._update_sole(backend=v))
     dropout = property(lambda self: self._sole_setting("dropout"), lambda self, v: self._update_sole(dropout=float(v)))
+    lean_memory = property(lambda self: self._sole_setting("lean_memory"), lambda self, v: self.set_lean_memory(v, self._sole()))
 
     def _sole_setting(self, field: str):
         return getattr(self.flora_settings[self._sole()], field)
@@ -644,7 +685,7 @@ class FLoRALayer(nn.Module):
             state = "merged" if a in self.merged_adapters else ("active" if a in self._active else "inactive")
             parts.append(
                 f"{a}: ranks={s.ranks}, scale={s.scale:g}, dropout={s.dropout:g}, strategy={s.strategy}, "
-                f"backend={s.backend}, {state}"
+                f"backend={s.backend}{', lean_memory' if s.lean_memory else ''}, {state}"
             )
         if self._adapters_disabled:
             parts.append("adapters disabled")

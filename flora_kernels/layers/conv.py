@@ -72,6 +72,7 @@ class _FLoRAConvTransposeNd(FLoRALayer):
     needed (no weight-gradient op), merged otherwise and for depthwise layers.
     """
 
+    input_mode = 0  # the weight is (in, out/groups, k...)
     backends = ("reference",)
 
     def _strategy(self, x: Tensor, name: str) -> str:

@@ -27,6 +27,7 @@ class FLoRAEmbedding(FLoRALayer):
     (num_embeddings, r_0), (dim, r_1)."""
 
     base_types = (nn.Embedding,)
+    input_mode = None  # the input is indices: no factor multiplies it (lean_memory changes nothing)
     backends = ("reference",)
 
     def _forward_fused(self, ids: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:

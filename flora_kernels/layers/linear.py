@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..functional import flora_linear, plan_linear_call
 from ..plan import Plan
+from ..reference import linear_delta
 from .base import FLoRALayer
 
 
@@ -52,6 +53,8 @@ class FLoRALinear(FLoRALayer):
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
         core, factors, scale = self.adapter_terms(name)
         s = self.flora_settings[name]
+        if s.lean_memory:  # a separate adapter term: autograd keeps x U_in, not x (U_in is frozen)
+            return self._base_forward(x) + linear_delta(x, core, factors, s.scale, dropout_p)
         return flora_linear(
             x, self.weight_modes(), self.base_layer.bias, core, factors, scale,
             dropout_p=dropout_p, strategy=s.strategy, backend=s.backend,

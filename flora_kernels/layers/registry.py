@@ -18,8 +18,11 @@ from .conv import (
 from .embedding import FLoRAEmbedding
 from .linear import FLoRALinear
 from .mha import FLoRAMultiheadAttention
+from .quantized import FLoRAQuantLinear
 
+# Quantized Linears first: they are nn.Linear subclasses (or nn.Linear with a quantized weight).
 LAYER_CLASSES: tuple[type[FLoRALayer], ...] = (
+    FLoRAQuantLinear,
     FLoRALinear,
     FLoRAConv1d,
     FLoRAConv2d,
@@ -32,7 +35,7 @@ LAYER_CLASSES: tuple[type[FLoRALayer], ...] = (
 )
 SUPPORTED = (
     "Linear (and subclasses, transformers Conv1D), Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, "
-    "MultiheadAttention"
+    "MultiheadAttention; quantized Linear: bitsandbytes Linear4bit / Linear8bitLt, torchao-quantized Linear"
 )
 
 
