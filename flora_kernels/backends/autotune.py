@@ -31,13 +31,14 @@ output and every gradient (``flora_kernels.testing``: relative error within the 
 tolerance, else the float64 rule against the reference path run in float64, computed only when
 needed); a candidate that disagrees or raises is dropped with an ``AutotuneWarning``. Timing:
 one clock (``_Clock``: the calling thread's CPU time on CPU with one torch thread, CUDA events
-on a GPU, else wall time), forward plus backward when the call needs gradients. Without dropout
-the verification runs are the first timed round (the reference path's own run included); then
-interleaved rounds, at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``, stopped when the leader is
-clear (its slowest round beats every other candidate's fastest) or the budget is spent: the
-rounds after the first may cost ``BUDGET_RUNS`` times the first (the budget is proportional to
-the call's own cost), capped by ``FLORA_AUTOTUNE_BUDGET_MS`` (default 100). After the first
-round a candidate slower than ``PRUNE_RATIO`` times the fastest is not timed again.
+on a GPU, else wall time), forward plus backward when the call needs gradients. The
+verification runs are cold (first runs at these shapes): their times (at dropout 0, the call's
+own work when it has none) only prune (a candidate slower than ``PRUNE_RATIO`` times the fastest
+is not timed; its first run stands) and size the budget. Then interleaved, rotated rounds of the
+others at the call's dropout: at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``, stopped when the
+leader is clear (its slowest round beats every other candidate's fastest) or the rounds cost
+``BUDGET_RUNS`` times the verification runs (a budget proportional to the call's own cost),
+capped by ``FLORA_AUTOTUNE_BUDGET_MS`` (default 100).
 
 Winner (``_winner``): the verified candidate with the lowest median, unless its lead over the
 cost model's pick is inside the measured noise; then the cost model's pick. The noise of a
@@ -556,15 +557,15 @@ def _measure(call: Call, cands: list[Candidate], runner: Runner, tensors: Sequen
     ref = Candidate(ref_b, "factorized" if call.op in STRATEGY_OPS else None)
     dropped: dict[str, str] = {}
     tol = tolerance(call.compute_dtype, call.device_type)
-    first_is_timed = dropout_p == 0  # without dropout a verification run is a timed run of the call
+    first: dict[Candidate, float] = {}  # verification runs' times (dropout 0 = the call's work when it has none)
     devices = [torch.device(call.device)] if call.device_type == "cuda" else []
     times: dict[Candidate, list[float]] = {}
     with torch.random.fork_rng(devices=devices):
-        ref_out, t_ref = m.timed(ref, 0.0)
+        ref_out = m.run(ref, 0.0)  # the call's very first run pays its one-time costs: not a sample
         verifier = _Verifier(m, ref, ref_out, tol)
         for c in cands:
             if c == ref:
-                times[c] = [t_ref] if first_is_timed else []
+                times[c] = []
                 continue
             try:
                 out, t = m.timed(c, 0.0)
@@ -579,32 +580,35 @@ def _measure(call: Call, cands: list[Candidate], runner: Runner, tensors: Sequen
                 warnings.warn(f"flora_kernels autotune: dropped {c.label} for {call}: it disagrees with the reference "
                               f"path (relative error {err:.2e} > {bound:.1e})", AutotuneWarning, stacklevel=4)
                 continue
-            times[c] = [t] if first_is_timed else []
+            times[c] = []
+            if dropout_p == 0:
+                first[c] = t
         alive = list(times)
         if not alive:  # nothing verified: what the cost model says (e.g. the explicitly requested backend)
             c = _cost_model(call, cands)
             return _decision(call, c, "cost-model", dropped=dropped, reason="no candidate verified")
-        if len(alive) > 1:
-            _time_rounds(m, times)
+        _time_rounds(m, times, first)
     med = {c: statistics.median(ts) for c, ts in times.items() if ts}
     best, reason = _winner(times, _cost_model(call, alive))
     return _decision(call, best, "measured", tuple((c.label, med[c]) for c in alive if c in med), dropped, reason)
 
 
-def _time_rounds(m: _Measurement, times: dict[Candidate, list[float]]) -> None:
-    """Timed rounds after the first (rotated, so drift hits every candidate alike): candidates slower
-    than ``PRUNE_RATIO`` times the fastest first round stop; then rounds until the leader is clear,
-    ``MAX_ROUNDS``, or the budget (module doc) is spent, at least ``MIN_ROUNDS`` in all."""
-    alive = list(times)
-    if not times[alive[0]]:  # with dropout the verification runs were not timed: a first round now
-        for c in alive:
-            times[c].append(m.timed(c, m.dropout_p)[1])
-    fastest = min(times[c][0] for c in alive)
-    alive = [c for c in alive if times[c][0] <= PRUNE_RATIO * fastest]
-    budget = min(_budget_s(), BUDGET_RUNS * sum(times[c][0] for c in alive))
-    for r in range(1, MAX_ROUNDS):
-        spent = sum(sum(times[c][1:]) for c in alive)
-        if len(alive) < 2 or (r >= MIN_ROUNDS and (_clear_leader(times, alive) or spent > budget)):
+def _time_rounds(m: _Measurement, times: dict[Candidate, list[float]], first: dict[Candidate, float]) -> None:
+    """Timed rounds (rotated, so drift hits every candidate alike) into ``times``. ``first``: the
+    verification runs' times (cold: they only prune and size the budget). Candidates slower than
+    ``PRUNE_RATIO`` times the fastest first run are not timed (their first run stands); then rounds
+    until the leader is clear or the budget (module doc) is spent, at least ``MIN_ROUNDS``, at most
+    ``MAX_ROUNDS``."""
+    fastest = min(first.values(), default=0.0)
+    alive = [c for c in times if c not in first or first[c] <= PRUNE_RATIO * fastest]
+    for c in times:
+        if c in first and (c not in alive or len(alive) < 2):
+            times[c].append(first[c])
+    if len(alive) < 2:
+        return
+    budget = min(_budget_s(), BUDGET_RUNS * sum(first.get(c, fastest) for c in alive))
+    for r in range(MAX_ROUNDS):
+        if r >= MIN_ROUNDS and (_clear_leader(times, alive) or sum(sum(times[c]) for c in alive) > budget):
             break
         k = r % len(alive)
         for c in alive[k:] + alive[:k]:
