@@ -601,9 +601,9 @@ def _time_rounds(m: _Measurement, times: dict[Candidate, list[float]], first: di
     ``MAX_ROUNDS``."""
     fastest = min(first.values(), default=0.0)
     alive = [c for c in times if c not in first or first[c] <= PRUNE_RATIO * fastest]
-    for c in times:
+    for c, ts in times.items():
         if c in first and (c not in alive or len(alive) < 2):
-            times[c].append(first[c])
+            ts.append(first[c])
     if len(alive) < 2:
         return
     budget = min(_budget_s(), BUDGET_RUNS * sum(first.get(c, fastest) for c in alive))
