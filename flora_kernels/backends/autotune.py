@@ -667,11 +667,14 @@ def resolve(call: Call, requested: str, runner: Runner | None = None,
         call = call.with_strategy(f_strategy)
     key = (call, requested, f_variant, dispatch_policy())
     compiling = torch.compiler.is_compiling()
-    measuring = runner is not None and autotune_enabled() and not capturing(call.device)
+    measuring = runner is not None and autotune_enabled()
     # memo: decisions while measuring (measured, cached, single, failed -> cost model);
     # planned: while not measuring (single, explicit, cost model). Traced code reads both, writes none.
     d = _STATE.memo.get(key) if measuring or compiling else None
     if d is None and (not measuring or compiling):
+        d = _STATE.planned.get(key)
+    if d is None and measuring and not compiling and capturing(call.device):  # a CUDA graph: nothing is timed
+        measuring = False
         d = _STATE.planned.get(key)
     if d is not None and not _loads(d.backend):  # decided before that backend became unavailable
         d = None
