@@ -14,6 +14,9 @@ measure, one float64 rule. Used by measured dispatch (verifying candidates), the
 - ``assert_close(actual, expected, dtype)``: the elementwise check of the tests, per dtype
   (``ELEMENTWISE``: rtol, and atol relative to max(1, max |expected|)), with the errors in the
   message.
+- ``assert_bounded(out, ref_lo, ref_hi, dtype, what)``: the float64 rule elementwise, for kernels
+  whose rounding differs from torch's: max |out - fp64| <= SLACK * max |torch in dtype - fp64|
+  + ``BOUNDED_ATOL[dtype]`` * max(1, max |fp64|).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ TOLERANCE: dict[torch.dtype, float] = {
 }
 TOLERANCE_FP32_CUDA = 1e-2  # TF32 matmuls
 SLACK = 4.0
+# assert_bounded's absolute slack per dtype (for values of order 1).
+BOUNDED_ATOL: dict[torch.dtype, float] = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Elementwise (rtol, atol) per dtype, atol for values of order 1 (scaled by max(1, max |expected|)).
 # fp16/bf16 are loose on purpose: the reference path computes in the input dtype, so its own
 # error is torch's rounding in that dtype, a few ulps times the number of accumulated terms.
@@ -103,3 +108,18 @@ def assert_close(
             f"{diff.max().item():.3e}, max rel err {mrel:.3e}, norm-rel err {rel_err(actual, expected):.3e}, "
             f"shape {tuple(actual.shape)}, dtypes {actual.dtype}/{expected.dtype}"
         )
+
+
+def assert_bounded(out: Tensor, ref_lo: Tensor, ref_hi: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Kernel output ``out`` vs the fp64 oracle ``ref_hi``, bounded by torch's own error ``ref_lo``
+    (the same computation in ``dtype``): the float64 rule, elementwise (module doc)."""
+    assert out.shape == ref_hi.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_hi.shape)}"
+    hi = ref_hi.detach().double()
+    err_k = (out.detach().double() - hi).abs().max().item() if out.numel() else 0.0
+    err_t = (ref_lo.detach().double() - hi).abs().max().item() if out.numel() else 0.0
+    scale = max(1.0, hi.abs().max().item() if out.numel() else 0.0)
+    bound = SLACK * err_t + BOUNDED_ATOL[dtype] * scale
+    assert err_k <= bound, (
+        f"{what} ({dtype}): max abs err {err_k:.3e} > bound {bound:.3e} (torch's own err {err_t:.3e}, "
+        f"max |ref| {scale:.3e})"
+    )
