@@ -224,7 +224,7 @@ def test_autocast_still_drops_a_wrong_candidate(fake_backends):
 
 
 def test_autocast_is_part_of_the_call():
-    x, w, b, core, fs = _linear()
+    x, w, _b, core, fs = _linear()
     plain = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
