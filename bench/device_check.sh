@@ -16,7 +16,7 @@
 #      persistent TMA kernel (sm_90+), cuBLAS + addmm, forward / dx / dx + dropout bits, vs F.linear /
 #      torch.matmul; every other kernel vs its floor; 180 s: the TMA kernel adds its autotune
 #      compiles; python -m
-#      flora_kernels.backends.triton.microbench -> $OUT/triton_microbench.json), then the bf16
+#      tools.microbench -> $OUT/triton_microbench.json), then the bf16
 #      GPU correctness tests of the Triton backend (pytest -m gpu tests/test_triton_*.py)
 #   4. JIT-build the extension: flora_kernels.backends.ext.build_extension(verbose=True)
 #      (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); a failure is logged and the script goes on
@@ -108,10 +108,10 @@ step info 60 "$PY" -m flora_kernels info
 
 # 3b. Triton micro-benchmarks and bf16 correctness (a dry run lists the cases and floors only)
 if [ "$DRY_RUN" = "1" ]; then
-    step triton-microbench 60 "$PY" -m flora_kernels.backends.triton.microbench --dry-run --out "$OUT/triton_microbench.json"
+    step triton-microbench 60 "$PY" -m tools.microbench --dry-run --out "$OUT/triton_microbench.json"
     step triton-bf16-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py || true
 else
-    step triton-microbench 180 "$PY" -m flora_kernels.backends.triton.microbench --out "$OUT/triton_microbench.json" || true
+    step triton-microbench 180 "$PY" -m tools.microbench --out "$OUT/triton_microbench.json" || true
     FLORA_TEST_GPU=1 step triton-bf16-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=60 tests/test_triton_backend.py tests/test_triton_linear.py tests/test_triton_conv.py tests/test_triton_reconstruct.py || true
 fi
 

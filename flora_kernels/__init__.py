@@ -13,9 +13,12 @@ from .backends.autotune import (
     Decision,
     autotune_enabled,
     clear_autotune_cache,
+    dispatch_policy,
     dispatch_report,
+    force_dispatch,
     record_dispatch,
     set_autotune,
+    set_dispatch_policy,
 )
 from .config import FLoRAConfig
 from .convert.extract import extract_flora
@@ -90,10 +93,12 @@ __all__ = [
     "convert",
     "delete_adapter",
     "disable_adapter",
+    "dispatch_policy",
     "dispatch_report",
     "extract_flora",
     "flora_conv",
     "flora_linear",
+    "force_dispatch",
     "hotswap_adapter",
     "inject_flora",
     "load_flora",
@@ -107,6 +112,7 @@ __all__ = [
     "set_adapter",
     "set_adapter_scale",
     "set_autotune",
+    "set_dispatch_policy",
     "tucker_decompose",
     "tucker_project",
     "tucker_reconstruct",

@@ -44,7 +44,7 @@ class DeviceProfile:
 
 # CPU profiles per torch thread count (torch.get_num_threads()) on a 2-core x86 CPU, fp32;
 # more threads than the largest calibrated count scale its FLOP rate linearly. Effective
-# constants, not hardware peaks: fitted by bench/calibrate_cost_model.py to the measured
+# constants, not hardware peaks: fitted by tools/calibrate_cost_model.py to the measured
 # training-step time of both strategies on every distinct layer call of resnet18, vit_tiny and
 # convnext_atto at 64x64 and 96x96 (67 calls per thread count;
 # bench/results/cpu-2core-2026-12-01-costmodel-t{1,2}.json), minimising the time lost by the
@@ -164,10 +164,71 @@ def plan_conv(
     return _pick(f, m, device)
 
 
-def plan_call(call: Call) -> Plan:
-    """The cost model's verdict for a linear or conv ``Call`` (its strategy is ignored)."""
-    x, w, core = call.x, call.weight, call.core
+MEMORY_SLACK = 0.10  # memory-aware: at most this much more saved for backward than factorized
+
+
+def saved_bytes(call: Call) -> int:
+    """Estimated bytes a linear/conv call with a concrete strategy saves for backward beyond its
+    parameters (0 when nothing needs gradients), with elt the compute dtype's size:
+
+    - X = x.numel * (elt + 1 if dropout else elt) when the adapter needs gradients: x (or
+      dropout(x) and its mask) for the input factor's / dW_eff's gradient (both strategies);
+    - factorized: X + the rank-sized activations: S = x U_in (T r_in) for linear; for conv the
+      projection z (N G r_in * spatial_in) and the core conv's output (N G r_out * spatial_out);
+    - merged: X + the dense effective weight W + dW (weight.numel * elt), kept for dx.
+
+    Kernel variants of one strategy save the same.
+    """
+    if call.op not in ("linear", "conv") or call.x is None or call.core is None or not call.needs_grad:
+        return 0
+    x, core = call.x, call.core
+    elt = call.compute_dtype.itemsize
+    out = x.numel * (elt + int(call.dropout)) if call.adapter_needs_grad else 0
+    if call.strategy == "merged":
+        w = call.weight
+        return out + (w.numel if w is not None else core.shape[0] * core.shape[1]) * elt
+    r_out, r_in = core.shape[0], core.shape[1]
+    if call.op == "linear":
+        return out + (x.numel // max(x.shape[-1], 1)) * r_in * elt
+    kernel = call.weight.shape[2:] if call.weight is not None else core.shape[2:]
+    spatial_in = x.numel // max(x.shape[0] * x.shape[1], 1)
+    spatial_out = math.prod(call.conv.output_size(x.shape[2:], kernel))
+    return out + x.shape[0] * call.conv.groups * (r_in * spatial_in + r_out * spatial_out) * elt
+
+
+def memory_reason(call: Call, strategy: str, policy: str) -> str | None:
+    """Why the "memory-aware" ``policy`` keeps auto from taking ``strategy`` for this training call:
+    it would save more than ``MEMORY_SLACK`` more bytes for backward than factorized (None: it may)."""
+    if strategy != "merged" or policy != "memory-aware" or not call.adapter_needs_grad:
+        return None
+    mine, fact = saved_bytes(call.with_strategy("merged")), saved_bytes(call.with_strategy("factorized"))
+    if mine <= (1 + MEMORY_SLACK) * fact:
+        return None
+    return (f"saves {mine / 2**20:.2f} MiB for backward vs {fact / 2**20:.2f} MiB factorized (memory-aware "
+            "policy; set_dispatch_policy('speed') allows it)")
+
+
+def plan_call(call: Call, policy: str | None = None) -> Plan:
+    """The cost model's verdict for a linear or conv ``Call`` (its strategy is ignored). A base
+    weight that is missing or opaque (quantized) cannot be merged; under the "memory-aware"
+    ``policy`` (None: the dispatcher's, ``autotune.dispatch_policy()``) a training call whose
+    merged path would save materially more for backward (``memory_reason``) is factorized
+    whatever the costs (both are still reported)."""
     device = "cpu" if call.device_type == "cpu" else "cuda"
+    if call.op in ("linear", "conv") and not call.weight_readable:
+        return Plan("factorized", 0.0, math.inf, device)
+    p = _plan_costs(call, device)
+    if policy is None:
+        from .backends.autotune import dispatch_policy
+
+        policy = dispatch_policy()
+    if p.strategy == "merged" and memory_reason(call, "merged", policy) is not None:
+        return Plan("factorized", p.factorized_s, p.merged_s, device)
+    return p
+
+
+def _plan_costs(call: Call, device: str) -> Plan:
+    x, w, core = call.x, call.weight, call.core
     elt = x.dtype.itemsize
     needs_grad = call.adapter_needs_grad or call.x_needs_grad
     if call.op == "linear":

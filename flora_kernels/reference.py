@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .convspec import ConvSpec, conv_nd
-from .tucker import mode_n_product, tucker_reconstruct
+from .tucker import core_kernel
 
 
 def _dropout(x: Tensor, p: float) -> Tensor:
@@ -34,13 +34,11 @@ def linear_merged(
     scale: float, dropout_p: float = 0.0,
 ) -> Tensor:
     """x: (..., in); weight: (out, in); core: (r_out, r_in); factors: (out, r_out), (in, r_in).
+    Returns (..., out): the merged strategy (``backends.merged``) over the pure-PyTorch reconstruct."""
+    from .backends import merged
+    from .backends.base import load_backend
 
-    Returns (..., out).
-    """
-    delta = tucker_reconstruct(core, factors, scale).to(weight.dtype)
-    if dropout_p > 0:
-        return F.linear(x, weight, bias) + F.linear(_dropout(x, dropout_p), delta)
-    return F.linear(x, weight + delta, bias)
+    return merged.linear(load_backend("reference"), x, weight, bias, core, factors, scale, dropout_p)  # type: ignore[arg-type]
 
 
 def linear_factorized(
@@ -60,29 +58,18 @@ def linear_factorized(
     return y
 
 
-def core_kernel(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
-    """The core conv kernel K = s * G x_2 U_2 ... x_{N-1} U_{N-1}: (r_out, r_in, *kernel)."""
-    k = core
-    for n in range(2, core.dim()):
-        k = mode_n_product(k, factors[n], n)
-    return k * scale if scale != 1.0 else k
-
-
 def conv_merged(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
     scale: float, spec: ConvSpec, dropout_p: float = 0.0,
 ) -> Tensor:
     """x: (N, C_in, *spatial); weight: (C_out, C_in/groups, *kernel); core: ranks (N = 2 + d);
     factors[0]: (C_out, r_out), factors[1]: (C_in/groups, r_in), factors[2+j]: (k_j, r_k_j).
+    Returns (N, C_out, *out_spatial): the merged strategy (``backends.merged``) over the
+    pure-PyTorch reconstruct."""
+    from .backends import merged
+    from .backends.base import load_backend
 
-    Returns (N, C_out, *out_spatial).
-    """
-    # Canonical strides: size-1 kernel dims otherwise get strides that differ between eager and
-    # torch.compile's fake tensors, which breaks the compiled backward.
-    delta = tucker_reconstruct(core, factors, scale).to(weight.dtype).clone(memory_format=torch.contiguous_format)
-    if dropout_p > 0:
-        return conv_nd(x, weight, bias, spec) + conv_nd(_dropout(x, dropout_p), delta, None, spec)
-    return conv_nd(x, weight + delta, bias, spec)
+    return merged.conv(load_backend("reference"), x, weight, bias, core, factors, scale, spec, dropout_p)  # type: ignore[arg-type]
 
 
 def _pointwise(x: Tensor, w: Tensor) -> Tensor:

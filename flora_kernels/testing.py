@@ -11,6 +11,12 @@ measure, one float64 rule. Used by measured dispatch (verifying candidates), the
   gradient that nearly cancels), both are judged against the reference path run in float64:
   the candidate passes if it is within ``SLACK`` times the reference path's own error (or the
   tolerance) of that oracle.
+- ``assert_close(actual, expected, dtype)``: the elementwise check of the tests, per dtype
+  (``ELEMENTWISE``: rtol, and atol relative to max(1, max |expected|)), with the errors in the
+  message.
+- ``assert_bounded(out, ref_lo, ref_hi, dtype, what)``: the float64 rule elementwise, for kernels
+  whose rounding differs from torch's: max |out - fp64| <= SLACK * max |torch in dtype - fp64|
+  + ``BOUNDED_ATOL[dtype]`` * max(1, max |fp64|).
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ TOLERANCE: dict[torch.dtype, float] = {
 }
 TOLERANCE_FP32_CUDA = 1e-2  # TF32 matmuls
 SLACK = 4.0
+# assert_bounded's absolute slack per dtype (for values of order 1).
+BOUNDED_ATOL: dict[torch.dtype, float] = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Elementwise (rtol, atol) per dtype, atol for values of order 1 (scaled by max(1, max |expected|)).
+# fp16/bf16 are loose on purpose: the reference path computes in the input dtype, so its own
+# error is torch's rounding in that dtype, a few ulps times the number of accumulated terms.
+ELEMENTWISE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 5e-3),
+    torch.bfloat16: (5e-2, 3e-2),
+}
 
 
 def tolerance(dtype: torch.dtype, device_type: str = "cpu") -> float:
@@ -66,3 +83,43 @@ def within_reference_error(
     bounds = [max(tol, SLACK * e) for e in ref_errs_vs_exact]
     worst = max(range(len(bounds)), key=lambda i: errs_vs_exact[i] / bounds[i])
     return errs_vs_exact[worst] <= bounds[worst], errs_vs_exact[worst], bounds[worst]
+
+
+def assert_close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, rtol: float | None = None,
+    atol: float | None = None, msg: str = "",
+) -> None:
+    """|actual - expected| <= atol * max(1, max |expected|) + rtol * |expected| elementwise, with
+    ``ELEMENTWISE[dtype]`` (default: expected's dtype) unless ``rtol`` / ``atol`` are given; the
+    failure names the max abs / rel and the norm-relative error."""
+    dt = dtype or expected.dtype
+    r, a = ELEMENTWISE.get(dt, ELEMENTWISE[torch.float32])
+    rtol, atol = (r if rtol is None else rtol), (a if atol is None else atol)
+    assert tuple(actual.shape) == tuple(expected.shape), f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    got, want = actual.detach().to(torch.float64), expected.detach().to(device=actual.device, dtype=torch.float64)
+    if want.numel() == 0:
+        return
+    scale = max(1.0, want.abs().max().item())
+    diff = (got - want).abs()
+    if not bool((diff <= atol * scale + rtol * want.abs()).all()):
+        mrel = (diff / want.abs().clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+        raise AssertionError(
+            f"{msg}: not close (dtype {dt}, rtol={rtol}, atol={atol} x {scale:.3g}): max abs err "
+            f"{diff.max().item():.3e}, max rel err {mrel:.3e}, norm-rel err {rel_err(actual, expected):.3e}, "
+            f"shape {tuple(actual.shape)}, dtypes {actual.dtype}/{expected.dtype}"
+        )
+
+
+def assert_bounded(out: Tensor, ref_lo: Tensor, ref_hi: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Kernel output ``out`` vs the fp64 oracle ``ref_hi``, bounded by torch's own error ``ref_lo``
+    (the same computation in ``dtype``): the float64 rule, elementwise (module doc)."""
+    assert out.shape == ref_hi.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_hi.shape)}"
+    hi = ref_hi.detach().double()
+    err_k = (out.detach().double() - hi).abs().max().item() if out.numel() else 0.0
+    err_t = (ref_lo.detach().double() - hi).abs().max().item() if out.numel() else 0.0
+    scale = max(1.0, hi.abs().max().item() if out.numel() else 0.0)
+    bound = SLACK * err_t + BOUNDED_ATOL[dtype] * scale
+    assert err_k <= bound, (
+        f"{what} ({dtype}): max abs err {err_k:.3e} > bound {bound:.3e} (torch's own err {err_t:.3e}, "
+        f"max |ref| {scale:.3e})"
+    )

@@ -116,6 +116,16 @@ def tucker_reconstruct(
     return base + t.to(base.dtype)
 
 
+def core_kernel(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """The core folded with the kernel-mode factors, ``K = scale * core x_2 U_2 ... x_{N-1} U_{N-1}``:
+    (r_0, r_1, I_2, ..., I_{N-1}) (the core conv's kernel; the core itself for N = 2). Differentiable,
+    tiny; every backend's conv and reconstruct use this one fold."""
+    k = core
+    for n in range(2, core.dim()):
+        k = mode_n_product(k, factors[n], n)
+    return k * scale if scale != 1.0 else k
+
+
 def tucker_project(t: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """Adjoint of reconstruct: ``t x_0 U_0^T ... x_{N-1} U_{N-1}^T``.
 

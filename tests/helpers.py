@@ -1,4 +1,5 @@
-"""Shared test helpers: per-dtype tolerances, a verbose ``assert_close``, einsum oracles, layer factories.
+"""Shared test helpers: einsum oracles, layer factories; the tolerances and ``assert_close`` are
+``flora_kernels.testing``'s (re-exported here).
 
 Nothing here uses flora_kernels' own reconstruct or conv paths: the oracles are written from
 the definitions in docs/ARCHITECTURE.md, Conventions with ``torch.einsum`` and plain ``torch.nn`` modules.
@@ -14,61 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# (rtol, atol) per dtype. fp16/bf16 bounds are loose on purpose: the reference path computes
-# in the input dtype, so its error is PyTorch's own rounding in that dtype, a few ulps times
-# the number of accumulated terms.
-TOL: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
-
-
-def errors(actual: Tensor, expected: Tensor) -> tuple[float, float]:
-    """(max abs error, max relative error) of ``actual`` against ``expected``, in fp64."""
-    a, e = actual.detach().double(), expected.detach().double()
-    diff = (a - e).abs()
-    if diff.numel() == 0:
-        return 0.0, 0.0
-    rel = diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    return diff.max().item(), rel.max().item()
-
-
-def rel_error(actual: Tensor, expected: Tensor) -> float:
-    """Frobenius-norm relative error ||a - e|| / ||e|| (0 if both are 0)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    den = e.norm().item()
-    num = (a - e).norm().item()
-    return num / den if den > 0 else num
-
-
-def assert_close(
-    actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None,
-    rtol: float | None = None, atol: float | None = None, msg: str = "",
-) -> None:
-    """``torch.testing.assert_close`` with the table's tolerance for ``dtype`` (default: the
-    expected tensor's), printing max abs/rel errors on failure (and shapes/dtypes)."""
-    dt = dtype or expected.dtype
-    r, a = TOL.get(dt, TOL[torch.float32])
-    rtol = r if rtol is None else rtol
-    atol = a if atol is None else atol
-    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    ok = torch.allclose(actual.detach().double(), expected.detach().double(), rtol=rtol, atol=atol)
-    if not ok:
-        mabs, mrel = errors(actual, expected)
-        raise AssertionError(
-            f"{msg}: not close (dtype {dt}, rtol={rtol}, atol={atol}): max abs err {mabs:.3e}, "
-            f"max rel err {mrel:.3e}, norm-rel err {rel_error(actual, expected):.3e}, "
-            f"shape {tuple(actual.shape)}, dtypes {actual.dtype}/{expected.dtype}"
-        )
+from flora_kernels.testing import ELEMENTWISE as TOL  # noqa: F401 (re-exported for the tests)
+from flora_kernels.testing import assert_close  # noqa: F401
+from flora_kernels.testing import rel_err as rel_error
 
 
 def assert_rel_close(actual: Tensor, expected: Tensor, tol: float, msg: str = "") -> None:
     """Norm-relative error below ``tol`` (robust for sums with cancellation)."""
     err = rel_error(actual, expected)
-    mabs, mrel = errors(actual, expected)
-    assert err < tol, f"{msg}: norm-rel err {err:.3e} >= {tol:g} (max abs {mabs:.3e}, max rel {mrel:.3e})"
+    assert err < tol, f"{msg}: norm-rel err {err:.3e} >= {tol:g}"
 
 
 # --- oracles from the definitions -------------------------------------------------------------

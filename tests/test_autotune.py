@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flora_kernels as fk
-from flora_kernels.backends import Call, base, select_backend
+from flora_kernels.backends import Call, base
 from flora_kernels.backends import autotune as at
 from flora_kernels.backends.reference import ReferenceBackend
 
@@ -25,10 +25,13 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("FLORA_AUTOTUNE", "1")
     monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "0")
     monkeypatch.delenv("FLORA_BACKEND", raising=False)
+    monkeypatch.setenv("FLORA_DISPATCH_POLICY", "speed")  # every strategy a candidate (memory: its own tests)
     at.set_autotune(None)
     at.clear_autotune_cache()
     yield
     at.set_autotune(None)
+    at.force_dispatch(None)
+    at.set_dispatch_policy(None)
     at.clear_autotune_cache()
 
 
@@ -221,7 +224,7 @@ def test_autocast_still_drops_a_wrong_candidate(fake_backends):
 
 
 def test_autocast_is_part_of_the_call():
-    x, w, b, core, fs = _linear()
+    x, w, _b, core, fs = _linear()
     plain = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
@@ -343,9 +346,9 @@ def test_op_a_backend_lacks_is_unsupported():
         # an op no backend has heard of: explicit requests say so, auto has nobody
         call = Call.describe("embedding", x=torch.randn(3, 4))
         with pytest.raises(fk.BackendUnavailable, match="'cpp' cannot run embedding: it does not implement"):
-            select_backend("cpp", call)
+            at.resolve(call, "cpp")
         with pytest.raises(fk.BackendUnavailable, match="no backend can run embedding"):
-            select_backend("auto", call)
+            at.resolve(call, "auto")
     finally:
         base.unregister("linear-only")
 
@@ -408,35 +411,66 @@ def test_cost_model_knows_threads():
     assert plan.plan_call(c) == plan.plan_conv(*args, threads=torch.get_num_threads())
 
 
-@pytest.mark.parametrize("clear", [True, False])
-def test_a_tie_keeps_the_cost_model_pick(monkeypatch, clear):
-    """The fastest median displaces the cost model's pick only if it won every round."""
+def _scripted(monkeypatch, seqs):
+    """Candidate label -> its successive times (seconds); the candidates still run (and are verified)."""
+    seen: dict[str, int] = {}
+
+    def timed(self, c, p):
+        k = seen[c.label] = seen.get(c.label, -1) + 1
+        seq = seqs(c)
+        return self.run(c, p), seq[min(k, len(seq) - 1)]
+
+    monkeypatch.setattr(at._Measurement, "timed", timed)
+
+
+@pytest.mark.parametrize(("other", "prior_wins"), [
+    ([5e-3] * 7, False),  # clearly faster every round
+    ([31e-6, 60e-6, 31e-6, 31e-6, 31e-6, 31e-6, 31e-6], False),  # one slow round: still 20 us ahead, noise 14.5 us
+    ([9e-3, 5e-3, 13e-3, 9e-3, 9e-3, 9e-3, 9e-3], True),  # 1 ms ahead in median, inside its 4 ms noise
+])
+def test_winner_is_the_lowest_median_outside_the_noise(monkeypatch, other, prior_wins):
+    """The lowest median wins unless its lead over the cost model's pick is inside the rounds' noise
+    (half their range); the pick's own rounds: 51 us or 10 ms every round."""
+    monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "1000")
+    monkeypatch.setattr(at, "BUDGET_RUNS", 10.0)  # room for every round
     x, w, b, core, fs = _linear()
     call = Call.describe("linear", x=x, weight=w, bias=b, core=core, factors=fs, strategy="auto")
-    prior_b, prior_s = at._cost_model(call, at.candidates(call, "auto"))
-    rounds: dict[str, list[float]] = {}
-
-    def scripted(self, backend, strategy):
-        label = f"{backend.name}/{strategy}"
-        mine = (backend.name, strategy) == (prior_b.name, prior_s)
-        # the prior: 10 ms every round; the others: faster in median, but (unless clear) slower in one round
-        seq = [10.0] * 7 if mine else ([5.0] * 7 if clear else [5.0, 12.0, 5.0, 5.0, 5.0, 5.0, 5.0])
-        rounds.setdefault(label, [])
-        rounds[label].append(seq[len(rounds[label])])
-        return rounds[label][-1] * 1e-3
-
-    monkeypatch.setattr(at._Measurement, "time", scripted)
+    prior = at._cost_model(call, at.candidates(call, "auto"))
+    mine = [51e-6] * 7 if other[0] < 1e-3 else [10e-3] * 7
+    _scripted(monkeypatch, lambda c: mine if c == prior else other)
     fk.flora_linear(x, w, b, core, fs, 0.7)
     (d,) = fk.dispatch_report()
     assert len(d.times_s) >= 2 and d.source == "measured"
-    assert ((d.backend, d.strategy) == (prior_b.name, prior_s)) != clear
+    assert ((d.backend, d.strategy) == (prior.backend.name, prior.strategy)) == prior_wins
+    assert d.reason.startswith("the cost model's pick") == prior_wins
+
+
+def test_clearly_slower_candidates_stop_after_the_first_round(monkeypatch):
+    """A candidate whose verification run is slower than PRUNE_RATIO x the fastest is not timed; the
+    rounds stop once the leader is clear (MIN_ROUNDS)."""
+    x, w, b, core, fs = _linear()
+    counts: dict[str, int] = {}
+    call = Call.describe("linear", x=x, weight=w, bias=b, core=core, factors=fs, strategy="auto")
+    labels = [c.label for c in at.candidates(call, "auto")]
+    slow, fast = labels[0], labels[1]
+
+    def seqs(c):
+        counts[c.label] = counts.get(c.label, 0) + 1
+        return [10e-3] if c.label == slow else [1e-3] if c.label == fast else [1.5e-3]
+
+    _scripted(monkeypatch, seqs)
+    fk.flora_linear(x, w, b, core, fs, 0.7)
+    (d,) = fk.dispatch_report()
+    verified = {k: int(k != "reference/factorized") for k in counts}  # the reference's first run is untimed
+    assert counts[slow] == 1 and all(n == at.MIN_ROUNDS + verified[k] for k, n in counts.items() if k != slow)
+    assert d.label == fast
 
 
 def test_a_decision_for_a_backend_that_became_unavailable_is_redone(monkeypatch):
     """A remembered decision naming a backend that no longer loads is decided again."""
     flaky = type("_Flaky", (_Raises,), {"name": "flaky"})
     base.register("flaky", flaky, auto_rank=-1)  # first in auto's order; its merged path works
-    monkeypatch.setattr(at._Measurement, "time", lambda self, b, s: 1e-3)  # a tie: the cost model's pick stays
+    _scripted(monkeypatch, lambda c: [1e-3])  # a tie: the cost model's pick stays
     try:
         x, w, b, core, fs = _linear()
         for measuring in (True, False):
@@ -452,3 +486,90 @@ def test_a_decision_for_a_backend_that_became_unavailable_is_redone(monkeypatch)
             monkeypatch.delitem(base._INSTANCES, "flaky")
     finally:
         base.unregister("flaky")
+
+
+def _training_linear(t=4, i=64, o=48, r=(3, 2)):
+    """A training call where the dense W + dW (o x i) dwarfs the activations (t x i)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(t, i, generator=g, requires_grad=True)
+    w = torch.randn(o, i, generator=g)
+    core = torch.randn(r, generator=g).requires_grad_()
+    fs = [torch.randn(o, r[0], generator=g).requires_grad_(), torch.randn(i, r[1], generator=g).requires_grad_()]
+    return x, w, core, fs
+
+
+def test_memory_aware_policy_keeps_merged_out_of_training(monkeypatch):
+    """In training, the default policy drops the merged path (it saves the dense W + dW, 48 x 64 fp32
+    against 4 x (64 + 2) for factorized) with its reason and both estimates; "speed" keeps it; no grad
+    or an explicit strategy="merged" is never dropped."""
+    from flora_kernels import plan
+
+    monkeypatch.delenv("FLORA_DISPATCH_POLICY")
+    x, w, core, fs = _training_linear()
+    call = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="auto")
+    fact, merged = plan.saved_bytes(call.with_strategy("factorized")), plan.saved_bytes(call.with_strategy("merged"))
+    assert (fact, merged) == (4 * (4 * 64 + 4 * 2), 4 * (4 * 64 + 48 * 64))
+    fk.flora_linear(x, w, None, core, fs)
+    (d,) = fk.dispatch_report()
+    assert d.strategy == "factorized" and {k for k, _ in d.dropped} == {"cpp/merged", "reference/merged"}
+    assert all("memory-aware" in why for _, why in d.dropped)
+    assert dict(d.saved_bytes) == {"cpp/factorized": fact, "reference/factorized": fact, "cpp/merged": merged,
+                                   "reference/merged": merged}
+    fk.set_dispatch_policy("speed")
+    fk.flora_linear(x, w, None, core, fs)
+    d = fk.dispatch_report()[-1]
+    assert not d.dropped and "cpp/merged" in dict(d.times_s)
+    fk.set_dispatch_policy(None)
+    with torch.no_grad():
+        fk.flora_linear(x, w, None, core, fs)
+    assert not fk.dispatch_report()[-1].dropped and plan.saved_bytes(call.with_strategy("merged")) > 0
+    fk.flora_linear(x, w, None, core, fs, strategy="merged")
+    assert fk.dispatch_report()[-1].strategy == "merged"
+    with pytest.raises(ValueError, match="expected one of"):
+        fk.set_dispatch_policy("fastest")
+
+
+class _Quantized(torch.Tensor):
+    """A floating tensor subclass standing in for a quantized weight (torch's own ops run on it)."""
+
+
+def test_opaque_or_missing_weight_never_reaches_weight_readers():
+    """A weight that is not a plain floating tensor: only the reference path's factorized op (torch's
+    own op on the weight object) is a candidate; packed integer data or no weight: none, with the reason."""
+    x, w, core, fs = _training_linear()
+    q = w.as_subclass(_Quantized)
+    call = Call.describe("linear", x=x, weight=q, core=core, factors=fs, strategy="auto")
+    assert call.weight.layout == "opaque" and not call.weight_readable
+    assert [c.label for c in at.candidates(call, "auto", auto_only=False)] == ["reference/factorized"]
+    y = fk.flora_linear(x, q, None, core, fs)
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), _oracle(x, w, None, core, fs, scale=1.0))
+    with pytest.raises(fk.BackendUnavailable, match="merged strategy adds dW to the base weight"):
+        fk.flora_linear(x, q, None, core, fs, strategy="merged", backend="reference")
+    with pytest.raises(fk.BackendUnavailable, match="read the base weight's memory"):
+        fk.flora_linear(x, q, None, core, fs, backend="cpp")
+    packed = Call.describe("linear", x=x, weight=torch.zeros(48, 32, dtype=torch.uint8), core=core, factors=fs,
+                           strategy="auto")
+    with pytest.raises(fk.BackendUnavailable, match="packed torch.uint8"):
+        at.candidates(packed, "auto")
+    missing = Call.describe("linear", x=x, core=core, factors=fs, strategy="factorized")
+    with pytest.raises(fk.BackendUnavailable, match="base computed elsewhere"):
+        at.resolve(missing, "auto")
+
+
+def test_force_dispatch_fills_the_auto_parts(monkeypatch):
+    """force_dispatch / FLORA_BACKEND name backend[/strategy[/variant]]; explicit arguments win."""
+    x, w, b, core, fs = _linear()
+    fk.force_dispatch("reference/merged")
+    with fk.record_dispatch() as rep:
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+        fk.flora_linear(x, w, b, core, fs, 0.7, strategy="factorized", backend="cpp")
+    assert [d.label for d in rep[""]] == ["reference/merged", "cpp/factorized"]
+    fk.force_dispatch(None)
+    monkeypatch.setenv("FLORA_BACKEND", "auto/factorized")
+    with fk.record_dispatch() as rep:
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+    assert rep[""][0].strategy == "factorized"
+    with pytest.raises(ValueError, match="expected one of"):
+        fk.force_dispatch("nonsense/merged")
+    with pytest.raises(ValueError, match="expected a strategy"):
+        fk.force_dispatch("cpp/sideways")

@@ -12,11 +12,11 @@ import torch
 import flora_kernels as fk
 from flora_kernels.backends import Call
 from flora_kernels.backends.ext import CppBackend, load_extension
+from flora_kernels.testing import assert_close
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
 
-TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4)}
 
 
 def _leaves(*ts: torch.Tensor) -> list[torch.Tensor]:
@@ -32,12 +32,10 @@ def _compare(fn, inputs: list[torch.Tensor], dtype: torch.dtype) -> None:
         gen = torch.Generator().manual_seed(5)
         out.backward(torch.randn(out.shape, generator=gen, dtype=out.dtype))
         results.append([out.detach()] + [t.grad for t in leaves])
-    rtol, atol = TOL[dtype]
     names = ["out"] + [f"grad[{i}]" for i in range(len(inputs))]
     for name, a, b in zip(names, *results, strict=True):
         assert a is not None and b is not None, name
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
+        assert_close(a, b, dtype, msg=name)
 
 
 def _tucker(shape, ranks, dtype):

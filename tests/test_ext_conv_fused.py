@@ -18,11 +18,11 @@ from flora_kernels.backends.ext import backend as ext_backend
 from flora_kernels.backends.ext import load_extension
 from flora_kernels.backends.ext.ops import ConvFused
 from flora_kernels.convspec import ConvSpec
+from flora_kernels.testing import assert_close
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
 
-TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4)}
 
 
 def ops():
@@ -71,9 +71,8 @@ def test_ops_match_formulas(case, dtype, cl):
     y0 = lay(torch.randn(n, co, *u_ref.shape[2:], dtype=dtype))
     y = y0.clone()
     u = ops().adapter_conv_expand_(y, z, k, u_out, list(stride), _flat(pads), list(dil), 0.7)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(u, u_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(y, y0 + 0.7 * torch.einsum("or,nr...->no...", u_out, u_ref), rtol=rtol, atol=atol)
+    assert_close(u, u_ref, dtype, msg="u")
+    assert_close(y, y0 + 0.7 * torch.einsum("or,nr...->no...", u_out, u_ref), dtype, msg="y")
     assert y.stride() == y0.stride() and u.stride() == torch.empty_like(u_ref, memory_format=(
         torch.channels_last if cl and z.dim() == 4 else torch.contiguous_format)).stride()
     # the backward op: dz = the conv's input gradient, dx += mask * (u_in . dz)
@@ -84,9 +83,9 @@ def test_ops_match_formulas(case, dtype, cl):
     dx0 = lay(torch.randn(n, ci, *sp, dtype=dtype))
     dx = dx0.clone()
     dz = ops().adapter_conv_shrink_grad_input_(dx, du, k, u_in, list(stride), _flat(pads), list(dil), p, seed)
-    torch.testing.assert_close(dz, zz.grad, rtol=rtol, atol=atol)
+    assert_close(dz, zz.grad, dtype, msg="dz")
     mask = ops().dropout_mask(dx0.contiguous(), p, seed)
-    torch.testing.assert_close(dx, dx0 + mask * torch.einsum("cr,nr...->nc...", u_in, zz.grad), rtol=rtol, atol=atol)
+    assert_close(dx, dx0 + mask * torch.einsum("cr,nr...->nc...", u_in, zz.grad), dtype, msg="dx")
     assert dx.stride() == dx0.stride()
     # the same mask and values as the unfused op on the same dz
     dx2 = dx0.clone()
@@ -185,12 +184,10 @@ def _run(backend, inputs, geo, scale, p=0.0, seed=None):
 
 
 def _compare(a, b, dtype):
-    rtol, atol = TOL[dtype]
     (ya, ga), (yb, gb) = a, b
     for name, s, t in zip(["out", "x", "w", "b", "core", "u_out", "u_in", "u_k0", "u_k1"], [ya, *ga], [yb, *gb]):
         assert s is not None and t is not None, name
-        torch.testing.assert_close(s, t, rtol=rtol, atol=atol * max(1.0, t.abs().max().item()),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        assert_close(s, t, dtype, msg=name)
 
 
 # (x shape, C_out, kernel, geometry, ranks)

@@ -12,17 +12,10 @@ import pytest
 import torch
 
 from flora_kernels.backends.ext import load_extension
+from flora_kernels.testing import ELEMENTWISE, assert_close
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
-
-# Tolerance per dtype (rtol, atol), relative to values of order 1.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (5e-3, 5e-3),
-}
 
 
 def ops():
@@ -30,9 +23,7 @@ def ops():
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
-    rtol, atol = TOL[dtype]
-    scale = max(1.0, b.abs().max().item())
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale)
+    assert_close(a.double(), b.double(), dtype)
 
 
 # (N, groups, C per group, rank, spatial): rank 1, non powers of two, batch 1, depthwise (C = 1).
@@ -152,7 +143,7 @@ def test_reconstruct_ops_match_formulas(dims, dtype):
     base = torch.randn(i0, i1, t, dtype=torch.float32)  # base in another dtype: fused add + cast
     out = ops().tucker_reconstruct(core, u0, u1, 0.6, base)
     assert out.dtype == torch.float32
-    close(out, base.double() + ref, dtype if TOL[dtype] > TOL[torch.float32] else torch.float32)
+    close(out, base.double() + ref, dtype if ELEMENTWISE[dtype] > ELEMENTWISE[torch.float32] else torch.float32)
     g = torch.randn(i0, i1, t, dtype=dtype)
     dcore, du0, du1 = ops().tucker_reconstruct_backward(g, core, u0, u1, 0.6)
     gd = g.double()
@@ -316,5 +307,5 @@ def test_reconstruct_chunked_casts_match_formulas(dims, core_dtype, base_dtype):
     base = None if base_dtype is None else torch.randn(i0, i1, t, dtype=base_dtype)
     out = ops().tucker_reconstruct(core, u0, u1, 0.6, base)
     assert out.dtype == (core_dtype if base is None else base_dtype) and out.shape == (i0, i1, t)
-    worst = max([core_dtype] + ([base_dtype] if base is not None else []), key=lambda d: TOL[d])
+    worst = max([core_dtype] + ([base_dtype] if base is not None else []), key=lambda d: ELEMENTWISE[d])
     close(out, ref if base is None else base.double() + ref, worst)

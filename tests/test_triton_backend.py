@@ -14,7 +14,8 @@ from test_triton_helpers import DEVICE, INTERPRET, assert_bounded, needs_triton
 
 import flora_kernels as fk
 from flora_kernels import reference as ref
-from flora_kernels.backends import Call, select_backend
+from flora_kernels.backends import Call
+from flora_kernels.backends.autotune import resolve
 from flora_kernels.tucker import tucker_project, tucker_reconstruct
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
@@ -88,8 +89,8 @@ def test_bf16_refused_on_interpreter():
 def test_auto_never_picks_interpreter():
     x, w, core, fs = _linear(device="cpu")
     call = Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="factorized")
-    assert select_backend("auto", call).name != "triton"
-    assert select_backend("triton", call).name == "triton"
+    assert resolve(call, "auto")[0].name != "triton"
+    assert resolve(call, "triton")[0].name == "triton"
 
 
 @needs_triton
@@ -159,7 +160,7 @@ def test_kernels_compile_for_sm90():
     the dtype the interpreter cannot check; no GPU needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "flora_kernels.backends.triton.compile_check", "--dtypes", "bf16"],
+        [sys.executable, "-m", "tools.compile_check", "--dtypes", "bf16"],
         capture_output=True, text=True, timeout=600, env=env, check=False,
     )
     if "ptxas" in out.stdout + out.stderr and "not found" in out.stdout + out.stderr:

@@ -13,7 +13,7 @@ import sys
 import pytest
 from test_triton_helpers import needs_triton
 
-from flora_kernels.backends.triton import compile_check as cc
+from tools import compile_check as cc
 
 pytestmark = needs_triton
 
@@ -50,7 +50,7 @@ def _env(tmp_path):
 
 _SPEC_SCRIPT = """
 import json, torch
-from flora_kernels.backends.triton import compile_check as cc
+from tools import compile_check as cc
 out = {}
 for launch in cc.record("linear-dropout", torch.bfloat16):
     job = cc.Job(launch, launch.configs(90)[0], "bf16", 90)
@@ -83,7 +83,7 @@ def test_recorded_launches_carry_the_runtime_specialisation(tmp_path):
 
 def test_compile_check_small_run(tmp_path):
     """A real run: the first config of each kernel of the Linear dropout step, fp16, sm_80."""
-    cmd = [sys.executable, "-m", "flora_kernels.backends.triton.compile_check", "--arch", "80", "--dtypes", "fp16",
+    cmd = [sys.executable, "-m", "tools.compile_check", "--arch", "80", "--dtypes", "fp16",
            "--scenarios", "linear-dropout", "--kernels", "project", "ds_db", "--jobs", "1"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -102,7 +102,7 @@ def test_compile_check_refuses_the_interpreter(monkeypatch):
 def test_compile_check_tma_kernel(tmp_path):
     """The TMA GEMM of the Linear step (tensor-descriptor arguments, block shapes from each config's
     pre-hook) compiles for sm_90a without spills, forward and dx; sm_80 is skipped with the reason."""
-    cmd = [sys.executable, "-m", "flora_kernels.backends.triton.compile_check", "--arch", "90", "80", "--dtypes", "fp16",
+    cmd = [sys.executable, "-m", "tools.compile_check", "--arch", "90", "80", "--dtypes", "fp16",
            "--scenarios", "linear-tma", "--kernels", "gemm_tma", "--jobs", "1"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

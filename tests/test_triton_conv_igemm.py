@@ -15,7 +15,6 @@ from torch.library import opcheck
 
 import flora_kernels as fk
 from flora_kernels import reference as ref
-from flora_kernels.backends.triton import _common
 from flora_kernels.convspec import ConvSpec, conv_nd
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -43,9 +42,9 @@ def igemm(monkeypatch):
     calls = []
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: calls.append(1) or real(*a))
-    C.set_conv_variant("igemm")
+    fk.force_dispatch("triton/factorized/igemm")
     yield calls
-    C.set_conv_variant(None)
+    fk.force_dispatch(None)
 
 
 def _setup(kernel, ranks, bias, channels_last, n=2, c_in=5, c_out=7, hw=(9, 7)):
@@ -152,67 +151,66 @@ def test_torch_compile_igemm(igemm):
 
 
 def test_variant_choice(monkeypatch):
-    """'auto' where it does not measure (CPU): 'cudnn'; forcing igemm on a spec it cannot run names the
-    reason; bad names are refused."""
+    """Off CUDA auto takes 'cudnn' without measuring; a forced igemm (FLORA_BACKEND or force_dispatch)
+    runs it; forcing igemm on a spec it cannot run names the reason."""
     from flora_kernels.backends.triton import conv as C
 
-    monkeypatch.setattr(_common, "measures_variants", lambda device: False)
     calls = []
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: calls.append(1) or real(*a))
     x, w, b, core, *fs = _setup((3, 3), (2, 2, 2, 2), True, True)
-    fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
-    assert not calls
-    monkeypatch.setenv("FLORA_TRITON_CONV", "igemm")
+    with fk.record_dispatch() as rep:
+        fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
+    assert not calls and rep[""][0].label == "triton/factorized/cudnn"
+    monkeypatch.setenv("FLORA_BACKEND", "auto/auto/igemm")
     fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
     assert calls
-    monkeypatch.setenv("FLORA_TRITON_CONV", "fast")
-    with pytest.raises(ValueError, match="FLORA_TRITON_CONV: expected one of"):
+    monkeypatch.setenv("FLORA_BACKEND", "triton/sideways")
+    with pytest.raises(ValueError, match="FLORA_BACKEND: expected a strategy"):
         fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
-    monkeypatch.delenv("FLORA_TRITON_CONV")
-    with pytest.raises(ValueError, match="expected one of"):
-        C.set_conv_variant("winograd")
-    C.set_conv_variant("igemm")
+    monkeypatch.delenv("FLORA_BACKEND")
+    fk.force_dispatch("triton/factorized/igemm")
     try:
-        with pytest.raises(ValueError, match="does not serve depthwise convs"):
+        with pytest.raises(fk.BackendUnavailable, match="does not serve depthwise convs"):
             fk.flora_conv(x.detach(), torch.randn(5, 1, 3, 3, device=DEVICE), None, torch.randn(2, 1, 2, 2, device=DEVICE),
                           [torch.randn(5, 2, device=DEVICE), torch.randn(1, 1, device=DEVICE), *fs[2:]], 0.5, groups=5,
                           strategy="factorized", backend="triton")
     finally:
-        C.set_conv_variant(None)
+        fk.force_dispatch(None)
     assert C.ig.unsupported_reason(4, ConvSpec.make((3,), padding=1), 3) is not None  # 1-D spec, 2-D input
     assert C.ig.unsupported_reason(3, ConvSpec.make((3,), padding=1, groups=2), 3) is None
 
 
 def test_variant_measured(monkeypatch):
-    """'auto' where it measures (CUDA; here forced on the interpreter): both variants checked against
-    the reference and timed once per signature by the autotune measurement; a variant that
-    disagrees with the reference is dropped."""
+    """Where auto measures the variants (CUDA; here allowed on the interpreter): both checked against
+    the reference and timed once per signature by the dispatcher; a variant that disagrees with the
+    reference is dropped."""
     from flora_kernels.backends import autotune
+    from flora_kernels.backends.triton import TritonBackend
     from flora_kernels.backends.triton import conv as C
 
-    monkeypatch.setattr(_common, "measures_variants", lambda device: True)
-    monkeypatch.setattr(C, "_DECISIONS", {})
+    monkeypatch.setattr(TritonBackend, "variant_reason", lambda self, call, v, auto=False: None)
     monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "0")
+    autotune.clear_autotune_cache(disk=True)
     x, w, b, core, *fs = _setup((3, 3), (2, 2, 2, 2), True, True, n=1, c_in=3, c_out=4, hw=(5, 4))
     spec = ConvSpec.make((3, 3), padding=1)
     y = fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
     assert_bounded(y, ref.conv_factorized(x, w, b, core, fs, 0.5, spec), ref.conv_factorized(x, w, b, core, fs, 0.5, spec),
                    torch.float32, "output")
-    (d,) = C.conv_variant_report()
-    assert d.source == "measured" and d.strategy in C.CONV_VARIANTS and not d.dropped
-    assert {k for k, _ in d.times_s} == {"triton/cudnn", "triton/igemm"}
+    (d,) = fk.dispatch_report()
+    assert d.source == "measured" and d.variant in C.CONV_VARIANTS and not d.dropped
+    assert {k for k, _ in d.times_s} == {"triton/factorized/cudnn", "triton/factorized/igemm"}
     fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
-    assert len(C.conv_variant_report()) == 1  # decided once per signature
+    assert len(fk.dispatch_report()) == 1  # decided once per signature
 
     real = C.ig.conv_igemm_fwd
     monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: tuple(t * 2 if i == 0 else t for i, t in enumerate(real(*a))))
-    monkeypatch.setattr(C, "_DECISIONS", {})
     autotune.clear_autotune_cache(disk=True)  # the first decision was written to disk: measure again
-    with pytest.warns(autotune.AutotuneWarning, match="triton/igemm"):
+    with pytest.warns(autotune.AutotuneWarning, match="triton/factorized/igemm"):
         fk.flora_conv(x, w, b, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
-    (d,) = C.conv_variant_report()
-    assert d.strategy == "cudnn" and "triton/igemm" in dict(d.dropped)
+    (d,) = fk.dispatch_report()
+    assert d.variant == "cudnn" and "triton/factorized/igemm" in dict(d.dropped)
+    autotune.clear_autotune_cache(disk=True)
 
 
 @pytest.mark.gpu
@@ -323,14 +321,14 @@ def test_igemm_dropout_matches_cudnn_variant(monkeypatch, kernel, groups, mode, 
     leaves = [t for t in inputs if t is not None and t.requires_grad]
     out = {}
     for variant in C.CONV_VARIANTS:
-        C.set_conv_variant(variant)
+        fk.force_dispatch(f"triton/factorized/{variant}")
         try:
             x, w, b, core, *fs = inputs
             y = fk.flora_conv(x, w, b, core, fs, 0.7, strategy="factorized", backend="triton", **kw)
             dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
             out[variant] = [y, *torch.autograd.grad(y, leaves, dy)]
         finally:
-            C.set_conv_variant(None)
+            fk.force_dispatch(None)
     y0 = ref.conv_factorized(*inputs[:4], inputs[4:], 0.7, ConvSpec.make(kernel, padding=1, groups=groups, padding_mode=mode))
     assert (out["igemm"][0] - y0).abs().max() > 1e-3  # the dropout is active
     for i, (a, r) in enumerate(zip(out["igemm"], out["cudnn"])):

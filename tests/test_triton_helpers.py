@@ -1,6 +1,5 @@
-"""Shared helpers for the Triton backend tests (no tests here): one tolerance table per dtype,
-bounding the kernel's error against an fp64 oracle by a multiple of PyTorch's own error in
-that dtype, and skip markers."""
+"""Shared helpers for the Triton backend tests (no tests here): skip markers, runners, and
+``assert_bounded`` (``flora_kernels.testing``'s float64 rule, elementwise; re-exported here)."""
 
 from __future__ import annotations
 
@@ -12,35 +11,15 @@ import torch
 from torch import Tensor
 
 from flora_kernels.backends import available_backends
+from flora_kernels.testing import assert_bounded
 
 TRITON_OK = available_backends()["triton"] == "ok"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason=f"triton backend: {available_backends()['triton']}")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
-# dtype -> (mult, atol): |kernel - fp64| <= mult * |torch in dtype - fp64| + atol * max(1, |fp64|)
-TOL: dict[torch.dtype, tuple[float, float]] = {
-    torch.float32: (4.0, 2e-6),
-    torch.float16: (4.0, 2e-3),
-    torch.bfloat16: (4.0, 1e-2),
-}
 DTYPES = [torch.float32, torch.float16]
 DTYPE_IDS = ["fp32", "fp16"]
-
-
-def assert_bounded(out: Tensor, ref_lo: Tensor, ref_hi: Tensor, dtype: torch.dtype, what: str) -> None:
-    """Kernel output ``out`` vs the fp64 oracle ``ref_hi``, bounded by torch's own error ``ref_lo``."""
-    assert out.shape == ref_hi.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref_hi.shape)}"
-    hi = ref_hi.detach().double()
-    err_k = (out.detach().double() - hi).abs().max().item() if out.numel() else 0.0
-    err_t = (ref_lo.detach().double() - hi).abs().max().item() if out.numel() else 0.0
-    mult, atol = TOL[dtype]
-    scale = max(1.0, hi.abs().max().item() if out.numel() else 0.0)
-    bound = mult * err_t + atol * scale
-    assert err_k <= bound, (
-        f"{what} ({dtype}): max abs err {err_k:.3e} > bound {bound:.3e} (torch's own err {err_t:.3e}, "
-        f"max |ref| {scale:.3e})"
-    )
 
 
 def run_and_grads(

@@ -100,8 +100,8 @@ def test_linear_dropout_p0_exact():
 
     x, w = torch.randn(33, 20, device=DEVICE), torch.randn(17, 20, device=DEVICE)
     u_in, core, u_out = torch.randn(20, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE), torch.randn(17, 2, device=DEVICE)
-    y1, s1, _ = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.0, 1)
-    y2, s2, _ = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.0, 2)
+    y1, s1, _ = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.0, 1, "tiled")
+    y2, s2, _ = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.0, 2, "tiled")
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
 
 
@@ -124,14 +124,14 @@ def test_opcheck_linear_ops():
         return torch.randn(*s, device=DEVICE, requires_grad=True)
 
     w = torch.randn(7, 9, device=DEVICE)
-    opcheck(L.linear_fwd, (rq(11, 9), w, rq(7), rq(9, 3), rq(2, 3), rq(7, 2), 0.5, 0.0, 0))
-    opcheck(L.linear_fwd, (rq(11, 9), w, None, rq(9, 3), rq(4, 3), rq(7, 4), 1.5, 0.3, 5))
+    opcheck(L.linear_fwd, (rq(11, 9), w, rq(7), rq(9, 3), rq(2, 3), rq(7, 2), 0.5, 0.0, 0, "cublas"))
+    opcheck(L.linear_fwd, (rq(11, 9), w, None, rq(9, 3), rq(4, 3), rq(7, 4), 1.5, 0.3, 5, "tiled"))
     x, u_in = torch.randn(11, 9, device=DEVICE), torch.randn(9, 3, device=DEVICE)
     core, u_out = torch.randn(2, 3, device=DEVICE), torch.randn(7, 2, device=DEVICE)
     dy, s = torch.randn(11, 7, device=DEVICE), torch.randn(11, 3, device=DEVICE)
-    bits = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.2, 3)[2]
-    opcheck(L.linear_bwd, (dy, x, w, u_in, core, u_out, 0.5, s, bits, 0.2, True, True, True, True, torch.float32))
-    opcheck(L.linear_bwd, (dy, x, w, u_in, core, u_out, 0.5, s, bits.new_empty(0), 0.0, False, True, True, False, None))
+    bits = L.linear_fwd(x, w, None, u_in, core, u_out, 0.5, 0.2, 3, "tiled")[2]
+    opcheck(L.linear_bwd, (dy, x, w, u_in, core, u_out, 0.5, s, bits, 0.2, True, True, True, True, torch.float32, "tiled"))
+    opcheck(L.linear_bwd, (dy, x, w, u_in, core, u_out, 0.5, s, bits.new_empty(0), 0.0, False, True, True, False, None, "cublas"))
 
 
 def _unpack(bits: torch.Tensor, c: int) -> torch.Tensor:
@@ -294,7 +294,7 @@ def test_linear_step_dropout_mask_from_bits(monkeypatch, dtype, splits):
           torch.randn(out, dtype=torch.float64), torch.randn(in_f, r, dtype=torch.float64) / r**0.5,
           torch.randn(q, r, dtype=torch.float64), torch.randn(out, q, dtype=torch.float64) / q**0.5]
     x, w, b, u_in, core, u_out = (v.to(DEVICE, dtype).requires_grad_(i != 1) for i, v in enumerate(hi))
-    y, _, bits = L.linear_fwd(x, w, b, u_in, core, u_out, sc, p, 2024)
+    y, _, bits = L.linear_fwd(x, w, b, u_in, core, u_out, sc, p, 2024, "tiled")
     keep = _unpack(bits, in_f)
     assert 0.5 < keep.float().mean().item() < 0.8
 

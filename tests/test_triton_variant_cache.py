@@ -1,8 +1,9 @@
-"""The Triton variant decisions (the factorized conv's "cudnn"/"igemm" per call signature, ``gemm_ext``'s
-GEMM variant per shape key) in autotune's disk cache: a decision measured once is written, replayed
-after the memory is cleared and in a fresh process without measuring again; ``FLORA_AUTOTUNE=0`` and
-CUDA graph capture never measure; ``clear_autotune_cache(disk=True)`` forgets them; a corrupt cache
-file is ignored with a warning. CPU has no CUDA timing: the measurements are replaced by counters."""
+"""The Triton variant choices (the factorized conv's "cudnn"/"igemm", the factorized Linear's GEMM
+"tiled"/"cublas") are candidates of the one dispatcher and share its disk cache: a decision measured
+once is written, replayed after the memory is cleared and in a fresh process without measuring
+again; ``FLORA_AUTOTUNE=0`` and CUDA graph capture never measure; ``clear_autotune_cache(disk=True)``
+forgets them; a corrupt cache file is ignored with a warning. The interpreter's variants are allowed
+here (auto takes the default off CUDA) and the measurement is replaced by a counter."""
 
 from __future__ import annotations
 
@@ -18,35 +19,42 @@ from test_triton_helpers import DEVICE, needs_triton
 
 import flora_kernels as fk
 from flora_kernels.backends import autotune
-from flora_kernels.backends.triton import _common
 
 pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")]
+
+WINNERS = {"conv": "igemm", "linear": "cublas"}
+
+
+def allow_variants() -> None:
+    """Off CUDA, let auto choose among the Triton variants (the TMA kernel aside)."""
+    from flora_kernels.backends.triton import TritonBackend
+
+    TritonBackend.variant_reason = lambda self, call, v, auto=False: "not here" if v == "tma" else None
+
+
+def fake_measure(call, cands, runner, tensors, dropout_p):
+    """Picks WINNERS[op] without running anything."""
+    c = next(c for c in cands if c.variant == WINNERS[call.op])
+    return autotune._decision(call, c, "measured", tuple((k.label, 1e-3) for k in cands), reason="test")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A fresh cache dir and empty memory; the conv and GEMM measurements counted, not timed."""
-    from flora_kernels.backends.triton import conv as C
-    from flora_kernels.backends.triton import linear as L
+    """A fresh cache dir and empty memory; measurements counted per op, not made."""
+    from flora_kernels.backends.triton import TritonBackend
 
     monkeypatch.setenv("FLORA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FLORA_AUTOTUNE", raising=False)
+    monkeypatch.setattr(TritonBackend, "variant_reason", TritonBackend.variant_reason)
+    allow_variants()
     autotune.clear_autotune_cache()
-    counts = {"conv": 0, "gemm": 0, "igemm": 0}
+    counts = {"conv": 0, "linear": 0}
 
-    def measure_conv(call, tensors, scale, spec, p):
-        counts["conv"] += 1
-        return autotune.Decision("triton", "igemm", "measured", str(call), (("triton/cudnn", 2e-3), ("triton/igemm", 1e-3)))
+    def measure(call, *args):
+        counts[call.op] += 1
+        return fake_measure(call, *args)
 
-    def measure_gemm(args, variants):
-        counts["gemm"] += 1
-        return "cublas"
-
-    real = C.ig.conv_igemm_fwd
-    monkeypatch.setattr(_common, "measures_variants", lambda device: True)
-    monkeypatch.setattr(C, "_measure_variants", measure_conv)
-    monkeypatch.setattr(C.ig, "conv_igemm_fwd", lambda *a: counts.__setitem__("igemm", counts["igemm"] + 1) or real(*a))
-    monkeypatch.setattr(L, "_measure_variants", measure_gemm)
+    monkeypatch.setattr(autotune, "_measure", measure)
     yield counts
     autotune.clear_autotune_cache()
 
@@ -59,12 +67,14 @@ def _conv():
     return fk.flora_conv(x, w, None, core, fs, 0.5, padding=1, strategy="factorized", backend="triton")
 
 
-def _gemm():
-    from flora_kernels.backends.triton import linear as L
+def _linear():
+    x, w = torch.randn(40, 24, device=DEVICE), torch.randn(20, 24, device=DEVICE)
+    core, fs = torch.randn(3, 3, device=DEVICE), [torch.randn(20, 3, device=DEVICE), torch.randn(24, 3, device=DEVICE)]
+    return fk.flora_linear(x, w, None, core, fs, 0.5, strategy="factorized", backend="triton")
 
-    a, b = torch.randn(40, 24, device=DEVICE), torch.randn(24, 20, device=DEVICE)
-    a2, b2 = torch.randn(40, 3, device=DEVICE), torch.randn(3, 20, device=DEVICE)
-    torch.testing.assert_close(L.gemm_ext(a, b, a2, b2, None), a @ b + a2 @ b2, rtol=1e-5, atol=1e-5)
+
+def _variants() -> dict[str, str]:
+    return {d.call.split()[0]: f"{d.variant} {d.source}" for d in fk.dispatch_report()}
 
 
 def _entries() -> dict[str, dict]:
@@ -72,77 +82,63 @@ def _entries() -> dict[str, dict]:
 
 
 def test_measured_once_written_and_replayed(cache):
-    from flora_kernels.backends.triton import conv as C
-    from flora_kernels.backends.triton import linear as L
-
     _conv()
-    _gemm()
-    assert cache == {"conv": 1, "gemm": 1, "igemm": 1}
-    choices = {k.split("|")[0]: v["choice"] for k, v in _entries().items() if k.startswith("choice:")}
-    assert choices == {"choice:triton_conv_variant": "igemm", "choice:triton_gemm_variant": "cublas"}
+    _linear()
+    assert cache == {"conv": 1, "linear": 1}
+    assert sorted(v["variant"] for v in _entries().values()) == ["cublas", "igemm"]
     _conv()
-    _gemm()
-    assert cache == {"conv": 1, "gemm": 1, "igemm": 2}  # in memory
+    _linear()
+    assert cache == {"conv": 1, "linear": 1}  # in memory
     autotune.clear_autotune_cache()  # memory only: the choices come back from disk
-    assert not C.conv_variant_report() and not L.gemm_choices()
+    assert not fk.dispatch_report()
     _conv()
-    _gemm()
-    assert cache == {"conv": 1, "gemm": 1, "igemm": 3}
-    (d,) = C.conv_variant_report()
-    assert d.source == "cached" and d.strategy == "igemm" and dict(d.times_s) == pytest.approx({"triton/cudnn": 2e-3,
-                                                                                                  "triton/igemm": 1e-3})
-    assert list(L.gemm_choices().values()) == ["cublas"]
+    _linear()
+    assert cache == {"conv": 1, "linear": 1}
+    assert _variants() == {"conv": "igemm cached", "linear": "cublas cached"}
     autotune.clear_autotune_cache(disk=True)  # and the file: measured again
     assert not autotune.cache_path().exists()
     _conv()
-    _gemm()
-    assert cache == {"conv": 2, "gemm": 2, "igemm": 4}
+    _linear()
+    assert cache == {"conv": 2, "linear": 2}
 
 
 def test_autotune_off_and_graph_capture_never_measure(cache, monkeypatch):
-    from flora_kernels.backends.triton import conv as C
-
     monkeypatch.setenv("FLORA_AUTOTUNE", "0")
     _conv()
-    _gemm()
-    assert cache == {"conv": 0, "gemm": 0, "igemm": 0}  # the defaults ("cudnn"; "tiled" where TMA does not apply)
+    _linear()
+    assert cache == {"conv": 0, "linear": 0}
+    assert _variants() == {"conv": "cudnn cost-model", "linear": "tiled cost-model"}  # the backend's defaults
     monkeypatch.delenv("FLORA_AUTOTUNE")
     monkeypatch.setattr(autotune, "capturing", lambda device: True)
     _conv()
-    _gemm()
-    assert cache == {"conv": 0, "gemm": 0, "igemm": 0} and not C.conv_variant_report()
+    _linear()
+    assert cache == {"conv": 0, "linear": 0}
     monkeypatch.setattr(autotune, "capturing", lambda device: False)
     _conv()
-    _gemm()
-    assert cache == {"conv": 1, "gemm": 1, "igemm": 1}
-    autotune.clear_autotune_cache()
-    monkeypatch.setattr(autotune, "capturing", lambda device: True)
-    _conv()  # capture: a decision on disk is replayed, nothing is timed
-    _gemm()
-    assert cache == {"conv": 1, "gemm": 1, "igemm": 2}
+    _linear()
+    assert cache == {"conv": 1, "linear": 1}
 
 
 def test_corrupt_cache_is_ignored_with_a_warning(cache):
     path = autotune.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{not json")
-    with pytest.warns(autotune.AutotuneWarning, match="unreadable"):
+    with pytest.warns(fk.AutotuneWarning, match="unreadable"):
         _conv()
-    assert cache["conv"] == 1
-    assert any(k.startswith("choice:triton_conv_variant") for k in _entries())  # rewritten, valid
+    assert cache["conv"] == 1 and len(_entries()) == 1  # rewritten, valid
     autotune.clear_autotune_cache()
     doc = json.loads(path.read_text())
     for k in doc["entries"]:
-        doc["entries"][k] = {"choice": 3}  # malformed
+        doc["entries"][k] = {"backend": "triton", "strategy": "factorized", "variant": 3}  # malformed
     path.write_text(json.dumps(doc))
-    with pytest.warns(autotune.AutotuneWarning, match="malformed"):
+    with pytest.warns(fk.AutotuneWarning, match="malformed"):
         _conv()
     assert cache["conv"] == 2
     autotune.clear_autotune_cache()
     doc = json.loads(path.read_text())
     doc["fingerprint"]["torch"] = "0.0"  # stale: another torch made it
     path.write_text(json.dumps(doc))
-    with pytest.warns(autotune.AutotuneWarning, match="stale"):
+    with pytest.warns(fk.AutotuneWarning, match="stale"):
         _conv()
     assert cache["conv"] == 3
 
@@ -150,28 +146,27 @@ def test_corrupt_cache_is_ignored_with_a_warning(cache):
 def test_fresh_process_replays_without_measuring(cache):
     """A new interpreter with the same cache dir reads both decisions; its measurements would raise."""
     _conv()
-    _gemm()
-    assert cache["conv"] == 1 and cache["gemm"] == 1
+    _linear()
+    assert cache == {"conv": 1, "linear": 1}
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import torch
         import test_triton_variant_cache as t
-        from flora_kernels.backends.triton import _common, conv as C, linear as L
+        from flora_kernels.backends import autotune
 
         def boom(*a):
             raise AssertionError("measured again")
 
-        _common.measures_variants = lambda device: True
-        C._measure_variants = L._measure_variants = boom
+        t.allow_variants()
+        autotune._measure = boom
         torch.manual_seed(0)
         t._conv()
-        t._gemm()
-        (d,) = C.conv_variant_report()
-        print(d.source, d.strategy, list(L.gemm_choices().values()))
+        t._linear()
+        print(sorted(t._variants().items()))
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "FLORA_CACHE_DIR": str(autotune.cache_path().parent)}
     out = subprocess.run([sys.executable, "-c", script], check=False, env=env, cwd=os.getcwd(), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split("\n")[-2] == "cached igemm ['cublas']"
+    assert out.stdout.split("\n")[-2] == "[('conv', 'igemm cached'), ('linear', 'cublas cached')]"

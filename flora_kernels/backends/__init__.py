@@ -17,7 +17,6 @@ from .base import (
     backend_names,
     register,
     resolve_backend_name,
-    select_backend,
     unregister,
 )
 
@@ -32,6 +31,5 @@ __all__ = [
     "backend_names",
     "register",
     "resolve_backend_name",
-    "select_backend",
     "unregister",
 ]

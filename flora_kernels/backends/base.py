@@ -6,12 +6,22 @@ hashable: it is what backends answer questions about and what measured dispatch 
 
 A backend is a set of *differentiable* op implementations, one method per op it serves
 (``reconstruct``, ``project``, ``linear`` and ``conv`` on the factorized path; an op with no
-method is unsupported), plus two questions:
+method is unsupported), plus the questions the dispatcher (``backends.autotune``) asks; a
+backend times nothing itself:
 
 - ``unavailable_reason()``: why it cannot run on this machine at all (None if it can);
 - ``unsupported_reason(call)``: why it cannot serve this call (None if it can);
 - ``auto_reason(call)``: why ``backend="auto"`` should not pick it (defaults to unsupported_reason;
-  e.g. Triton serves explicit requests under the CPU interpreter that auto must not take).
+  e.g. Triton serves explicit requests under the CPU interpreter that auto must not take);
+- ``variants(call)``: its kernel variants for the call (strategy concrete), default first; ()
+  for one implementation. ``variant_reason(call, variant, auto)`` says why one cannot serve (or,
+  ``auto``, why the dispatcher should not choose it), and ``with_variant(v)`` is the backend
+  bound to one (its op methods run that variant).
+
+A call whose base weight is not a plain floating tensor (a quantized tensor subclass, packed
+integer data; ``TensorSpec.layout == "opaque"``) or is missing (``weight=None``: base computed
+elsewhere) never reaches the merged strategy nor a backend with ``reads_weight_memory`` (its
+kernels read the weight's storage): see ``call_reason``.
 
 The merged strategy (reconstruct ``W + dW``, then the plain torch op) is composed once above
 the backends (``flora_kernels.backends.merged``): a backend serves ``(linear|conv, merged)``
@@ -24,8 +34,8 @@ raises ``BackendUnavailable`` with its reason and how to get it.
 
 from __future__ import annotations
 
+import copy
 import importlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -44,7 +54,22 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot serve the call."""
 
 
+def _opaque(t: Tensor) -> bool:
+    """Whether ``t``'s storage is not a plain floating tensor a kernel could read: packed integer
+    data or a tensor subclass (e.g. a quantized weight; torch's own tracing tensors excepted)."""
+    if not t.is_floating_point():
+        return True
+    if type(t) in (Tensor, torch.nn.Parameter):
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return not isinstance(t, (FakeTensor, FunctionalTensor))
+
+
 def _layout(t: Tensor) -> str:
+    if _opaque(t):
+        return "opaque"
     if t.is_contiguous():
         return "contiguous"
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
@@ -55,7 +80,8 @@ def _layout(t: Tensor) -> str:
 
 
 class TensorSpec(NamedTuple):
-    """One tensor argument's metadata. ``layout``: contiguous, channels_last(_3d) or strided.
+    """One tensor argument's metadata. ``layout``: contiguous, channels_last(_3d), strided, or
+    opaque (not a plain floating tensor: packed / quantized data a kernel cannot read).
 
     (A NamedTuple: built for every tensor of every call, it must be cheap.)
     """
@@ -174,6 +200,11 @@ class Call:
         return self.grad_enabled and any(t.requires_grad for t in adapter)
 
     @property
+    def weight_readable(self) -> bool:
+        """Whether the base weight is given as a plain floating tensor (not opaque, not None)."""
+        return self.weight is not None and self.weight.layout != "opaque"
+
+    @property
     def x_needs_grad(self) -> bool:
         return self.grad_enabled and self.x is not None and self.x.requires_grad
 
@@ -210,10 +241,17 @@ class Call:
 
 
 class Backend:
-    """Base class: subclasses set ``name``/``how_to_get`` and define one method per op they serve."""
+    """Base class: subclasses set ``name``/``how_to_get`` and define one method per op they serve.
+
+    ``reads_weight_memory``: its linear/conv kernels read the base weight's storage directly, so a
+    call with an opaque (e.g. quantized) or missing weight never reaches it. ``variant``: the kernel
+    variant this instance runs (None: the backend's default; see ``with_variant``).
+    """
 
     name: str = ""
     how_to_get: str = ""
+    reads_weight_memory: bool = True
+    variant: str | None = None
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -224,6 +262,26 @@ class Backend:
     def auto_reason(self, call: Call) -> str | None:
         """Why ``auto`` should not pick this backend for the call (defaults to unsupported_reason)."""
         return self.unsupported_reason(call)
+
+    def variants(self, call: Call) -> tuple[str, ...]:
+        """Its kernel variants for ``call`` (strategy concrete), the default first; () for one implementation."""
+        return ()
+
+    def variant_reason(self, call: Call, variant: str, auto: bool = False) -> str | None:
+        """Why ``variant`` cannot serve ``call`` (``auto``: or why the dispatcher should not choose it)."""
+        return None if variant in self.variants(call) else f"expected one of {self.variants(call)}, got {variant!r}"
+
+    def with_variant(self, variant: str | None) -> Backend:
+        """This backend bound to ``variant`` (one instance per variant; None: this one)."""
+        if variant is None or variant == self.variant:
+            return self
+        bound = self.__dict__.setdefault("_bound", {})
+        if variant not in bound:
+            b = copy.copy(self)
+            b.__dict__.pop("_bound", None)
+            b.variant = variant
+            bound[variant] = b
+        return bound[variant]
 
     def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         """The conv the merged strategy runs with ``W + s dW`` (torch's; a backend may give it its own
@@ -298,9 +356,7 @@ def available_backends() -> dict[str, str]:
 
 
 def resolve_backend_name(requested: str) -> str:
-    """Validate a backend name; "auto" defers to the FLORA_BACKEND environment variable."""
-    if requested == "auto":
-        requested = os.environ.get("FLORA_BACKEND", "auto") or "auto"
+    """Validate a backend name ("auto" or a registered one)."""
     if requested != "auto" and requested not in _REGISTRY:
         raise ValueError(f"backend: expected one of {('auto',) + backend_names()}, got {requested!r}")
     return requested
@@ -317,6 +373,12 @@ def call_reason(b: Backend | str, call: Call, auto: bool = False) -> str | None:
     if reason is not None:
         return reason
     ask = b.auto_reason if auto else b.unsupported_reason
+    if call.op in STRATEGY_OPS and not call.weight_readable:
+        what = "missing (base computed elsewhere)" if call.weight is None else "not a plain floating tensor (quantized?)"
+        if call.strategy == "merged":
+            return f"the merged strategy adds dW to the base weight, which is {what}"
+        if b.reads_weight_memory:
+            return f"its kernels read the base weight's memory, which is {what}"
     if call.op in STRATEGY_OPS and call.strategy == "merged":
         if not callable(getattr(b, "reconstruct", None)):
             return "merged strategy: it does not implement reconstruct"
@@ -348,17 +410,6 @@ def auto_backends(call: Call) -> tuple[list[Backend], list[str]]:
         else:
             reasons.append(f"{name}: {reason}")
     return ok, reasons
-
-
-def select_backend(requested: str, call: Call) -> Backend:
-    """The backend that serves ``call`` (strategy concrete): the requested one, or auto's first."""
-    requested = resolve_backend_name(requested)
-    if requested != "auto":
-        return explicit_backend(requested, call)
-    ok, reasons = auto_backends(call)
-    if not ok:
-        raise BackendUnavailable(f"no backend can run {call.op}: " + "; ".join(reasons))
-    return ok[0]
 
 
 # The built-in backends, in auto's order: Triton and CUDA on GPUs, the C++ kernels on CPU, the

@@ -61,6 +61,3 @@ def flora_layers(model: nn.Module) -> Sequence[tuple[str, FLoRALayer]]:
     """(name, layer) for every FLoRA layer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FLoRALayer)]
 
-
-# The exact types the converters import into (until they use layer_class_for).
-LEGACY_TYPES = {nn.Linear: FLoRALinear, nn.Conv1d: FLoRAConv1d, nn.Conv2d: FLoRAConv2d, nn.Conv3d: FLoRAConv3d}

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ...convspec import ConvSpec, conv_nd
-from ...tucker import mode_n_product
+from ...tucker import core_kernel
 from ..base import Backend, Call, TensorSpec, autocast_dtype
 from .build import load_extension
 from .ops import BaseConvShrink, ConvFused, Expand, LinearFactorized, Reconstruct
@@ -18,19 +18,9 @@ from .ops import BaseConvShrink, ConvFused, Expand, LinearFactorized, Reconstruc
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def fold_core(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    """K = core x_2 U_2 ... x_{N-1} U_{N-1}, reshaped to (r0, r1, taps) (differentiable, tiny)."""
-    k = core
-    for n in range(2, core.dim()):
-        k = mode_n_product(k, factors[n], n)
-    return k.reshape(core.shape[0], core.shape[1], -1)
-
-
 def conv_core(core: Tensor, factors: Sequence[Tensor], groups: int) -> Tensor:
     """The core conv's kernel K = core x_2 U_2 ... (r_out, r_in, *k), repeated per group: (g r_out, r_in, *k)."""
-    k = core
-    for n in range(2, k.dim()):
-        k = mode_n_product(k, factors[n], n)
+    k = core_kernel(core, factors)
     return k.repeat(groups, *(1,) * (k.dim() - 1)) if groups > 1 else k
 
 
@@ -118,7 +108,7 @@ class ExtBackend(Backend):
             with torch.autocast(core.device.type, enabled=False):
                 return self.reconstruct(core, factors, scale, base)
         shape = tuple(f.shape[0] for f in factors)
-        k = fold_core(core, factors)
+        k = core_kernel(core, factors).reshape(core.shape[0], core.shape[1], -1)
         b3 = base.reshape(shape[0], shape[1], -1) if base is not None else None
         return Reconstruct.apply(k, factors[0], factors[1], float(scale), b3).reshape(shape)
 

@@ -30,10 +30,31 @@ if _IMPORT_ERROR is None:
     from . import linear as _linear
     from . import reconstruct as _reconstruct
     from ._common import MAX_RANK as _MAX_RANK
+    from .conv_igemm import unsupported_reason as _igemm_reason
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_OFF_GPU_DEFAULT = {"linear": "tiled", "conv": "cudnn"}  # the variant auto takes off CUDA
+
+
+def _tma_reason(call: Call, on_gpu: bool) -> str | None:
+    """Why the TMA GEMM cannot serve a factorized Linear call (both GEMMs: y = x W^T and dx = dy W):
+    compute capability 9.0+ (``on_gpu``; the interpreter checks the layout only), contiguous x and
+    weight, 16-byte aligned rows."""
+    if on_gpu:
+        major, minor = torch.cuda.get_device_capability(torch.device(call.device))
+        if major < 9:
+            return f"TMA needs compute capability >= 9.0, got {major}.{minor}"
+    x, w = call.x, call.weight
+    if x.layout != "contiguous" or w.layout != "contiguous":
+        return f"TMA needs contiguous x and weight, got {x.layout} and {w.layout}"
+    elt = x.dtype.itemsize
+    if (w.shape[0] * elt) % 16 or (w.shape[1] * elt) % 16:
+        return f"TMA needs rows of a multiple of 16 bytes, got in/out features {w.shape[1]}/{w.shape[0]} in {x.dtype}"
+    return None
 
 
 class TritonBackend(Backend):
@@ -42,6 +63,13 @@ class TritonBackend(Backend):
 
     Linear/conv on the factorized path treat the base weight and bias as frozen: no weight
     gradient is computed, so a call whose weight requires grad is refused (use "reference").
+
+    Variants (``variants``; the dispatcher measures them, the default first): the factorized
+    Linear's GEMMs ``linear.GEMM_VARIANTS`` ("tma": the persistent TMA kernel, sm_90+; "tiled";
+    "cublas": torch.addmm plus a pass adding the rank part), the factorized conv's
+    ``conv.CONV_VARIANTS`` ("cudnn": torch's base conv + Triton passes; "igemm": one implicit GEMM).
+    Under the interpreter or off CUDA auto takes the default ("tiled", "cudnn"): timings there
+    mean nothing; a forced variant still runs.
     """
 
     name = "triton"
@@ -85,6 +113,24 @@ class TritonBackend(Backend):
                 return "the factorized kernels treat the base weight as frozen, but weight.requires_grad is True"
         return None
 
+    def variants(self, call: Call) -> tuple[str, ...]:
+        if call.strategy != "factorized":
+            return ()
+        return {"linear": _linear.GEMM_VARIANTS, "conv": _conv.CONV_VARIANTS}.get(call.op, ())
+
+    def variant_reason(self, call: Call, variant: str, auto: bool = False) -> str | None:
+        declared = self.variants(call)
+        if variant not in declared:
+            return f"expected one of {declared}, got {variant!r}"
+        on_gpu = call.device_type == "cuda" and not _interpret()
+        if auto and not on_gpu and variant != _OFF_GPU_DEFAULT[call.op]:
+            return "off CUDA (the interpreter) auto takes the default variant: timings there mean nothing"
+        if variant == "tma":
+            return _tma_reason(call, on_gpu)
+        if variant == "igemm":
+            return _igemm_reason(call.x.dim, call.conv, call.weight.shape[1])
+        return None
+
     def auto_reason(self, call: Call) -> str | None:
         if _interpret():
             return "TRITON_INTERPRET is set: auto does not pick the CPU interpreter"
@@ -102,13 +148,13 @@ class TritonBackend(Backend):
         self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
         scale: float, dropout_p: float,
     ) -> Tensor:
-        return _linear.linear_factorized(x, weight, bias, core, factors, scale, dropout_p)
+        return _linear.linear_factorized(x, weight, bias, core, factors, scale, dropout_p, self.variant or "tiled")
 
     def conv(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
         scale: float, spec: ConvSpec, dropout_p: float,
     ) -> Tensor:
-        return _conv.conv_factorized(x, weight, bias, core, factors, scale, spec, dropout_p)
+        return _conv.conv_factorized(x, weight, bias, core, factors, scale, spec, dropout_p, self.variant or "cudnn")
 
 
 __all__ = ["TritonBackend"]

@@ -131,9 +131,3 @@ def zero_counters(count_ptr, n):
     for c0 in range(0, n, 32):
         offs = c0 + tl.arange(0, 32)
         tl.store(count_ptr + offs, tl.zeros((32,), dtype=tl.int32), mask=offs < n)
-
-
-def measures_variants(device: torch.device) -> bool:
-    """Whether the backend's "auto" kernel-variant choices (``gemm_ext``'s GEMM, the factorized
-    conv's variant) are measured on this device: CUDA only (interpreter timings mean nothing)."""
-    return device.type == "cuda"

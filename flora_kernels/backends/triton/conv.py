@@ -19,35 +19,25 @@ The base weight is frozen: no weight gradient.
 Variants (``CONV_VARIANTS``): "cudnn" is the composition above; "igemm" (conv_igemm.py; 1-, 2-
 and 3-D, any groups but depthwise, every padding mode) runs the base conv itself as a Triton
 implicit GEMM with the expansion as extra K columns, so y is written once (and dx too with
-zero padding). ``set_conv_variant`` (or ``FLORA_TRITON_CONV``) forces one; by default a CUDA
-call that igemm can serve measures both once per call signature with the measured dispatch's
-timing and checks (``backends.autotune``; honours ``FLORA_AUTOTUNE``, nothing timed during
-CUDA graph capture) and keeps the decision in memory and in autotune's disk cache (a later
-process replays it; ``clear_autotune_cache`` forgets it, see ``conv_variant_report``); every
-other call runs "cudnn".
+zero padding). Which one runs is the dispatcher's choice (``TritonBackend.variants``: measured
+like every other candidate, forced with ``force_dispatch("triton/factorized/igemm")``).
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
-from dataclasses import astuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...convspec import ConvSpec, conv_nd, conv_nd_backward
-from .. import autotune
-from ..base import Call, load_backend
+from ...tucker import core_kernel
 from ..oplib import fake
-from . import _common
 from . import channel_gemm as cg
 from . import conv_igemm as ig
 from ._common import alloc_like, new_seed
 from .core_conv import core_conv
-from .reconstruct import core_kernel
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -171,104 +161,26 @@ conv_expand.register_autograd(_expand_backward, setup_context=_expand_setup)
 
 #: The implementations of the factorized conv: cuDNN base conv + Triton passes, or one implicit GEMM.
 CONV_VARIANTS = ("cudnn", "igemm")
-_forced: str | None = None
-_DECISIONS: dict[Call, autotune.Decision] = {}
-_CACHE_NAMESPACE = "triton_conv_variant"  # the decisions' entries in autotune's disk cache
-autotune.on_clear(lambda: _DECISIONS.clear())  # the current dict (tests swap it)
-
-
-def set_conv_variant(variant: str | None) -> None:
-    """Force the factorized conv's variant ("cudnn" or "igemm") for this process; None: back to
-    ``FLORA_TRITON_CONV`` (default "auto": measured on CUDA where igemm applies, else "cudnn")."""
-    if variant is not None and variant not in CONV_VARIANTS:
-        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
-    global _forced
-    _forced = variant
-
-
-def _requested_variant() -> str:
-    if _forced is not None:
-        return _forced
-    v = os.environ.get("FLORA_TRITON_CONV", "auto").strip().lower() or "auto"
-    if v not in CONV_VARIANTS + ("auto",):
-        raise ValueError(f"FLORA_TRITON_CONV: expected one of {CONV_VARIANTS + ('auto',)}, got {v!r}")
-    return v
-
-
-def conv_variant_report() -> list[autotune.Decision]:
-    """Every variant decision of this process, measured or read from the disk cache (label
-    "triton/<variant>", with times)."""
-    return list(_DECISIONS.values())
-
-
-def _variant(x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
-             spec: ConvSpec, dropout_p: float) -> str:
-    """The variant serving this call: the forced one, else measured (CUDA, igemm applies), else "cudnn"."""
-    want = _requested_variant()
-    if want != "auto":
-        return want
-    if ig.unsupported_reason(x.dim(), spec, weight.shape[1]) is not None or not _common.measures_variants(x.device):
-        return "cudnn"
-    call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
-                         strategy="factorized", dropout_p=dropout_p, options=(("triton_conv_variant", "auto"),))
-    d = _DECISIONS.get(call)
-    if d is None:
-        if torch.compiler.is_compiling() or not autotune.autotune_enabled():
-            return "cudnn"
-        key = repr(astuple(call))
-        hit = autotune.cached_choice(_CACHE_NAMESPACE, call.device, key)
-        if hit is not None and hit[0] in CONV_VARIANTS:
-            d = autotune.Decision("triton", hit[0], "cached", str(call), tuple(hit[1].items()))
-        elif autotune.capturing(x.device):  # nothing is timed during CUDA graph capture
-            return "cudnn"
-        else:
-            d = _measure_variants(call, (x, weight, bias, core, *factors), scale, spec, dropout_p)
-            if d.source == "measured":
-                autotune.save_choice(_CACHE_NAMESPACE, call.device, key, d.strategy or "cudnn", dict(d.times_s))
-        _DECISIONS[call] = d
-    return d.strategy or "cudnn"
-
-
-def _measure_variants(call: Call, tensors: tuple[Tensor | None, ...], scale: float, spec: ConvSpec,
-                      dropout_p: float) -> autotune.Decision:
-    """Both variants checked against the reference path and timed (forward + backward as the call
-    needs) by ``autotune``'s measurement; the strategy field of the result names the winner."""
-    from ... import reference as ref
-
-    def run(b: object, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
-        x, weight, bias, core, *fs = t
-        if s in CONV_VARIANTS:
-            return conv_factorized(x, weight, bias, core, fs, scale, spec, p, variant=s)  # type: ignore[arg-type]
-        return ref.conv_factorized(x, weight, bias, core, fs, scale, spec, p)  # type: ignore[arg-type]
-
-    triton_backend = load_backend("triton")
-    try:
-        return autotune._measure(call, [(triton_backend, v) for v in CONV_VARIANTS], run, tensors, dropout_p)  # type: ignore[list-item]
-    except Exception as e:  # noqa: BLE001 - measuring must never break the call
-        warnings.warn(f"flora_kernels: could not measure the Triton conv variants for {call} ({type(e).__name__}: {e}); "
-                      "using 'cudnn'", autotune.AutotuneWarning, stacklevel=3)
-        return autotune.Decision("triton", "cudnn", "cost-model", str(call))
 
 
 def conv_factorized(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
-    spec: ConvSpec, dropout_p: float, variant: str | None = None,
+    spec: ConvSpec, dropout_p: float, variant: str = "cudnn",
 ) -> Tensor:
     """x (N, C_in, *spatial) -> (N, C_out, *out): conv(x, W, b) + conv(drop(x), dW), in x's dtype.
 
-    ``variant``: one of ``CONV_VARIANTS``, or None for ``set_conv_variant``'s / the measured choice."""
+    ``variant``: one of ``CONV_VARIANTS``."""
     dt = x.dtype
     fs = [f.to(dt) for f in factors]
-    r_out, r_in = core.shape[0], core.shape[1]
-    k = core_kernel(core.to(dt), fs).reshape(r_out, r_in, *weight.shape[2:]) * scale
+    k = core_kernel(core.to(dt), fs, scale)
     seed = new_seed() if dropout_p > 0 else 0
     stride, pads, dilation, g, mode = _geometry(spec)
-    if variant is not None and variant not in CONV_VARIANTS:
-        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS} or None, got {variant!r}")
-    if (variant or _variant(x, weight, bias, core, factors, scale, spec, dropout_p)) == "igemm":
+    if variant not in CONV_VARIANTS:
+        raise ValueError(f"conv variant: expected one of {CONV_VARIANTS}, got {variant!r}")
+    if variant == "igemm":
         why = ig.unsupported_reason(x.dim(), spec, weight.shape[1])
         if why is not None:
-            raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn' or 'auto')")
+            raise ValueError(f"conv variant 'igemm' was requested, but {why} (use 'cudnn')")
         return ig.conv_igemm_fwd(x, weight, bias, fs[1], k, fs[0], stride, pads, dilation, g, mode, dropout_p, seed)[0]
     y_base, z = conv_base_project(x, weight, bias, fs[1], stride, pads, dilation, g, mode, dropout_p, seed)
     if mode != "zeros":  # other padding modes: pad the r-channel z in torch, then a valid conv

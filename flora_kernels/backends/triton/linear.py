@@ -26,21 +26,15 @@ call whose weight requires grad); the bias gradient comes from the same pass ove
 
 from __future__ import annotations
 
-import contextlib
-import os
-import statistics
-import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import autotune
 from ..oplib import fake
-from . import _common
 from . import channel_gemm as cg
 from ._common import (
     INTERPRET,
@@ -300,51 +294,15 @@ _gemm_ext_kernel.configs_for = gemm_configs  # compile_check compiles what the p
 # ----------------------------------------------------------------------------- launchers
 
 
-#: The GEMM variants ``gemm_ext`` chooses from: the tiled kernel (any CUDA GPU), the persistent
-#: TMA kernel (sm_90+), and cuBLAS (torch.addmm) plus a second pass adding the rank part.
-GEMM_VARIANTS = ("tiled", "tma", "cublas")
-#: Timed runs per variant when ``gemm_ext`` measures its choice (after one warm-up run).
-GEMM_TIMING_RUNS = 5
-_forced_gemm: list[str] = []
-_gemm_choice: dict[tuple, str] = {}
-_CACHE_NAMESPACE = "triton_gemm_variant"  # the choices' entries in autotune's disk cache
-
-
-@contextlib.contextmanager
-def gemm_variant(variant: str) -> Iterator[None]:
-    """Within the block, every ``gemm_ext`` call without an explicit variant uses ``variant``
-    (one of GEMM_VARIANTS, or "auto"); takes precedence over ``FLORA_TRITON_GEMM``."""
-    _check_variant(variant, "gemm_variant")
-    _forced_gemm.append(variant)
-    try:
-        yield
-    finally:
-        _forced_gemm.pop()
-
-
-def _check_variant(variant: str, what: str) -> None:
-    if variant != "auto" and variant not in GEMM_VARIANTS:
-        raise ValueError(f"{what}: expected one of {('auto', *GEMM_VARIANTS)}, got {variant!r}")
-
-
-def clear_gemm_choices() -> None:
-    """Forget the per-shape GEMM choices in memory (the next call on each shape reads autotune's
-    disk cache, else measures again); ``clear_autotune_cache`` calls it."""
-    _gemm_choice.clear()
-
-
-autotune.on_clear(clear_gemm_choices)
-
-
-def gemm_choices() -> dict[tuple, str]:
-    """A copy of the measured choices: (device, dtype, token bucket, N, K, R, operand layout, bias,
-    dropout, TMA applies) -> variant."""
-    return dict(_gemm_choice)
+#: The GEMM variants of ``gemm_ext``, the dispatcher's default first: the persistent TMA kernel
+#: (sm_90+), the tiled kernel (any CUDA GPU), and cuBLAS (torch.addmm) plus a second pass adding
+#: the rank part. Which one runs is the dispatcher's choice (``TritonBackend.variants``).
+GEMM_VARIANTS = ("tma", "tiled", "cublas")
 
 
 def gemm_ext(
     a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float = 0.0, bits: Tensor | None = None,
-    variant: str | None = None, core: Tensor | None = None, scale: float = 1.0, a2_out: Tensor | None = None,
+    variant: str = "tiled", core: Tensor | None = None, scale: float = 1.0, a2_out: Tensor | None = None,
 ) -> Tensor:
     """y = a b + mask * (A2 B2) + bias: a (M, K), b (K, N), any strides. A2 = a2 (M, R), or with
     ``a2_out`` (M, R) the sum of a2's fp32 split-K partials (split, M, R) (``shrink`` at small T),
@@ -353,13 +311,8 @@ def gemm_ext(
     forward's B^T = s G^T U_out^T from the core and U_out).
 
     The mask (p > 0) is read from ``bits``, an int32 (M, mask_words(N)) packed keep mask (as
-    ``shrink`` writes it). Returns (M, N) in a's dtype. ``variant`` (default: the
-    ``gemm_variant`` block's, else ``FLORA_TRITON_GEMM``, else "auto"): one of GEMM_VARIANTS,
-    or "auto", which on a CUDA device times every variant that applies once per shape key
-    (``gemm_choices``) and keeps the fastest, in memory and in autotune's disk cache (replayed
-    by later processes on a device of the same name and the same versions; no timing when ``FLORA_AUTOTUNE=0`` or during
-    CUDA graph capture: then "tma" where it applies, else "tiled"); "tiled" elsewhere. A "tma"
-    request whose operands TMA cannot address runs "tiled" (with a warning giving the reason)."""
+    ``shrink`` writes it). Returns (M, N) in a's dtype. ``variant``: one of GEMM_VARIANTS; a
+    "tma" request whose operands TMA cannot address runs "tiled" (with a warning giving the reason)."""
     m, k = a.shape
     n, r = b.shape[1], a2.shape[-1]
     q = core.shape[1] if core is not None else r
@@ -382,66 +335,15 @@ def gemm_ext(
             a2_out.copy_(a2.sum(0))
         return torch.empty((m, n), dtype=a.dtype, device=a.device)
     a2 = a2 if a2_out is not None else a2.to(a.dtype)
-    variant = variant or (_forced_gemm[-1] if _forced_gemm else os.environ.get("FLORA_TRITON_GEMM", "auto"))
-    _check_variant(variant, "gemm variant")
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"gemm variant: expected one of {GEMM_VARIANTS}, got {variant!r}")
     args = (a, b, a2, b2, bias, p, bits if p > 0 else None, core, float(scale), a2_out)
-    tma_why = unsupported_reason(a, b, n) if variant in ("auto", "tma") else None
-    if variant == "auto":
-        variant = _auto_variant(args, tma_why)
-    if variant == "tma" and tma_why is not None:
-        warnings.warn(f"gemm_ext: the TMA kernel does not apply ({tma_why}); using the tiled kernel", stacklevel=2)
-        variant = "tiled"
+    if variant == "tma":
+        tma_why = unsupported_reason(a, b, n)
+        if tma_why is not None:
+            warnings.warn(f"gemm_ext: the TMA kernel does not apply ({tma_why}); using the tiled kernel", stacklevel=2)
+            variant = "tiled"
     return _GEMMS[variant](*args)
-
-
-def _auto_variant(args: tuple, tma_why: str | None) -> str:
-    """The measured (or default) variant for the call ``_GEMMS[v](*args)``."""
-    a, b, a2, _, bias, p, *_ = args
-    default = "tma" if tma_why is None else "tiled"
-    if not _common.measures_variants(a.device):
-        return "tiled"
-    key = (str(a.device), a.dtype, token_bucket(a.shape[0]), b.shape[1], a.shape[1], a2.shape[-1],
-           operand_layout(a, b), bias is not None, p > 0, tma_why is None)
-    if key in _gemm_choice:
-        return _gemm_choice[key]
-    if not autotune.autotune_enabled():
-        return default
-    allowed = [v for v in GEMM_VARIANTS if v != "tma" or tma_why is None]
-    hit = autotune.cached_choice(_CACHE_NAMESPACE, key[0], repr(key[1:]))
-    if hit is not None and hit[0] in allowed:
-        _gemm_choice[key] = hit[0]
-    elif autotune.capturing(a.device):
-        return default
-    else:
-        _gemm_choice[key] = _measure_variants(args, allowed)
-        autotune.save_choice(_CACHE_NAMESPACE, key[0], repr(key[1:]), _gemm_choice[key])
-    return _gemm_choice[key]
-
-
-def _measure_variants(args: tuple, variants: list[str]) -> str:
-    """The fastest of ``variants`` on ``args`` (median of GEMM_TIMING_RUNS synchronized wall-clock
-    timings, after a warm-up run that also tunes the Triton kernels); a variant whose output
-    differs from cuBLAS's beyond the dtype's tolerance is dropped with an AutotuneWarning."""
-    from ..autotune import AutotuneWarning, _rel_errs, _sync, _tolerance
-
-    ref = _GEMMS["cublas"](*args)
-    tol = _tolerance(ref.dtype, "cuda")
-    times: dict[str, float] = {}
-    for v in variants:
-        err = max(_rel_errs([_GEMMS[v](*args)], [ref]))
-        if err > tol:
-            warnings.warn(f"gemm_ext: variant {v!r} differs from cuBLAS (relative error {err:.2e} > {tol:.0e}); "
-                          "not used for this shape", AutotuneWarning, stacklevel=3)
-            continue
-        runs = []
-        for _ in range(GEMM_TIMING_RUNS):
-            _sync(ref.device.type)
-            t0 = time.perf_counter()
-            _GEMMS[v](*args)
-            _sync(ref.device.type)
-            runs.append(time.perf_counter() - t0)
-        times[v] = statistics.median(runs)
-    return min(times, key=times.__getitem__) if times else "cublas"
 
 
 def _gemm_tiled(a: Tensor, b: Tensor, a2: Tensor, b2: Tensor, bias: Tensor | None, p: float, bits: Tensor | None,
@@ -588,24 +490,24 @@ def _bits_shape(x: Tensor, p: float) -> tuple[int, ...]:
 @torch.library.custom_op("flora_triton::linear_fwd", mutates_args=())
 def linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, u_in: Tensor, core: Tensor, u_out: Tensor, scale: float,
-    p: float, seed: int,
+    p: float, seed: int, gemm: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, S, bits): S = drop(x) U_in (T, r_in), y = x W^T + bias + S (s G^T) U_out^T (T, out),
     bits the packed int32 keep mask (T, ceil(in / 32)) of the dropout (empty when p = 0).
     x (T, in), u_in (in, r_in), core G (r_out, r_in), u_out (out, r_out); two launches (the
-    shrink, and the GEMM forming B^T = s G^T U_out^T per output tile)."""
+    shrink, and the GEMM forming B^T = s G^T U_out^T per output tile); ``gemm``: its variant."""
     bits = torch.empty(_bits_shape(x, p), dtype=torch.int32, device=x.device)
     s = shrink(x, u_in, p, seed, bits if p > 0 else None, partials=True)
     if s.dim() == 3:  # split-K partials of S at small T: the GEMM sums them and writes S
         parts, s = s, torch.empty((x.shape[0], u_in.shape[1]), dtype=x.dtype, device=x.device)
-        y = gemm_ext(x, weight.t(), parts, u_out.t(), bias, core=core.t(), scale=scale, a2_out=s)
+        y = gemm_ext(x, weight.t(), parts, u_out.t(), bias, variant=gemm, core=core.t(), scale=scale, a2_out=s)
     else:
-        y = gemm_ext(x, weight.t(), s, u_out.t(), bias, core=core.t(), scale=scale)
+        y = gemm_ext(x, weight.t(), s, u_out.t(), bias, variant=gemm, core=core.t(), scale=scale)
     return y, s, bits
 
 
 @fake(linear_fwd)
-def _(x, weight, bias, u_in, core, u_out, scale, p, seed):  # type: ignore[no-untyped-def]
+def _(x, weight, bias, u_in, core, u_out, scale, p, seed, gemm):  # type: ignore[no-untyped-def]
     return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], u_in.shape[1])),
             x.new_empty(_bits_shape(x, p), dtype=torch.int32))
 
@@ -614,7 +516,7 @@ def _(x, weight, bias, u_in, core, u_out, scale, p, seed):  # type: ignore[no-un
 def linear_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, u_in: Tensor, core: Tensor, u_out: Tensor, scale: float, s: Tensor,
     bits: Tensor, p: float, need_dx: bool, need_du_in: bool, need_dcore: bool, need_du_out: bool,
-    dbias_dtype: torch.dtype | None,
+    dbias_dtype: torch.dtype | None, gemm: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx (T, in), dU_in (in, r_in), dG (r_out, r_in), dU_out (out, r_out), dbias (out,)) of
     ``linear_fwd``, each in its input's dtype (dbias in ``dbias_dtype``; None: not asked); an
@@ -635,7 +537,7 @@ def linear_bwd(
     if dbias_full is not None:
         dbias = dbias_full
     if need_dx:
-        dx = gemm_ext(dy, weight, ds, u_in.t(), None, p, mask)
+        dx = gemm_ext(dy, weight, ds, u_in.t(), None, p, mask, variant=gemm)
     if need_du_in:
         du_in = cg.reduce(_tokens(x), _tokens(ds), 1, True, p, bits=mask.unsqueeze(0) if mask is not None else None,
                           dtype=u_in.dtype, counters=counters[1:])
@@ -644,16 +546,16 @@ def linear_bwd(
 
 @fake(linear_bwd)
 def _(dy, x, weight, u_in, core, u_out, scale, s, bits, p, need_dx, need_du_in, need_dcore, need_du_out,  # type: ignore[no-untyped-def]
-      dbias_dtype):
+      dbias_dtype, gemm):
     return (x.new_empty(x.shape if need_dx else (0,)), u_in.new_empty(u_in.shape if need_du_in else (0,)),
             core.new_empty(core.shape if need_dcore else (0,)), u_out.new_empty(u_out.shape if need_du_out else (0,)),
             x.new_empty((dy.shape[1],) if dbias_dtype is not None else (0,), dtype=dbias_dtype or x.dtype))
 
 
 def _linear_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, weight, bias, u_in, core, u_out, scale, p, _seed = inputs
+    x, weight, bias, u_in, core, u_out, scale, p, _seed, gemm = inputs
     ctx.save_for_backward(x, weight, u_in, core, u_out, output[1], output[2])
-    ctx.scale, ctx.p = scale, p
+    ctx.scale, ctx.p, ctx.gemm = scale, p, gemm
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.set_materialize_grads(False)  # S and the bits get no gradient: no zero tensors for them
 
@@ -661,12 +563,13 @@ def _linear_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 def _linear_backward(ctx, dy: Tensor | None, _ds: Tensor | None, _dbits: Tensor | None):  # type: ignore[no-untyped-def]
     need_x, _, need_bias, need_u_in, need_core, need_u_out = ctx.needs_input_grad[:6]
     if dy is None:
-        return (None,) * 9
+        return (None,) * 10
     x, weight, u_in, core, u_out, s, bits = ctx.saved_tensors
     dx, du_in, dcore, du_out, dbias = linear_bwd(dy, x, weight, u_in, core, u_out, ctx.scale, s, bits, ctx.p, need_x,
-                                                 need_u_in, need_core, need_u_out, ctx.bias_dtype if need_bias else None)
+                                                 need_u_in, need_core, need_u_out, ctx.bias_dtype if need_bias else None,
+                                                 ctx.gemm)
     return (dx if need_x else None, None, dbias if need_bias else None, du_in if need_u_in else None,
-            dcore if need_core else None, du_out if need_u_out else None, None, None, None)
+            dcore if need_core else None, du_out if need_u_out else None, None, None, None, None)
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -677,13 +580,15 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 def linear_factorized(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float, dropout_p: float,
+    gemm: str = "tiled",
 ) -> Tensor:
-    """x (..., in) -> (..., out): x W^T + bias + drop(x) U_in (s G^T) U_out^T, in x's dtype.
+    """x (..., in) -> (..., out): x W^T + bias + drop(x) U_in (s G^T) U_out^T, in x's dtype; ``gemm``:
+    the GEMM variant of both GEMMs (``GEMM_VARIANTS``).
 
     The core and factors go to the kernels as they are (cast per tile): no torch op runs
     besides the launches (shrink + GEMM forward; ``ds_db`` + finish, dx GEMM, dU_in backward)."""
     u_out, u_in = factors
     x2 = x.reshape(-1, x.shape[-1])
     seed = new_seed() if dropout_p > 0 else 0
-    y = linear_fwd(x2, weight, bias, u_in, core, u_out, float(scale), dropout_p, seed)[0]
+    y = linear_fwd(x2, weight, bias, u_in, core, u_out, float(scale), dropout_p, seed, gemm)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -19,7 +19,6 @@ fake and autograd registrations (namespace ``flora_triton``), and the backend en
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...tucker import mode_n_product
+from ...tucker import core_kernel, mode_n_product
 from ..oplib import fake
 from ._common import INTERPRET, MAX_RANK, dot_precision, rank_pad, split_for, tile_cap
 
@@ -329,20 +328,12 @@ project2.register_autograd(_project2_backward, setup_context=_project2_setup)
 # ----------------------------------------------------------------------------- entry points
 
 
-def core_kernel(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    """K = G x_2 U_2 ... x_{N-1} U_{N-1} folded to (r0, r1, T) (differentiable torch, tiny)."""
-    k = core
-    for n in range(2, core.dim()):
-        k = mode_n_product(k, factors[n], n)
-    return k.reshape(core.shape[0], core.shape[1], math.prod(k.shape[2:]))
-
-
 def reconstruct(core: Tensor, factors: Sequence[Tensor], scale: float, base: Tensor | None) -> Tensor:
     """base + scale * G x_0 U_0 ... x_{N-1} U_{N-1}: (I_0..I_{N-1}) in base.dtype, else core.dtype.
     Factors are cast to the core's dtype."""
     fs = [f.to(core.dtype) for f in factors]
     out_shape = tuple(f.shape[0] for f in fs)
-    k = core_kernel(core, fs)
+    k = core_kernel(core, fs).reshape(core.shape[0], core.shape[1], -1)
     base3 = base.reshape(out_shape[0], out_shape[1], k.shape[2]) if base is not None else None
     return tucker2(fs[0], k, fs[1], base3, scale).reshape(out_shape)
 

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the Triton kernels at the benchmark shapes, on a CUDA GPU, in bf16.
 
-    python -m flora_kernels.backends.triton.microbench [--out FILE.json] [--dry-run]
+    python -m tools.microbench [--out FILE.json] [--dry-run]
 
 Each GEMM variant (tiled, persistent TMA, cuBLAS + addmm; ``gemm_ext(..., variant=...)``) is
 timed against F.linear / torch.matmul of the same shape (the ratio that matters: gemm_ext
@@ -45,11 +45,11 @@ def cases() -> list[Case]:
     """The timed cases (inputs are built only when a case runs)."""
     import torch.nn.functional as F
 
-    from . import channel_gemm as cg
-    from . import linear as lin
-    from .core_conv import core_conv
-    from .linear import GEMM_VARIANTS  # below sm_90 the "tma" case runs the tiled kernel (with a warning)
-    from .reconstruct import tucker2, tucker2_adjoint_op
+    from flora_kernels.backends.triton import channel_gemm as cg
+    from flora_kernels.backends.triton import linear as lin
+    from flora_kernels.backends.triton.core_conv import core_conv
+    from flora_kernels.backends.triton.linear import GEMM_VARIANTS  # below sm_90 "tma" runs the tiled kernel (warns)
+    from flora_kernels.backends.triton.reconstruct import tucker2, tucker2_adjoint_op
 
     dev, dt = "cuda", torch.bfloat16
 

@@ -3,11 +3,11 @@
 Runs one training step of each benchmark model (``flora_bench.models``: resnet18, vit_tiny,
 convnext_atto) with every Linear/ConvNd adapted, ``strategy="auto"``, and measured dispatch on, and
 keeps every measured call: its ``Call`` and each candidate's time. A strategy's time is its fastest
-backend's. Then it scores cost-model profiles by regret, the time lost by the strategy the model
+backend's (a candidate pruned after the first round has that one time). Then it scores cost-model profiles by regret, the time lost by the strategy the model
 picks over the measured best, summed over the calls, relative to the best's total; it prints the
 current profile's regret and the grid's best, and writes every measurement to --out.
 
-    python bench/calibrate_cost_model.py --threads 1 [--image-sizes 64 96] [--out FILE.json]
+    python tools/calibrate_cost_model.py --threads 1 [--image-sizes 64 96] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def measure(threads: int, image_sizes: list[int], batch: int, rank: int) -> list
 
     torch.set_num_threads(threads)
     autotune.set_autotune(True)
+    autotune.set_dispatch_policy("speed")  # both strategies are candidates, also in training
     captured: list[tuple[object, object]] = []
     real = autotune._measure
 
@@ -60,6 +61,7 @@ def measure(threads: int, image_sizes: list[int], batch: int, rank: int) -> list
     finally:
         autotune._measure = real
         autotune.set_autotune(None)
+        autotune.set_dispatch_policy(None)
     return rows
 
 

@@ -1,7 +1,7 @@
 """Compile the Triton kernels of this backend for CUDA targets without a GPU, as the benchmark
 launches them, and check their registers, spills and shared memory.
 
-    python -m flora_kernels.backends.triton.compile_check [--all-configs] [--arch 90 80]
+    python -m tools.compile_check [--all-configs] [--arch 90 80]
         [--dtypes bf16 fp16 fp32] [--scenarios ...] [--kernels SUBSTR ...] [--jobs N]
 
 The launches are recorded, not written down: every scenario (the benchmark shapes:
@@ -127,7 +127,7 @@ def _recording(out: list[Launch], scenario: str) -> Iterator[None]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime import jit
 
-    from . import _common
+    from flora_kernels.backends.triton import _common
 
     state = {"op": "", "count": 0}
 
@@ -174,23 +174,23 @@ def _train_step(fn: Callable[..., torch.Tensor], inputs: list[Any]) -> None:
 
 def _backend() -> Any:
     """The Triton backend, as the merged path (``backends.merged``) calls it."""
-    from . import TritonBackend
+    from flora_kernels.backends.triton import TritonBackend
 
     return TritonBackend()
 
 
-def _linear(strategy: str, p: float, gemm: str = "auto", t: int = 8192) -> Callable[[torch.dtype], None]:
+def _linear(strategy: str, p: float, gemm: str = "tiled", t: int = 8192) -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
-        from .. import merged
-        from . import linear
+        from flora_kernels.backends import merged
+        from flora_kernels.backends.triton import linear
 
         d_in, d_out, r = 4096, 4096, 16
         x, w = _leaf(t, d_in, dtype=dt, grad=True), _leaf(d_out, d_in, dtype=dt)
         bias = _leaf(d_out, dtype=dt, grad=p > 0)  # the dropout step also trains the bias (ds_db's dbias column)
         core, u_out, u_in = _leaf(r, r, dtype=dt, grad=True), _leaf(d_out, r, dtype=dt, grad=True), _leaf(d_in, r, dtype=dt, grad=True)
-        fn = linear.linear_factorized if strategy == "factorized" else functools.partial(merged.linear, _backend())
-        with linear.gemm_variant(gemm):
-            _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
+        fn = (functools.partial(linear.linear_factorized, gemm=gemm) if strategy == "factorized"
+              else functools.partial(merged.linear, _backend()))
+        _train_step(lambda *a: fn(a[0], a[1], a[2], a[3], [a[4], a[5]], 2.0, p), [x, w, bias, core, u_out, u_in])
 
     return run
 
@@ -198,9 +198,9 @@ def _linear(strategy: str, p: float, gemm: str = "auto", t: int = 8192) -> Calla
 def _conv(strategy: str, p: float, k: int, groups: int, ranks: tuple[int, int], variant: str | None = None,
           nchw: tuple[int, int, int] = (64, 256, 56)) -> Callable[[torch.dtype], None]:
     def run(dt: torch.dtype) -> None:
-        from ...convspec import ConvSpec
-        from .. import merged
-        from . import conv
+        from flora_kernels.backends import merged
+        from flora_kernels.backends.triton import conv
+        from flora_kernels.convspec import ConvSpec
 
         (n, c, hw), cl = nchw, torch.channels_last
         x = _leaf(n, c, hw, hw, dtype=dt, grad=True, fmt=cl)
