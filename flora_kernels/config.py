@@ -50,6 +50,9 @@ class FLoRAConfig:
             trainable and are saved with the adapter, e.g. a new classifier head.
         strategy: "auto" (cost model), "factorized" or "merged".
         backend: "auto", "reference", "triton", "cuda" or "cpp".
+        init_weights: True: the paper's init (core = 0, so dW = 0 at step 0); False: a random
+            N(0, 1) core as well, so the new adapter changes the output (tests, PEFT's
+            ``init_weights=False``).
     """
 
     rank: Rank = 16
@@ -63,6 +66,7 @@ class FLoRAConfig:
     scale_pattern: dict[str, float] = field(default_factory=dict)
     strategy: str = "auto"
     backend: str = "auto"
+    init_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "modules_to_save", "exclude_modules"):
@@ -87,6 +91,8 @@ class FLoRAConfig:
             raise ValueError(f"strategy: expected one of {STRATEGY_CHOICES}, got {self.strategy!r}")
         if self.backend != "auto" and self.backend not in backend_names():
             raise ValueError(f"backend: expected one of {('auto',) + backend_names()}, got {self.backend!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights: expected a bool, got {self.init_weights!r}")
         for name in ("target_modules", "exclude_modules"):
             tm = getattr(self, name)
             if tm is not None and not isinstance(tm, (str, tuple)):

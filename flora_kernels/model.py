@@ -175,17 +175,19 @@ def set_state(model: nn.Module, configs: dict[str, FLoRAConfig], active: list[st
     model.flora_config = configs[next(iter(configs))]
 
 
-def refresh_trainable(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze the active adapters and every modules_to_save module."""
-    configs, active = _state(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+def activate_adapters(model: nn.Module, active: list[str], inference_mode: bool = False) -> None:
+    """PEFT's set_adapter rule: ``active`` become the active adapters on every layer and only
+    they train (none of them with ``inference_mode``); the modules_to_save of the active
+    adapters train, those of the others are frozen. Other parameters keep their state."""
+    configs, _ = _state(model)
+    set_state(model, configs, active)
     for _, layer in flora_layers(model):
-        layer.set_adapter(active)
-    patterns = tuple(p for c in configs.values() for p in c.modules_to_save)
-    for name in _saved_names(model, patterns):
+        layer.set_adapter(active, inference_mode=inference_mode)
+    saved = {n: False for c in configs.values() for n in _saved_names(model, c.modules_to_save)}
+    saved.update({n: not inference_mode for a in active for n in _saved_names(model, configs[a].modules_to_save)})
+    for name, train in saved.items():
         for p in model.get_submodule(resolve_name(model, name)).parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(train)
 
 
 @torch.no_grad()
@@ -196,10 +198,18 @@ def install_adapters(
     cfg: FLoRAConfig,
     tensors: dict[str, tuple[Tensor, Sequence[Tensor]]] | None = None,
     activate: bool = True,
+    inference_mode: bool = False,
+    low_cpu_mem_usage: bool = False,
 ) -> dict[str, FLoRALayer]:
     """The one install path: add adapter ``adapter_name`` to every target (wrapping modules
     that have no FLoRA layer yet, deepest first), copy ``tensors`` {logical name: (core,
-    factors)} in, record ``cfg``, then freeze (``refresh_trainable``).
+    factors)} in (else ``cfg.init_weights`` decides the init), record ``cfg``.
+
+    Trainability follows PEFT: the first adapter of a model freezes every other parameter and
+    trains (unless ``inference_mode``) with its modules_to_save; a later one is added frozen
+    and every parameter present before keeps its ``requires_grad``. ``activate`` makes it an
+    active adapter. ``low_cpu_mem_usage``: the new adapter tensors are left on the meta device
+    (a state dict loaded with ``assign=True`` fills them).
 
     A targeted ``out_proj`` of an ``nn.MultiheadAttention`` makes the attention module a FLoRA
     layer too (without an adapter of its own unless it is targeted), since the attention reads
@@ -208,6 +218,8 @@ def install_adapters(
     configs, active = _state(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+    first = not configs
+    before = {} if first else {id(p): p.requires_grad for p in model.parameters()}
     users = shared_weight_users(model)
     layers: dict[str, FLoRALayer] = {}
     for name in sorted(targets, key=lambda n: n.count("."), reverse=True):
@@ -220,12 +232,14 @@ def install_adapters(
             layer = wrap(m, adapter_name=adapter_name, **targets[name])
             layer.shared_with = _tied_with(m, name, users, layer.weight_name)
             _set_submodule(model, real, layer)
+        dst_core, dst_factors = layer.tensors(adapter_name)
         if tensors is not None and name in tensors:
             core, factors = tensors[name]
-            dst_core, dst_factors = layer.tensors(adapter_name)
             dst_core.copy_(core)
             for d, s in zip(dst_factors, factors, strict=True):
                 d.copy_(s)
+        elif not cfg.init_weights:
+            nn.init.normal_(dst_core)
         layers[name] = layer
         parent_name, _, child = name.rpartition(".")
         if child == "out_proj" and parent_name:
@@ -236,10 +250,45 @@ def install_adapters(
     if not layers:
         raise ValueError("install_adapters: no targets")
     native_fastpath(model, enable=False)
-    configs = {**configs, adapter_name: cfg}
-    set_state(model, configs, (active + [adapter_name]) if activate else active)
-    refresh_trainable(model)
+    set_state(model, {**configs, adapter_name: cfg}, active)
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    activate_adapters(model, (active + [adapter_name]) if activate else active, inference_mode)
+    for p in model.parameters():
+        if id(p) in before:
+            p.requires_grad_(before[id(p)])
+    if low_cpu_mem_usage:
+        for layer in layers.values():
+            to_meta(layer, adapter_name)
     return layers
+
+
+@torch.no_grad()
+def cast_adapter(model: nn.Module, name: str) -> None:
+    """Cast adapter ``name``'s tensors to the dtype of each layer's base weight (floating bases
+    only): PEFT's ``autocast_adapter_dtype=False``. By default adapters are fp32 (fp64 on fp64)."""
+    for _, layer in flora_layers(model):
+        dtype = layer.base_weight().dtype
+        if name not in layer.flora_settings or not dtype.is_floating_point:
+            continue
+        for container in layer.adapter_layer_names:
+            d = getattr(layer, container)
+            p = d[name]
+            if p.dtype != dtype:
+                d[name] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+        layer._changed()
+
+
+def to_meta(layer: FLoRALayer, name: str) -> None:
+    """Replace adapter ``name``'s tensors on ``layer`` by meta tensors (same shape, dtype and
+    requires_grad), to be filled by ``load_state_dict(..., assign=True)``."""
+    for container in layer.adapter_layer_names:
+        d = getattr(layer, container)
+        if name in d:
+            p = d[name]
+            d[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    layer._changed()
 
 
 _FASTPATH_FLAG = "_flora_fastpath_off"
@@ -285,7 +334,9 @@ def inject_flora(model: nn.Module, cfg: FLoRAConfig, adapter_name: str = DEFAULT
 
 def add_adapter(model: nn.Module, name: str, cfg: FLoRAConfig) -> nn.Module:
     """Add adapter ``name`` with its own ranks, scale and targets (layers added where needed).
-    It is not made active (as in PEFT): ``set_adapter`` does that, unless it is the first one."""
+    As in PEFT, it is not made active (``set_adapter`` does that) and is added frozen, every
+    other parameter keeping its ``requires_grad``, unless it is the model's first adapter: that
+    one is active and trains (with its modules_to_save), everything else frozen."""
     if not isinstance(cfg, FLoRAConfig):
         raise TypeError(f"cfg: expected a FLoRAConfig, got {type(cfg).__name__}")
     targets = select_targets(model, cfg)
@@ -303,15 +354,17 @@ def _check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
             raise KeyError(f"adapter {n!r} not found; the model has {list(configs)}")
 
 
-def set_adapter(model: nn.Module, name_or_list: str | Sequence[str]) -> nn.Module:
-    """Make ``name_or_list`` the active adapters (several are summed); only they train."""
+def set_adapter(model: nn.Module, name_or_list: str | Sequence[str], inference_mode: bool = False) -> nn.Module:
+    """Make ``name_or_list`` the active adapters (several are summed); only they train, and not
+    even they with ``inference_mode``. A merged model is unmerged first, with PEFT's warning."""
     names = [name_or_list] if isinstance(name_or_list, str) else list(name_or_list)
     _check_adapter_names(model, names)
-    if any(layer.merged for _, layer in flora_layers(model)):
-        raise ValueError("set_adapter: the model has merged adapters; unmerge_flora first")
-    configs, _ = _state(model)
-    set_state(model, configs, names)
-    refresh_trainable(model)
+    merged = [layer for _, layer in flora_layers(model) if layer.merged]
+    if merged:
+        warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+        for layer in merged:
+            layer.unmerge()
+    activate_adapters(model, names, inference_mode)
     return model
 
 
@@ -321,16 +374,31 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter ``name`` from every layer (layers left without adapters stay as shells)."""
+    """Remove adapter ``name`` from every layer (layers left without adapters stay as shells);
+    other adapters keep their merge state. If ``name`` was the only active adapter, the first
+    remaining one (by name) becomes active, with PEFT's warning.
+
+    Raises:
+        ValueError: ``name`` is merged (unmerge it first), as in PEFT.
+    """
     _check_adapter_names(model, [name])
+    if any(name in layer.merged_adapters for _, layer in flora_layers(model)):
+        raise ValueError(f"Cannot delete adapter(s) [{name!r}] while they are merged. Please unmerge them first.")
     for _, layer in flora_layers(model):
         if name in layer.flora_settings:
             layer.delete_adapter(name)
     configs, active = _state(model)
     configs = {k: v for k, v in configs.items() if k != name}
-    set_state(model, configs, [a for a in active if a != name])
-    if configs:
-        refresh_trainable(model)
+    new_active = [a for a in active if a != name]
+    set_state(model, configs, new_active)
+    if name in active and configs:
+        if not new_active:
+            new_active = [min(configs)]
+            warnings.warn(
+                f"Adapter {name} was active which is now deleted. Setting active adapter to {new_active[0]}.",
+                stacklevel=2,
+            )
+        activate_adapters(model, new_active)
     return model
 
 
@@ -415,8 +483,12 @@ def merge_flora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_flora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_flora``: base weights restored (shared and weight-normed ones bit for bit)."""
-    for _, layer in flora_layers(model):
+    """Undo ``merge_flora``: base weights restored (shared and weight-normed ones bit for bit).
+    Nothing merged: PEFT's warning "Already unmerged. Nothing to do."."""
+    merged = [layer for _, layer in flora_layers(model) if layer.merged]
+    if not merged:
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+    for layer in merged:
         layer.unmerge()
     return model
 
@@ -453,21 +525,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block (e.g. the reference model in preference tuning).
 
-    Merged adapters are unmerged for the block and merged again after it; the previous state
-    is restored even if the block raises.
+    As in PEFT: disabling unmerges merged adapters (they stay unmerged after the block) and
+    freezes the adapters; layers enabled before are enabled again after the block (their
+    active adapters trainable), even if it raises. Nested blocks keep adapters disabled until
+    the outer one ends.
     """
     layers = [layer for _, layer in flora_layers(model)]
-    state = [(layer.adapter_enabled, list(layer.merged_adapters)) for layer in layers]
+    enabled = [layer.adapter_enabled for layer in layers]
     try:
         for layer in layers:
-            layer.unmerge()
             layer.enable_adapters(False)
         yield model
     finally:
-        for layer, (enabled, merged) in zip(layers, state):
-            layer.enable_adapters(enabled)
-            if merged:
-                layer.merge(merged)
+        for layer, was in zip(layers, enabled):
+            if was:
+                layer.enable_adapters(True)
 
 
 def set_adapter_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> nn.Module:
@@ -550,6 +622,7 @@ def config_to_peft_dict(cfg: FLoRAConfig, layer_info: dict[str, dict[str, Any]])
         "scale_pattern": d["scale_pattern"],
         "strategy": d["strategy"],
         "backend": d["backend"],
+        "init_weights": d["init_weights"],
         "layer_info": layer_info,
         "flora_format_version": FORMAT_VERSION,
     }
@@ -559,6 +632,7 @@ _PEFT_TO_CFG = {
     "r": "rank", "kernel_r": "kernel_rank", "scale": "scale", "flora_dropout": "dropout",
     "target_modules": "target_modules", "exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save",
     "rank_pattern": "rank_pattern", "scale_pattern": "scale_pattern", "strategy": "strategy", "backend": "backend",
+    "init_weights": "init_weights",
 }
 
 
@@ -747,7 +821,6 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
                         d.copy_(src)
                     layer.set_scale(targets[logical]["scale"], name)
             set_state(model, {**configs, name: cfg}, active)
-            refresh_trainable(model)
         else:
             install_adapters(model, targets, name, cfg, tensors=adapters, activate=not configs)
         with torch.no_grad():

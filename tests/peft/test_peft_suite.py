@@ -1,0 +1,187 @@
+"""PEFT's own custom-model tests, run with FloraConfig cases.
+
+At collection time the peft source distribution matching the installed peft is fetched once
+(``pip download --no-deps --no-binary :all: peft==<version>``) into
+``$FLORA_CACHE_DIR/peft-sdist`` (default ``~/.cache/flora_kernels/peft-sdist``), and
+``tests/test_custom_models.py``, ``testing_common.py`` and ``testing_utils.py`` are extracted
+unchanged. Their tester functions parametrized over PEFT configs are re-parametrized with the
+FloraConfig cases below (PEFT's test models plus a ConvTranspose2d model); the rest of those
+files is not collected. Offline (no cached copy and no index): the module is skipped, saying so.
+
+    python -m pytest tests/peft/test_peft_suite.py          # ~? s on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.slow
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")  # testing_common imports it
+pytest.importorskip("accelerate")  # testing_utils imports it
+
+import flora_kernels.peft  # noqa: E402,F401  (registers FLORA)
+from flora_kernels.peft import FloraConfig  # noqa: E402
+
+SDIST_FILES = ("test_custom_models.py", "testing_common.py", "testing_utils.py")
+PACKAGE = "_peft_sdist_tests"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flora_kernels")
+    return Path(root) / "peft-sdist" / f"peft-{peft.__version__}"
+
+
+def _fetch_suite() -> Path:
+    """The folder holding package ``_peft_sdist_tests`` (the three files, unchanged); skips
+    the module when they are not cached and cannot be downloaded."""
+    root = _cache_dir()
+    pkg = root / PACKAGE
+    if all((pkg / f).is_file() for f in SDIST_FILES):
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+               "-d", tmp, f"peft=={peft.__version__}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        archives = list(Path(tmp).glob("peft-*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            pytest.skip(
+                f"PEFT's test suite: cannot download the peft {peft.__version__} sdist (offline?): "
+                f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-300:]}",
+                allow_module_level=True,
+            )
+        staging = root.with_name(root.name + ".tmp")
+        (staging / PACKAGE).mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archives[0]) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if Path(m.name).parent.name == "tests"}
+            for f in SDIST_FILES:
+                data = tar.extractfile(members[f]).read()
+                (staging / PACKAGE / f).write_bytes(data)
+        (staging / PACKAGE / "__init__.py").write_text("")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, root) if not root.exists() else None
+    return root
+
+
+def _import_suite() -> types.ModuleType:
+    root = _fetch_suite()
+    if importlib.util.find_spec("datasets") is None:
+        # testing_utils imports datasets.load_dataset at module level; no test run here loads a dataset
+        stub = types.ModuleType("datasets")
+
+        def load_dataset(*args, **kwargs):
+            raise RuntimeError("datasets is not installed")
+
+        stub.load_dataset = load_dataset
+        sys.modules["datasets"] = stub
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(f"{PACKAGE}.test_custom_models")
+    finally:
+        sys.path.remove(str(root))
+
+
+suite = _import_suite()
+
+
+class ModelConvTranspose2D(nn.Module):
+    """A layer type FLoRA adds (ConvTranspose2d, grouped), in the style of PEFT's test models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_t = nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(4 * 7 * 7, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+        self.dtype = torch.float
+
+    def forward(self, X):
+        X = X.to(self.dtype)
+        X = X[:, :9].reshape(-1, 6, 3, 3)
+        X = self.conv_t(X)
+        X = self.relu(X)
+        X = self.flat(X)
+        X = self.lin0(X)
+        return self.sm(X)
+
+
+class FloraModels(suite.MockTransformerWrapper):
+    """PEFT's test models and the ones added here, by model id."""
+
+    @classmethod
+    def from_pretrained(cls, model_id, dtype=None):
+        if model_id == "ConvTranspose2d":
+            torch.manual_seed(0)
+            return ModelConvTranspose2D().to(dtype or torch.float32)
+        return super().from_pretrained(model_id, dtype=dtype)
+
+
+# (id, model id, config class, config kwargs): every PEFT test model type FLoRA adapts, once.
+FLORA_CASES = [
+    ("MLP FLoRA", "MLP", FloraConfig, {"target_modules": ["lin0", "lin1"], "r": 4}),
+    ("MLP FLoRA dropout modules_to_save", "MLP", FloraConfig,
+     {"target_modules": ["lin0"], "r": [3, 2], "flora_dropout": 0.1, "modules_to_save": ["lin1"]}),
+    ("EmbConv1D FLoRA", "EmbConv1D", FloraConfig, {"target_modules": ["emb", "conv1d"], "r": 3}),
+    ("Conv1d FLoRA", "Conv1d", FloraConfig, {"target_modules": ["conv1d"]}),
+    ("Conv1dGroups FLoRA", "Conv1dGroups", FloraConfig, {"target_modules": ["conv1d"], "r": 2}),
+    ("Conv2d FLoRA kernel_r", "Conv2d", FloraConfig, {"target_modules": ["conv2d"], "r": 4, "kernel_r": 2}),
+    ("Conv2dGroups FLoRA", "Conv2dGroups", FloraConfig, {"target_modules": ["conv2d", "lin0"], "r": 4}),
+    ("Conv3d FLoRA", "Conv3d", FloraConfig, {"target_modules": ["conv3d"], "r": 4}),
+    ("MHA FLoRA", "MHA", FloraConfig, {"target_modules": ["mha"], "r": 4}),
+    ("MHA out_proj FLoRA dropout", "MHA", FloraConfig,
+     {"target_modules": ["mha", "mha.out_proj"], "r": 4, "flora_dropout": 0.1}),
+    ("ConvTranspose2d FLoRA", "ConvTranspose2d", FloraConfig, {"target_modules": ["conv_t"], "r": 2}),
+]
+CASE_ARGS = "test_name, model_id, config_cls, config_kwargs"
+
+# Tester functions left out, with the reason (LoRA internals or LoRA-only options).
+LEFT_OUT: dict[str, str] = {}
+
+
+def _reparametrized(fn: types.FunctionType, argnames: str, cases: list, ids: list[str]) -> types.FunctionType:
+    """A copy of test function ``fn`` whose parametrization over ``argnames`` is ``cases``."""
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__ = fn.__qualname__
+    marks = [m for m in getattr(fn, "pytestmark", []) if not (m.name == "parametrize" and m.args[0] == argnames)]
+    new.pytestmark = marks
+    return pytest.mark.parametrize(argnames, cases, ids=ids)(new)
+
+
+def _flora_class(name: str, base: type, tables: dict[str, tuple[list, list[str]]], **attrs) -> type:
+    """Subclass of PEFT test class ``base`` holding only its tests parametrized over one of
+    ``tables`` ({argnames: (cases, ids)}), re-parametrized; its other tests are hidden."""
+    ns: dict = dict(attrs)
+    for cls in base.__mro__:
+        for attr, fn in vars(cls).items():
+            if not attr.startswith("test_") or attr in ns:
+                continue
+            argnames = [m.args[0] for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+            hit = next((a for a in argnames if a in tables), None)
+            if hit is None or attr in LEFT_OUT:
+                ns[attr] = None  # not a FLoRA test: hidden from collection
+            else:
+                ns[attr] = _reparametrized(fn, hit, *tables[hit])
+    return type(name, (base,), ns)
+
+
+_ids = [c[0] for c in FLORA_CASES]
+TestFloraCustomModel = _flora_class(
+    "TestFloraCustomModel", suite.TestPeftCustomModel,
+    {CASE_ARGS: (FLORA_CASES, _ids), "config_cls": ([FloraConfig], ["FloraConfig"])},
+    transformers_class=FloraModels,
+)
