@@ -51,8 +51,8 @@ class FLoRAConfig:
         strategy: "auto" (cost model), "factorized" or "merged".
         backend: "auto", "reference", "triton", "cuda" or "cpp".
         init_weights: True: the paper's init (core = 0, so dW = 0 at step 0); False: a random
-            N(0, 1) core as well, so the new adapter changes the output (tests, PEFT's
-            ``init_weights=False``).
+            normal core as well, scaled so that dW's entries have std 1 / (2 sqrt(fan_in)) (the
+            new adapter changes the output: tests, PEFT's ``init_weights=False``).
     """
 
     rank: Rank = 16

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import warnings
@@ -239,7 +240,9 @@ def install_adapters(
             for d, s in zip(dst_factors, factors, strict=True):
                 d.copy_(s)
         elif not cfg.init_weights:
-            nn.init.normal_(dst_core)
+            # each factor has entries of variance 1/(2 r_n): dW's entries get std 1/(2 sqrt(fan_in))
+            w = layer.weight_modes()
+            nn.init.normal_(dst_core, std=2 ** (w.dim() / 2) / (2 * math.sqrt(w[0].numel())))
         layers[name] = layer
         parent_name, _, child = name.rpartition(".")
         if child == "out_proj" and parent_name:
@@ -560,14 +563,17 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], batch_dim: int 
     own ``batch_first``)."""
     used = list(dict.fromkeys(n for n in names if n is not None))
     _check_adapter_names(model, used)
-    pos = {n: i for i, n in enumerate(used)}
-    index = torch.tensor([-1 if n is None else pos[n] for n in names], dtype=torch.long)
     layers = [layer for _, layer in flora_layers(model)]
     if any(layer.merged for layer in layers):
         raise RuntimeError("adapter_batch: unmerge the model's adapters first (fk.unmerge_flora)")
     try:
         for layer in layers:
-            layer._mixed = (index, used)
+            # a layer without a sample's adapter runs that sample on its base module
+            held = {a for m in layer._group_layers() for a in m.flora_settings}
+            here = [n for n in used if n in held]
+            pos = {n: i for i, n in enumerate(here)}
+            index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.long)
+            layer._mixed = (index, here)
             layer.mixed_batch_dim = batch_dim
         yield model
     finally:

@@ -248,6 +248,20 @@ class _PeftLayerMixin:
             adapter_names = [a for a in adapter_names if a in self.flora_settings]
         super().merge(adapter_names, safe_merge=safe_merge)
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._requested = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's view: the names last set active, including those this layer does not hold
+        (they have no effect here)."""
+        return self._active + [a for a in getattr(self, "_requested", ()) if a not in self.flora_settings]
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
@@ -264,6 +278,7 @@ class _PeftLayerMixin:
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.flora_settings:
             super().delete_adapter(adapter_name)
+        self._requested = [a for a in getattr(self, "_requested", ()) if a != adapter_name]
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.flora_settings)

@@ -102,16 +102,16 @@ class ModelConvTranspose2D(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv_t = nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2)
+        self.conv_t = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
         self.relu = nn.ReLU()
         self.flat = nn.Flatten()
-        self.lin0 = nn.Linear(4 * 7 * 7, 2)
+        self.lin0 = nn.Linear(6 * 7 * 7, 2)
         self.sm = nn.LogSoftmax(dim=-1)
         self.dtype = torch.float
 
     def forward(self, X):
         X = X.to(self.dtype)
-        X = X[:, :9].reshape(-1, 6, 3, 3)
+        X = X[:, :8].reshape(-1, 4, 3, 3)
         X = self.conv_t(X)
         X = self.relu(X)
         X = self.flat(X)
@@ -135,7 +135,10 @@ FLORA_CASES = [
     ("MLP FLoRA", "MLP", FloraConfig, {"target_modules": ["lin0", "lin1"], "r": 4}),
     ("MLP FLoRA dropout modules_to_save", "MLP", FloraConfig,
      {"target_modules": ["lin0"], "r": [3, 2], "flora_dropout": 0.1, "modules_to_save": ["lin1"]}),
-    ("EmbConv1D FLoRA", "EmbConv1D", FloraConfig, {"target_modules": ["emb", "conv1d"], "r": 3}),
+    # scale 8: with the paper's init (core = 0) the factors start to move in the second step, by
+    # an amount proportional to s^2; test_only_params_are_updated trains 3 SGD steps (tol 1e-4)
+    # and this model's gradients reaching the embedding are small
+    ("EmbConv1D FLoRA", "EmbConv1D", FloraConfig, {"target_modules": ["emb", "conv1d"], "r": 3, "scale": 8.0}),
     ("Conv1d FLoRA", "Conv1d", FloraConfig, {"target_modules": ["conv1d"]}),
     ("Conv1dGroups FLoRA", "Conv1dGroups", FloraConfig, {"target_modules": ["conv1d"], "r": 2}),
     ("Conv2d FLoRA kernel_r", "Conv2d", FloraConfig, {"target_modules": ["conv2d"], "r": 4, "kernel_r": 2}),
@@ -147,41 +150,95 @@ FLORA_CASES = [
     ("ConvTranspose2d FLoRA", "ConvTranspose2d", FloraConfig, {"target_modules": ["conv_t"], "r": 2}),
 ]
 CASE_ARGS = "test_name, model_id, config_cls, config_kwargs"
+MULTI_ARGS = "test_name, tuner_method, config_cls, config_kwargs_1, config_kwargs_2"
+MULTI_CASES = [  # TestMultipleActiveAdapters: "flora" resolves to PEFT's MLP
+    ("FLoRA Same", "flora", FloraConfig, {"target_modules": ["lin0"], "init_weights": False},
+     {"target_modules": ["lin0"], "r": 3, "init_weights": False}),
+    ("FLoRA Different", "flora", FloraConfig, {"target_modules": ["lin0"], "init_weights": False},
+     {"target_modules": ["lin1"], "init_weights": False}),
+]
 
-# Tester functions left out, with the reason (LoRA internals or LoRA-only options).
-LEFT_OUT: dict[str, str] = {}
+# Tester functions left out, with the reason (LoRA internals, LoRA-only options, or a LoRA
+# limitation that FLoRA does not have).
+LEFT_OUT: dict[str, str] = {
+    "test_mixed_adapter_batches_mha_raises": "checks that LoRA's MultiheadAttention rejects mixed batches "
+    "('lora.MultiheadAttention does not support mixed adapter batches'); FLoRA's supports them",
+    "test_mixed_adapter_batches_lora_opt_timing": "a timing check on facebook/opt-125m from the Hub, GPU only "
+    "(@require_non_cpu)",
+}
 
 
-def _reparametrized(fn: types.FunctionType, argnames: str, cases: list, ids: list[str]) -> types.FunctionType:
+def _as_flora(cfg: peft.PeftConfig) -> FloraConfig | None:
+    """The FloraConfig standing for one of PEFT's LoraConfig test configs (None: not a LoRA one)."""
+    if not isinstance(cfg, peft.LoraConfig) or cfg.target_parameters:
+        return None
+    tm = cfg.target_modules
+    return FloraConfig(
+        r=cfg.r, target_modules=sorted(tm) if isinstance(tm, (set, list)) else tm, init_weights=False,
+        modules_to_save=cfg.modules_to_save, task_type=cfg.task_type,
+    )
+
+
+def _translated(rows: list) -> list:
+    """PEFT's rows of config objects (test_name, config, ...) with their LoRA configs as FloraConfigs."""
+    out = []
+    for name, *rest in rows:
+        cfgs = [_as_flora(c) if isinstance(c, peft.PeftConfig) else c for c in rest]
+        if all(c is not None for c in cfgs):
+            out.append((name.replace("LoRA", "FLoRA"), *cfgs))
+    return out
+
+
+def _reparametrized(fn: types.FunctionType, argnames: str, cases: list) -> types.FunctionType:
     """A copy of test function ``fn`` whose parametrization over ``argnames`` is ``cases``."""
     new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     new.__dict__.update(fn.__dict__)
     new.__qualname__ = fn.__qualname__
-    marks = [m for m in getattr(fn, "pytestmark", []) if not (m.name == "parametrize" and m.args[0] == argnames)]
-    new.pytestmark = marks
+    new.pytestmark = [m for m in getattr(fn, "pytestmark", []) if not (m.name == "parametrize" and m.args[0] == argnames)]
+    ids = [c[0] if isinstance(c, tuple) and isinstance(c[0], str) else getattr(c, "__name__", str(c)) for c in cases]
     return pytest.mark.parametrize(argnames, cases, ids=ids)(new)
 
 
-def _flora_class(name: str, base: type, tables: dict[str, tuple[list, list[str]]], **attrs) -> type:
-    """Subclass of PEFT test class ``base`` holding only its tests parametrized over one of
-    ``tables`` ({argnames: (cases, ids)}), re-parametrized; its other tests are hidden."""
+def _flora_cases(argnames: str, rows: list) -> list | None:
+    """The FLoRA cases replacing PEFT's parametrization ``rows`` over ``argnames`` (None: a
+    parametrization that does not name the PEFT method)."""
+    if argnames == CASE_ARGS:
+        return FLORA_CASES
+    if argnames == MULTI_ARGS:
+        return MULTI_CASES
+    if argnames == "config_cls":
+        return [FloraConfig]
+    names = [a.strip() for a in argnames.split(",")]
+    if names[0] == "test_name" and any(n.startswith("config") for n in names[1:]):
+        return _translated(rows)
+    return None
+
+
+def _flora_class(base: type, **attrs) -> type:
+    """``Flora<base>``: PEFT test class ``base`` holding only its tests parametrized over PEFT
+    methods, re-parametrized with FLoRA cases; its other tests are hidden from collection."""
     ns: dict = dict(attrs)
     for cls in base.__mro__:
         for attr, fn in vars(cls).items():
             if not attr.startswith("test_") or attr in ns:
                 continue
-            argnames = [m.args[0] for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
-            hit = next((a for a in argnames if a in tables), None)
-            if hit is None or attr in LEFT_OUT:
-                ns[attr] = None  # not a FLoRA test: hidden from collection
-            else:
-                ns[attr] = _reparametrized(fn, hit, *tables[hit])
+            ns[attr] = None  # hidden unless re-parametrized below
+            if attr in LEFT_OUT:
+                continue
+            for m in getattr(fn, "pytestmark", []):
+                cases = _flora_cases(m.args[0], list(m.args[1])) if m.name == "parametrize" else None
+                if cases:
+                    ns[attr] = _reparametrized(fn, m.args[0], cases)
+                    break
+    name = base.__name__.replace("TestPeft", "Test").replace("Test", "TestFlora", 1)
     return type(name, (base,), ns)
 
 
-_ids = [c[0] for c in FLORA_CASES]
-TestFloraCustomModel = _flora_class(
-    "TestFloraCustomModel", suite.TestPeftCustomModel,
-    {CASE_ARGS: (FLORA_CASES, _ids), "config_cls": ([FloraConfig], ["FloraConfig"])},
-    transformers_class=FloraModels,
-)
+class _MultipleActiveAdapters(suite.TestMultipleActiveAdapters):
+    def resolve_model_cls(self, tuner_method):
+        return suite.MLP(bias=True) if tuner_method == "flora" else super().resolve_model_cls(tuner_method)
+
+
+TestFloraCustomModel = _flora_class(suite.TestPeftCustomModel, transformers_class=FloraModels)
+TestFloraMultipleActiveAdapters = _flora_class(_MultipleActiveAdapters)
+TestFloraMixedAdapterBatches = _flora_class(suite.TestMixedAdapterBatches)
