@@ -568,17 +568,21 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], batch_dim: int 
         raise RuntimeError("adapter_batch: unmerge the model's adapters first (fk.unmerge_flora)")
     try:
         for layer in layers:
-            # a layer without a sample's adapter runs that sample on its base module
-            held = {a for m in layer._group_layers() for a in m.flora_settings}
-            here = [n for n in used if n in held]
-            pos = {n: i for i, n in enumerate(here)}
-            index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.long)
-            layer._mixed = (index, here)
-            layer.mixed_batch_dim = batch_dim
+            set_mixed(layer, names, batch_dim)
         yield model
     finally:
         for layer in layers:
             layer._mixed = None
+
+
+def set_mixed(layer: FLoRALayer, names: Sequence[str | None], batch_dim: int = 0) -> None:
+    """Make ``layer`` run sample i with adapter ``names[i]`` (None, or an adapter the layer does
+    not hold: its base module) until ``layer._mixed`` is reset to None."""
+    held = {a for m in layer._group_layers() for a in m.flora_settings}
+    here = list(dict.fromkeys(n for n in names if n in held))
+    pos = {n: i for i, n in enumerate(here)}
+    layer._mixed = (torch.tensor([pos.get(n, -1) for n in names], dtype=torch.long), here)
+    layer.mixed_batch_dim = batch_dim
 
 
 # --------------------------------------------------------------------------- summary

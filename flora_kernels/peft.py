@@ -62,6 +62,7 @@ from .model import (
     logical_name,
     native_fastpath,
     select_targets,
+    set_mixed,
     set_state,
     targets_from_layer_info,
 )
@@ -485,17 +486,27 @@ class FloraModel(BaseTuner):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
+        # generate's beam search repeats every sample num_beams times, except in the encoder
         beams = kwargs.get("num_beams")
-        if isinstance(beams, int) and beams > 1:  # generate repeats every sample num_beams times
-            names = [n for n in names for _ in range(beams)]
+        per_layer = {id(m): (m, list(names)) for _, m in flora_layers(self.model)}
+        if isinstance(beams, int) and beams > 1:
+            get_encoder = getattr(self.model, "get_encoder", None)
+            encoder = get_encoder() if callable(get_encoder) else None  # transformers >= 5: the model itself if none
+            inside = set()
+            if isinstance(encoder, nn.Module) and encoder is not self.model:
+                inside = {id(m) for _, m in flora_layers(encoder)}
+            per_layer = {k: (m, n if k in inside else [a for a in n for _ in range(beams)]) for k, (m, n) in per_layer.items()}
+            names = [a for a in names for _ in range(beams)]
         handles = []
         try:
-            for _, layer in flora_layers(self.model):
-                handles.append(layer.register_forward_pre_hook(partial(_check_batch, n=len(names)), with_kwargs=True))
+            for layer, ns in per_layer.values():
+                handles.append(layer.register_forward_pre_hook(partial(_check_batch, n=len(ns)), with_kwargs=True))
             for module in self.model.modules():
                 if isinstance(module, AuxiliaryTrainingWrapper):
                     handles.append(module.register_forward_pre_hook(partial(_pass_names, names=names), with_kwargs=True))
             with adapter_batch(self.model, [None if n == "__base__" else n for n in names]):
+                for layer, ns in per_layer.values():
+                    set_mixed(layer, [None if n == "__base__" else n for n in ns])
                 yield
         finally:
             for h in handles:

@@ -331,3 +331,33 @@ def test_no_warning_from_a_plain_merge_cycle():
         warnings.simplefilter("error")
         fk.merge_flora(model)
         fk.unmerge_flora(model)
+
+
+def _tiny_t5() -> nn.Module:
+    cfg = transformers.T5Config(
+        vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+@torch.no_grad()
+def test_adapter_names_with_beam_search(arch):
+    """num_beams > 1 repeats each name per beam (the encoder of an encoder-decoder keeps the
+    original batch): each sample equals its adapter's own beam search."""
+    model, targets = (_tiny_gpt2(), ["c_attn", "c_fc"]) if arch == "gpt2" else (_tiny_t5(), ["q", "v", "wi"])
+    pm = _two_adapters(model, targets)
+    ids = torch.randint(2, 50, (3, 6))
+    names = ["a1", "__base__", "a0"]
+    kw = {"max_new_tokens": 3, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
+    gen = pm.generate(input_ids=ids, adapter_names=names, **kw)
+    for i, n in enumerate(names):
+        if n == "__base__":
+            with pm.disable_adapter():
+                want = pm.generate(input_ids=ids[i : i + 1], **kw)
+        else:
+            pm.set_adapter(n)
+            want = pm.generate(input_ids=ids[i : i + 1], **kw)
+        assert torch.equal(gen[i : i + 1, : want.shape[1]], want), (i, n)
