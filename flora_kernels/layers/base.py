@@ -336,15 +336,15 @@ class FLoRALayer(nn.Module):
         """Use (True) or bypass (False) the adapters, as PEFT does: disabling unmerges merged
         adapters (the layer then computes the base output) and freezes every adapter tensor;
         enabling makes the active adapters trainable again."""
-        if enabled:
-            self.set_adapter(self._active)
-        else:
-            if self.merged_adapters:
-                self.unmerge()
-            for n in self.flora_settings:
-                for p in self._tensors_of(n):
-                    p.requires_grad_(False)
         self._adapters_disabled = not enabled
+        if enabled:
+            self.set_adapter(self._active)  # signals the change
+            return
+        if self.merged_adapters:
+            self.unmerge()
+        for n in self.flora_settings:
+            for p in self._tensors_of(n):
+                p.requires_grad_(False)
         self._changed()
 
     @property
