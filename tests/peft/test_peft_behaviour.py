@@ -19,8 +19,9 @@ from flora_kernels.layers import flora_layers
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-import flora_kernels.peft as fkp  # noqa: E402
-from peft import PeftModel, get_peft_model  # noqa: E402
+from peft import PeftModel, get_peft_model
+
+import flora_kernels.peft as fkp
 
 
 class MLP(nn.Module):
@@ -144,7 +145,7 @@ def test_disabled_adapters_are_frozen(api):
 @pytest.mark.parametrize("api", ["fk", "peft"])
 @torch.no_grad()
 def test_delete_keeps_the_other_adapter_merged(api):
-    base, model = _fk_model() if api == "fk" else _peft_model()
+    _, model = _fk_model() if api == "fk" else _peft_model()
     x = _x()
     y = model(x)
     cfg = fk.FLoRAConfig(rank=2, target_modules=("lin0",), init_weights=False)

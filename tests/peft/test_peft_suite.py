@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,8 +34,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")  # testing_common imports it
 pytest.importorskip("accelerate")  # testing_utils imports it
 
-import flora_kernels.peft  # noqa: E402,F401  (registers FLORA)
-from flora_kernels.peft import FloraConfig  # noqa: E402
+import flora_kernels.peft  # noqa: F401  (registers FLORA)
+from flora_kernels.peft import FloraConfig
 
 SDIST_FILES = ("test_custom_models.py", "testing_common.py", "testing_utils.py")
 PACKAGE = "_peft_sdist_tests"
@@ -55,24 +56,30 @@ def _fetch_suite() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
                "-d", tmp, f"peft=={peft.__version__}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        try:
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+            error = proc.stderr.strip()[-300:] if proc.returncode else ""
+        except subprocess.TimeoutExpired:
+            error = "timed out after 300 s"
         archives = list(Path(tmp).glob("peft-*.tar.gz"))
-        if proc.returncode != 0 or not archives:
+        if error or not archives:
             pytest.skip(
                 f"PEFT's test suite: cannot download the peft {peft.__version__} sdist (offline?): "
-                f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-300:]}",
+                f"{' '.join(cmd)}: {error or 'no archive'}",
                 allow_module_level=True,
             )
-        staging = root.with_name(root.name + ".tmp")
-        (staging / PACKAGE).mkdir(parents=True, exist_ok=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root.parent))
+        (staging / PACKAGE).mkdir()
         with tarfile.open(archives[0]) as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if Path(m.name).parent.name == "tests"}
             for f in SDIST_FILES:
-                data = tar.extractfile(members[f]).read()
-                (staging / PACKAGE / f).write_bytes(data)
+                (staging / PACKAGE / f).write_bytes(tar.extractfile(members[f]).read())
         (staging / PACKAGE / "__init__.py").write_text("")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, root) if not root.exists() else None
+        if root.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(root)
     return root
 
 
