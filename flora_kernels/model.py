@@ -209,8 +209,9 @@ def install_adapters(
     Trainability follows PEFT: the first adapter of a model freezes every other parameter and
     trains (unless ``inference_mode``) with its modules_to_save; a later one is added frozen
     and every parameter present before keeps its ``requires_grad``. ``activate`` makes it an
-    active adapter. ``low_cpu_mem_usage``: the new adapter tensors are left on the meta device
-    (a state dict loaded with ``assign=True`` fills them).
+    active adapter. ``low_cpu_mem_usage``: the new adapter tensors are created on the meta
+    device and ``tensors`` become them without a copy (without ``tensors`` they stay on meta,
+    for a state dict loaded with ``assign=True``).
 
     A targeted ``out_proj`` of an ``nn.MultiheadAttention`` makes the attention module a FLoRA
     layer too (without an adapter of its own unless it is targeted), since the attention reads
@@ -227,19 +228,22 @@ def install_adapters(
         real = resolve_name(model, name)
         m = model.get_submodule(real)
         if isinstance(m, FLoRALayer):
-            m.add_adapter(adapter_name, **targets[name])
             layer = m
         else:
-            layer = wrap(m, adapter_name=adapter_name, **targets[name])
+            layer = wrap(m, adapter_name=None)
             layer.shared_with = _tied_with(m, name, users, layer.weight_name)
             _set_submodule(model, real, layer)
+        layer.add_adapter(adapter_name, **targets[name], device="meta" if low_cpu_mem_usage else None)
         dst_core, dst_factors = layer.tensors(adapter_name)
         if tensors is not None and name in tensors:
             core, factors = tensors[name]
-            dst_core.copy_(core)
-            for d, s in zip(dst_factors, factors, strict=True):
-                d.copy_(s)
-        elif not cfg.init_weights:
+            if low_cpu_mem_usage:
+                _assign(layer, adapter_name, [core, *factors])
+            else:
+                dst_core.copy_(core)
+                for d, s in zip(dst_factors, factors, strict=True):
+                    d.copy_(s)
+        elif not cfg.init_weights and not low_cpu_mem_usage:
             # each factor has entries of variance 1/(2 r_n): dW's entries get std 1/(2 sqrt(fan_in))
             w = layer.weight_modes()
             nn.init.normal_(dst_core, std=2 ** (w.dim() / 2) / (2 * math.sqrt(w[0].numel())))
@@ -261,9 +265,6 @@ def install_adapters(
     for p in model.parameters():
         if id(p) in before:
             p.requires_grad_(before[id(p)])
-    if low_cpu_mem_usage:
-        for layer in layers.values():
-            to_meta(layer, adapter_name)
     return layers
 
 
@@ -283,14 +284,14 @@ def cast_adapter(model: nn.Module, name: str) -> None:
         layer._changed()
 
 
-def to_meta(layer: FLoRALayer, name: str) -> None:
-    """Replace adapter ``name``'s tensors on ``layer`` by meta tensors (same shape, dtype and
-    requires_grad), to be filled by ``load_state_dict(..., assign=True)``."""
-    for container in layer.adapter_layer_names:
+def _assign(layer: FLoRALayer, name: str, tensors: Sequence[Tensor]) -> None:
+    """Make ``tensors`` ([core, *factors]) adapter ``name``'s parameters on ``layer`` (cast to
+    its adapter dtype, on the base weight's device; no copy when they match)."""
+    device = layer.base_weight().device
+    for container, t in zip(layer.adapter_layer_names, tensors, strict=True):
         d = getattr(layer, container)
-        if name in d:
-            p = d[name]
-            d[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        old = d[name]
+        d[name] = nn.Parameter(t.detach().to(device=device, dtype=old.dtype), requires_grad=old.requires_grad)
     layer._changed()
 
 
@@ -802,7 +803,9 @@ def _validate(
     return targets, adapters
 
 
-def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+def load_flora(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, low_cpu_mem_usage: bool = False
+) -> nn.Module:
     """Load adapters written by ``save_flora`` (or PEFT's ``save_pretrained`` for FLoRA) under
     their names, injecting where the model has no FLoRA layer yet. ``adapter_name=None`` loads
     every adapter found (root: "default", subfolders: their names). An adapter the model has
@@ -811,6 +814,8 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
     Everything is checked before anything changes: a missing module, a wrong module type, or a
     tensor of the wrong shape raises ``ValueError`` naming it and leaves the model untouched.
     The first adapter loaded into a model without adapters becomes active.
+    ``low_cpu_mem_usage`` (PEFT's option): new adapters are created on the meta device and take
+    the file's tensors without an initialized copy first.
     """
     loaded = []
     for name, folder in _adapter_dirs(path, adapter_name).items():
@@ -832,7 +837,9 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
                     layer.set_scale(targets[logical]["scale"], name)
             set_state(model, {**configs, name: cfg}, active)
         else:
-            install_adapters(model, targets, name, cfg, tensors=adapters, activate=not configs)
+            install_adapters(
+                model, targets, name, cfg, tensors=adapters, activate=not configs, low_cpu_mem_usage=low_cpu_mem_usage
+            )
         with torch.no_grad():
             for mod in _saved_names(model, cfg.modules_to_save):
                 state = model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True)

@@ -223,11 +223,14 @@ class FLoRALayer(nn.Module):
         strategy: str = "auto",
         backend: str = "auto",
         init: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         """Create adapter ``name`` (paper init: dW = 0) and make it active alongside the others.
 
         ``rank`` is the channel ranks (int or (r_out, r_in)) or every mode's rank; ``kernel_rank``
         the spatial ones (default: the full kernel). Ranks are clamped to the mode sizes.
+        ``device``: where the tensors are created (default: the base weight's); on "meta" they
+        are left uninitialized, to be assigned (PEFT's ``low_cpu_mem_usage``).
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name: expected a non-empty string without dots, got {name!r}")
@@ -236,9 +239,10 @@ class FLoRALayer(nn.Module):
         settings = self.make_settings(rank, kernel_rank, scale, dropout, strategy, backend)
         w = self.weight_modes()
         dt = adapter_dtype(w)
-        core = nn.Parameter(torch.empty(settings.ranks, dtype=dt, device=w.device))
-        factors = [nn.Parameter(torch.empty(i, r, dtype=dt, device=w.device)) for i, r in zip(w.shape, settings.ranks)]
-        if init:
+        dev = w.device if device is None else torch.device(device)
+        core = nn.Parameter(torch.empty(settings.ranks, dtype=dt, device=dev))
+        factors = [nn.Parameter(torch.empty(i, r, dtype=dt, device=dev)) for i, r in zip(w.shape, settings.ranks)]
+        if init and dev.type != "meta":
             init_tucker_(core, factors)
         self.flora_core[name] = core
         for n, f in enumerate(factors):

@@ -15,6 +15,7 @@ from torch import nn
 
 import flora_kernels as fk
 from flora_kernels.layers import flora_layers
+from flora_kernels.model import install_adapters
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -218,6 +219,20 @@ def test_low_cpu_mem_usage_creates_meta_adapters_and_loads(tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
     assert not any(p.device.type == "meta" for p in loaded.parameters())
     torch.testing.assert_close(loaded(x), y)
+
+
+@torch.no_grad()
+def test_fk_load_flora_low_cpu_mem_usage(tmp_path):
+    base, model = _fk_model()
+    x = _x()
+    fk.save_flora(model, tmp_path)
+    meta = fk.inject_flora(MLP(), fk.FLoRAConfig(rank=3, target_modules=("lin0",)))
+    install_adapters(meta, {"lin1": {"rank": 2}}, "m", fk.FLoRAConfig(rank=2), low_cpu_mem_usage=True)
+    assert meta.lin1.flora_core["m"].device.type == "meta"
+    loaded = fk.load_flora(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert all(v for v in _adapter_grads(loaded).values())
 
 
 @pytest.mark.parametrize("autocast", [True, False])
