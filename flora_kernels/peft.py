@@ -486,27 +486,30 @@ class FloraModel(BaseTuner):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
+        names = [None if n == "__base__" else n for n in names]
         # generate's beam search repeats every sample num_beams times, except in the encoder
         beams = kwargs.get("num_beams")
-        per_layer = {id(m): (m, list(names)) for _, m in flora_layers(self.model)}
+        repeated, encoder_layers = names, []
         if isinstance(beams, int) and beams > 1:
+            repeated = [n for n in names for _ in range(beams)]
             get_encoder = getattr(self.model, "get_encoder", None)
-            encoder = get_encoder() if callable(get_encoder) else None  # transformers >= 5: the model itself if none
-            inside = set()
+            encoder = get_encoder() if callable(get_encoder) else None  # transformers 5: the model itself if none
             if isinstance(encoder, nn.Module) and encoder is not self.model:
-                inside = {id(m) for _, m in flora_layers(encoder)}
-            per_layer = {k: (m, n if k in inside else [a for a in n for _ in range(beams)]) for k, (m, n) in per_layer.items()}
-            names = [a for a in names for _ in range(beams)]
+                encoder_layers = [m for _, m in flora_layers(encoder)]
+        inside = {id(m) for m in encoder_layers}
         handles = []
         try:
-            for layer, ns in per_layer.values():
-                handles.append(layer.register_forward_pre_hook(partial(_check_batch, n=len(ns)), with_kwargs=True))
+            for _, layer in flora_layers(self.model):
+                n = len(names) if id(layer) in inside else len(repeated)
+                handles.append(layer.register_forward_pre_hook(partial(_check_batch, n=n), with_kwargs=True))
+            saved_names = ["__base__" if n is None else n for n in repeated]
             for module in self.model.modules():
                 if isinstance(module, AuxiliaryTrainingWrapper):
-                    handles.append(module.register_forward_pre_hook(partial(_pass_names, names=names), with_kwargs=True))
-            with adapter_batch(self.model, [None if n == "__base__" else n for n in names]):
-                for layer, ns in per_layer.values():
-                    set_mixed(layer, [None if n == "__base__" else n for n in ns])
+                    hook = partial(_pass_names, names=saved_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            with adapter_batch(self.model, repeated):
+                for layer in encoder_layers:
+                    set_mixed(layer, names)
                 yield
         finally:
             for h in handles:
