@@ -56,6 +56,9 @@ class FLoRAConfig:
             the layer input x (T x in). The core and the other factors train with their exact
             gradients; what is lost is U_in's training (docs/memory.md gives the measured
             memory and accuracy). Settable per layer: ``layer.set_lean_memory(True, name)``.
+        init_weights: True: the paper's init (core = 0, so dW = 0 at step 0); False: a random
+            normal core as well, scaled so that dW's entries have std 1 / (2 sqrt(fan_in)) (the
+            new adapter changes the output: tests, PEFT's ``init_weights=False``).
     """
 
     rank: Rank = 16
@@ -70,6 +73,7 @@ class FLoRAConfig:
     strategy: str = "auto"
     backend: str = "auto"
     lean_memory: bool = False
+    init_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "modules_to_save", "exclude_modules"):
@@ -96,6 +100,8 @@ class FLoRAConfig:
             raise ValueError(f"strategy: expected one of {STRATEGY_CHOICES}, got {self.strategy!r}")
         if self.backend != "auto" and self.backend not in backend_names():
             raise ValueError(f"backend: expected one of {('auto',) + backend_names()}, got {self.backend!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights: expected a bool, got {self.init_weights!r}")
         for name in ("target_modules", "exclude_modules"):
             tm = getattr(self, name)
             if tm is not None and not isinstance(tm, (str, tuple)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import warnings
@@ -178,17 +179,19 @@ def set_state(model: nn.Module, configs: dict[str, FLoRAConfig], active: list[st
     model.flora_config = configs[next(iter(configs))]
 
 
-def refresh_trainable(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze the active adapters and every modules_to_save module."""
-    configs, active = _state(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+def activate_adapters(model: nn.Module, active: list[str], inference_mode: bool = False) -> None:
+    """PEFT's set_adapter rule: ``active`` become the active adapters on every layer and only
+    they train (none of them with ``inference_mode``); the modules_to_save of the active
+    adapters train, those of the others are frozen. Other parameters keep their state."""
+    configs, _ = _state(model)
+    set_state(model, configs, active)
     for _, layer in flora_layers(model):
-        layer.set_adapter(active)
-    patterns = tuple(p for c in configs.values() for p in c.modules_to_save)
-    for name in _saved_names(model, patterns):
+        layer.set_adapter(active, inference_mode=inference_mode)
+    saved = {n: False for c in configs.values() for n in _saved_names(model, c.modules_to_save)}
+    saved.update({n: not inference_mode for a in active for n in _saved_names(model, configs[a].modules_to_save)})
+    for name, train in saved.items():
         for p in model.get_submodule(resolve_name(model, name)).parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(train)
 
 
 @torch.no_grad()
@@ -199,10 +202,19 @@ def install_adapters(
     cfg: FLoRAConfig,
     tensors: dict[str, tuple[Tensor, Sequence[Tensor]]] | None = None,
     activate: bool = True,
+    inference_mode: bool = False,
+    low_cpu_mem_usage: bool = False,
 ) -> dict[str, FLoRALayer]:
     """The one install path: add adapter ``adapter_name`` to every target (wrapping modules
     that have no FLoRA layer yet, deepest first), copy ``tensors`` {logical name: (core,
-    factors)} in, record ``cfg``, then freeze (``refresh_trainable``).
+    factors)} in (else ``cfg.init_weights`` decides the init), record ``cfg``.
+
+    Trainability follows PEFT: the first adapter of a model freezes every other parameter and
+    trains (unless ``inference_mode``) with its modules_to_save; a later one is added frozen
+    and every parameter present before keeps its ``requires_grad``. ``activate`` makes it an
+    active adapter. ``low_cpu_mem_usage``: the new adapter tensors are created on the meta
+    device and ``tensors`` become them without a copy (without ``tensors`` they stay on meta,
+    for a state dict loaded with ``assign=True``).
 
     A targeted ``out_proj`` of an ``nn.MultiheadAttention`` makes the attention module a FLoRA
     layer too (without an adapter of its own unless it is targeted), since the attention reads
@@ -211,6 +223,8 @@ def install_adapters(
     configs, active = _state(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+    first = not configs
+    before = {} if first else {id(p): p.requires_grad for p in model.parameters()}
     users = shared_weight_users(model)
     targets = _fit_strategies(model, targets)
     layers: dict[str, FLoRALayer] = {}
@@ -218,18 +232,25 @@ def install_adapters(
         real = resolve_name(model, name)
         m = model.get_submodule(real)
         if isinstance(m, FLoRALayer):
-            m.add_adapter(adapter_name, **targets[name])
             layer = m
         else:
-            layer = wrap(m, adapter_name=adapter_name, **targets[name])
+            layer = wrap(m, adapter_name=None)
             layer.shared_with = _tied_with(m, name, users, layer.weight_name)
             _set_submodule(model, real, layer)
+        layer.add_adapter(adapter_name, **targets[name], device="meta" if low_cpu_mem_usage else None)
+        dst_core, dst_factors = layer.tensors(adapter_name)
         if tensors is not None and name in tensors:
             core, factors = tensors[name]
-            dst_core, dst_factors = layer.tensors(adapter_name)
-            dst_core.copy_(core)
-            for d, s in zip(dst_factors, factors, strict=True):
-                d.copy_(s)
+            if low_cpu_mem_usage:
+                _assign(layer, adapter_name, [core, *factors])
+            else:
+                dst_core.copy_(core)
+                for d, s in zip(dst_factors, factors, strict=True):
+                    d.copy_(s)
+        elif not cfg.init_weights and not low_cpu_mem_usage:
+            # each factor has entries of variance 1/(2 r_n): dW's entries get std 1/(2 sqrt(fan_in))
+            w = layer.weight_modes()
+            nn.init.normal_(dst_core, std=2 ** (w.dim() / 2) / (2 * math.sqrt(w[0].numel())))
         layers[name] = layer
         parent_name, _, child = name.rpartition(".")
         if child == "out_proj" and parent_name:
@@ -240,9 +261,14 @@ def install_adapters(
     if not layers:
         raise ValueError("install_adapters: no targets")
     native_fastpath(model, enable=False)
-    configs = {**configs, adapter_name: cfg}
-    set_state(model, configs, (active + [adapter_name]) if activate else active)
-    refresh_trainable(model)
+    set_state(model, {**configs, adapter_name: cfg}, active)
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    activate_adapters(model, (active + [adapter_name]) if activate else active, inference_mode)
+    for p in model.parameters():
+        if id(p) in before:
+            p.requires_grad_(before[id(p)])
     return layers
 
 
@@ -266,6 +292,33 @@ def _fit_strategies(model: nn.Module, targets: dict[str, dict[str, Any]]) -> dic
             stacklevel=4,
         )
     return fitted
+
+
+@torch.no_grad()
+def cast_adapter(model: nn.Module, name: str) -> None:
+    """Cast adapter ``name``'s tensors to the dtype of each layer's base weight (floating bases
+    only): PEFT's ``autocast_adapter_dtype=False``. By default adapters are fp32 (fp64 on fp64)."""
+    for _, layer in flora_layers(model):
+        dtype = layer.base_weight().dtype
+        if name not in layer.flora_settings or not dtype.is_floating_point:
+            continue
+        for container in layer.adapter_layer_names:
+            d = getattr(layer, container)
+            p = d[name]
+            if p.dtype != dtype:
+                d[name] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+        layer._changed()
+
+
+def _assign(layer: FLoRALayer, name: str, tensors: Sequence[Tensor]) -> None:
+    """Make ``tensors`` ([core, *factors]) adapter ``name``'s parameters on ``layer`` (cast to
+    its adapter dtype, on the base weight's device; no copy when they match)."""
+    device = layer.base_weight().device
+    for container, t in zip(layer.adapter_layer_names, tensors, strict=True):
+        d = getattr(layer, container)
+        old = d[name]
+        d[name] = nn.Parameter(t.detach().to(device=device, dtype=old.dtype), requires_grad=old.requires_grad)
+    layer._changed()
 
 
 _FASTPATH_FLAG = "_flora_fastpath_off"
@@ -311,7 +364,9 @@ def inject_flora(model: nn.Module, cfg: FLoRAConfig, adapter_name: str = DEFAULT
 
 def add_adapter(model: nn.Module, name: str, cfg: FLoRAConfig) -> nn.Module:
     """Add adapter ``name`` with its own ranks, scale and targets (layers added where needed).
-    It is not made active (as in PEFT): ``set_adapter`` does that, unless it is the first one."""
+    As in PEFT, it is not made active (``set_adapter`` does that) and is added frozen, every
+    other parameter keeping its ``requires_grad``, unless it is the model's first adapter: that
+    one is active and trains (with its modules_to_save), everything else frozen."""
     if not isinstance(cfg, FLoRAConfig):
         raise TypeError(f"cfg: expected a FLoRAConfig, got {type(cfg).__name__}")
     targets = select_targets(model, cfg)
@@ -329,15 +384,17 @@ def _check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
             raise KeyError(f"adapter {n!r} not found; the model has {list(configs)}")
 
 
-def set_adapter(model: nn.Module, name_or_list: str | Sequence[str]) -> nn.Module:
-    """Make ``name_or_list`` the active adapters (several are summed); only they train."""
+def set_adapter(model: nn.Module, name_or_list: str | Sequence[str], inference_mode: bool = False) -> nn.Module:
+    """Make ``name_or_list`` the active adapters (several are summed); only they train, and not
+    even they with ``inference_mode``. A merged model is unmerged first, with PEFT's warning."""
     names = [name_or_list] if isinstance(name_or_list, str) else list(name_or_list)
     _check_adapter_names(model, names)
-    if any(layer.merged for _, layer in flora_layers(model)):
-        raise ValueError("set_adapter: the model has merged adapters; unmerge_flora first")
-    configs, _ = _state(model)
-    set_state(model, configs, names)
-    refresh_trainable(model)
+    merged = [layer for _, layer in flora_layers(model) if layer.merged]
+    if merged:
+        warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+        for layer in merged:
+            layer.unmerge()
+    activate_adapters(model, names, inference_mode)
     return model
 
 
@@ -347,16 +404,31 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter ``name`` from every layer (layers left without adapters stay as shells)."""
+    """Remove adapter ``name`` from every layer (layers left without adapters stay as shells);
+    other adapters keep their merge state. If ``name`` was the only active adapter, the first
+    remaining one (by name) becomes active, with PEFT's warning.
+
+    Raises:
+        ValueError: ``name`` is merged (unmerge it first), as in PEFT.
+    """
     _check_adapter_names(model, [name])
+    if any(name in layer.merged_adapters for _, layer in flora_layers(model)):
+        raise ValueError(f"Cannot delete adapter(s) [{name!r}] while they are merged. Please unmerge them first.")
     for _, layer in flora_layers(model):
         if name in layer.flora_settings:
             layer.delete_adapter(name)
     configs, active = _state(model)
     configs = {k: v for k, v in configs.items() if k != name}
-    set_state(model, configs, [a for a in active if a != name])
-    if configs:
-        refresh_trainable(model)
+    new_active = [a for a in active if a != name]
+    set_state(model, configs, new_active)
+    if name in active and configs:
+        if not new_active:
+            new_active = [min(configs)]
+            warnings.warn(
+                f"Adapter {name} was active which is now deleted. Setting active adapter to {new_active[0]}.",
+                stacklevel=2,
+            )
+        activate_adapters(model, new_active)
     return model
 
 
@@ -441,8 +513,12 @@ def merge_flora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_flora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_flora``: base weights restored (shared and weight-normed ones bit for bit)."""
-    for _, layer in flora_layers(model):
+    """Undo ``merge_flora``: base weights restored (shared and weight-normed ones bit for bit).
+    Nothing merged: PEFT's warning "Already unmerged. Nothing to do."."""
+    merged = [layer for _, layer in flora_layers(model) if layer.merged]
+    if not merged:
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+    for layer in merged:
         layer.unmerge()
     return model
 
@@ -479,21 +555,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block (e.g. the reference model in preference tuning).
 
-    Merged adapters are unmerged for the block and merged again after it; the previous state
-    is restored even if the block raises.
+    As in PEFT: disabling unmerges merged adapters (they stay unmerged after the block) and
+    freezes the adapters; layers enabled before are enabled again after the block (their
+    active adapters trainable), even if it raises. Nested blocks keep adapters disabled until
+    the outer one ends.
     """
     layers = [layer for _, layer in flora_layers(model)]
-    state = [(layer.adapter_enabled, list(layer.merged_adapters)) for layer in layers]
+    enabled = [layer.adapter_enabled for layer in layers]
     try:
         for layer in layers:
-            layer.unmerge()
             layer.enable_adapters(False)
         yield model
     finally:
-        for layer, (enabled, merged) in zip(layers, state):
-            layer.enable_adapters(enabled)
-            if merged:
-                layer.merge(merged)
+        for layer, was in zip(layers, enabled):
+            if was:
+                layer.enable_adapters(True)
 
 
 def set_adapter_scale(model: nn.Module, scale: float, adapter_name: str | None = None) -> nn.Module:
@@ -514,19 +590,26 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], batch_dim: int 
     own ``batch_first``)."""
     used = list(dict.fromkeys(n for n in names if n is not None))
     _check_adapter_names(model, used)
-    pos = {n: i for i, n in enumerate(used)}
-    index = torch.tensor([-1 if n is None else pos[n] for n in names], dtype=torch.long)
     layers = [layer for _, layer in flora_layers(model)]
     if any(layer.merged for layer in layers):
         raise RuntimeError("adapter_batch: unmerge the model's adapters first (fk.unmerge_flora)")
     try:
         for layer in layers:
-            layer._mixed = (index, used)
-            layer.mixed_batch_dim = batch_dim
+            set_mixed(layer, names, batch_dim)
         yield model
     finally:
         for layer in layers:
             layer._mixed = None
+
+
+def set_mixed(layer: FLoRALayer, names: Sequence[str | None], batch_dim: int = 0) -> None:
+    """Make ``layer`` run sample i with adapter ``names[i]`` (None, or an adapter the layer does
+    not hold: its base module) until ``layer._mixed`` is reset to None."""
+    held = {a for m in layer._group_layers() for a in m.flora_settings}
+    here = list(dict.fromkeys(n for n in names if n in held))
+    pos = {n: i for i, n in enumerate(here)}
+    layer._mixed = (torch.tensor([pos.get(n, -1) for n in names], dtype=torch.long), here)
+    layer.mixed_batch_dim = batch_dim
 
 
 # --------------------------------------------------------------------------- summary
@@ -577,6 +660,7 @@ def config_to_peft_dict(cfg: FLoRAConfig, layer_info: dict[str, dict[str, Any]])
         "strategy": d["strategy"],
         "backend": d["backend"],
         "lean_memory": d["lean_memory"],
+        "init_weights": d["init_weights"],
         "layer_info": layer_info,
         "flora_format_version": FORMAT_VERSION,
     }
@@ -587,6 +671,7 @@ _PEFT_TO_CFG = {
     "target_modules": "target_modules", "exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save",
     "rank_pattern": "rank_pattern", "scale_pattern": "scale_pattern", "strategy": "strategy", "backend": "backend",
     "lean_memory": "lean_memory",
+    "init_weights": "init_weights",
 }
 
 
@@ -748,7 +833,9 @@ def _validate(
     return targets, adapters
 
 
-def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+def load_flora(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, low_cpu_mem_usage: bool = False
+) -> nn.Module:
     """Load adapters written by ``save_flora`` (or PEFT's ``save_pretrained`` for FLoRA) under
     their names, injecting where the model has no FLoRA layer yet. ``adapter_name=None`` loads
     every adapter found (root: "default", subfolders: their names). An adapter the model has
@@ -757,6 +844,8 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
     Everything is checked before anything changes: a missing module, a wrong module type, or a
     tensor of the wrong shape raises ``ValueError`` naming it and leaves the model untouched.
     The first adapter loaded into a model without adapters becomes active.
+    ``low_cpu_mem_usage`` (PEFT's option): new adapters are created on the meta device and take
+    the file's tensors without an initialized copy first.
     """
     loaded = []
     for name, folder in _adapter_dirs(path, adapter_name).items():
@@ -777,9 +866,10 @@ def load_flora(model: nn.Module, path: str | os.PathLike, adapter_name: str | No
                         d.copy_(src)
                     layer.set_scale(targets[logical]["scale"], name)
             set_state(model, {**configs, name: cfg}, active)
-            refresh_trainable(model)
         else:
-            install_adapters(model, targets, name, cfg, tensors=adapters, activate=not configs)
+            install_adapters(
+                model, targets, name, cfg, tensors=adapters, activate=not configs, low_cpu_mem_usage=low_cpu_mem_usage
+            )
         with torch.no_grad():
             for mod in _saved_names(model, cfg.modules_to_save):
                 state = model.get_submodule(resolve_name(model, mod)).state_dict(keep_vars=True)

@@ -23,10 +23,13 @@ ImportError naming what differs. The rest of flora_kernels never imports peft.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -52,13 +55,16 @@ from .config import FLoRAConfig, name_matches
 from .layers import FLoRALayer, flora_layers
 from .model import (
     FORMAT_VERSION,
+    adapter_batch,
     adapter_layer_info,
+    cast_adapter,
     config_from_peft_dict,
     config_to_peft_dict,
     install_adapters,
     logical_name,
     native_fastpath,
     select_targets,
+    set_mixed,
     set_state,
     targets_from_layer_info,
 )
@@ -93,6 +99,7 @@ _EXPECTED_SIGNATURES = {
         "peft_config", "adapter_name", "target", "target_name", "parent", "current_key", "parameter_name",
     ),
     (BaseTuner, "_replace_module"): ("parent", "child_name", "new_module", "child"),
+    (BaseTuner, "_cast_adapter_dtype"): ("adapter_name", "autocast_adapter_dtype"),
     (BaseTuner, "_unload_and_optionally_merge"): ("merge", "progressbar", "safe_merge", "adapter_names"),
     (BaseTuner, "set_adapter"): ("adapter_name", "inference_mode"),
     (BaseTuner, "delete_adapter"): ("adapter_name",),
@@ -187,6 +194,7 @@ class FloraConfig(PeftConfig):
         strategy: "auto", "factorized" or "merged". backend: "auto", "reference", "triton",
             "cuda" or "cpp".
         lean_memory: the input factor stays frozen (``FLoRAConfig.lean_memory``).
+        init_weights: True: the paper's init (core = 0, dW = 0); False: a random core as well.
         layer_info: {module: {type, weight_shape, ranks, scale}} of the installed adapter,
             filled at injection; when given, it fixes the targets and ranks (so a saved adapter
             loads exactly).
@@ -216,6 +224,9 @@ class FloraConfig(PeftConfig):
     )
     layer_info: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "Per-module type, weight shape, ranks and scale (filled at injection)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: the paper's init (dW = 0); False: a random core too (dW != 0)."}
     )
     flora_format_version: int = field(default=FORMAT_VERSION, metadata={"help": "flora_kernels file format."})
 
@@ -257,9 +268,24 @@ class _PeftLayerMixin:
         super().merge(adapter_names, safe_merge=safe_merge)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_names)
-        if inference_mode:
-            self.set_requires_grad(adapter_names, False)
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._requested = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's view: the names last set active, including those this layer does not hold
+        (they have no effect here)."""
+        return self._active + [a for a in getattr(self, "_requested", ()) if a not in self.flora_settings]
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        super().unmerge()
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
@@ -270,6 +296,7 @@ class _PeftLayerMixin:
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.flora_settings:
             super().delete_adapter(adapter_name)
+        self._requested = [a for a in getattr(self, "_requested", ()) if a != adapter_name]
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.flora_settings)
@@ -337,6 +364,7 @@ class FloraModel(BaseTuner):
     tuner_layer_cls = FloraTunerLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
     _injecting: str | None = None  # the adapter being injected
+    _low_cpu_mem_usage = False  # of the injection under way
 
     def inject_adapter(
         self,
@@ -349,7 +377,7 @@ class FloraModel(BaseTuner):
         config = self.peft_config[adapter_name]
         target_modules = config.target_modules  # PEFT rewrites "all-linear" and long lists in place
         existed = adapter_name in getattr(model, "flora_configs", {})
-        self._injecting = adapter_name
+        self._injecting, self._low_cpu_mem_usage = adapter_name, low_cpu_mem_usage
         try:
             super().inject_adapter(
                 model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -360,7 +388,7 @@ class FloraModel(BaseTuner):
                 _fk_delete_adapter(model, adapter_name)
             raise
         finally:
-            self._injecting = None
+            self._injecting, self._low_cpu_mem_usage = None, False
             config.target_modules = target_modules
         config.layer_info = adapter_layer_info(model, adapter_name)
 
@@ -374,9 +402,18 @@ class FloraModel(BaseTuner):
         if targets:  # else PEFT's matching loop raises its "not found" error
             first = not getattr(model, "flora_configs", None)
             # PEFT wraps modules_to_save itself; the library's state records the adapter alone
-            install_adapters(model, targets, self._injecting, replace(cfg, modules_to_save=()), activate=first)
+            install_adapters(
+                model, targets, self._injecting, replace(cfg, modules_to_save=()), activate=first,
+                inference_mode=peft_config.inference_mode, low_cpu_mem_usage=self._low_cpu_mem_usage,
+            )
         for _, layer in flora_layers(model):
             _as_tuner_layer(layer)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's rule: adapters are fp32 (fp64 on an fp64 base) with ``autocast_adapter_dtype``,
+        else in their base weight's dtype."""
+        if not autocast_adapter_dtype:
+            cast_adapter(self.model, adapter_name)
 
     def _adapter_of(self, peft_config: FloraConfig) -> str | None:
         if self._injecting is not None:
@@ -434,25 +471,82 @@ class FloraModel(BaseTuner):
         set_state(self.model, configs, [n for n in names if n in configs])
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an adapter; if it was the only active one, the first remaining adapter (by
-        name) becomes active, with PEFT's warning."""
+        """Delete an adapter (``fk.delete_adapter``: a merged one raises, the others keep their
+        merge state; if it was the only active one, the first remaining adapter by name becomes
+        active, with PEFT's warning)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        if any(adapter_name in layer.merged_adapters for _, layer in flora_layers(self.model)):
-            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge it first")
+        configs = getattr(self.model, "flora_configs", {})
+        if adapter_name in configs:
+            _fk_delete_adapter(self.model, adapter_name)
         del self.peft_config[adapter_name]
-        _fk_delete_adapter(self.model, adapter_name)
-        active = [a for a in self.active_adapters if a != adapter_name]
-        if not active and self.peft_config:
-            active = [min(self.peft_config)]
-            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {active[0]}.")
+        active = list(getattr(self.model, "flora_active", []))
         for module in self.model.modules():
             if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, new_active_adapters=active or None)
-        if active:
-            self.set_adapter(active)
-        else:
-            self.active_adapter = []
+        self.active_adapter = active
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT's mixed batches (``model(x, adapter_names=[...])``, ``generate`` too) on
+        ``fk.adapter_batch``: sample i uses adapter ``adapter_names[i]`` ("__base__": none)."""
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = {n for n in names if n != "__base__"} - set(getattr(self.model, "flora_configs", {}))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        if any(layer.merged for _, layer in flora_layers(self.model)):
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        names = [None if n == "__base__" else n for n in names]
+        # generate's beam search repeats every sample num_beams times, except in the encoder
+        beams = kwargs.get("num_beams")
+        repeated, encoder_layers = names, []
+        if isinstance(beams, int) and beams > 1:
+            repeated = [n for n in names for _ in range(beams)]
+            get_encoder = getattr(self.model, "get_encoder", None)
+            encoder = get_encoder() if callable(get_encoder) else None  # transformers 5: the model itself if none
+            if isinstance(encoder, nn.Module) and encoder is not self.model:
+                encoder_layers = [m for _, m in flora_layers(encoder)]
+        inside = {id(m) for m in encoder_layers}
+        handles = []
+        try:
+            for _, layer in flora_layers(self.model):
+                n = len(names) if id(layer) in inside else len(repeated)
+                handles.append(layer.register_forward_pre_hook(partial(_check_batch, n=n), with_kwargs=True))
+            saved_names = ["__base__" if n is None else n for n in repeated]
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    hook = partial(_pass_names, names=saved_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            with adapter_batch(self.model, repeated):
+                for layer in encoder_layers:
+                    set_mixed(layer, names)
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _check_batch(layer: FLoRALayer, args: tuple, kwargs: dict, n: int) -> None:
+    """Forward pre-hook: PEFT's error when a layer's batch has another size than ``adapter_names``."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    size = x.shape[layer.batch_dim(x)]
+    if size != n:
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{n} and {size} respectively."
+        )
+
+
+def _pass_names(module: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    """Forward pre-hook: hand ``adapter_names`` to a ModulesToSaveWrapper (PEFT's own mixed batches)."""
+    return args, {**kwargs, "adapter_names": names}
 
 
 # --------------------------------------------------------------------------- registration

@@ -25,6 +25,7 @@ Merge writes ``W + sum_a s_a dW_a`` into the weight the base layer actually uses
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -229,11 +230,14 @@ class FLoRALayer(nn.Module):
         backend: str = "auto",
         init: bool = True,
         lean_memory: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         """Create adapter ``name`` (paper init: dW = 0) and make it active alongside the others.
 
         ``rank`` is the channel ranks (int or (r_out, r_in)) or every mode's rank; ``kernel_rank``
         the spatial ones (default: the full kernel). Ranks are clamped to the mode sizes.
+        ``device``: where the tensors are created (default: the base weight's); on "meta" they
+        are left uninitialized, to be assigned (PEFT's ``low_cpu_mem_usage``).
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name: expected a non-empty string without dots, got {name!r}")
@@ -244,9 +248,10 @@ class FLoRALayer(nn.Module):
         settings = replace(self.make_settings(rank, kernel_rank, scale, dropout, strategy, backend), lean_memory=lean_memory)
         w = self.weight_modes()
         dt = adapter_dtype(w)
-        core = nn.Parameter(torch.empty(settings.ranks, dtype=dt, device=w.device))
-        factors = [nn.Parameter(torch.empty(i, r, dtype=dt, device=w.device)) for i, r in zip(w.shape, settings.ranks)]
-        if init:
+        dev = w.device if device is None else torch.device(device)
+        core = nn.Parameter(torch.empty(settings.ranks, dtype=dt, device=dev))
+        factors = [nn.Parameter(torch.empty(i, r, dtype=dt, device=dev)) for i, r in zip(w.shape, settings.ranks)]
+        if init and dev.type != "meta":
             init_tucker_(core, factors)
         self.flora_core[name] = core
         for n, f in enumerate(factors):
@@ -254,6 +259,7 @@ class FLoRALayer(nn.Module):
         self.flora_settings[name] = settings
         self._active.append(name)
         self.set_trainable(name, True)
+        self._changed()
 
     def make_settings(
         self, rank: Rank, kernel_rank: Rank | None, scale: float, dropout: float, strategy: str, backend: str
@@ -284,10 +290,14 @@ class FLoRALayer(nn.Module):
         return AdapterSettings(clamp_ranks(shape, requested), float(scale), float(dropout), strategy, backend)
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (unmerged first if it is merged)."""
+        """Remove adapter ``name``; the other adapters keep their merge state.
+
+        Raises:
+            ValueError: ``name`` is merged (as PEFT: unmerge it first).
+        """
         self._check_names([name])
         if name in self.merged_adapters:
-            self.unmerge()
+            raise ValueError(f"Cannot delete adapter(s) [{name!r}] while they are merged. Please unmerge them first.")
         del self.flora_core[name]
         for n in range(self.weight_modes().dim()):
             del getattr(self, f"flora_u{n}")[name]
@@ -297,13 +307,13 @@ class FLoRALayer(nn.Module):
             self._active.remove(name)
         self._changed()
 
-    def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active set: only their ``trainable_tensors`` require grad (names
-        absent here are ignored)."""
+    def set_adapter(self, names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make ``names`` the active set (names absent here are ignored): only their
+        ``trainable_tensors`` require grad, and not even they with ``inference_mode`` (PEFT's rule)."""
         names = [names] if isinstance(names, str) else list(names)
         self._active = [n for n in names if n in self.flora_settings]
         for n in self.flora_settings:
-            self.set_trainable(n, n in self._active)
+            self.set_trainable(n, n in self._active and not inference_mode)
         self._changed()
 
     def trainable_tensors(self, name: str) -> list[nn.Parameter]:
@@ -367,8 +377,19 @@ class FLoRALayer(nn.Module):
         return self._adapters_disabled
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Bypass (False) or use (True) the unmerged adapters."""
+        """Use (True) or bypass (False) the adapters, as PEFT does: disabling unmerges merged
+        adapters (the layer then computes the base output) and freezes every adapter tensor;
+        enabling makes the active adapters trainable again."""
         self._adapters_disabled = not enabled
+        if enabled:
+            self.set_adapter(self._active)  # signals the change
+            return
+        if self.merged_adapters:
+            self.unmerge()
+        for n in self.flora_settings:
+            for p in self._tensors_of(n):
+                p.requires_grad_(False)
+        self._changed()
 
     @property
     def adapter_enabled(self) -> bool:
@@ -598,21 +619,39 @@ class FLoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold ``adapter_names`` (default: the active ones not merged yet) into the base weight.
+        """Fold ``adapter_names`` (default: the active ones) into the base weight. Adapters
+        merged already are skipped with PEFT's warnings ("All adapters are already merged,
+        nothing to do." / "Already following adapters were merged ...").
 
-        ``safe_merge`` checks the merged weight for NaN/inf before writing it.
+        ``safe_merge`` checks the merged weight for NaN/inf before writing it (ValueError
+        "NaNs detected in the merged weights ...", the weight untouched).
         """
-        names = [a for a in (self._active if adapter_names is None else adapter_names) if a not in self.merged_adapters]
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names: expected a list of strings, got {adapter_names!r}")
+        names = list(self._active if adapter_names is None else adapter_names)
         self._check_names(names)
+        if self.merged_adapters:
+            done = set(self.merged_adapters)
+            names = [a for a in names if a not in done]
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}."
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
         if not names:
             return
         w = self.base_weight()
         delta = sum(self._modes_to_stored(self.delta_weight(a)) for a in names)
         new = (w.to(delta.dtype) + delta).to(w.dtype)
         if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapters {names} gives a non-finite weight; not merged")
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken"
+            )
         self._write_weight(new, first=not self.merged_adapters)
         self.merged_adapters.extend(names)
+        self._changed()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -626,6 +665,7 @@ class FLoRALayer(nn.Module):
             delta = sum(self._modes_to_stored(self.delta_weight(a)) for a in self.merged_adapters)
             w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
         self.merged_adapters = []
+        self._changed()
 
     def _write_weight(self, new: Tensor, first: bool) -> None:
         """Make the base layer compute with ``new`` (stored layout); see the module docstring."""

@@ -42,6 +42,16 @@ class _FLoRAConvNd(FLoRALayer):
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return conv_nd(x, delta, None, self.spec)
 
+    @property
+    def in_features(self) -> int:
+        """PEFT's name for ``in_channels``."""
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        """PEFT's name for ``out_channels``."""
+        return self.base_layer.out_channels
+
     def plan(self, x: Tensor, name: str | None = None) -> Plan:
         """The cost model's choice for input ``x`` (what ``strategy="auto"`` would run)."""
         name = name or self._sole()
@@ -74,6 +84,16 @@ class _FLoRAConvTransposeNd(FLoRALayer):
 
     input_mode = 0  # the weight is (in, out/groups, k...)
     backends = ("reference",)
+
+    @property
+    def in_features(self) -> int:
+        """PEFT's name for ``in_channels``."""
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        """PEFT's name for ``out_channels``."""
+        return self.base_layer.out_channels
 
     def _strategy(self, x: Tensor, name: str) -> str:
         s = self.flora_settings[name].strategy

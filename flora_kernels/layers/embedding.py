@@ -30,6 +30,16 @@ class FLoRAEmbedding(FLoRALayer):
     input_mode = None  # the input is indices: no factor multiplies it (lean_memory changes nothing)
     backends = ("reference",)
 
+    @property
+    def in_features(self) -> int:
+        """PEFT's name for ``num_embeddings``."""
+        return self.base_layer.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        """PEFT's name for ``embedding_dim``."""
+        return self.base_layer.embedding_dim
+
     def _forward_fused(self, ids: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
         core, factors, scale = self.adapter_terms(name)
         s, base = self.flora_settings[name], self.base_layer

@@ -43,6 +43,18 @@ class FLoRALinear(FLoRALayer):
         shape = tuple(module.weight.shape)
         return shape[::-1] if is_hf_conv1d(module) else shape
 
+    @property
+    def in_features(self) -> int:
+        """The input size (a ``Conv1D`` stores it as ``weight.shape[0]``)."""
+        base = self.base_layer
+        return base.weight.shape[0] if is_hf_conv1d(base) else base.in_features
+
+    @property
+    def out_features(self) -> int:
+        """The output size (a ``Conv1D``'s ``nf``)."""
+        base = self.base_layer
+        return base.weight.shape[1] if is_hf_conv1d(base) else base.out_features
+
     def weight_modes(self, w: Tensor | None = None) -> Tensor:
         w = self.base_weight() if w is None else w
         return w.t() if is_hf_conv1d(self.base_layer) else w

@@ -7,10 +7,13 @@ when it is targeted; this wrapper then computes with its effective weight too, s
 ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of calling it. The forward
 runs the base module's own forward with the effective weights (merged path), so every option
 of ``nn.MultiheadAttention`` (masks, ``need_weights``, ``batch_first``) behaves as the base
-does. Separate q/k/v weights (kdim or vdim != embed_dim) and adapter dropout are not supported.
+does. Separate q/k/v weights (kdim or vdim != embed_dim) are not supported; an adapter dropout is
+accepted (with a warning) and not applied, as PEFT's LoRA does on this module.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -37,8 +40,22 @@ class FLoRAMultiheadAttention(FLoRALayer):
 
     def make_settings(self, rank, kernel_rank, scale, dropout, strategy, backend):
         if dropout:
-            raise ValueError(f"FLoRAMultiheadAttention: adapter dropout is not supported, got dropout={dropout!r}")
+            warnings.warn(
+                f"FLoRAMultiheadAttention: adapter dropout={dropout!r} is not applied on a MultiheadAttention (its "
+                "adapters act through the attention's effective weights, as PEFT's LoRA does there)",
+                stacklevel=2,
+            )
         return super().make_settings(rank, kernel_rank, scale, dropout, strategy, backend)
+
+    @property
+    def in_features(self) -> int:
+        """PEFT's name: the embedding size E."""
+        return self.base_layer.embed_dim
+
+    @property
+    def out_features(self) -> int:
+        """PEFT's name: 3E (the packed q, k, v projection)."""
+        return 3 * self.base_layer.embed_dim
 
     def _out_proj(self) -> FLoRALayer | None:
         out = self.base_layer.out_proj

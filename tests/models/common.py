@@ -19,6 +19,8 @@ the checks are independent and each test id names one (model, check) pair:
 - ``compile``: torch.compile(backend="aot_eager") forward and backward equal eager.
 - ``bf16``: CPU bf16 autocast forward and backward are finite and close to fp32.
 - ``merged_training``: a training step on a merged model raises telling the user to unmerge.
+- ``peft``: the same through PEFT (FloraConfig): train, merge, disable (merged), save_pretrained
+  -> from_pretrained, merge_and_unload.
 - ``tied`` (cases with tied heads): adapting only the tied head changes the model through that
   head only; the embedding is never written.
 
@@ -475,6 +477,56 @@ def check_tied(case: Case, tmp_path: Path) -> None:
         assert_close(out_p, out, MERGE_RTOL, f"merge_and_unload vs adapted, adapter on tied {head} only")
 
 
+def check_peft(case: Case, tmp_path: Path) -> None:
+    """The same adapter through PEFT (``get_peft_model`` with the case's FloraConfig): a training
+    step moves only adapter / modules_to_save tensors; merged == unmerged; ``disable_adapter``
+    gives the base output, merged too; ``save_pretrained`` -> ``PeftModel.from_pretrained`` into
+    a fresh model reproduces the output; ``merge_and_unload`` leaves the original module types."""
+    fkp = pytest.importorskip("flora_kernels.peft")
+    from peft import PeftModel, get_peft_model
+
+    model = build(case)
+    types = {n: type(m).__name__ for n, m in model.named_modules()}
+    with torch.no_grad():
+        base_out = forward(model, case)
+    pm = get_peft_model(model, fkp.FloraConfig.from_flora_config(case.cfg()))
+    randomize_calibrated(pm, case, base_out, case.id)
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    wrong = [n for n in trainable if "flora_" not in n and "modules_to_save" not in n]
+    assert trainable and not wrong, f"trainable parameters that are neither adapter nor modules_to_save: {wrong[:8]}"
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    pm.train()
+    for m in pm.modules():  # running statistics are base-model state, never saved with an adapter
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    opt = torch.optim.AdamW(list(trainable.values()), lr=1e-3)
+    loss_of(forward(pm, case)).backward()
+    opt.step()
+    pm.eval()
+    moved = {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
+    assert moved <= set(trainable), f"frozen parameters changed by the step: {sorted(moved - set(trainable))[:8]}"
+    stuck = [n for n in trainable if "flora_" in n and n not in moved]
+    assert not stuck, f"adapter tensors unchanged by the step: {stuck[:8]}"
+    with torch.no_grad():
+        out = forward(pm, case)
+        pm.merge_adapter()
+        assert_close(forward(pm, case), out, MERGE_RTOL, "PEFT: merged vs unmerged")
+        with pm.disable_adapter():
+            assert_close(forward(pm, case), base_out, MERGE_RTOL, "PEFT: disable_adapter (merged) vs base model")
+        assert_close(forward(pm, case), out, MERGE_RTOL, "PEFT: after disable_adapter vs before")
+        pm.save_pretrained(tmp_path / "peft")
+        fresh = PeftModel.from_pretrained(build(case), tmp_path / "peft")
+        assert_close(forward(fresh, case), out, MERGE_RTOL, "PEFT: from_pretrained into a fresh model vs saved")
+        unloaded = fresh.merge_and_unload()
+        assert not flora_layers(unloaded), "FLoRA layers left after PEFT's merge_and_unload"
+        # by name: a parametrized module's class is made per instance
+        wrong_types = {
+            n: type(m).__name__ for n, m in unloaded.named_modules() if n in types and type(m).__name__ != types[n]
+        }
+        assert not wrong_types, f"modules not restored to their original types: {wrong_types}"
+        assert_close(forward(unloaded, case), out, MERGE_RTOL, "PEFT: merge_and_unload vs adapted")
+
+
 CHECKS: dict[str, Callable[[Case, Path], None]] = {
     "inject": check_inject,
     "train_step": check_train_step,
@@ -485,6 +537,7 @@ CHECKS: dict[str, Callable[[Case, Path], None]] = {
     "compile": check_compile,
     "bf16": check_bf16,
     "merged_training": check_merged_training,
+    "peft": check_peft,
 }
 
 
