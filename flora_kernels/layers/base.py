@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..backends.base import BackendUnavailable, backend_names, resolve_backend_name
+from ..backends.base import BackendUnavailable, TensorSpec, autocast_dtype, backend_names, resolve_backend_name
 from ..config import Rank, check_rank
 from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
@@ -126,6 +126,7 @@ class FLoRALayer(nn.Module):
         self._mixed: tuple[Tensor, list[str]] | None = None
         self.mixed_batch_dim = 0
         self.shared_with: tuple[str, ...] = ()  # other modules holding this weight (set by inject)
+        self._bound = _Bindings(self._decide_traced)  # input signature -> bound op (see forward)
         if adapter_name is not None:
             self.add_adapter(adapter_name, rank, kernel_rank, scale, dropout, strategy, backend)
 
@@ -208,7 +209,21 @@ class FLoRALayer(nn.Module):
 
         Every method that changes any of them calls this once, after the change: prepared
         per-call state (bound calls, weight views) is dropped and rebuilt on the next forward.
+        ``.to()`` / dtype / device moves (``_apply``) and ``load_state_dict`` call it too; a
+        base weight or bias replaced by another tensor is noticed by the bound call itself.
+        Under torch.compile the traced forward reads ``_bound``'s identity, so a change
+        recompiles.
         """
+        self._bound = _Bindings(self._decide_traced)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(), ...: new tensors
+        out = super()._apply(fn, recurse)
+        self._changed()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # load_state_dict(assign=True) swaps tensors
+        super()._load_from_state_dict(*args, **kwargs)
+        self._changed()
 
     # ------------------------------------------------------------------ adapters
 
@@ -244,6 +259,7 @@ class FLoRALayer(nn.Module):
             getattr(self, f"flora_u{n}")[name] = f
         self.flora_settings[name] = settings
         self._active.append(name)
+        self._changed()
 
     def make_settings(
         self, rank: Rank, kernel_rank: Rank | None, scale: float, dropout: float, strategy: str, backend: str
@@ -284,6 +300,7 @@ class FLoRALayer(nn.Module):
         del self.flora_settings[name]
         if name in self._active:
             self._active.remove(name)
+        self._changed()
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active set: only their tensors require grad (names absent here are ignored)."""
@@ -292,6 +309,7 @@ class FLoRALayer(nn.Module):
         for n in self.flora_settings:
             for p in self._tensors_of(n):
                 p.requires_grad_(n in self._active)
+        self._changed()
 
     @property
     def active_adapters(self) -> list[str]:
@@ -326,6 +344,7 @@ class FLoRALayer(nn.Module):
     def enable_adapters(self, enabled: bool) -> None:
         """Bypass (False) or use (True) the unmerged adapters."""
         self._adapters_disabled = not enabled
+        self._changed()
 
     @property
     def adapter_enabled(self) -> bool:
@@ -334,6 +353,7 @@ class FLoRALayer(nn.Module):
     @adapter_enabled.setter
     def adapter_enabled(self, value: bool) -> None:
         self._adapters_disabled = not value
+        self._changed()
 
     # single-adapter conveniences ----------------------------------------------------
 
@@ -371,6 +391,7 @@ class FLoRALayer(nn.Module):
         s = replace(self.flora_settings[name], **changes)
         self.make_settings(s.ranks, None, s.scale, s.dropout, s.strategy, s.backend)  # validates
         self.flora_settings[name] = s
+        self._changed()
 
     strategy = property(lambda self: self._sole_setting("strategy"), lambda self, v: self._update_sole(strategy=v))
     backend = property(lambda self: self._sole_setting("backend"), lambda self, v: self._update_sole(backend=v))
@@ -389,6 +410,7 @@ class FLoRALayer(nn.Module):
             self.flora_settings[n] = replace(self.flora_settings[n], scale=float(scale))
         if merged:
             self.merge(merged)
+        self._changed()
 
     # ------------------------------------------------------------------ forward
 
@@ -450,18 +472,127 @@ class FLoRALayer(nn.Module):
         return y
 
     def _guard_merged(self, y: Tensor) -> Tensor:
-        if self.merged_adapters and self.training and torch.is_grad_enabled() and not self._adapters_disabled:
-            anchors = [self.flora_core[a] for a in self.merged_adapters if self.flora_core[a].requires_grad]
-            if anchors:
-                return _MergedGuard.apply(y, anchors[0])
-        return y
+        anchor = self._merged_anchor()
+        return y if anchor is None else _MergedGuard.apply(y, anchor)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self._mixed is not None:
             return self.forward_mixed(x, *self._mixed, *args, **kwargs)
+        if self.binds and not args and not kwargs:
+            if torch.compiler.is_compiling():
+                return self._forward_traced(x)
+            op = self._bound.ops.get(self._signature(x))
+            if op is None:
+                op = self._bind(x)
+            return op(x)
         live = self._live()
         y = self._forward_adapters(x, live, *args, **kwargs) if live else self._base_forward(x, *args, **kwargs)
         return self._guard_merged(y)
+
+    # bound calls ------------------------------------------------------------------------
+    #
+    # A type that sets ``binds`` runs ``forward(x)`` as one lookup in ``_bound`` (keyed by
+    # ``_signature(x)``) and the op bound there: ``_bind`` validated nothing per call, it took the
+    # live adapters, their settings, the dispatch decision (``_fused_op``) and the weight reader
+    # once. ``_changed`` empties ``_bound``.
+
+    #: whether this type binds ``forward(x)`` per input signature (``_fused_op`` implemented)
+    binds = False
+
+    def _signature(self, x: Tensor) -> tuple:
+        """Everything a bound op depends on besides the layer's own state (which ``_changed``
+        covers): x's shape, strides, dtype, device and grad flag; grad mode; train/eval (dropout,
+        merged guard); torch's thread count and the autocast dtype (they change the dispatch)."""
+        return (
+            x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(), self.training,
+            torch.get_num_threads(), torch._C._is_any_autocast_enabled() and autocast_dtype(x.device.type),
+        )
+
+    def _bind(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """Prepare and remember the op computing ``forward(x)`` for every input of x's signature."""
+        op = self._unguarded_op(x)
+        anchor = self._merged_anchor()
+        if anchor is not None:
+            inner = op
+
+            def op(x: Tensor) -> Tensor:
+                return _MergedGuard.apply(inner(x), anchor)
+
+        self._bound.ops[self._signature(x)] = op
+        return op
+
+    def _unguarded_op(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        live = self._live()
+        if not live:
+            return self._base_forward
+        first, *rest = live
+        fused = self._fused_op(x, first, self._dropout_p(first))
+        if not rest:
+            return fused
+
+        def op(x: Tensor) -> Tensor:
+            y = fused(x)
+            for a in rest:
+                y = y + self._delta_term(x, a)
+            return y
+
+        return op
+
+    def _fused_op(self, x: Tensor, name: str, dropout_p: float) -> Callable[[Tensor], Tensor]:
+        """The bound form of ``_forward_fused(x, name, dropout_p)`` for inputs of x's signature."""
+        raise NotImplementedError
+
+    def _rebind(self, x: Tensor) -> Tensor:
+        """A bound op found the base weight or bias replaced: drop the bound ops, run afresh."""
+        self._changed()
+        return self.forward(x)
+
+    def _weight_reader(self) -> tuple[Callable[[], bool], Callable[[], Tensor]]:
+        """(fresh, weight) for a bound op: ``fresh()`` says the base layer still holds the weight and
+        bias it held at binding (cheap identity checks); ``weight()`` gives the mode-order weight: the
+        stored parameter (or its view), or computed per call for a weight-normed / parametrized one."""
+        params, wn = self.base_layer._parameters, self.weight_name
+        w0, b0 = params.get(wn), params.get("bias")
+
+        def fresh() -> bool:
+            return params.get(wn) is w0 and params.get("bias") is b0
+
+        if w0 is None or _legacy_weight_norm(self.base_layer, wn) is not None:
+            return fresh, self.weight_modes
+        if self.weight_modes(w0) is w0:
+            return fresh, lambda: w0
+        return fresh, lambda: self.weight_modes(w0)
+
+    def _merged_anchor(self) -> Tensor | None:
+        """The tensor ``_MergedGuard`` hangs on, when this forward needs the guard (else None)."""
+        if self.merged_adapters and self.training and torch.is_grad_enabled() and not self._adapters_disabled:
+            anchors = [self.flora_core[a] for a in self.merged_adapters if self.flora_core[a].requires_grad]
+            if anchors:
+                return anchors[0]
+        return None
+
+    def _forward_traced(self, x: Tensor) -> Tensor:
+        """``forward(x)`` under torch.compile: the live adapters' ops only (see ``_traced_fused``)."""
+        live = self._live()
+        if not live:
+            y = self._base_forward(x)
+        else:
+            first, *rest = live
+            y = self._traced_fused(x, first, self._dropout_p(first))
+            for a in rest:
+                y = y + self._delta_term(x, a)
+        anchor = self._merged_anchor()
+        return y if anchor is None else _MergedGuard.apply(y, anchor)
+
+    def _traced_fused(self, x: Tensor, name: str, dropout_p: float) -> Tensor:
+        """``_forward_fused`` for torch.compile's tracing: no validation, description or lookup."""
+        raise NotImplementedError
+
+    def _decide_traced(self, key: tuple) -> tuple[str, str | None]:
+        """(backend name, strategy) of the first live adapter for a traced input (``key``: see
+        ``traced_key``); called by ``decide_traced`` outside Dynamo's tracing."""
+        raise NotImplementedError
+
 
     def batch_dim(self, x: Tensor) -> int:
         """The sample dimension of this layer's input (``adapter_batch``'s ``batch_dim``)."""
@@ -509,10 +640,12 @@ class FLoRALayer(nn.Module):
                     continue
                 for m in layers:
                     m._active = [] if pos == 0 else [a for a in [names[pos - 1]] if a in m.flora_settings]
+                    m._changed()
                 outs.append(fn([g[pos] for g in groups]))
         finally:
             for m, (active, mixed) in zip(layers, saved):
                 m._active, m._mixed = active, mixed
+                m._changed()
         return torch.cat(outs, out_dim).index_select(out_dim, torch.argsort(order))
 
     # ------------------------------------------------------------------ merge
@@ -538,6 +671,7 @@ class FLoRALayer(nn.Module):
             raise ValueError(f"merging adapters {names} gives a non-finite weight; not merged")
         self._write_weight(new, first=not self.merged_adapters)
         self.merged_adapters.extend(names)
+        self._changed()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -551,6 +685,7 @@ class FLoRALayer(nn.Module):
             delta = sum(self._modes_to_stored(self.delta_weight(a)) for a in self.merged_adapters)
             w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
         self.merged_adapters = []
+        self._changed()
 
     def _write_weight(self, new: Tensor, first: bool) -> None:
         """Make the base layer compute with ``new`` (stored layout); see the module docstring."""
@@ -623,3 +758,40 @@ def _legacy_weight_norm(module: nn.Module, name: str) -> WeightNorm | None:
         if isinstance(hook, WeightNorm) and hook.name == name:
             return hook
     return None
+
+
+class _Bindings:
+    """A layer's bound ops by input signature (``ops``), and the decision for a signature seen by
+    torch.compile's tracing (``decide``). Replaced as a whole by ``_changed``, so that the
+    compiled forward, which guards on its identity, recompiles after a change."""
+
+    __slots__ = ("ops", "decisions", "decide")
+
+    def __init__(self, decide: Callable[[tuple], tuple[str, str | None]]) -> None:
+        self.ops: dict[tuple, Callable[[Tensor], Tensor]] = {}
+        self.decisions: dict[tuple, tuple[str, str | None]] = {}  # eager decisions, by ``traced_key``
+        self.decide = decide
+
+
+@torch.compiler.assume_constant_result
+def decide_traced(bindings: _Bindings, key: tuple) -> tuple[str, str | None]:
+    """The (backend name, strategy) for a traced input: run by Dynamo once per trace, outside the
+    graph (its result is a constant of the traced code)."""
+    hit = bindings.decisions.get(key)
+    return hit if hit is not None else bindings.decide(key)
+
+
+def x_spec(key: tuple) -> TensorSpec:
+    """The ``TensorSpec`` of the input a ``traced_key`` describes."""
+    shape, stride, dtype, device, requires_grad = key[:5]
+    meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return TensorSpec.of(meta)._replace(device=device, requires_grad=requires_grad)
+
+
+def traced_key(x: Tensor, training: bool) -> tuple | None:
+    """The part of ``_signature`` that torch.compile's tracing sees as constants (None when x has
+    symbolic sizes: dynamic shapes then take the describing path)."""
+    if any(isinstance(d, torch.SymInt) for d in (*x.shape, *x.stride())):
+        return None
+    return (tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad, torch.is_grad_enabled(),
+            training)

@@ -8,13 +8,15 @@ weight transposed (a view) and every Linear kernel serves it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import flora_linear, plan_linear_call
+from ..backends.base import load_backend
+from ..functional import decide_linear, decide_traced_call, linear, plan_linear_call, run_linear
 from ..plan import Plan
-from .base import FLoRALayer
+from .base import FLoRALayer, decide_traced, traced_key, x_spec
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -50,12 +52,46 @@ class FLoRALinear(FLoRALayer):
         return delta.t() if is_hf_conv1d(self.base_layer) else delta
 
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
+        core, *factors = self._tensors_of(name)
+        s = self.flora_settings[name]
+        return linear(x, self.weight_modes(), self.base_layer.bias, core, factors, s.scale, dropout_p, s.strategy,
+                      s.backend)
+
+    binds = True
+
+    def _fused_op(self, x: Tensor, name: str, dropout_p: float) -> Callable[[Tensor], Tensor]:
+        core, factors = self.tensors(name)
+        factors = tuple(factors)
+        s = self.flora_settings[name]
+        scale, bias = s.scale, self.base_layer.bias
+        fresh, weight = self._weight_reader()
+        b, strategy = decide_linear(x, weight(), bias, core, factors, scale, dropout_p, s.strategy, s.backend)
+        self._bound.decisions[traced_key(x, self.training)] = (b.name, strategy)
+
+        def op(x: Tensor) -> Tensor:
+            if not fresh():
+                return self._rebind(x)
+            return run_linear(b, strategy, x, weight(), bias, core, factors, scale, dropout_p)
+
+        return op
+
+    def _traced_fused(self, x: Tensor, name: str, dropout_p: float) -> Tensor:
+        key = traced_key(x, self.training)
+        if key is None:
+            return self._forward_fused(x, name, dropout_p)
+        core, *factors = self._tensors_of(name)
+        s = self.flora_settings[name]
+        b, strategy = decide_traced(self._bound, key)
+        return run_linear(load_backend(b), strategy, x, self.weight_modes(), self.base_layer.bias, core, factors,
+                          s.scale, dropout_p)
+
+    def _decide_traced(self, key: tuple) -> tuple[str, str | None]:
+        name = self._live()[0]
         core, factors = self.tensors(name)
         s = self.flora_settings[name]
-        return flora_linear(
-            x, self.weight_modes(), self.base_layer.bias, core, factors, s.scale,
-            dropout_p=dropout_p, strategy=s.strategy, backend=s.backend,
-        )
+        b, strategy = decide_traced_call("linear", x_spec(key), key[5], self.weight_modes(), self.base_layer.bias,
+                                         core, factors, None, self._dropout_p(name), s.strategy, s.backend)
+        return b.name, strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return F.linear(x, delta)
