@@ -216,6 +216,15 @@ class FLoRALayer(nn.Module):
         """
         self._bound = _Bindings(self._decide_traced)
 
+    def __getstate__(self) -> dict:  # copy / pickle: bound ops hold this layer's tensors, never copied
+        state = self.__dict__.copy()
+        del state["_bound"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._bound = _Bindings(self._decide_traced)
+
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(), ...: new tensors
         out = super()._apply(fn, recurse)
         self._changed()
