@@ -548,8 +548,11 @@ class FLoRALayer(nn.Module):
         return op
 
     def _fused_op(self, x: Tensor, name: str, dropout_p: float) -> Callable[[Tensor], Tensor]:
-        """The bound form of ``_forward_fused(x, name, dropout_p)`` for inputs of x's signature."""
-        raise NotImplementedError
+        """The bound form of ``_forward_fused(x, name, dropout_p)`` for inputs of x's signature: what
+        a type can take once (dispatch decision, settings, weight reader) it takes here. Default:
+        ``_forward_fused`` per call (a type plugs in by defining that alone, e.g. ``base(x)`` from
+        the base module's own forward plus its adapter's term)."""
+        return lambda x: self._forward_fused(x, name, dropout_p)
 
     def _rebind(self, x: Tensor) -> Tensor:
         """A bound op found the base weight or bias replaced: drop the bound ops, run afresh."""
@@ -594,13 +597,15 @@ class FLoRALayer(nn.Module):
         return y if anchor is None else _MergedGuard.apply(y, anchor)
 
     def _traced_fused(self, x: Tensor, name: str, dropout_p: float) -> Tensor:
-        """``_forward_fused`` for torch.compile's tracing: no validation, description or lookup."""
-        raise NotImplementedError
+        """``_forward_fused`` for torch.compile's tracing: no validation, description or lookup
+        (default: ``_forward_fused`` itself)."""
+        return self._forward_fused(x, name, dropout_p)
 
     def _decide_traced(self, key: tuple) -> tuple[str, str | None]:
         """(backend name, strategy) of the first live adapter for a traced input (``key``: see
-        ``traced_key``); called by ``decide_traced`` outside Dynamo's tracing."""
-        raise NotImplementedError
+        ``traced_key``); called by ``decide_traced`` outside Dynamo's tracing, for types whose
+        ``_traced_fused`` dispatches."""
+        raise NotImplementedError(f"{type(self).__name__} does not dispatch when traced")
 
 
     def batch_dim(self, x: Tensor) -> int:

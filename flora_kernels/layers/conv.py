@@ -121,6 +121,7 @@ class _FLoRAConvTransposeNd(FLoRALayer):
     """
 
     backends = ("reference",)
+    binds = True  # forward(x) without output_size: settings and weight taken per call by _forward_fused
 
     def _strategy(self, x: Tensor, name: str) -> str:
         s = self.flora_settings[name].strategy

@@ -28,6 +28,7 @@ class FLoRAEmbedding(FLoRALayer):
 
     base_types = (nn.Embedding,)
     backends = ("reference",)
+    binds = True
 
     def _forward_fused(self, ids: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
         core, factors = self.tensors(name)

@@ -25,9 +25,15 @@ def _layer(kind: str, **kw):
     if kind == "linear":
         layer = fk.FLoRALinear(nn.Linear(7, 5), rank=3, scale=0.5, **kw)
         x = torch.randn(2, 3, 7)
-    else:
+    elif kind == "conv2d":
         layer = fk.FLoRAConv2d(nn.Conv2d(4, 6, 3, padding=1), rank=2, scale=0.5, **kw)
         x = torch.randn(2, 4, 5, 5)
+    elif kind == "convtranspose2d":
+        layer = fk.layers.FLoRAConvTranspose2d(nn.ConvTranspose2d(4, 6, 3, stride=2), rank=2, scale=0.5, **kw)
+        x = torch.randn(2, 4, 5, 5)
+    else:
+        layer = fk.layers.FLoRAEmbedding(nn.Embedding(11, 6), rank=2, scale=0.5, **kw)
+        x = torch.randint(0, 11, (2, 5))
     return randomize_(layer), x
 
 
@@ -116,6 +122,21 @@ def test_event_takes_effect(kind, event):
         assert not torch.equal(after, before), "the strategy change did not take effect"
     elif event != "merge":  # merging keeps the function
         assert not torch.allclose(after, before), f"{event} did not change the function: the check cannot fail"
+
+
+OTHER_EVENTS = ["set_scale", "add_adapter", "delete_adapter", "merge_unmerge_rescale", "disable", "load_state_dict",
+                "replaced_weight"]
+
+
+@pytest.mark.parametrize("event", OTHER_EVENTS)
+@pytest.mark.parametrize("kind", ["convtranspose2d", "embedding"])
+def test_event_takes_effect_other_types(kind, event):
+    """ConvTranspose and Embedding bind their forward too (their fused op reads its state per call)."""
+    layer, x = _layer(kind)
+    before, after = _bound_then(layer, x, EVENTS[event])
+    with torch.no_grad():
+        assert_rel_close(after, _fresh(layer, x), 1e-5, msg=f"after {event}")
+    assert not torch.allclose(after, before), f"{event} did not change the function: the check cannot fail"
 
 
 @pytest.mark.parametrize("kind", KINDS)
