@@ -12,6 +12,12 @@ Subclasses say how the weight is laid out (``weight_modes``: the adapted weight 
 order), how the fused forward runs (``_forward_fused``) and what the layer's op is
 (``_delta_forward``: the op applied to a weight delta, no bias).
 
+``forward(x)`` is bound per input signature (``_signature``): the first call of a signature
+takes the live adapters, the dispatch decision and the weight reader once (``_bind``); later
+calls look the op up and run it. ``_changed()`` (every state change) drops the bound ops; under
+torch.compile the traced forward holds only the ops it runs (``_forward_traced``).
+docs/ARCHITECTURE.md ("Bound calls") lists the events.
+
 Merge writes ``W + sum_a s_a dW_a`` into the weight the base layer actually uses:
 
 - a plain parameter owned by this module alone: in place (unmerge subtracts, within rounding);
