@@ -132,7 +132,7 @@ class FLoRALayer(nn.Module):
         self._mixed: tuple[Tensor, list[str]] | None = None
         self.mixed_batch_dim = 0
         self.shared_with: tuple[str, ...] = ()  # other modules holding this weight (set by inject)
-        self._bound = _Bindings(self._decide_traced)  # input signature -> bound op (see forward)
+        self._bound = _Bindings(self._plan_traced)  # input signature -> bound op (see forward)
         if adapter_name is not None:
             self.add_adapter(adapter_name, rank, kernel_rank, scale, dropout, strategy, backend)
 
@@ -220,7 +220,7 @@ class FLoRALayer(nn.Module):
         Under torch.compile the traced forward reads ``_bound``'s identity, so a change
         recompiles.
         """
-        self._bound = _Bindings(self._decide_traced)
+        self._bound = _Bindings(self._plan_traced)
 
     def __getstate__(self) -> dict:  # copy / pickle: bound ops hold this layer's tensors, never copied
         state = self.__dict__.copy()
@@ -229,7 +229,7 @@ class FLoRALayer(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._bound = _Bindings(self._decide_traced)
+        self._bound = _Bindings(self._plan_traced)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(), ...: new tensors
         out = super()._apply(fn, recurse)
@@ -590,29 +590,56 @@ class FLoRALayer(nn.Module):
         return None
 
     def _forward_traced(self, x: Tensor) -> Tensor:
-        """``forward(x)`` under torch.compile: the live adapters' ops only (see ``_traced_fused``)."""
+        """``forward(x)`` under torch.compile. What to run comes from ``decide_traced`` as constants
+        of the traced code (see ``_plan_traced``), so Dynamo traces the ops and little else."""
+        plan = decide_traced(self._bound, (*traced_key(x), torch.is_grad_enabled(), self.training))
+        first, rest, anchor = plan[0], plan[-2], plan[-1]
+        y = self._base_forward(x) if first is None else self._traced_fused(x, plan)
+        for a in rest:
+            y = y + self._delta_term(x, a)
+        return y if anchor is None else _MergedGuard.apply(y, self.flora_core[anchor])
+
+    def _plan_traced(self, key: tuple) -> tuple:
+        """The constants of a traced forward for ``key`` (``traced_key`` + grad mode + training):
+        (first live adapter or None, its dropout p, its scale, weight access ("param", "t" for a
+        transposed view, "computed"), backend name, strategy, the other live adapters, the merged
+        adapter the guard hangs on or None). Valid until ``_changed`` (the traced code guards on
+        the identity of ``_bound``)."""
+        grad, training = key[-2:]
         live = self._live()
+        anchor = None
+        if self.merged_adapters and training and grad and not self._adapters_disabled:
+            anchor = next((a for a in self.merged_adapters if self.flora_core[a].requires_grad), None)
         if not live:
-            y = self._base_forward(x)
+            return (None, 0.0, 1.0, "computed", None, None, (), anchor)
+        first = live[0]
+        s = self.flora_settings[first]
+        p = s.dropout if training else 0.0
+        w = self.base_layer._parameters.get(self.weight_name)
+        if w is None or _legacy_weight_norm(self.base_layer, self.weight_name) is not None:
+            access = "computed"
         else:
-            first, *rest = live
-            y = self._traced_fused(x, first, self._dropout_p(first))
-            for a in rest:
-                y = y + self._delta_term(x, a)
-        anchor = self._merged_anchor()
-        return y if anchor is None else _MergedGuard.apply(y, anchor)
+            access = "param" if self.weight_modes(w) is w else "t"
+        hit = self._bound.decisions.get(key)
+        b, strategy = hit if hit is not None else self._decide_traced(key, first, p)
+        return (first, p, s.scale, access, b, strategy, tuple(live[1:]), anchor)
 
-    def _traced_fused(self, x: Tensor, name: str, dropout_p: float) -> Tensor:
-        """``_forward_fused`` for torch.compile's tracing: no validation, description or lookup
-        (default: ``_forward_fused`` itself)."""
-        return self._forward_fused(x, name, dropout_p)
+    def _traced_weight(self, access: str) -> Tensor:
+        """The mode-order weight in traced code, by the plan's access."""
+        if access == "param":
+            return getattr(self.base_layer, self.weight_name)
+        if access == "t":
+            return getattr(self.base_layer, self.weight_name).t()
+        return self.weight_modes()
 
-    def _decide_traced(self, key: tuple) -> tuple[str, str | None]:
-        """(backend name, strategy) of the first live adapter for a traced input (``key``: see
-        ``traced_key``); called by ``decide_traced`` outside Dynamo's tracing, for types whose
-        ``_traced_fused`` dispatches."""
-        raise NotImplementedError(f"{type(self).__name__} does not dispatch when traced")
+    def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
+        """``_forward_fused`` in traced code, by the plan (default: ``_forward_fused`` itself)."""
+        return self._forward_fused(x, plan[0], plan[1])
 
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
+        """(backend name, strategy) of adapter ``name`` for a traced input, outside Dynamo's tracing
+        (types whose ``_traced_fused`` dispatches); default (None, None)."""
+        return None, None
 
     def batch_dim(self, x: Tensor) -> int:
         """The sample dimension of this layer's input (``adapter_batch``'s ``batch_dim``)."""
@@ -781,24 +808,24 @@ def _legacy_weight_norm(module: nn.Module, name: str) -> WeightNorm | None:
 
 
 class _Bindings:
-    """A layer's bound ops by input signature (``ops``), and the decision for a signature seen by
+    """A layer's bound ops by input signature (``ops``), and the plan for a signature seen by
     torch.compile's tracing (``decide``). Replaced as a whole by ``_changed``, so that the
     compiled forward, which guards on its identity, recompiles after a change."""
 
     __slots__ = ("ops", "decisions", "decide")
 
-    def __init__(self, decide: Callable[[tuple], tuple[str, str | None]]) -> None:
+    def __init__(self, decide: Callable[[tuple], tuple]) -> None:
         self.ops: dict[tuple, Callable[[Tensor], Tensor]] = {}
-        self.decisions: dict[tuple, tuple[str, str | None]] = {}  # eager decisions, by ``traced_key``
+        # eager dispatch decisions, by traced_key + (grad mode, training)
+        self.decisions: dict[tuple, tuple[str, str | None]] = {}
         self.decide = decide
 
 
 @torch.compiler.assume_constant_result
-def decide_traced(bindings: _Bindings, key: tuple) -> tuple[str, str | None]:
-    """The (backend name, strategy) for a traced input: run by Dynamo once per trace, outside the
-    graph (its result is a constant of the traced code)."""
-    hit = bindings.decisions.get(key)
-    return hit if hit is not None else bindings.decide(key)
+def decide_traced(bindings: _Bindings, key: tuple) -> tuple:
+    """The plan of a traced forward (``FLoRALayer._plan_traced``): run by Dynamo once per trace,
+    outside the graph; its result is a constant of the traced code."""
+    return bindings.decide(key)
 
 
 def x_spec(key: tuple) -> TensorSpec:
@@ -808,10 +835,7 @@ def x_spec(key: tuple) -> TensorSpec:
     return TensorSpec.of(meta)._replace(device=device, requires_grad=requires_grad)
 
 
-def traced_key(x: Tensor, training: bool) -> tuple | None:
-    """The part of ``_signature`` that torch.compile's tracing sees as constants (None when x has
-    symbolic sizes: dynamic shapes then take the describing path)."""
-    if any(isinstance(d, torch.SymInt) for d in (*x.shape, *x.stride())):
-        return None
-    return (tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad, torch.is_grad_enabled(),
-            training)
+def traced_key(x: Tensor) -> tuple:
+    """x's shape, strides, dtype, device and grad flag: constants of a trace with static sizes.
+    (With dynamic sizes Dynamo cannot hand them to ``decide_traced``: a graph break per layer.)"""
+    return (tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad)

@@ -19,7 +19,7 @@ from ..backends.base import load_backend
 from ..convspec import ConvSpec, conv_nd
 from ..functional import conv, decide_conv, decide_traced_call, plan_conv_call, run_conv
 from ..plan import Plan
-from .base import FLoRALayer, decide_traced, traced_key, x_spec
+from .base import FLoRALayer, traced_key, x_spec
 
 
 class _FLoRAConvNd(FLoRALayer):
@@ -44,7 +44,7 @@ class _FLoRAConvNd(FLoRALayer):
         unbatched = x.dim() == len(factors) - 1
         xb = x.unsqueeze(0) if unbatched else x
         b, strategy = decide_conv(xb, weight(), bias, core, factors, scale, spec, dropout_p, s.strategy, s.backend)
-        self._bound.decisions[traced_key(x, self.training)] = (b.name, strategy)
+        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
 
         def op(x: Tensor) -> Tensor:
             if not fresh():
@@ -56,16 +56,12 @@ class _FLoRAConvNd(FLoRALayer):
 
         return op
 
-    def _traced_fused(self, x: Tensor, name: str, dropout_p: float) -> Tensor:
-        key = traced_key(x, self.training)
-        if key is None:
-            return self._forward_fused(x, name, dropout_p)
+    def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
+        name, p, scale, access, b, strategy = plan[:6]
         core, *factors = self._tensors_of(name)
-        s = self.flora_settings[name]
         unbatched = x.dim() == len(factors) - 1
-        b, strategy = decide_traced(self._bound, key)
-        y = run_conv(load_backend(b), strategy, x.unsqueeze(0) if unbatched else x, self.base_weight(),
-                     self.base_layer.bias, core, factors, s.scale, self.spec, dropout_p)
+        y = run_conv(load_backend(b), strategy, x.unsqueeze(0) if unbatched else x, self._traced_weight(access),
+                     self.base_layer.bias, core, factors, scale, self.spec, p)
         return y.squeeze(0) if unbatched else y
 
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
@@ -76,15 +72,14 @@ class _FLoRAConvNd(FLoRALayer):
                  s.scale, self.spec, dropout_p, s.strategy, s.backend)
         return y.squeeze(0) if unbatched else y
 
-    def _decide_traced(self, key: tuple) -> tuple[str, str | None]:
-        name = self._live()[0]
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
         core, factors = self.tensors(name)
         s = self.flora_settings[name]
         xs = x_spec(key)
         if len(xs.shape) == len(factors) - 1:
             xs = xs._replace(shape=(1, *xs.shape))
-        b, strategy = decide_traced_call("conv", xs, key[5], self.base_weight(), self.base_layer.bias, core, factors,
-                                         self.spec, self._dropout_p(name), s.strategy, s.backend)
+        b, strategy = decide_traced_call("conv", xs, key[-2], self.base_weight(), self.base_layer.bias, core, factors,
+                                         self.spec, dropout_p, s.strategy, s.backend)
         return b.name, strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:

@@ -11,12 +11,13 @@ import sys
 from collections.abc import Callable
 
 import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from ..backends.base import load_backend
 from ..functional import decide_linear, decide_traced_call, linear, plan_linear_call, run_linear
 from ..plan import Plan
-from .base import FLoRALayer, decide_traced, traced_key, x_spec
+from .base import FLoRALayer, traced_key, x_spec
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -66,7 +67,7 @@ class FLoRALinear(FLoRALayer):
         scale, bias = s.scale, self.base_layer.bias
         fresh, weight = self._weight_reader()
         b, strategy = decide_linear(x, weight(), bias, core, factors, scale, dropout_p, s.strategy, s.backend)
-        self._bound.decisions[traced_key(x, self.training)] = (b.name, strategy)
+        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
 
         def op(x: Tensor) -> Tensor:
             if not fresh():
@@ -75,22 +76,18 @@ class FLoRALinear(FLoRALayer):
 
         return op
 
-    def _traced_fused(self, x: Tensor, name: str, dropout_p: float) -> Tensor:
-        key = traced_key(x, self.training)
-        if key is None:
-            return self._forward_fused(x, name, dropout_p)
-        core, *factors = self._tensors_of(name)
-        s = self.flora_settings[name]
-        b, strategy = decide_traced(self._bound, key)
-        return run_linear(load_backend(b), strategy, x, self.weight_modes(), self.base_layer.bias, core, factors,
-                          s.scale, dropout_p)
+    def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
+        name, p, scale, access, b, strategy = plan[:6]
+        core = self.flora_core[name]
+        factors = (self.flora_u0[name], self.flora_u1[name])
+        return run_linear(load_backend(b), strategy, x, self._traced_weight(access), self.base_layer.bias, core,
+                          factors, scale, p)
 
-    def _decide_traced(self, key: tuple) -> tuple[str, str | None]:
-        name = self._live()[0]
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
         core, factors = self.tensors(name)
         s = self.flora_settings[name]
-        b, strategy = decide_traced_call("linear", x_spec(key), key[5], self.weight_modes(), self.base_layer.bias,
-                                         core, factors, None, self._dropout_p(name), s.strategy, s.backend)
+        b, strategy = decide_traced_call("linear", x_spec(key), key[-2], self.weight_modes(), self.base_layer.bias,
+                                         core, factors, None, dropout_p, s.strategy, s.backend)
         return b.name, strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
