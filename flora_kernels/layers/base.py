@@ -565,15 +565,17 @@ class FLoRALayer(nn.Module):
         self._changed()
         return self.forward(x)
 
-    def _weight_reader(self) -> tuple[Callable[[], bool], Callable[[], Tensor]]:
-        """(fresh, weight) for a bound op: ``fresh()`` says the base layer still holds the weight and
-        bias it held at binding (cheap identity checks); ``weight()`` gives the mode-order weight: the
-        stored parameter (or its view), or computed per call for a weight-normed / parametrized one."""
-        params, wn = self.base_layer._parameters, self.weight_name
-        w0, b0 = params.get(wn), params.get("bias")
+    def _weight_reader(self, name: str) -> tuple[Callable[[], bool], Callable[[], Tensor]]:
+        """(fresh, weight) for a bound op of adapter ``name``: ``fresh()`` says the base layer still
+        holds the weight and bias, and the adapter the core, it held at binding (cheap identity
+        checks: a tensor replaced without an event rebinds); ``weight()`` gives the mode-order
+        weight: the stored parameter (or its view), or computed per call for a weight-normed /
+        parametrized one."""
+        params, wn, cores = self.base_layer._parameters, self.weight_name, self.flora_core._parameters
+        w0, b0, c0 = params.get(wn), params.get("bias"), cores.get(name)
 
         def fresh() -> bool:
-            return params.get(wn) is w0 and params.get("bias") is b0
+            return params.get(wn) is w0 and params.get("bias") is b0 and cores.get(name) is c0
 
         if w0 is None or _legacy_weight_norm(self.base_layer, wn) is not None:
             return fresh, self.weight_modes

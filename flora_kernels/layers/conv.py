@@ -40,7 +40,7 @@ class _FLoRAConvNd(FLoRALayer):
         factors = tuple(factors)
         s, spec = self.flora_settings[name], self.spec
         scale, bias = s.scale, self.base_layer.bias
-        fresh, weight = self._weight_reader()
+        fresh, weight = self._weight_reader(name)
         unbatched = x.dim() == len(factors) - 1
         xb = x.unsqueeze(0) if unbatched else x
         b, strategy = decide_conv(xb, weight(), bias, core, factors, scale, spec, dropout_p, s.strategy, s.backend)

@@ -65,7 +65,7 @@ class FLoRALinear(FLoRALayer):
         factors = tuple(factors)
         s = self.flora_settings[name]
         scale, bias = s.scale, self.base_layer.bias
-        fresh, weight = self._weight_reader()
+        fresh, weight = self._weight_reader(name)
         b, strategy = decide_linear(x, weight(), bias, core, factors, scale, dropout_p, s.strategy, s.backend)
         self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
 

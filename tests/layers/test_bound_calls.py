@@ -90,6 +90,12 @@ def _replace_bias(layer):
     layer.base_layer.bias = nn.Parameter(torch.randn_like(layer.base_layer.bias), requires_grad=False)
 
 
+def _replace_core(layer):  # as code that moves adapters by replacing their parameters does
+    layer.flora_core["default"] = nn.Parameter(torch.randn_like(layer.core))
+    for n, f in enumerate(layer.factors):
+        getattr(layer, f"flora_u{n}")["default"] = nn.Parameter(torch.randn_like(f))
+
+
 EVENTS = {
     "set_scale": lambda m: m.set_scale(3.0),
     "scale_property": lambda m: setattr(m, "scale", -1.0),
@@ -106,6 +112,7 @@ EVENTS = {
     "optimizer_like_update": lambda m: m.core.add_(1.0),
     "replaced_weight": _replace_weight,
     "replaced_bias": _replace_bias,
+    "replaced_adapter_tensors": _replace_core,
     "strategy": lambda m: setattr(m, "strategy", "merged"),
 }
 
