@@ -814,7 +814,7 @@ class _Bindings:
     torch.compile's tracing (``decide``). Replaced as a whole by ``_changed``, so that the
     compiled forward, which guards on its identity, recompiles after a change."""
 
-    __slots__ = ("ops", "decisions", "decide")
+    __slots__ = ("decide", "decisions", "ops")
 
     def __init__(self, decide: Callable[[tuple], tuple]) -> None:
         self.ops: dict[tuple, Callable[[Tensor], Tensor]] = {}
