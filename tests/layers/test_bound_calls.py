@@ -162,17 +162,23 @@ def test_dtype_and_device_moves(kind):
         assert_rel_close(y32, y, 1e-5)
 
 
+@pytest.mark.parametrize("how", ["hook", "parametrization"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_weight_norm_after_binding(kind):
-    """A weight-norm hook added after binding: the weight is recomputed per call from g and v."""
+def test_weight_norm_after_binding(kind, how):
+    """Weight norm added after binding: the weight is recomputed per call from its sources."""
     layer, x = _layer(kind)
     with torch.no_grad():
         layer(x)
-    torch.nn.utils.weight_norm(layer.base_layer)
+    if how == "hook":
+        torch.nn.utils.weight_norm(layer.base_layer)
+        g = layer.base_layer.weight_g
+    else:
+        torch.nn.utils.parametrizations.weight_norm(layer.base_layer)
+        g = layer.base_layer.parametrizations.weight.original0
     with torch.no_grad():
         y = layer(x)
         assert_rel_close(y, _oracle(layer, x), 1e-5)
-        layer.base_layer.weight_g.mul_(2.0)
+        g.mul_(2.0)
         y2 = layer(x)
         assert_rel_close(y2, _oracle(layer, x), 1e-5)
     assert not torch.allclose(y, y2)
