@@ -26,8 +26,8 @@ def mode_n_product(t: Tensor, m: Tensor, n: int) -> Tensor:
     """``t x_n m``: contract dim ``n`` of ``t`` (size ``m.shape[1]``) with ``m`` (J, r).
 
     The result has dim ``n`` of size J and every other dim unchanged. It is computed in
-    ``t``'s dtype, autocast or not (the adapter's math stays in its own dtype). The last two
-    modes are one (batched) matmul; the others a tensordot and a move of the new dim.
+    ``t``'s dtype, autocast or not (the adapter's math stays in its own dtype). The first and
+    the last two modes are one matmul each; the others a tensordot and a move of the new dim.
     """
     if torch._C._is_any_autocast_enabled():
         with torch.autocast(t.device.type, enabled=False):
@@ -40,6 +40,8 @@ def _mode_n_product(t: Tensor, m: Tensor, n: int) -> Tensor:
         return t @ m.t()
     if n == t.dim() - 2:
         return m @ t
+    if n == 0:
+        return (m @ t.reshape(t.shape[0], -1)).reshape(m.shape[0], *t.shape[1:])
     return torch.movedim(torch.tensordot(t, m, dims=([n], [1])), -1, n)
 
 
