@@ -40,12 +40,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ..backends import autotune
 from ..backends.base import BackendUnavailable, TensorSpec, autocast_dtype, backend_names, resolve_backend_name
 from ..config import Rank, check_rank
 from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
 
 MAX_MODES = 5
+# record_dispatch's per-thread state: while it records, forward takes the describing path, so
+# that every call's decision is noted (autotune keeps it in _STATE.local.recording).
+_DISPATCH_LOCAL = autotune._STATE.local
 
 
 @dataclass(frozen=True)
@@ -493,7 +497,7 @@ class FLoRALayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self._mixed is not None:
             return self.forward_mixed(x, *self._mixed, *args, **kwargs)
-        if self.binds and not args and not kwargs:
+        if self.binds and not args and not kwargs and getattr(_DISPATCH_LOCAL, "recording", None) is None:
             if torch.compiler.is_compiling():
                 return self._forward_traced(x)
             op = self._bound.ops.get(self._signature(x))

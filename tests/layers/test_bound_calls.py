@@ -282,6 +282,18 @@ def test_transformers_conv1d_bound():
     assert_rel_close(y, want, 1e-5)
 
 
+def test_record_dispatch_sees_bound_layers():
+    """record_dispatch after warm-up still notes every adapted layer's decision."""
+    model = fk.inject_flora(_Net(), fk.FLoRAConfig(rank=2, target_modules=("conv", "fc")))
+    x = torch.randn(2, 3, 5, 5)
+    model(x)
+    with fk.record_dispatch(model) as rep:
+        model(x)
+    assert set(rep) == {"conv", "fc"}
+    model(x)  # and binds again afterwards
+    assert all(layer._bound.ops for _, layer in flora_layers(model))
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
