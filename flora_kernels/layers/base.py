@@ -228,7 +228,7 @@ class FLoRALayer(nn.Module):
 
     def __getstate__(self) -> dict:  # copy / pickle: bound ops hold this layer's tensors, never copied
         state = self.__dict__.copy()
-        del state["_bound"]
+        state.pop("_bound", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
