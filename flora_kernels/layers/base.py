@@ -565,7 +565,7 @@ class FLoRALayer(nn.Module):
         return lambda x: self._forward_fused(x, name, dropout_p)
 
     def _rebind(self, x: Tensor) -> Tensor:
-        """A bound op found the base weight or bias replaced: drop the bound ops, run afresh."""
+        """A bound op found a tensor it was bound to replaced: drop the bound ops, run afresh."""
         self._changed()
         return self.forward(x)
 
@@ -581,19 +581,32 @@ class FLoRALayer(nn.Module):
         def fresh() -> bool:
             return params.get(wn) is w0 and params.get("bias") is b0 and cores.get(name) is c0
 
-        if w0 is None or _legacy_weight_norm(self.base_layer, wn) is not None:
+        access = self._weight_access()
+        if access == "computed":
             return fresh, self.weight_modes
-        if self.weight_modes(w0) is w0:
+        if access == "param":
             return fresh, lambda: w0
         return fresh, lambda: self.weight_modes(w0)
 
-    def _merged_anchor(self) -> Tensor | None:
-        """The tensor ``_MergedGuard`` hangs on, when this forward needs the guard (else None)."""
-        if self.merged_adapters and self.training and torch.is_grad_enabled() and not self._adapters_disabled:
-            anchors = [self.flora_core[a] for a in self.merged_adapters if self.flora_core[a].requires_grad]
-            if anchors:
-                return anchors[0]
+    def _weight_access(self) -> str:
+        """How the mode-order weight is read: "param" (the stored parameter), "t" (a view of it,
+        e.g. Conv1D's transpose) or "computed" (weight norm, parametrizations: per call)."""
+        w = self.base_layer._parameters.get(self.weight_name)
+        if w is None or _legacy_weight_norm(self.base_layer, self.weight_name) is not None:
+            return "computed"
+        return "param" if self.weight_modes(w) is w else "t"
+
+    def _merged_anchor_name(self, training: bool, grad: bool) -> str | None:
+        """The merged adapter whose core ``_MergedGuard`` hangs on, when a forward in this mode
+        needs the guard (merged adapters that train), else None."""
+        if self.merged_adapters and training and grad and not self._adapters_disabled:
+            return next((a for a in self.merged_adapters if self.flora_core[a].requires_grad), None)
         return None
+
+    def _merged_anchor(self) -> Tensor | None:
+        """The tensor ``_MergedGuard`` hangs on in the current mode, or None."""
+        name = self._merged_anchor_name(self.training, torch.is_grad_enabled())
+        return None if name is None else self.flora_core[name]
 
     def _forward_traced(self, x: Tensor) -> Tensor:
         """``forward(x)`` under torch.compile. What to run comes from ``decide_traced`` as constants
@@ -613,22 +626,15 @@ class FLoRALayer(nn.Module):
         the identity of ``_bound``)."""
         grad, training = key[-2:]
         live = self._live()
-        anchor = None
-        if self.merged_adapters and training and grad and not self._adapters_disabled:
-            anchor = next((a for a in self.merged_adapters if self.flora_core[a].requires_grad), None)
+        anchor = self._merged_anchor_name(training, grad)
         if not live:
             return (None, 0.0, 1.0, "computed", None, None, (), anchor)
         first = live[0]
         s = self.flora_settings[first]
         p = s.dropout if training else 0.0
-        w = self.base_layer._parameters.get(self.weight_name)
-        if w is None or _legacy_weight_norm(self.base_layer, self.weight_name) is not None:
-            access = "computed"
-        else:
-            access = "param" if self.weight_modes(w) is w else "t"
         hit = self._bound.decisions.get(key)
         b, strategy = hit if hit is not None else self._decide_traced(key, first, p)
-        return (first, p, s.scale, access, b, strategy, tuple(live[1:]), anchor)
+        return (first, p, s.scale, self._weight_access(), b, strategy, tuple(live[1:]), anchor)
 
     def _traced_weight(self, access: str) -> Tensor:
         """The mode-order weight in traced code, by the plan's access."""
