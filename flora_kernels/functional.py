@@ -1,5 +1,12 @@
 """Public functional API: validate at the boundary, describe the call, dispatch.
 
+Two levels: the public functions (``flora_linear``, ``flora_conv``, ...) validate their
+arguments ("expected X, got Y"), then call the internal, unvalidated entries ``linear`` /
+``conv``, which layers call directly with arguments they prepared and checked when their
+adapters changed. A layer that binds a call per input signature splits it further:
+``decide_linear`` / ``decide_conv`` (describe + dispatch, once per signature) and
+``run_linear`` / ``run_conv`` (the op, every call).
+
 Each function builds a ``Call`` (the typed description of the call: op, shapes, dtypes,
 layout, grad flags, ...) and asks ``backends.autotune.resolve`` which (backend, strategy)
 serves it; the merged strategy is composed over the backend's reconstruct
@@ -19,13 +26,14 @@ Every function is differentiable with respect to every tensor argument.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from torch import Tensor
 
 from . import plan as _plan
 from .backends import merged as _merged
 from .backends.autotune import resolve
-from .backends.base import STRATEGIES, Backend, Call
+from .backends.base import STRATEGIES, Backend, Call, TensorSpec
 from .convspec import ConvSpec, IntOrTuple
 from .tucker import check_projection, check_tucker
 
@@ -91,19 +99,84 @@ def plan_conv_call(
     )
 
 
-def _run_linear(b: Backend, strategy: str | None, t: Sequence[Tensor | None], p: float, scale: float) -> Tensor:
-    x, weight, bias, core, *factors = t
+def run_linear(
+    b: Backend, strategy: str | None, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor,
+    factors: Sequence[Tensor], scale: float, dropout_p: float,
+) -> Tensor:
+    """The op ``decide_linear`` chose, unvalidated: x (..., in) -> (..., out)."""
     if strategy == "merged":
-        return _merged.linear(b, x, weight, bias, core, factors, scale, p)
-    return b.linear(x, weight, bias, core, factors, scale, p)  # type: ignore[attr-defined]
+        return _merged.linear(b, x, weight, bias, core, factors, scale, dropout_p)
+    return b.linear(x, weight, bias, core, factors, scale, dropout_p)  # type: ignore[attr-defined]
 
 
-def _run_conv(b: Backend, strategy: str | None, t: Sequence[Tensor | None], p: float, scale: float,
-              spec: ConvSpec) -> Tensor:
-    x, weight, bias, core, *factors = t
+def run_conv(
+    b: Backend, strategy: str | None, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor,
+    factors: Sequence[Tensor], scale: float, spec: ConvSpec, dropout_p: float,
+) -> Tensor:
+    """The op ``decide_conv`` chose, unvalidated: x (N, C_in, *spatial) batched -> (N, C_out, *out)."""
     if strategy == "merged":
-        return _merged.conv(b, x, weight, bias, core, factors, scale, spec, p)
-    return b.conv(x, weight, bias, core, factors, scale, spec, p)  # type: ignore[attr-defined]
+        return _merged.conv(b, x, weight, bias, core, factors, scale, spec, dropout_p)
+    return b.conv(x, weight, bias, core, factors, scale, spec, dropout_p)  # type: ignore[attr-defined]
+
+
+def decide_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    dropout_p: float, strategy: str, backend: str,
+) -> tuple[Backend, str | None]:
+    """Which (backend, strategy) serves this linear call (unvalidated; measured dispatch may time the
+    candidates on these tensors). The answer holds for every call with the same ``Call``."""
+    call = Call.describe("linear", x=x, weight=weight, bias=bias, core=core, factors=factors, strategy=strategy,
+                         dropout_p=dropout_p)
+
+    def run(b: Backend, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
+        xt, w, bt, c, *fs = t
+        return run_linear(b, s, xt, w, bt, c, fs, scale, p)  # type: ignore[arg-type]
+
+    return resolve(call, backend, run, (x, weight, bias, core, *factors), dropout_p)
+
+
+def decide_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    spec: ConvSpec, dropout_p: float, strategy: str, backend: str,
+) -> tuple[Backend, str | None]:
+    """``decide_linear`` for a conv (x batched)."""
+    call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
+                         strategy=strategy, dropout_p=dropout_p)
+
+    def run(b: Backend, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
+        xt, w, bt, c, *fs = t
+        return run_conv(b, s, xt, w, bt, c, fs, scale, spec, p)  # type: ignore[arg-type]
+
+    return resolve(call, backend, run, (x, weight, bias, core, *factors), dropout_p)
+
+
+def decide_traced_call(
+    op: str, x: TensorSpec, grad_enabled: bool, weight: Tensor, bias: Tensor | None, core: Tensor,
+    factors: Sequence[Tensor], spec: ConvSpec | None, dropout_p: float, strategy: str, backend: str,
+) -> tuple[Backend, str | None]:
+    """``decide_linear`` / ``decide_conv`` from x's metadata alone (torch.compile's tracing: nothing
+    is measured; see ``resolve``)."""
+    call = Call.describe(op, weight=weight, bias=bias, core=core, factors=factors, conv=spec, strategy=strategy,
+                         dropout_p=dropout_p)
+    return resolve(replace(call, x=x, grad_enabled=grad_enabled), backend)
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    dropout_p: float, strategy: str, backend: str,
+) -> Tensor:
+    """``flora_linear`` without validation (arguments already checked by the caller)."""
+    b, s = decide_linear(x, weight, bias, core, factors, scale, dropout_p, strategy, backend)
+    return run_linear(b, s, x, weight, bias, core, factors, scale, dropout_p)
+
+
+def conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor], scale: float,
+    spec: ConvSpec, dropout_p: float, strategy: str, backend: str,
+) -> Tensor:
+    """``flora_conv`` without validation, x batched (N, C_in, *spatial)."""
+    b, s = decide_conv(x, weight, bias, core, factors, scale, spec, dropout_p, strategy, backend)
+    return run_conv(b, s, x, weight, bias, core, factors, scale, spec, dropout_p)
 
 
 def flora_linear(
@@ -132,16 +205,7 @@ def flora_linear(
     _check_adapter(weight, bias, core, factors)
     _check_strategy(strategy)
     _check_dropout(dropout_p)
-    scale, dropout_p = float(scale), float(dropout_p)
-    call = Call.describe("linear", x=x, weight=weight, bias=bias, core=core, factors=factors, strategy=strategy,
-                         dropout_p=dropout_p)
-    tensors = (x, weight, bias, core, *factors)
-
-    def run(b: Backend, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
-        return _run_linear(b, s, t, p, scale)
-
-    b, strategy = resolve(call, backend, run, tensors, dropout_p)
-    return run(b, strategy, tensors, dropout_p)
+    return linear(x, weight, bias, core, factors, float(scale), float(dropout_p), strategy, backend)
 
 
 def flora_conv(
@@ -182,16 +246,7 @@ def flora_conv(
     _check_adapter(weight, bias, core, factors)
     _check_strategy(strategy)
     _check_dropout(dropout_p)
-    scale, dropout_p = float(scale), float(dropout_p)
-    call = Call.describe("conv", x=x, weight=weight, bias=bias, core=core, factors=factors, conv=spec,
-                         strategy=strategy, dropout_p=dropout_p)
-    tensors = (x, weight, bias, core, *factors)
-
-    def run(b: Backend, s: str | None, t: Sequence[Tensor | None], p: float) -> Tensor:
-        return _run_conv(b, s, t, p, scale, spec)
-
-    b, strategy = resolve(call, backend, run, tensors, dropout_p)
-    y = run(b, strategy, tensors, dropout_p)
+    y = conv(x, weight, bias, core, factors, float(scale), spec, float(dropout_p), strategy, backend)
     return y.squeeze(0) if unbatched else y
 
 

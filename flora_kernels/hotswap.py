@@ -248,9 +248,7 @@ def hotswap_adapter(
             dst.zero_()
             dst[tuple(slice(0, n) for n in src.shape)].copy_(src)
         if module in scales:
-            layer.set_scale(scales[module], adapter_name)  # writes the scale tensor too; the change event
-        else:
-            layer._changed()
+            layer.set_scale(scales[module], adapter_name)  # fills the held scale tensor: no change event
     return model
 
 

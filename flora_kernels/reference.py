@@ -54,6 +54,8 @@ def linear_factorized(
     b = (u_out @ core.to(x.dtype)) * scale
     s = _dropout(x, dropout_p) @ u_in
     y = F.linear(x, weight, bias)
+    if y.dim() == 2:  # in place on y itself: autograd has no view to rebase (a CopySlices node less)
+        return y.addmm_(s, b.t())
     y.view(-1, y.shape[-1]).addmm_(s.reshape(-1, s.shape[-1]), b.t())  # one pass over y
     return y
 

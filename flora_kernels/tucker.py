@@ -26,10 +26,23 @@ def mode_n_product(t: Tensor, m: Tensor, n: int) -> Tensor:
     """``t x_n m``: contract dim ``n`` of ``t`` (size ``m.shape[1]``) with ``m`` (J, r).
 
     The result has dim ``n`` of size J and every other dim unchanged. It is computed in
-    ``t``'s dtype, autocast or not (the adapter's math stays in its own dtype).
+    ``t``'s dtype, autocast or not (the adapter's math stays in its own dtype). The first and
+    the last two modes are one matmul each; the others a tensordot and a move of the new dim.
     """
-    with torch.autocast(t.device.type, enabled=False):
-        return torch.movedim(torch.tensordot(t, m.to(t.dtype), dims=([n], [1])), -1, n)
+    if torch._C._is_any_autocast_enabled():
+        with torch.autocast(t.device.type, enabled=False):
+            return _mode_n_product(t, m.to(t.dtype), n)
+    return _mode_n_product(t, m.to(t.dtype), n)
+
+
+def _mode_n_product(t: Tensor, m: Tensor, n: int) -> Tensor:
+    if n == t.dim() - 1:
+        return t @ m.t()
+    if n == t.dim() - 2:
+        return m @ t
+    if n == 0:
+        return (m @ t.reshape(t.shape[0], -1)).reshape(m.shape[0], *t.shape[1:])
+    return torch.movedim(torch.tensordot(t, m, dims=([n], [1])), -1, n)
 
 
 def contraction_order(sizes_from: Sequence[int], sizes_to: Sequence[int]) -> tuple[int, ...]:

@@ -12,6 +12,12 @@ Subclasses say how the weight is laid out (``weight_modes``: the adapted weight 
 order), how the fused forward runs (``_forward_fused``) and what the layer's op is
 (``_delta_forward``: the op applied to a weight delta, no bias).
 
+``forward(x)`` is bound per input signature (``_signature``): the first call of a signature
+takes the live adapters, the dispatch decision and the weight reader once (``_bind``); later
+calls look the op up and run it. ``_changed()`` (every state change) drops the bound ops; under
+torch.compile the traced forward holds only the ops it runs (``_forward_traced``).
+docs/ARCHITECTURE.md ("Bound calls") lists the events.
+
 Merge writes ``W + sum_a s_a dW_a`` into the weight the base layer actually uses:
 
 - a plain parameter owned by this module alone: in place (unmerge subtracts, within rounding);
@@ -35,13 +41,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..backends.base import BackendUnavailable, backend_names, resolve_backend_name
+from ..backends import autotune
+from ..backends.base import BackendUnavailable, TensorSpec, autocast_dtype, backend_names, resolve_backend_name
 from ..config import Rank, check_rank
 from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
 
 MAX_MODES = 5
 SCALE_BUFFER = "flora_scale_"  # + adapter name: the scale as a tensor (hold_scale_as_tensor)
+# record_dispatch's per-thread state: while it records, forward takes the describing path, so
+# that every call's decision is noted (autotune keeps it in _STATE.local.recording).
+_DISPATCH_LOCAL = autotune._STATE.local
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class FLoRALayer(nn.Module):
         self._mixed: tuple[Tensor, list[str]] | None = None
         self.mixed_batch_dim = 0
         self.shared_with: tuple[str, ...] = ()  # other modules holding this weight (set by inject)
+        self._bound = _Bindings(self._plan_traced)  # input signature -> bound op (see forward)
         if adapter_name is not None:
             self.add_adapter(adapter_name, rank, kernel_rank, scale, dropout, strategy, backend, lean_memory=lean_memory)
 
@@ -215,7 +226,30 @@ class FLoRALayer(nn.Module):
 
         Every method that changes any of them calls this once, after the change: prepared
         per-call state (bound calls, weight views) is dropped and rebuilt on the next forward.
+        ``.to()`` / dtype / device moves (``_apply``) and ``load_state_dict`` call it too; a
+        base weight or bias replaced by another tensor is noticed by the bound call itself.
+        Under torch.compile the traced forward reads ``_bound``'s identity, so a change
+        recompiles.
         """
+        self._bound = _Bindings(self._plan_traced)
+
+    def __getstate__(self) -> dict:  # copy / pickle: bound ops hold this layer's tensors, never copied
+        state = self.__dict__.copy()
+        state.pop("_bound", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._bound = _Bindings(self._plan_traced)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(), ...: new tensors
+        out = super()._apply(fn, recurse)
+        self._changed()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # load_state_dict(assign=True) swaps tensors
+        super()._load_from_state_dict(*args, **kwargs)
+        self._changed()
 
     # ------------------------------------------------------------------ adapters
 
@@ -398,6 +432,7 @@ class FLoRALayer(nn.Module):
     @adapter_enabled.setter
     def adapter_enabled(self, value: bool) -> None:
         self._adapters_disabled = not value
+        self._changed()
 
     # single-adapter conveniences ----------------------------------------------------
 
@@ -435,6 +470,7 @@ class FLoRALayer(nn.Module):
         s = replace(self.flora_settings[name], **changes)
         self.make_settings(s.ranks, None, s.scale, s.dropout, s.strategy, s.backend)  # validates
         self.flora_settings[name] = s
+        self._changed()
 
     strategy = property(lambda self: self._sole_setting("strategy"), lambda self, v: self._update_sole(strategy=v))
     backend = property(lambda self: self._sole_setting("backend"), lambda self, v: self._update_sole(backend=v))
@@ -457,7 +493,8 @@ class FLoRALayer(nn.Module):
                 held.fill_(float(scale))
         if merged:
             self.merge(merged)
-        self._changed()
+        if any(self.scale_tensor(n) is None for n in names):
+            self._changed()  # a held scale is read per call: a new value needs no event (hotswap)
 
     def scale_tensor(self, name: str) -> Tensor | None:
         """Adapter ``name``'s scale as a 0-d tensor, where ``hold_scale_as_tensor`` made one."""
@@ -546,18 +583,174 @@ class FLoRALayer(nn.Module):
         return y
 
     def _guard_merged(self, y: Tensor) -> Tensor:
-        if self.merged_adapters and self.training and torch.is_grad_enabled() and not self._adapters_disabled:
-            anchors = [self.flora_core[a] for a in self.merged_adapters if self.flora_core[a].requires_grad]
-            if anchors:
-                return _MergedGuard.apply(y, anchors[0])
-        return y
+        anchor = self._merged_anchor()
+        return y if anchor is None else _MergedGuard.apply(y, anchor)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self._mixed is not None:
             return self.forward_mixed(x, *self._mixed, *args, **kwargs)
+        if self.binds and not args and not kwargs and getattr(_DISPATCH_LOCAL, "recording", None) is None:
+            if torch.compiler.is_compiling():
+                return self._forward_traced(x)
+            op = self._bound.ops.get(self._signature(x))
+            if op is None:
+                op = self._bind(x)
+            return op(x)
         live = self._live()
         y = self._forward_adapters(x, live, *args, **kwargs) if live else self._base_forward(x, *args, **kwargs)
         return self._guard_merged(y)
+
+    # bound calls ------------------------------------------------------------------------
+    #
+    # A type that sets ``binds`` runs ``forward(x)`` as one lookup in ``_bound`` (keyed by
+    # ``_signature(x)``) and the op bound there: ``_bind`` validated nothing per call, it took the
+    # live adapters, their settings, the dispatch decision (``_fused_op``) and the weight reader
+    # once. ``_changed`` empties ``_bound``.
+
+    #: whether this type binds ``forward(x)`` per input signature (``_fused_op`` implemented)
+    binds = False
+
+    def _signature(self, x: Tensor) -> tuple:
+        """Everything a bound op depends on besides the layer's own state (which ``_changed``
+        covers): x's shape, strides, dtype, device and grad flag; grad mode; train/eval (dropout,
+        merged guard); torch's thread count and the autocast dtype (they change the dispatch)."""
+        return (
+            x.shape, x.stride(), x.dtype, x.device, x.requires_grad, torch.is_grad_enabled(), self.training,
+            torch.get_num_threads(), torch._C._is_any_autocast_enabled() and autocast_dtype(x.device.type),
+        )
+
+    def _bind(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """Prepare and remember the op computing ``forward(x)`` for every input of x's signature."""
+        op = self._unguarded_op(x)
+        anchor = self._merged_anchor()
+        if anchor is not None:
+            inner = op
+
+            def op(x: Tensor) -> Tensor:
+                return _MergedGuard.apply(inner(x), anchor)
+
+        self._bound.ops[self._signature(x)] = op
+        return op
+
+    def _unguarded_op(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        live = self._live()
+        if not live:
+            return self._base_forward
+        first, *rest = live
+        fused = self._fused_op(x, first, self._dropout_p(first))
+        if not rest:
+            return fused
+
+        def op(x: Tensor) -> Tensor:
+            y = fused(x)
+            for a in rest:
+                y = y + self._delta_term(x, a)
+            return y
+
+        return op
+
+    def _fused_op(self, x: Tensor, name: str, dropout_p: float) -> Callable[[Tensor], Tensor]:
+        """The bound form of ``_forward_fused(x, name, dropout_p)`` for inputs of x's signature: what
+        a type can take once (dispatch decision, settings, weight reader) it takes here. Default:
+        ``_forward_fused`` per call (a type plugs in by defining that alone, e.g. ``base(x)`` from
+        the base module's own forward plus its adapter's term)."""
+        return lambda x: self._forward_fused(x, name, dropout_p)
+
+    def _rebind(self, x: Tensor) -> Tensor:
+        """A bound op found a tensor it was bound to replaced: drop the bound ops, run afresh."""
+        self._changed()
+        return self.forward(x)
+
+    def _weight_reader(self, name: str) -> tuple[Callable[[], bool], Callable[[], Tensor]]:
+        """(fresh, weight) for a bound op of adapter ``name``: ``fresh()`` says the base layer still
+        holds the weight and bias, and the adapter the core, it held at binding (cheap identity
+        checks: a tensor replaced without an event rebinds); ``weight()`` gives the mode-order
+        weight: the stored parameter (or its view), or computed per call for a weight-normed /
+        parametrized one."""
+        params, wn, cores = self.base_layer._parameters, self.weight_name, self.flora_core._parameters
+        w0, b0, c0 = params.get(wn), params.get("bias"), cores.get(name)
+
+        def fresh() -> bool:
+            return params.get(wn) is w0 and params.get("bias") is b0 and cores.get(name) is c0
+
+        access = self._weight_access()
+        if access == "computed":
+            return fresh, self.weight_modes
+        if access == "param":
+            return fresh, lambda: w0
+        return fresh, lambda: self.weight_modes(w0)
+
+    def _weight_access(self) -> str:
+        """How the mode-order weight is read: "param" (the stored parameter), "t" (a view of it,
+        e.g. Conv1D's transpose) or "computed" (weight norm, parametrizations: per call)."""
+        w = self.base_layer._parameters.get(self.weight_name)
+        if w is None or _legacy_weight_norm(self.base_layer, self.weight_name) is not None:
+            return "computed"
+        return "param" if self.weight_modes(w) is w else "t"
+
+    def _merged_anchor_name(self, training: bool, grad: bool) -> str | None:
+        """The merged adapter whose core ``_MergedGuard`` hangs on, when a forward in this mode
+        needs the guard (merged adapters that train), else None."""
+        if self.merged_adapters and training and grad and not self._adapters_disabled:
+            return next((a for a in self.merged_adapters if self.flora_core[a].requires_grad), None)
+        return None
+
+    def _merged_anchor(self) -> Tensor | None:
+        """The tensor ``_MergedGuard`` hangs on in the current mode, or None."""
+        name = self._merged_anchor_name(self.training, torch.is_grad_enabled())
+        return None if name is None else self.flora_core[name]
+
+    def _forward_traced(self, x: Tensor) -> Tensor:
+        """``forward(x)`` under torch.compile. What to run comes from ``decide_traced`` as constants
+        of the traced code (see ``_plan_traced``), so Dynamo traces the ops and little else."""
+        plan = decide_traced(self._bound, (*traced_key(x), torch.is_grad_enabled(), self.training))
+        first, rest, anchor = plan[0], plan[-2], plan[-1]
+        y = self._base_forward(x) if first is None else self._traced_fused(x, plan)
+        for a in rest:
+            y = y + self._delta_term(x, a)
+        return y if anchor is None else _MergedGuard.apply(y, self.flora_core[anchor])
+
+    def _plan_traced(self, key: tuple) -> tuple:
+        """The constants of a traced forward for ``key`` (``traced_key`` + grad mode + training):
+        (first live adapter or None, its dropout p, its scale, weight access ("param", "t" for a
+        transposed view, "computed"), backend name, strategy, the other live adapters, the merged
+        adapter the guard hangs on or None). Valid until ``_changed`` (the traced code guards on
+        the identity of ``_bound``)."""
+        grad, training = key[-2:]
+        live = self._live()
+        anchor = self._merged_anchor_name(training, grad)
+        if not live:
+            return (None, 0.0, 1.0, "computed", None, None, (), anchor)
+        first = live[0]
+        s = self.flora_settings[first]
+        p = s.dropout if training else 0.0
+        hit = self._bound.decisions.get(key)
+        b, strategy = hit if hit is not None else self._decide_traced(key, first, p)
+        return (first, p, s.scale, self._weight_access(), b, strategy, tuple(live[1:]), anchor)
+
+    def _traced_terms(self, name: str, scale: float) -> tuple[Tensor, list[Tensor], float]:
+        """(core, factors, scale) of adapter ``name`` in traced code: with a held scale tensor,
+        core * that tensor and 1.0 (a new scale is a new value, not a recompile)."""
+        core, *factors = self._tensors_of(name)
+        held = self.scale_tensor(name)
+        return (core, factors, scale) if held is None else (core * held, factors, 1.0)
+
+    def _traced_weight(self, access: str) -> Tensor:
+        """The mode-order weight in traced code, by the plan's access."""
+        if access == "param":
+            return getattr(self.base_layer, self.weight_name)
+        if access == "t":
+            return getattr(self.base_layer, self.weight_name).t()
+        return self.weight_modes()
+
+    def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
+        """``_forward_fused`` in traced code, by the plan (default: ``_forward_fused`` itself)."""
+        return self._forward_fused(x, plan[0], plan[1])
+
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
+        """(backend name, strategy) of adapter ``name`` for a traced input, outside Dynamo's tracing
+        (types whose ``_traced_fused`` dispatches); default (None, None)."""
+        return None, None
 
     def batch_dim(self, x: Tensor) -> int:
         """The sample dimension of this layer's input (``adapter_batch``'s ``batch_dim``)."""
@@ -605,10 +798,12 @@ class FLoRALayer(nn.Module):
                     continue
                 for m in layers:
                     m._active = [] if pos == 0 else [a for a in [names[pos - 1]] if a in m.flora_settings]
+                    m._changed()
                 outs.append(fn([g[pos] for g in groups]))
         finally:
             for m, (active, mixed) in zip(layers, saved):
                 m._active, m._mixed = active, mixed
+                m._changed()
         return torch.cat(outs, out_dim).index_select(out_dim, torch.argsort(order))
 
     # ------------------------------------------------------------------ merge
@@ -738,3 +933,37 @@ def _legacy_weight_norm(module: nn.Module, name: str) -> WeightNorm | None:
         if isinstance(hook, WeightNorm) and hook.name == name:
             return hook
     return None
+
+
+class _Bindings:
+    """A layer's bound ops by input signature (``ops``), and the plan for a signature seen by
+    torch.compile's tracing (``decide``). Replaced as a whole by ``_changed``, so that the
+    compiled forward, which guards on its identity, recompiles after a change."""
+
+    __slots__ = ("decide", "decisions", "ops")
+
+    def __init__(self, decide: Callable[[tuple], tuple]) -> None:
+        self.ops: dict[tuple, Callable[[Tensor], Tensor]] = {}
+        # eager dispatch decisions, by traced_key + (grad mode, training)
+        self.decisions: dict[tuple, tuple[str, str | None]] = {}
+        self.decide = decide
+
+
+@torch.compiler.assume_constant_result
+def decide_traced(bindings: _Bindings, key: tuple) -> tuple:
+    """The plan of a traced forward (``FLoRALayer._plan_traced``): run by Dynamo once per trace,
+    outside the graph; its result is a constant of the traced code."""
+    return bindings.decide(key)
+
+
+def x_spec(key: tuple) -> TensorSpec:
+    """The ``TensorSpec`` of the input a ``traced_key`` describes."""
+    shape, stride, dtype, device, requires_grad = key[:5]
+    meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    return TensorSpec.of(meta)._replace(device=device, requires_grad=requires_grad)
+
+
+def traced_key(x: Tensor) -> tuple:
+    """x's shape, strides, dtype, device and grad flag: constants of a trace with static sizes.
+    (With dynamic sizes Dynamo cannot hand them to ``decide_traced``: a graph break per layer.)"""
+    return (tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x.requires_grad)

@@ -8,15 +8,18 @@ ConvTransposeNd (in, out/groups, k_1..k_d). Every group shares the factors and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import reference
+from ..backends.base import load_backend
 from ..convspec import ConvSpec, conv_nd
-from ..functional import flora_conv, plan_conv_call
+from ..functional import conv, decide_conv, decide_traced_call, plan_conv_call, run_conv
 from ..plan import Plan
-from .base import FLoRALayer
+from .base import FLoRALayer, traced_key, x_spec
 
 
 class _FLoRAConvNd(FLoRALayer):
@@ -30,14 +33,56 @@ class _FLoRAConvNd(FLoRALayer):
         super().__init__(base_layer, *args, **kwargs)
         self.spec = ConvSpec.of(base_layer)
 
+    binds = True
+
+    def _fused_op(self, x: Tensor, name: str, dropout_p: float) -> Callable[[Tensor], Tensor]:
+        core, factors = self.tensors(name)
+        factors = tuple(factors)
+        s, spec = self.flora_settings[name], self.spec
+        held = self.scale_tensor(name)
+        scale, bias = (s.scale if held is None else 1.0), self.base_layer.bias
+        fresh, weight = self._weight_reader(name)
+        unbatched = x.dim() == len(factors) - 1
+        xb = x.unsqueeze(0) if unbatched else x
+        b, strategy = decide_conv(xb, weight(), bias, core, factors, scale, spec, dropout_p, s.strategy, s.backend)
+        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
+
+        def op(x: Tensor) -> Tensor:
+            if not fresh():
+                return self._rebind(x)
+            c = core if held is None else core * held
+            if unbatched:
+                return run_conv(b, strategy, x.unsqueeze(0), weight(), bias, c, factors, scale, spec,
+                                dropout_p).squeeze(0)
+            return run_conv(b, strategy, x, weight(), bias, c, factors, scale, spec, dropout_p)
+
+        return op
+
+    def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
+        name, p, scale, access, b, strategy = plan[:6]
+        core, factors, scale = self._traced_terms(name, scale)
+        unbatched = x.dim() == len(factors) - 1
+        y = run_conv(load_backend(b), strategy, x.unsqueeze(0) if unbatched else x, self._traced_weight(access),
+                     self.base_layer.bias, core, factors, scale, self.spec, p)
+        return y.squeeze(0) if unbatched else y
+
     def _forward_fused(self, x: Tensor, name: str, dropout_p: float, *args, **kwargs) -> Tensor:
         core, factors, scale = self.adapter_terms(name)
-        s, spec = self.flora_settings[name], self.spec
-        return flora_conv(
-            x, self.base_weight(), self.base_layer.bias, core, factors, scale,
-            stride=spec.stride, padding=self.base_layer.padding, dilation=spec.dilation, groups=spec.groups,
-            padding_mode=spec.padding_mode, strategy=s.strategy, backend=s.backend, dropout_p=dropout_p,
-        )
+        s = self.flora_settings[name]
+        unbatched = x.dim() == len(factors) - 1
+        y = conv(x.unsqueeze(0) if unbatched else x, self.base_weight(), self.base_layer.bias, core, factors,
+                 scale, self.spec, dropout_p, s.strategy, s.backend)
+        return y.squeeze(0) if unbatched else y
+
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
+        core, factors = self.tensors(name)
+        s = self.flora_settings[name]
+        xs = x_spec(key)
+        if len(xs.shape) == len(factors) - 1:
+            xs = xs._replace(shape=(1, *xs.shape))
+        b, strategy = decide_traced_call("conv", xs, key[-2], self.base_weight(), self.base_layer.bias, core, factors,
+                                         self.spec, dropout_p, s.strategy, s.backend)
+        return b.name, strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return conv_nd(x, delta, None, self.spec)
@@ -84,6 +129,7 @@ class _FLoRAConvTransposeNd(FLoRALayer):
 
     input_mode = 0  # the weight is (in, out/groups, k...)
     backends = ("reference",)
+    binds = True  # forward(x) without output_size: settings and weight taken per call by _forward_fused
 
     @property
     def in_features(self) -> int:

@@ -29,6 +29,7 @@ class FLoRAEmbedding(FLoRALayer):
     base_types = (nn.Embedding,)
     input_mode = None  # the input is indices: no factor multiplies it (lean_memory changes nothing)
     backends = ("reference",)
+    binds = True
 
     @property
     def in_features(self) -> int:

@@ -8,14 +8,17 @@ weight transposed (a view) and every Linear kernel serves it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import flora_linear, plan_linear_call
+from ..backends.base import load_backend
+from ..functional import decide_linear, decide_traced_call, linear, plan_linear_call, run_linear
 from ..plan import Plan
 from ..reference import linear_delta
-from .base import FLoRALayer
+from .base import FLoRALayer, traced_key, x_spec
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -66,11 +69,46 @@ class FLoRALinear(FLoRALayer):
         core, factors, scale = self.adapter_terms(name)
         s = self.flora_settings[name]
         if s.lean_memory:  # a separate adapter term: autograd keeps x U_in, not x (U_in is frozen)
-            return self._base_forward(x) + linear_delta(x, core, factors, s.scale, dropout_p)
-        return flora_linear(
-            x, self.weight_modes(), self.base_layer.bias, core, factors, scale,
-            dropout_p=dropout_p, strategy=s.strategy, backend=s.backend,
-        )
+            return self._base_forward(x) + linear_delta(x, core, factors, scale, dropout_p)
+        return linear(x, self.weight_modes(), self.base_layer.bias, core, factors, scale, dropout_p, s.strategy,
+                      s.backend)
+
+    binds = True
+
+    def _fused_op(self, x: Tensor, name: str, dropout_p: float) -> Callable[[Tensor], Tensor]:
+        s = self.flora_settings[name]
+        if s.lean_memory:
+            return super()._fused_op(x, name, dropout_p)
+        core, factors = self.tensors(name)
+        factors = tuple(factors)
+        held = self.scale_tensor(name)
+        scale, bias = (s.scale if held is None else 1.0), self.base_layer.bias
+        fresh, weight = self._weight_reader(name)
+        b, strategy = decide_linear(x, weight(), bias, core, factors, scale, dropout_p, s.strategy, s.backend)
+        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
+
+        def op(x: Tensor) -> Tensor:
+            if not fresh():
+                return self._rebind(x)
+            c = core if held is None else core * held
+            return run_linear(b, strategy, x, weight(), bias, c, factors, scale, dropout_p)
+
+        return op
+
+    def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
+        name, p, scale, access, b, strategy = plan[:6]
+        core, factors, scale = self._traced_terms(name, scale)
+        if self.flora_settings[name].lean_memory:
+            return self._base_forward(x) + linear_delta(x, core, factors, scale, p)
+        return run_linear(load_backend(b), strategy, x, self._traced_weight(access), self.base_layer.bias, core,
+                          factors, scale, p)
+
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
+        core, factors = self.tensors(name)
+        s = self.flora_settings[name]
+        b, strategy = decide_traced_call("linear", x_spec(key), key[-2], self.weight_modes(), self.base_layer.bias,
+                                         core, factors, None, dropout_p, s.strategy, s.backend)
+        return b.name, strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return F.linear(x, delta)

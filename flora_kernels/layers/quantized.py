@@ -285,6 +285,7 @@ class FLoRAQuantLinear(FLoRALinear):
 
     strategies = ("factorized",)
     backends = ("reference",)
+    binds = False  # forward: base(x) by the quantized module + each adapter's term (_forward_adapters)
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
@@ -316,8 +317,8 @@ class FLoRAQuantLinear(FLoRALinear):
 
     def adapter_term(self, x: Tensor, name: str) -> Tensor:
         """Adapter ``name``'s output (..., out) for x (..., in), dropout included, in x's dtype."""
-        core, factors = self.tensors(name)
-        return linear_delta(x, core, factors, self.flora_settings[name].scale, self._dropout_p(name))
+        core, factors, scale = self.adapter_terms(name)
+        return linear_delta(x, core, factors, scale, self._dropout_p(name))
 
     def _forward_adapters(self, x: Tensor, live: list[str], *args: Any, **kwargs: Any) -> Tensor:
         y = self.base_layer(x)

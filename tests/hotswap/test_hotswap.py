@@ -203,8 +203,10 @@ def test_peft_hotswap_api_for_flora(tmp_path):
         hotswap_adapter(compiled, str(tmp_path / "c"), adapter_name="default", torch_device="cpu")
 
 
-def test_prepare_and_hotswap_announce_each_change_once(monkeypatch, tmp_path):
-    """Layers cache prepared calls keyed on ``FLoRALayer._changed``: one event per layer per call."""
+def test_prepare_announces_each_change_once_and_hotswap_none(monkeypatch, tmp_path):
+    """Layers cache prepared calls keyed on ``FLoRALayer._changed``: prepare is one event per
+    layer; a hotswap writes values only (tensors in place, held scales), so it needs none (an
+    event would make a compiled model recompile)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).eval()
     a = adapted(base, None, rank=2, kernel_rank=None, scale=0.5)
@@ -216,10 +218,9 @@ def test_prepare_and_hotswap_announce_each_change_once(monkeypatch, tmp_path):
     assert sorted(events) == sorted(layers)
     events.clear()
     fk.hotswap_adapter(a, fk.model.adapter_state(b, "default"))  # tensors only
-    assert sorted(events) == sorted(layers)
-    events.clear()
+    assert events == []
     fk.hotswap_adapter(a, fk.model.adapter_state(b, "default"), layer_info=fk.model.adapter_layer_info(b, "default"))
-    assert sorted(events) == sorted(layers)
+    assert events == []
 
 
 @pytest.mark.skipif(not os.environ.get("FLORA_TEST_INDUCTOR"), reason="inductor compiles for minutes on CPU; FLORA_TEST_INDUCTOR=1")
