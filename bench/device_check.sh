@@ -17,12 +17,12 @@
 #      torch.matmul; every other kernel vs its floor; 180 s: the TMA kernel adds its autotune
 #      compiles; python -m
 #      tools.microbench -> $OUT/triton_microbench.json), then the bf16
-#      GPU correctness tests of the Triton backend (pytest -m gpu tests/test_triton_*.py)
+#      GPU correctness tests of the Triton backend (pytest -m gpu tests/backends/triton/test_triton_*.py)
 #   4. JIT-build the extension: flora_kernels.backends.ext.build_extension(verbose=True)
 #      (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); a failure is logged and the script goes on
 #   5. FLORA_TEST_GPU=1 python -m pytest -q -m gpu tests
 #   5b. compute-sanitizer --tool memcheck and --tool racecheck over the op-level CUDA tests
-#      (tests/test_ext_gpu.py -k ops_match, tests/test_ext_conv_fused.py -k cuda_ops_match_cpu; 90 s each); in a dry run the commands are logged
+#      (tests/backends/ext/test_ext_gpu.py -k ops_match, tests/backends/ext/test_ext_conv_fused.py -k cuda_ops_match_cpu; 90 s each); in a dry run the commands are logged
 #   6. flora-bench --device cuda --out/--md/--plot/--csv $OUT/results.*, with --max-minutes set
 #      from the time left so it writes its files before the hard timeout
 # Files back (<= 8): log.txt, summary.txt, nvidia-smi.txt, triton_microbench.json, results.{json,md,png,csv}.
@@ -109,10 +109,10 @@ step info 60 "$PY" -m flora_kernels info
 # 3b. Triton micro-benchmarks and bf16 correctness (a dry run lists the cases and floors only)
 if [ "$DRY_RUN" = "1" ]; then
     step triton-microbench 60 "$PY" -m tools.microbench --dry-run --out "$OUT/triton_microbench.json"
-    step triton-bf16-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py || true
+    step triton-bf16-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/backends/triton/test_triton_backend.py || true
 else
     step triton-microbench 180 "$PY" -m tools.microbench --out "$OUT/triton_microbench.json" || true
-    FLORA_TEST_GPU=1 step triton-bf16-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=60 tests/test_triton_backend.py tests/test_triton_linear.py tests/test_triton_conv.py tests/test_triton_reconstruct.py || true
+    FLORA_TEST_GPU=1 step triton-bf16-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=60 tests/backends/triton/test_triton_backend.py tests/backends/triton/test_triton_linear.py tests/backends/triton/test_triton_conv.py tests/backends/triton/test_triton_reconstruct.py || true
 fi
 
 # 4. JIT-build the compiled extension (guarded: a failure is logged, the script goes on)
@@ -144,7 +144,7 @@ SANITIZER="$(command -v compute-sanitizer || true)"
 for d in "${CUDA_HOME:-/usr/local/cuda}/bin" "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")"; do
     [ -z "$SANITIZER" ] && [ -x "$d/compute-sanitizer" ] && SANITIZER="$d/compute-sanitizer"
 done
-SAN_TESTS=(-m pytest -q -m gpu -p no:cacheprovider -x tests/test_ext_gpu.py tests/test_ext_conv_fused.py)
+SAN_TESTS=(-m pytest -q -m gpu -p no:cacheprovider -x tests/backends/ext/test_ext_gpu.py tests/backends/ext/test_ext_conv_fused.py)
 for tool in memcheck racecheck; do
     if [ "$tool" = memcheck ]; then sel="(ops_match or cuda_ops_match_cpu) and bfloat16"; else sel="(ops_match and bfloat16 and nchw) or (cuda_ops_match_cpu and bfloat16 and contiguous)"; fi
     if [ -z "$SANITIZER" ]; then

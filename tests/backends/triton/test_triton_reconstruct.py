@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_triton_helpers import DEVICE, DTYPE_IDS, DTYPES, assert_bounded, compare, needs_triton
+from triton_helpers import DEVICE, DTYPE_IDS, DTYPES, assert_bounded, compare, needs_triton
 from torch.library import opcheck
 
 import flora_kernels as fk

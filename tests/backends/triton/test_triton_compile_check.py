@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from test_triton_helpers import needs_triton
+from triton_helpers import needs_triton
 
 from tools import compile_check as cc
 

@@ -13,7 +13,7 @@ import torch
 from flora_kernels.backends import oplib
 from flora_kernels.backends.ext import flags
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FLAGS_PY = ROOT / "flora_kernels" / "backends" / "ext" / "flags.py"
 
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from test_triton_helpers import DEVICE, assert_bounded, assert_compiles_like_eager, compare, needs_triton
+from triton_helpers import DEVICE, assert_bounded, assert_compiles_like_eager, compare, needs_triton
 from torch.library import opcheck
 
 import flora_kernels as fk

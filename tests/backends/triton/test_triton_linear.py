@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_triton_helpers import (
+from triton_helpers import (
     DEVICE,
     DTYPE_IDS,
     DTYPES,
@@ -322,7 +322,7 @@ def test_linear_step_launches_and_no_torch_compute(monkeypatch, dtype, p, bias):
     """A training step (forward + every gradient) is exactly six Triton launches (shrink, GEMM;
     ds_db, its finish, dx GEMM, dU_in reduction), with split-K partials or without, and no aten
     compute op outside them (allocations and views only; with dropout the CPU seed draw)."""
-    from test_triton_helpers import count_step_ops
+    from triton_helpers import count_step_ops
 
     want = ["_project_kernel", "_gemm_ext_kernel", "_ds_db_kernel", "_ds_db_finish_kernel", "_gemm_ext_kernel",
             "_reduce_kernel"]

@@ -39,7 +39,7 @@ from transformers import (
 
 import flora_kernels.peft as fkp
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 ROOT = os.path.dirname(TESTS_DIR)
 VOCAB = 64
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from test_triton_helpers import DEVICE, needs_triton
+from triton_helpers import DEVICE, needs_triton
 
 import flora_kernels as fk
 from flora_kernels.backends import autotune

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_triton_helpers import DEVICE, INTERPRET, assert_bounded, needs_triton
+from triton_helpers import DEVICE, INTERPRET, assert_bounded, needs_triton
 
 import flora_kernels as fk
 from flora_kernels import reference as ref
