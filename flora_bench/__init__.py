@@ -13,6 +13,7 @@ suites in bench/.
 - ``timing``, ``memory``: interleaved rounds, clocks, quantiles; bytes saved for backward, peaks.
 """
 
+from . import torchvision_compat  # noqa: F401  (first: timm, transformers and peft import torchvision)
 from .counts import MODES
 from .harness import BenchConfig, CorrectnessError, build_case, run
 from .shapes import PRESETS, Shape, resolve_shapes

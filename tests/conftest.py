@@ -20,7 +20,7 @@ if not os.environ.get("FLORA_TEST_GPU"):
 import pytest
 import torch
 
-import torchvision_shim  # noqa: F401  (before anything imports timm / transformers / torchvision)
+import flora_bench.torchvision_compat  # noqa: F401  (before anything imports timm / transformers / torchvision)
 
 
 # Paths under tests/ whose tests form the slow tier.

@@ -21,8 +21,7 @@ import tempfile
 
 CHILD = r"""
 import json, os, statistics, sys, time
-sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
-import torchvision_shim  # noqa: F401 (CPU torch + CUDA torchvision wheel: see tests/torchvision_shim.py)
+import flora_bench.torchvision_compat  # noqa: F401 (CPU torch + CUDA torchvision wheel)
 import torch, timm
 import flora_kernels as fk
 torch.set_num_threads(1)

@@ -22,7 +22,21 @@ from ..plan import Plan
 from .base import FLoRALayer, traced_key, x_spec
 
 
-class _FLoRAConvNd(FLoRALayer):
+class _ChannelFeatures:
+    """PEFT's ``in_features`` / ``out_features`` for a conv base layer: its in/out channels."""
+
+    base_layer: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+
+class _FLoRAConvNd(_ChannelFeatures, FLoRALayer):
     """FLoRA adapter around a ConvNd: x (N, C_in, *spatial) -> (N, C_out, *out_spatial).
 
     Adapter tensors: core (r_out, r_in, *kernel_ranks); factors (C_out, r_out),
@@ -87,16 +101,6 @@ class _FLoRAConvNd(FLoRALayer):
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return conv_nd(x, delta, None, self.spec)
 
-    @property
-    def in_features(self) -> int:
-        """PEFT's name for ``in_channels``."""
-        return self.base_layer.in_channels
-
-    @property
-    def out_features(self) -> int:
-        """PEFT's name for ``out_channels``."""
-        return self.base_layer.out_channels
-
     def plan(self, x: Tensor, name: str | None = None) -> Plan:
         """The cost model's choice for input ``x`` (what ``strategy="auto"`` would run)."""
         name = name or self._sole()
@@ -118,7 +122,7 @@ class FLoRAConv3d(_FLoRAConvNd):
     base_types = (nn.Conv3d,)
 
 
-class _FLoRAConvTransposeNd(FLoRALayer):
+class _FLoRAConvTransposeNd(_ChannelFeatures, FLoRALayer):
     """FLoRA adapter around a ConvTransposeNd (stride, padding, output_padding, dilation, groups
     and ``output_size`` as the base layer handles them).
 
@@ -130,16 +134,6 @@ class _FLoRAConvTransposeNd(FLoRALayer):
     input_mode = 0  # the weight is (in, out/groups, k...)
     backends = ("reference",)
     binds = True  # forward(x) without output_size: settings and weight taken per call by _forward_fused
-
-    @property
-    def in_features(self) -> int:
-        """PEFT's name for ``in_channels``."""
-        return self.base_layer.in_channels
-
-    @property
-    def out_features(self) -> int:
-        """PEFT's name for ``out_channels``."""
-        return self.base_layer.out_channels
 
     def _strategy(self, x: Tensor, name: str) -> str:
         s = self.flora_settings[name].strategy

@@ -297,7 +297,7 @@ _CHILD = textwrap.dedent(
     """
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
-    import torchvision_shim  # noqa: F401  (see tests/torchvision_shim.py)
+    import flora_bench.torchvision_compat  # noqa: F401  (see flora_bench/torchvision_compat.py)
     import torch
     import flora_kernels.peft  # registers FLORA with peft
     from peft import PeftModel

@@ -1,4 +1,5 @@
-"""Make torchvision's Python parts importable on a CPU-only torch (imported by tests/conftest.py).
+"""Make torchvision's Python parts importable on a CPU-only torch (imported first by flora_bench and by
+tests/conftest.py).
 
 The torchvision wheel on PyPI is a CUDA build. With the CPU torch its C extension does not
 load, and ``import torchvision`` (hence ``import timm``, and transformers' model classes, which
@@ -6,7 +7,7 @@ import it) dies in torchvision/_meta_registrations.py: it registers fake kernels
 ``torchvision::nms`` / ``torchvision::qnms``, ops that only the extension defines. Defining
 the two schemas first (the ones torchvision's csrc declares) lets the import finish; no
 torchvision op is ever called here. A working extension is loaded instead when there is one.
-This workaround lives in tests/ only, never in the library.
+This workaround lives in the benchmark and the tests, never in the library (flora_kernels).
 """
 
 from __future__ import annotations
