@@ -136,7 +136,7 @@ class FLoRAConfig:
         return _jsonable(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FLoRAConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FLoRAConfig:
         """Inverse of ``to_dict``; unknown keys raise, naming them and the known ones."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

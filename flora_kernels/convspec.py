@@ -58,7 +58,7 @@ class ConvSpec:
         dilation: IntOrTuple = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
-    ) -> "ConvSpec":
+    ) -> ConvSpec:
         d = len(kernel_size)
         stride_t, dil_t = _tuple(stride, d, "stride"), _tuple(dilation, d, "dilation")
         if any(s < 1 for s in stride_t) or any(x < 1 for x in dil_t):
@@ -87,7 +87,7 @@ class ConvSpec:
         return ConvSpec(stride_t, pads, dil_t, groups, padding_mode)
 
     @staticmethod
-    def of(conv: torch.nn.modules.conv._ConvNd) -> "ConvSpec":
+    def of(conv: torch.nn.modules.conv._ConvNd) -> ConvSpec:
         """The spec of an existing ``nn.ConvNd`` module."""
         return ConvSpec.make(
             conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
