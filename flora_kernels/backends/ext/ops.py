@@ -210,13 +210,17 @@ class LinearFactorized(torch.autograd.Function):
         y = flora().adapter_expand(s, b, 1, 1.0, bias)
         y.addmm_(x, weight.t())
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
-        ctx.save_for_backward(x, weight, s, b, core, u_out, u_in)
+        # Saved: x only where a gradient reads it (U_in's, W's), S, and the parameters; B (out, r_in)
+        # is recomputed in backward (it would be saved memory PEFT's LoRA does not pay).
+        need_xs = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
+        ctx.save_for_backward(x if need_xs else None, weight, s, core, u_out, u_in)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, s, b, core, u_out, u_in = ctx.saved_tensors
+        x, weight, s, core, u_out, u_in = ctx.saved_tensors
+        b = (u_out @ core) * ctx.scale
         need_x, need_w, need_b, need_core, need_uo, need_ui = ctx.needs_input_grad[:6]
         ops = flora()
         dy = dy.contiguous()
