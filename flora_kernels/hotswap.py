@@ -19,7 +19,6 @@ and its ranks at most the prepared ones; everything is checked before anything c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -27,12 +26,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import Rank
 from .layers import FLoRALayer, flora_layers
-from .model import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, config_from_peft_dict, logical_name
+from .model import CONFIG_NAME, KEY_PREFIX, logical_name, read_adapter_folder
 
 _KEY = re.compile(r"^(?P<module>.+)\.flora_(?:core|u(?P<mode>\d+))(?:\.(?P<adapter>[^.]+))?$")
 
@@ -123,9 +121,8 @@ def _read_source(source: Any, layer_info: Mapping[str, Any] | None) -> tuple[Map
         path = os.fspath(source)
         if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
             raise FileNotFoundError(f"{path}: expected an adapter folder with {CONFIG_NAME} (as fk.save_flora writes)")
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            _, info = config_from_peft_dict(json.load(f))
-        return load_file(os.path.join(path, WEIGHTS_NAME)), info
+        _, info, tensors = read_adapter_folder(path)
+        return tensors, info
     if isinstance(source, Mapping):
         return source, layer_info or {}
     raise TypeError(f"path_or_state_dict: expected an adapter folder or a state dict, got {type(source).__name__}")

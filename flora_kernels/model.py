@@ -833,6 +833,14 @@ def _validate(
     return targets, adapters
 
 
+def read_adapter_folder(folder: str | os.PathLike) -> tuple[FLoRAConfig, dict[str, Any], dict[str, Tensor]]:
+    """(config, layer_info, tensors) of one adapter folder as ``save_flora`` writes it
+    (adapter_config.json + adapter_model.safetensors)."""
+    with open(os.path.join(folder, CONFIG_NAME)) as f:
+        cfg, info = config_from_peft_dict(json.load(f))
+    return cfg, info, load_file(os.path.join(folder, WEIGHTS_NAME))
+
+
 def load_flora(
     model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, low_cpu_mem_usage: bool = False
 ) -> nn.Module:
@@ -849,9 +857,7 @@ def load_flora(
     """
     loaded = []
     for name, folder in _adapter_dirs(path, adapter_name).items():
-        with open(os.path.join(folder, CONFIG_NAME)) as f:
-            cfg, info = config_from_peft_dict(json.load(f))
-        tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
+        cfg, info, tensors = read_adapter_folder(folder)
         targets, adapters = _validate(model, name, cfg, info, tensors)
         loaded.append((name, cfg, targets, adapters, tensors))
     for name, cfg, targets, adapters, tensors in loaded:
