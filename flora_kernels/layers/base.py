@@ -421,8 +421,7 @@ class FLoRALayer(nn.Module):
         if self.merged_adapters:
             self.unmerge()
         for n in self.flora_settings:
-            for p in self._tensors_of(n):
-                p.requires_grad_(False)
+            self.set_trainable(n, False)
         self._changed()
 
     @property
