@@ -164,17 +164,16 @@ def plan_conv(
     return _pick(f, m, device)
 
 
-MEMORY_SLACK = 0.10  # memory-aware: at most this much more saved for backward than factorized
-
-
 def saved_bytes(call: Call) -> int:
     """Estimated bytes a linear/conv call with a concrete strategy saves for backward beyond its
     parameters (0 when nothing needs gradients), with elt the compute dtype's size:
 
     - X = x.numel * (elt + 1 if dropout else elt) when the adapter needs gradients: x (or
       dropout(x) and its mask) for the input factor's / dW_eff's gradient (both strategies);
-    - factorized: X + the rank-sized activations: S = x U_in (T r_in) for linear; for conv the
-      projection z (N G r_in * spatial_in) and the core conv's output (N G r_out * spatial_out);
+    - factorized: X + one rank-sized activation: S = x U_in (T r_in) for linear; for conv the
+      r_out-channel activation (N G r_out * spatial_out: the reference's conv(x, A), the extension's
+      core-conv output u; the Triton conv also keeps its projection z, N G r_in * spatial_in, not
+      counted here);
     - merged: X + the dense effective weight W + dW (weight.numel * elt), kept for dx.
 
     Kernel variants of one strategy save the same.
@@ -191,18 +190,18 @@ def saved_bytes(call: Call) -> int:
     if call.op == "linear":
         return out + (x.numel // max(x.shape[-1], 1)) * r_in * elt
     kernel = call.weight.shape[2:] if call.weight is not None else core.shape[2:]
-    spatial_in = x.numel // max(x.shape[0] * x.shape[1], 1)
     spatial_out = math.prod(call.conv.output_size(x.shape[2:], kernel))
-    return out + x.shape[0] * call.conv.groups * (r_in * spatial_in + r_out * spatial_out) * elt
+    return out + x.shape[0] * call.conv.groups * r_out * spatial_out * elt
 
 
 def memory_reason(call: Call, strategy: str, policy: str) -> str | None:
     """Why the "memory-aware" ``policy`` keeps auto from taking ``strategy`` for this training call:
-    it would save more than ``MEMORY_SLACK`` more bytes for backward than factorized (None: it may)."""
+    it would save more bytes for backward than factorized (None: it may). No allowance: auto in training
+    never keeps more than the factorized path, which keeps what PEFT's LoRA keeps."""
     if strategy != "merged" or policy != "memory-aware" or not call.adapter_needs_grad:
         return None
     mine, fact = saved_bytes(call.with_strategy("merged")), saved_bytes(call.with_strategy("factorized"))
-    if mine <= (1 + MEMORY_SLACK) * fact:
+    if mine <= fact:
         return None
     return (f"saves {mine / 2**20:.2f} MiB for backward vs {fact / 2**20:.2f} MiB factorized (memory-aware "
             "policy; set_dispatch_policy('speed') allows it)")

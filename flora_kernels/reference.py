@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .convspec import ConvSpec, conv_nd
-from .tucker import core_kernel
+from .tucker import core_kernel, input_fold
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
 def _dropout(x: Tensor, p: float) -> Tensor:
@@ -90,19 +92,21 @@ def conv_factorized(
     x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
     scale: float, spec: ConvSpec, dropout_p: float = 0.0,
 ) -> Tensor:
-    """Projection (per-group 1x1 by U_in^T) -> core conv K (grouped, base geometry) ->
-    expansion (per-group 1x1 by U_out), accumulated into the base output. Same shapes as
-    ``conv_merged``. Each group uses the same factors and core; the 1x1 maps run as GEMMs.
+    """``conv(x, W) + b + s * U_out . conv(dropout(x), A)`` with A = core x_1 U_in x_2 U_2 ... the
+    core folded with every factor but the output one (``tucker.input_fold``): the conv's own
+    geometry maps C_in/groups channels to r_out, then a grouped 1x1 conv by U_out expands them,
+    accumulated into the base output (scale as the accumulation's alpha). Same shapes as
+    ``conv_merged``; every group uses the same factors and core.
+
+    Autograd keeps dropout(x) and the r_out-channel activation, as LoRA's two convs do. The fold
+    costs a few tiny GEMMs per call, independent of the batch.
     """
     g, d = spec.groups, spec.dims
-    u_out, u_in = factors[0].to(x.dtype), factors[1].to(x.dtype)
-    r_out, r_in = core.shape[0], core.shape[1]
-    k = core_kernel(core.to(x.dtype), [f.to(x.dtype) for f in factors], scale)
-    w_core = k.repeat(g, *(1,) * (d + 1)) if g > 1 else k
-    z = _pointwise(_dropout(x, dropout_p), u_in.t().expand(g, r_in, u_in.shape[0]))
-    u = conv_nd(z, w_core, None, spec)
+    a = input_fold(core.to(x.dtype), [f.to(x.dtype) for f in factors])  # (r_out, C_in/g, *k)
+    h = conv_nd(_dropout(x, dropout_p), a.repeat(g, *(1,) * (d + 1)) if g > 1 else a, None, spec)
     y = conv_nd(x, weight, bias, spec)
-    return y.add_(_pointwise(u, u_out.reshape(g, -1, r_out)))
+    u_out = factors[0].to(x.dtype)
+    return y.add_(_CONVS[d - 1](h, u_out.view(*u_out.shape, *(1,) * d), None, 1, 0, 1, g), alpha=scale)
 
 
 def embedding_factorized(

@@ -139,6 +139,22 @@ def core_kernel(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> 
     return k * scale if scale != 1.0 else k
 
 
+def input_fold(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """The core folded with every factor but the output one, ``A = core x_1 U_1 ... x_{N-1} U_{N-1}``:
+    (r_0, I_1, ..., I_{N-1}), the kernel of a conv from the input channels to r_0 (LoRA's A for
+    a conv). Two GEMMs whatever N: U_1 against the core's mode-1 unfolding, then the Kronecker
+    product of the kernel-mode factors against the kernel modes. Differentiable; few autograd
+    nodes (it runs on every training call). The result is a transposed view."""
+    r0, r1 = core.shape[0], core.shape[1]
+    t = factors[1] @ core.transpose(0, 1).reshape(r1, -1)  # (I_1, r_0 * prod(r_k))
+    if core.dim() > 2:
+        kk = factors[2]
+        for f in factors[3:]:
+            kk = torch.kron(kk, f)  # (prod I_k, prod r_k)
+        t = t.view(-1, kk.shape[1]) @ kk.t()  # (I_1 r_0, prod I_k)
+    return t.view(factors[1].shape[0], r0, *(f.shape[0] for f in factors[2:])).transpose(0, 1)
+
+
 def tucker_project(t: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """Adjoint of reconstruct: ``t x_0 U_0^T ... x_{N-1} U_{N-1}^T``.
 

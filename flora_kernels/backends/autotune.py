@@ -17,8 +17,8 @@ only declare their candidates and why one cannot serve a call (``unsupported_rea
    call (auto's backends in the registry's order, strategies in ``STRATEGIES`` order, variants
    in the backend's order: its default first). Under the "memory-aware" policy (the default,
    ``set_dispatch_policy`` / ``FLORA_DISPATCH_POLICY``), a training call (adapter gradients
-   needed) drops an auto-chosen candidate that saves more than ``plan.MEMORY_SLACK`` (10%) more
-   bytes for backward than the factorized path (``plan.saved_bytes``: the merged path keeps the
+   needed) drops an auto-chosen candidate that saves more bytes for backward than the
+   factorized path (``plan.saved_bytes``: the merged path keeps the
    dense W + dW); policy "speed" keeps it. The cost model applies the same rule.
 3. with one candidate there is nothing to choose; else, per (call, request, policy): the
    decision in memory, else (measuring on, not tracing, not capturing a CUDA graph) the one in

@@ -336,13 +336,13 @@ class ConvFused(torch.autograd.Function):
         y = conv_nd(x, weight, bias, spec)
         z = flora().adapter_shrink(x, u_in, 1, p, seed)
         u = flora().adapter_conv_expand_(y, z, k, u_out, *core_conv_args(spec), scale)
-        ctx.save_for_backward(x, weight, k, u_out, u_in, z, u)
+        ctx.save_for_backward(x, weight, k, u_out, u_in, u)  # z is recomputed from x: one rank-sized save
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, k, u_out, u_in, z, u = ctx.saved_tensors
+        x, weight, k, u_out, u_in, u = ctx.saved_tensors
         need_x, need_w, need_b, need_k, need_uo, need_ui = ctx.needs_input_grad[:6]
         ops, spec, scale = flora(), ctx.spec, ctx.scale
         dx = dw = db = dk = du_out = du_in = None
@@ -358,6 +358,7 @@ class ConvFused(torch.autograd.Function):
             du_out = ops.adapter_factor_grad(dy, u, 1, True, scale, 0.0, 0) if need_uo else None
         dz = None
         if need_k or (need_ui and not need_x):  # the core conv's dk (and dz when dx is not asked) in one call
+            z = ops.adapter_shrink(x, u_in, 1, ctx.p, ctx.seed)  # the forward's z, same dropout mask
             dz, dk = conv_nd_backward(du, z, k, spec, need_ui and not need_x, need_k)
         if need_x or need_w:
             dx, dw = conv_nd_backward(dy, x, weight, spec, need_x, need_w)
