@@ -398,7 +398,11 @@ class FLoRALayer(nn.Module):
                 raise KeyError(f"adapter {n!r} not found; this layer has {self.adapter_names}")
 
     def _tensors_of(self, name: str) -> list[nn.Parameter]:
-        return [self.flora_core[name]] + [getattr(self, f"flora_u{n}")[name] for n in range(self.flora_core[name].dim())]
+        # the containers' parameter dicts read directly: what ParameterDict's ``[name]`` returns, and
+        # much less for Dynamo to trace on every traced forward
+        mods = self._modules
+        core = mods["flora_core"]._parameters[name]
+        return [core] + [mods[f"flora_u{n}"]._parameters[name] for n in range(core.dim())]
 
     def tensors(self, name: str) -> tuple[nn.Parameter, list[nn.Parameter]]:
         """(core, factors) of adapter ``name``."""
@@ -735,11 +739,12 @@ class FLoRALayer(nn.Module):
         return (core, factors, scale) if held is None else (core * held, factors, 1.0)
 
     def _traced_weight(self, access: str) -> Tensor:
-        """The mode-order weight in traced code, by the plan's access."""
+        """The mode-order weight in traced code, by the plan's access ("param" and "t" read the
+        base layer's parameter dict: a registered parameter, ``_weight_access`` checked)."""
         if access == "param":
-            return getattr(self.base_layer, self.weight_name)
+            return self._modules["base_layer"]._parameters[self.weight_name]
         if access == "t":
-            return getattr(self.base_layer, self.weight_name).t()
+            return self._modules["base_layer"]._parameters[self.weight_name].t()
         return self.weight_modes()
 
     def _traced_fused(self, x: Tensor, plan: tuple) -> Tensor:
