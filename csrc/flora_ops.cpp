@@ -28,6 +28,9 @@
 //   adapter_conv_shrink_grad_input_(dx!, du (N, r_out, *out), k, u_in (C_in, r_in), stride, padding, dilation,
 //                                   p, seed) -> dz
 //       dz = the conv's input gradient for du (size of dx), dx += mask * (u_in . dz); dz in du's layout
+//   input_fold(core (r0, r1, *rk), u_in (I1, r1), kernel [(k_j, rk_j)]) -> A (r0, I1, *k)   (CPU only)
+//       A = core x_1 u_in x_2 kernel[0] ...: the core folded with every factor but the output one
+//   input_fold_backward(grad (r0, I1, *k), core, u_in, kernel) -> [dcore, du_in, dkernel...]  (CPU only)
 #include <Python.h>
 
 #include <torch/library.h>
@@ -54,6 +57,8 @@ TORCH_LIBRARY(flora, m) {
         "int[] dilation, float scale) -> Tensor", tags);
   m.def("adapter_conv_shrink_grad_input_(Tensor(a!) dx, Tensor du, Tensor k, Tensor u_in, int[] stride, "
         "int[] padding, int[] dilation, float p, int seed) -> Tensor", tags);
+  m.def("input_fold(Tensor core, Tensor u_in, Tensor[] kernel) -> Tensor", tags);
+  m.def("input_fold_backward(Tensor grad, Tensor core, Tensor u_in, Tensor[] kernel) -> Tensor[]", tags);
   m.def("depthwise_conv2d_weight_grad(Tensor x, Tensor dy, int[] kernel, int[] stride, int[] padding, "
         "int[] dilation) -> Tensor", tags);
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +38,15 @@ class ConvSpec:
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str
+    #: the number of spatial dims (derived once: read on every call)
+    dims: int = field(init=False, compare=False, repr=False)
+    #: the per-dim padding if it can be handed to F.convNd directly, else None (derived once)
+    symmetric_zero_padding: tuple[int, ...] | None = field(init=False, compare=False, repr=False)
 
-    @property
-    def dims(self) -> int:
-        return len(self.stride)
-
-    @property
-    def symmetric_zero_padding(self) -> tuple[int, ...] | None:
-        """The per-dim padding if it can be handed to F.convNd directly, else None."""
-        if self.padding_mode != "zeros" or any(lo != hi for lo, hi in self.pads):
-            return None
-        return tuple(lo for lo, _ in self.pads)
+    def __post_init__(self) -> None:
+        sym = self.padding_mode == "zeros" and all(lo == hi for lo, hi in self.pads)
+        object.__setattr__(self, "dims", len(self.stride))
+        object.__setattr__(self, "symmetric_zero_padding", tuple(lo for lo, _ in self.pads) if sym else None)
 
     @staticmethod
     def make(

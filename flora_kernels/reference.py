@@ -27,6 +27,11 @@ from .tucker import core_kernel, input_fold
 _CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
+def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype`` (t itself when it already is: no dispatch on the per-call path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _dropout(x: Tensor, p: float) -> Tensor:
     return F.dropout(x, p, training=True) if p > 0 else x
 
@@ -52,8 +57,8 @@ def linear_factorized(
     The core is folded into the expansion: B = s U_out G (out, r_in), so the adapter costs two
     skinny GEMMs, x U_in and S B^T.
     """
-    u_out, u_in = (f.to(x.dtype) for f in factors)
-    b = (u_out @ core.to(x.dtype)) * scale
+    u_out, u_in = (in_dtype(f, x.dtype) for f in factors)
+    b = (u_out @ in_dtype(core, x.dtype)) * scale
     s = _dropout(x, dropout_p) @ u_in
     y = F.linear(x, weight, bias)
     if y.dim() == 2:  # in place on y itself: autograd has no view to rebase (a CopySlices node less)
@@ -94,18 +99,27 @@ def conv_factorized(
 ) -> Tensor:
     """``conv(x, W) + b + s * U_out . conv(dropout(x), A)`` with A = core x_1 U_in x_2 U_2 ... the
     core folded with every factor but the output one (``tucker.input_fold``): the conv's own
-    geometry maps C_in/groups channels to r_out, then a grouped 1x1 conv by U_out expands them,
-    accumulated into the base output (scale as the accumulation's alpha). Same shapes as
-    ``conv_merged``; every group uses the same factors and core.
+    geometry maps C_in/groups channels to r_out, then a grouped 1x1 conv by U_out expands them.
+    Same shapes as ``conv_merged``; every group uses the same factors and core.
 
     Autograd keeps dropout(x) and the r_out-channel activation, as LoRA's two convs do. The fold
     costs a few tiny GEMMs per call, independent of the batch.
     """
+    dt = x.dtype
+    a = input_fold(in_dtype(core, dt), [in_dtype(f, dt) for f in factors])  # (r_out, C_in/g, *k)
+    return conv_folded(x, _dropout(x, dropout_p), weight, bias, a, in_dtype(factors[0], dt), scale, spec)
+
+
+def conv_folded(
+    x: Tensor, xa: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, u_out: Tensor, scale: float, spec: ConvSpec,
+) -> Tensor:
+    """``conv(x, W) + b + s * U_out . conv(xa, A)`` for the adapter's input xa (x, or its dropped
+    copy), a folded A (r_out, C_in/g, *k) and u_out (C_out, r_out) in x's dtype: the conv through A
+    (repeated per group), then the grouped 1x1 conv by U_out accumulated into the base output
+    (scale as the accumulation's alpha)."""
     g, d = spec.groups, spec.dims
-    a = input_fold(core.to(x.dtype), [f.to(x.dtype) for f in factors])  # (r_out, C_in/g, *k)
-    h = conv_nd(_dropout(x, dropout_p), a.repeat(g, *(1,) * (d + 1)) if g > 1 else a, None, spec)
+    h = conv_nd(xa, a.repeat(g, *(1,) * (d + 1)) if g > 1 else a, None, spec)
     y = conv_nd(x, weight, bias, spec)
-    u_out = factors[0].to(x.dtype)
     return y.add_(_CONVS[d - 1](h, u_out.view(*u_out.shape, *(1,) * d), None, 1, 0, 1, g), alpha=scale)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...convspec import ConvSpec, conv_nd
+from ...reference import in_dtype
 from ...tucker import core_kernel
 from ..base import Backend, Call, TensorSpec, autocast_dtype
 from .build import load_extension
@@ -143,13 +144,13 @@ class ExtBackend(Backend):
                 return self.conv(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), core, factors, scale,
                                  spec, dropout_p)
         dt = x.dtype
-        fs = [f.to(dt) for f in factors]
-        return self._conv(x, weight, bias, conv_core(core.to(dt), fs, spec.groups), fs, float(scale), spec,
+        return self._conv(x, weight, bias, in_dtype(core, dt), [in_dtype(f, dt) for f in factors], float(scale), spec,
                           float(dropout_p))
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, k: Tensor, fs: Sequence[Tensor], scale: float,
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, fs: Sequence[Tensor], scale: float,
               spec: ConvSpec, p: float) -> Tensor:
-        """y = conv(x, W) + b + scale * expand(conv(shrink(x), k)) in x's layout; factors and k in x's dtype.
+        """y = conv(x, W) + b + scale * expand(conv(shrink(x), k)) in x's layout, k = ``conv_core``;
+        core and factors in x's dtype.
 
         No copies of x, y or their gradients: the base conv's output (cuDNN on CUDA) takes the
         adapter in place, and its input gradient the adapter's; the kernels read and write
@@ -157,6 +158,7 @@ class ExtBackend(Backend):
         (``fused_conv_reason``) run the core conv and the expansion as one op (``ConvFused``), the
         others torch's core conv between ``BaseConvShrink`` and ``Expand``.
         """
+        k = conv_core(core, fs, spec.groups)
         if fused_conv_reason(x, k, spec) is None:
             return ConvFused.apply(x, weight, bias, k, fs[0], fs[1], spec, scale, p, new_seed(p))
         y, z = BaseConvShrink.apply(x, weight, bias, fs[1], spec, p, new_seed(p))

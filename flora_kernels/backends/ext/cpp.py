@@ -1,4 +1,9 @@
-"""``CppBackend``: the extension's CPU kernels (at::parallel_for around BLAS GEMMs), on CPU tensors."""
+"""``CppBackend``: the extension's CPU kernels (at::parallel_for around BLAS GEMMs), on CPU tensors.
+
+Its factorized conv takes one of two forms: where the input fold is small (``SMALL_FOLD``, the
+host-bound regime of small convs, where op count is the cost) the folded form of the reference
+(``reference.conv_folded``) with the fold as one op each way (``flora::input_fold``); otherwise the
+extension's projection form (``ExtBackend._conv``)."""
 
 from __future__ import annotations
 
@@ -7,11 +12,23 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ...convspec import ConvSpec
+from ...reference import conv_folded
 from ...tucker import mode_n_product
 from . import depthwise
-from .backend import ExtBackend
+from .backend import ExtBackend, new_seed
 from .build import BUILD_HINT
 from .ops import Project, flora
+
+# Largest input fold (forward multiply-adds) the loops of ``flora::input_fold`` take: about 10-20 us
+# of arithmetic at most, where the fold as GEMMs costs more in ops alone (docs/kernels/cpu.md).
+SMALL_FOLD = 1 << 16
+
+
+def fold_macs(weight: Tensor, core: Tensor) -> int:
+    """Forward multiply-adds of the input fold of core (r_out, r_in, *rk) for a conv weight
+    (C_out, C_in/g, *k): the kernel-mode fold (r_out r_in taps prod(rk)), then U_in's (r_out C_in/g r_in taps)."""
+    c_in, taps = weight.shape[1], weight[0, 0].numel()
+    return taps * (core.numel() + core.shape[0] * core.shape[1] * c_in)
 
 
 class CppBackend(ExtBackend):
@@ -37,6 +54,14 @@ class CppBackend(ExtBackend):
         for n in range(p.dim() - 1, 1, -1):
             p = mode_n_product(p, factors[n].t(), n)
         return p
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, fs: Sequence[Tensor], scale: float,
+              spec: ConvSpec, p: float) -> Tensor:
+        if fold_macs(weight, core) > SMALL_FOLD:
+            return super()._conv(x, weight, bias, core, fs, scale, spec, p)
+        a = flora().input_fold(core, fs[1], list(fs[2:]))  # differentiable: a C++ autograd node
+        xa = x * flora().dropout_mask(x, p, new_seed(p)) if p > 0 else x  # the extension's seeded mask
+        return conv_folded(x, xa, weight, bias, a, fs[0], scale, spec)
 
     def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         """Depthwise 2-D convs with the extension's weight gradient (``depthwise``), others torch's."""

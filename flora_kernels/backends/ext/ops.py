@@ -13,6 +13,9 @@ Schemas: csrc/flora_ops.cpp; semantics: docs/kernels/cuda.md. Channel views: an 
     adapter_conv_expand_(y!, z, k, u_out, stride, padding, dilation, scale) -> u = conv(z, k); y += scale u_out . u
     adapter_conv_shrink_grad_input_(dx!, du, k, u_in, stride, padding, dilation, p, seed)
         -> dz = conv_transpose(du, k); dx += mask * (u_in . dz)
+    input_fold(core, u_in, kernel) -> A = core x_1 u_in x_2 kernel[0] ... (CPU; tucker.input_fold; its
+        autograd is a C++ node, csrc/flora_cpu_fold.cpp)
+    input_fold_backward(grad, core, u_in, kernel) -> [dcore, du_in, *dkernel]
 
 The fakes are declared here with ``oplib.fake`` and registered by ``build.load_extension`` once
 the library is loaded.
@@ -32,7 +35,7 @@ OPS = (
     "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
-    "adapter_conv_expand_", "adapter_conv_shrink_grad_input_",
+    "adapter_conv_expand_", "adapter_conv_shrink_grad_input_", "input_fold", "input_fold_backward",
 )
 
 
@@ -141,6 +144,19 @@ def _(dx, du, k, u_in, stride, padding, dilation, p, seed):
     _same_device(dx, du, k, u_in)
     return torch.empty((du.shape[0], k.shape[1], *dx.shape[2:]), dtype=du.dtype, device=du.device,
                        memory_format=layout_of(du))
+
+
+@fake("flora::input_fold")
+def _(core, u_in, kernel):
+    _same_device(core, u_in, *kernel)
+    torch._check(core.dim() == 2 + len(kernel), lambda: "input_fold: expected core (r0, r1, *kernel ranks)")
+    return core.new_empty((core.shape[0], u_in.shape[0], *(k.shape[0] for k in kernel)))
+
+
+@fake("flora::input_fold_backward")
+def _(grad, core, u_in, kernel):
+    _same_device(grad, core, u_in, *kernel)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u_in, *kernel)]
 
 
 @fake("flora::depthwise_conv2d_weight_grad")
@@ -369,3 +385,4 @@ class ConvFused(torch.autograd.Function):
         if need_ui:
             du_in = ops.adapter_factor_grad(x, dz, 1, False, 1.0, ctx.p, ctx.seed)
         return dx, dw, db, dk, du_out, du_in, None, None, None, None
+

@@ -24,6 +24,15 @@ _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
 
 
+@pytest.fixture(autouse=True)
+def projection_form(monkeypatch):
+    """Every conv of the cpp backend in its projection form (``ConvFused`` and the unfused ops), as
+    on CUDA: small folds would otherwise take the folded form (tests/backends/ext/test_ext_input_fold.py)."""
+    from flora_kernels.backends.ext import cpp
+
+    monkeypatch.setattr(cpp, "SMALL_FOLD", -1)
+
+
 
 def ops():
     return torch.ops.flora

@@ -189,6 +189,11 @@ def _samples(dtype=torch.float32):
         "adapter_linear_grad": [(torch.randn(7, 8, dtype=dtype), torch.randn(7, 3, dtype=dtype),
                                  torch.randn(8, 3, dtype=dtype))],
         "dropout_mask": [(x, 0.3, 11)],
+        "input_fold": [(torch.randn(3, 2, 2, 3, dtype=dtype), u_in, [torch.randn(3, 2, dtype=dtype),
+                                                                     torch.randn(5, 3, dtype=dtype)]),
+                       (torch.randn(4, 2, 3, dtype=dtype), u_in, [torch.randn(3, 3, dtype=dtype)])],
+        "input_fold_backward": [(torch.randn(3, 3, 3, 5, dtype=dtype), torch.randn(3, 2, 2, 3, dtype=dtype), u_in,
+                                 [torch.randn(3, 2, dtype=dtype), torch.randn(5, 3, dtype=dtype)])],
     }
 
 
