@@ -3,9 +3,10 @@
 Both strategies compute ``base(x) + op(dropout(x), dW)`` with
 ``dW = scale * core x_0 U_0 ... x_{N-1} U_{N-1}`` (docs/ARCHITECTURE.md, Conventions):
 
-- factorized (input path): shrink the input by U_in, apply the small core map (a matrix for
-  Linear, a core conv for ConvNd carrying the base stride/padding/dilation/groups), expand by
-  U_out and add into the base output. dW is never materialized.
+- factorized (input path): for Linear, shrink the input by U_in, apply the core, expand by
+  U_out into the base output; for ConvNd, the folded form: A = core x_1 U_in x_2 U_2 ... (tiny,
+  per call), conv(dropout(x), A) with the base stride/padding/dilation/groups, expand by U_out
+  into the base output. dW is never materialized.
 - merged (weight path): ``op(x, W + dW)``; with active dropout ``op(x, W) + op(dropout(x), dW)``.
 
 Dtypes: the adapter path computes in the input's dtype (adapter parameters are cast to it);

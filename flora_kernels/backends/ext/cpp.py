@@ -3,7 +3,7 @@
 Its factorized conv takes one of two forms: where the input fold is small (``SMALL_FOLD``, the
 host-bound regime of small convs, where op count is the cost) the folded form of the reference
 (``reference.conv_folded``) with the fold as one op each way (``flora::input_fold``); otherwise the
-extension's projection form (``ExtBackend._conv``)."""
+extension's projection form (``ExtBackend._conv``). Dropout uses the extension's seeded mask either way."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from .build import BUILD_HINT
 from .ops import Project, flora
 
 # Largest input fold (forward multiply-adds) the loops of ``flora::input_fold`` take: about 10-20 us
-# of arithmetic at most, where the fold as GEMMs costs more in ops alone (docs/kernels/cpu.md).
+# of arithmetic at most, where the fold as GEMMs costs more in ops alone (docs/kernels/cuda.md, "CPU
+# kernels: the input fold of small convs").
 SMALL_FOLD = 1 << 16
 
 
