@@ -61,44 +61,46 @@ FoldDims fold_dims(const Tensor& core, const Tensor& u_in, at::TensorList ks) {
   return f;
 }
 
-// Row-major digits of a flat kernel index over the given sizes (last dim fastest).
-inline void digits(int64_t flat, const std::vector<int64_t>& sizes, int64_t* out) {
-  for (int64_t j = static_cast<int64_t>(sizes.size()) - 1; j >= 0; --j) {
-    out[j] = flat % sizes[j];
-    flat /= sizes[j];
-  }
-}
-
-// KK[k * P + p] = prod_j K_j[digit_j(k), digit_j(p)].
-template <typename scalar_t, typename acc_t>
-std::vector<acc_t> kron(const std::vector<const scalar_t*>& kp, const FoldDims& f) {
-  std::vector<acc_t> kk(f.K * f.P);
-  const int64_t d = static_cast<int64_t>(kp.size());
-  std::vector<int64_t> a(d), q(d);
-  for (int64_t k = 0; k < f.K; ++k) {
-    digits(k, f.ksz, a.data());
-    for (int64_t p = 0; p < f.P; ++p) {
-      digits(p, f.rsz, q.data());
-      acc_t v = 1;
-      for (int64_t j = 0; j < d; ++j) v *= static_cast<acc_t>(kp[j][a[j] * f.rsz[j] + q[j]]);
-      kk[k * f.P + p] = v;
+// Row-major digits of every flat index over the given sizes (last dim fastest): out[flat * d + j].
+std::vector<int64_t> digit_table(int64_t n, const std::vector<int64_t>& sizes) {
+  const int64_t d = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> out(n * d);
+  for (int64_t flat = 0; flat < n; ++flat) {
+    int64_t rest = flat;
+    for (int64_t j = d - 1; j >= 0; --j) {
+      out[flat * d + j] = rest % sizes[j];
+      rest /= sizes[j];
     }
   }
+  return out;
+}
+
+// The Kronecker product of the kernel factors, transposed: KKt[p * K + k] = prod_j K_j[digit_j(k), digit_j(p)]
+// (P rows of K taps, so the folds below run as axpy over contiguous taps).
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> kron_t(const std::vector<const scalar_t*>& kp, const FoldDims& f, const std::vector<int64_t>& ka,
+                          const std::vector<int64_t>& qp) {
+  const int64_t d = static_cast<int64_t>(kp.size());
+  std::vector<acc_t> kk(f.P * f.K);
+  for (int64_t p = 0; p < f.P; ++p)
+    for (int64_t k = 0; k < f.K; ++k) {
+      acc_t v = 1;
+      for (int64_t j = 0; j < d; ++j) v *= static_cast<acc_t>(kp[j][ka[k * d + j] * f.rsz[j] + qp[p * d + j]]);
+      kk[p * f.K + k] = v;
+    }
   return kk;
 }
 
-// T[(o r1 + i) K + k] = sum_p core[(o r1 + i) P + p] KK[k P + p]: the core folded with the kernel factors.
+// T[(o r1 + i) K + k] = sum_p core[(o r1 + i) P + p] KK[k, p]: the core folded with the kernel factors.
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> fold_kernel(const scalar_t* core, const std::vector<acc_t>& kk, const FoldDims& f) {
+std::vector<acc_t> fold_kernel(const scalar_t* core, const std::vector<acc_t>& kkt, const FoldDims& f) {
   std::vector<acc_t> t(f.r0 * f.r1 * f.K, acc_t(0));
   for (int64_t oi = 0; oi < f.r0 * f.r1; ++oi) {
-    const scalar_t* g = core + oi * f.P;
-    acc_t* to = t.data() + oi * f.K;
-    for (int64_t k = 0; k < f.K; ++k) {
-      const acc_t* kr = kk.data() + k * f.P;
-      acc_t s = 0;
-      for (int64_t p = 0; p < f.P; ++p) s += static_cast<acc_t>(g[p]) * kr[p];
-      to[k] = s;
+    acc_t* __restrict to = t.data() + oi * f.K;
+    for (int64_t p = 0; p < f.P; ++p) {
+      const acc_t g = static_cast<acc_t>(core[oi * f.P + p]);
+      const acc_t* __restrict kr = kkt.data() + p * f.K;
+      for (int64_t k = 0; k < f.K; ++k) to[k] += g * kr[k];
     }
   }
   return t;
@@ -121,8 +123,8 @@ Tensor input_fold_cpu(const Tensor& core_, const Tensor& u_in_, at::TensorList k
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> kp;
     for (const auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
-    const std::vector<acc_t> kk = kron<scalar_t, acc_t>(kp, f);
-    const std::vector<acc_t> t = fold_kernel<scalar_t, acc_t>(core.data_ptr<scalar_t>(), kk, f);
+    const std::vector<acc_t> kkt = kron_t<scalar_t, acc_t>(kp, f, digit_table(f.K, f.ksz), digit_table(f.P, f.rsz));
+    const std::vector<acc_t> t = fold_kernel<scalar_t, acc_t>(core.data_ptr<scalar_t>(), kkt, f);
     const scalar_t* u = u_in.data_ptr<scalar_t>();
     scalar_t* a = out.data_ptr<scalar_t>();
     std::vector<acc_t> row(f.K);
@@ -158,11 +160,12 @@ std::vector<Tensor> input_fold_backward_cpu(const Tensor& grad_, const Tensor& c
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> kp;
     for (const auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
-    const std::vector<acc_t> kk = kron<scalar_t, acc_t>(kp, f);
+    const std::vector<int64_t> ka = digit_table(f.K, f.ksz), qp = digit_table(f.P, f.rsz);
+    const std::vector<acc_t> kkt = kron_t<scalar_t, acc_t>(kp, f, ka, qp);
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const scalar_t* cr = core.data_ptr<scalar_t>();
     const scalar_t* u = u_in.data_ptr<scalar_t>();
-    const std::vector<acc_t> t = fold_kernel<scalar_t, acc_t>(cr, kk, f);
+    const std::vector<acc_t> t = fold_kernel<scalar_t, acc_t>(cr, kkt, f);
     // dT[o, i, k] = sum_c u[c, i] g[o, c, k];  du[c, i] = sum_{o, k} g[o, c, k] T[o, i, k]
     std::vector<acc_t> dt(f.r0 * f.r1 * f.K, acc_t(0)), dua(f.i1 * f.r1, acc_t(0));
     for (int64_t o = 0; o < f.r0; ++o) {
@@ -184,32 +187,32 @@ std::vector<Tensor> input_fold_backward_cpu(const Tensor& grad_, const Tensor& c
     }
     scalar_t* dup = du.data_ptr<scalar_t>();
     for (int64_t e = 0; e < f.i1 * f.r1; ++e) dup[e] = static_cast<scalar_t>(dua[e]);
-    // dcore[o, i, p] = sum_k dT[o, i, k] KK[k, p];  dKK[k, p] = sum_{o, i} dT[o, i, k] core[o, i, p]
-    std::vector<acc_t> dkk(f.K * f.P, acc_t(0));
+    // dcore[o, i, p] = sum_k dT[o, i, k] KK[k, p];  dKKt[p, k] = sum_{o, i} core[o, i, p] dT[o, i, k]
+    std::vector<acc_t> dkkt(f.P * f.K, acc_t(0));
     scalar_t* dc = dcore.data_ptr<scalar_t>();
     for (int64_t oi = 0; oi < f.r0 * f.r1; ++oi) {
-      const acc_t* dtr = dt.data() + oi * f.K;
-      const scalar_t* gc = cr + oi * f.P;
+      const acc_t* __restrict dtr = dt.data() + oi * f.K;
       for (int64_t p = 0; p < f.P; ++p) {
+        const acc_t* __restrict kr = kkt.data() + p * f.K;
+        acc_t* __restrict dr = dkkt.data() + p * f.K;
+        const acc_t gc = static_cast<acc_t>(cr[oi * f.P + p]);
         acc_t s = 0;
-        for (int64_t k = 0; k < f.K; ++k) s += dtr[k] * kk[k * f.P + p];
+        for (int64_t k = 0; k < f.K; ++k) {
+          s += dtr[k] * kr[k];
+          dr[k] += gc * dtr[k];
+        }
         dc[oi * f.P + p] = static_cast<scalar_t>(s);
-      }
-      for (int64_t k = 0; k < f.K; ++k) {
-        const acc_t v = dtr[k];
-        for (int64_t p = 0; p < f.P; ++p) dkk[k * f.P + p] += v * static_cast<acc_t>(gc[p]);
       }
     }
     // dK_j[a, q] = sum over (k, p) with digit_j(k) = a, digit_j(p) = q of dKK[k, p] prod_{m != j} K_m[.., ..]
     const int64_t d = static_cast<int64_t>(ks.size());
     std::vector<std::vector<acc_t>> dka(d);
     for (int64_t j = 0; j < d; ++j) dka[j].assign(f.ksz[j] * f.rsz[j], acc_t(0));
-    std::vector<int64_t> a(d), q(d);
-    for (int64_t k = 0; k < f.K; ++k) {
-      digits(k, f.ksz, a.data());
-      for (int64_t p = 0; p < f.P; ++p) {
-        digits(p, f.rsz, q.data());
-        const acc_t v = dkk[k * f.P + p];
+    for (int64_t p = 0; p < f.P; ++p) {
+      const int64_t* q = qp.data() + p * d;
+      for (int64_t k = 0; k < f.K; ++k) {
+        const int64_t* a = ka.data() + k * d;
+        const acc_t v = dkkt[p * f.K + k];
         for (int64_t j = 0; j < d; ++j) {
           acc_t prod = v;
           for (int64_t m = 0; m < d; ++m)

@@ -38,7 +38,8 @@ is not timed; its first run stands) and size the budget. Then interleaved, rotat
 others at the call's dropout: at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``, stopped when the
 leader is clear (its slowest round beats every other candidate's fastest) or the rounds cost
 ``BUDGET_RUNS`` times the verification runs (a budget proportional to the call's own cost),
-capped by ``FLORA_AUTOTUNE_BUDGET_MS`` (default 100).
+capped by ``FLORA_AUTOTUNE_BUDGET_MS`` (default 100). A sample of a cheap call is the mean of
+back-to-back runs filling ``MIN_SAMPLE_S`` (1 ms; at most ``MAX_REPS``), its budget scaled alike.
 
 Winner (``_winner``): the verified candidate with the lowest median, unless its lead over the
 cost model's pick is inside the measured noise; then the cost model's pick. The noise of a
@@ -59,6 +60,7 @@ import contextlib
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -93,6 +95,7 @@ DEFAULT_BUDGET_MS = 100.0
 MIN_ROUNDS, MAX_ROUNDS = 2, 7
 BUDGET_RUNS = 1.0  # timing budget after the first round: this many times its summed time
 PRUNE_RATIO = 2.0  # after the first round, candidates slower than this times the fastest stop
+MIN_SAMPLE_S, MAX_REPS = 1e-3, 16  # a timed sample repeats a cheap call up to this long (at most MAX_REPS runs)
 POLICIES = ("memory-aware", "speed")
 
 # runner(backend, strategy, tensors, dropout_p) -> output: the op on these tensors (same order
@@ -522,9 +525,15 @@ class _Measurement:
         leaf = t.detach().double() if exact and t.is_floating_point() else t.detach()
         return leaf.requires_grad_(self.grad and t.requires_grad)
 
-    def timed(self, c: Candidate, p: float) -> tuple[list[Tensor], float]:
-        """(``run(c, p)``, its time on the device's clock)."""
-        return self.clock.time(lambda: self.run(c, p))  # type: ignore[return-value]
+    def timed(self, c: Candidate, p: float, reps: int = 1) -> tuple[list[Tensor], float]:
+        """(``run(c, p)``, its time on the device's clock: the mean of ``reps`` back-to-back runs)."""
+        def runs() -> list[Tensor]:
+            for _ in range(reps - 1):
+                self.run(c, p)
+            return self.run(c, p)
+
+        out, t = self.clock.time(runs)
+        return out, t / reps  # type: ignore[return-value]
 
 
 class _Verifier:
@@ -598,7 +607,9 @@ def _time_rounds(m: _Measurement, times: dict[Candidate, list[float]], first: di
     verification runs' times (cold: they only prune and size the budget). Candidates slower than
     ``PRUNE_RATIO`` times the fastest first run are not timed (their first run stands); then rounds
     until the leader is clear or the budget (module doc) is spent, at least ``MIN_ROUNDS``, at most
-    ``MAX_ROUNDS``."""
+    ``MAX_ROUNDS``. A cheap call is timed as the mean of back-to-back runs filling ``MIN_SAMPLE_S``
+    (at most ``MAX_REPS``): single runs of tens of microseconds are mostly clock and scheduler
+    noise; the budget grows with the repetitions (still capped by ``FLORA_AUTOTUNE_BUDGET_MS``)."""
     fastest = min(first.values(), default=0.0)
     alive = [c for c in times if c not in first or first[c] <= PRUNE_RATIO * fastest]
     for c, ts in times.items():
@@ -606,13 +617,14 @@ def _time_rounds(m: _Measurement, times: dict[Candidate, list[float]], first: di
             ts.append(first[c])
     if len(alive) < 2:
         return
-    budget = min(_budget_s(), BUDGET_RUNS * sum(first.get(c, fastest) for c in alive))
+    reps = max(1, min(MAX_REPS, math.ceil(MIN_SAMPLE_S / fastest))) if fastest > 0 else 1
+    budget = min(_budget_s(), reps * BUDGET_RUNS * sum(first.get(c, fastest) for c in alive))
     for r in range(MAX_ROUNDS):
-        if r >= MIN_ROUNDS and (_clear_leader(times, alive) or sum(sum(times[c]) for c in alive) > budget):
+        if r >= MIN_ROUNDS and (_clear_leader(times, alive) or reps * sum(sum(times[c]) for c in alive) > budget):
             break
         k = r % len(alive)
         for c in alive[k:] + alive[:k]:
-            times[c].append(m.timed(c, m.dropout_p)[1])
+            times[c].append(m.timed(c, m.dropout_p, reps)[1])
 
 
 def _clear_leader(times: dict[Candidate, list[float]], alive: list[Candidate]) -> bool:

@@ -1,9 +1,11 @@
 """``CppBackend``: the extension's CPU kernels (at::parallel_for around BLAS GEMMs), on CPU tensors.
 
-Its factorized conv takes one of two forms: where the input fold is small (``SMALL_FOLD``, the
-host-bound regime of small convs, where op count is the cost) the folded form of the reference
-(``reference.conv_folded``) with the fold as one op each way (``flora::input_fold``); otherwise the
-extension's projection form (``ExtBackend._conv``). Dropout uses the extension's seeded mask either way."""
+Its factorized conv takes one of two forms (``folded_form``): where the call is small (the
+host-bound regime, where op count is the cost: a small input fold, and little extra arithmetic on
+the activations) the folded form of the reference (``reference.conv_folded``) with the fold as one
+op each way (``flora::input_fold``); otherwise the extension's projection form
+(``ExtBackend._conv``), which does fewer multiply-adds per pixel when C_in >> rank. Dropout uses
+the extension's seeded mask either way."""
 
 from __future__ import annotations
 
@@ -25,11 +27,28 @@ from .ops import Project, flora
 SMALL_FOLD = 1 << 16
 
 
+# Most extra multiply-adds the folded form may spend on the activations over the projection form
+# (about 0.1 ms on this CPU class): beyond it the arithmetic, not the host path, decides.
+SMALL_EXTRA = 1 << 20
+
+
 def fold_macs(weight: Tensor, core: Tensor) -> int:
     """Forward multiply-adds of the input fold of core (r_out, r_in, *rk) for a conv weight
     (C_out, C_in/g, *k): the kernel-mode fold (r_out r_in taps prod(rk)), then U_in's (r_out C_in/g r_in taps)."""
     c_in, taps = weight.shape[1], weight[0, 0].numel()
     return taps * (core.numel() + core.shape[0] * core.shape[1] * c_in)
+
+
+def folded_form(x: Tensor, weight: Tensor, core: Tensor, groups: int) -> bool:
+    """Whether the conv of x (N, C_in, *sp) runs in the folded form: a fold of at most ``SMALL_FOLD``
+    multiply-adds, and at most ``SMALL_EXTRA`` more on the activations than the projection form
+    (per input pixel and group: C_in/g taps r_out for conv(x, A), against C_in/g r_in + r_in taps
+    r_out for the shrink and the core conv; input pixels bound the output ones)."""
+    if fold_macs(weight, core) > SMALL_FOLD:
+        return False
+    c_in, taps, r_out, r_in = weight.shape[1], weight[0, 0].numel(), core.shape[0], core.shape[1]
+    extra = c_in * taps * r_out - c_in * r_in - r_in * taps * r_out
+    return (x.numel() // x.shape[1]) * groups * extra <= SMALL_EXTRA
 
 
 class CppBackend(ExtBackend):
@@ -58,7 +77,7 @@ class CppBackend(ExtBackend):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, fs: Sequence[Tensor], scale: float,
               spec: ConvSpec, p: float) -> Tensor:
-        if fold_macs(weight, core) > SMALL_FOLD:
+        if not folded_form(x, weight, core, spec.groups):
             return super()._conv(x, weight, bias, core, fs, scale, spec, p)
         a = flora().input_fold(core, fs[1], list(fs[2:]))  # differentiable: a C++ autograd node
         xa = x * flora().dropout_mask(x, p, new_seed(p)) if p > 0 else x  # the extension's seeded mask

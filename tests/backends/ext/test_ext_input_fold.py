@@ -66,10 +66,14 @@ def test_input_fold_bad_input_raises(call, match):
         call(torch.ops.flora)
 
 
-@pytest.mark.parametrize("c_in,rank", [(6, 3), (96, 16)])  # a small fold (folded form), a big one (projection form)
+@pytest.mark.parametrize("c_in,rank,hw,folded", [
+    (6, 3, (9, 7), True),  # small fold, few pixels: folded form
+    (96, 16, (9, 7), False),  # a big fold: projection form
+    (24, 3, (160, 150), False),  # a small fold on many pixels: the folded form's extra arithmetic decides
+])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_cpp_conv_both_forms_match_reference(c_in, rank, groups):
-    from flora_kernels.backends.ext.cpp import SMALL_FOLD, fold_macs
+def test_cpp_conv_both_forms_match_reference(c_in, rank, hw, folded, groups):
+    from flora_kernels.backends.ext.cpp import folded_form
 
     torch.manual_seed(0)
     base = torch.nn.Conv2d(c_in, 8 * groups, 3, stride=2, padding=1, groups=groups)
@@ -80,8 +84,8 @@ def test_cpp_conv_both_forms_match_reference(c_in, rank, groups):
                 t.normal_()
     layers["reference"].load_state_dict(layers["cpp"].state_dict())
     core, factors = layers["cpp"].tensors("default")
-    assert (fold_macs(base.weight, core) > SMALL_FOLD) == (c_in == 96)
-    x = torch.randn(2, c_in, 9, 7)
+    x = torch.randn(2, c_in, *hw)
+    assert folded_form(x, base.weight, core, groups) == folded
     outs = {}
     for b, layer in layers.items():
         xr = x.clone().requires_grad_()
