@@ -5,6 +5,7 @@ No assertion depends on which candidate is faster."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import warnings
 
@@ -415,7 +416,7 @@ def _scripted(monkeypatch, seqs):
     """Candidate label -> its successive times (seconds); the candidates still run (and are verified)."""
     seen: dict[str, int] = {}
 
-    def timed(self, c, p):
+    def timed(self, c, p, reps=1):  # a scripted sample stands for the mean of its reps
         k = seen[c.label] = seen.get(c.label, -1) + 1
         seq = seqs(c)
         return self.run(c, p), seq[min(k, len(seq) - 1)]
@@ -573,3 +574,28 @@ def test_force_dispatch_fills_the_auto_parts(monkeypatch):
         fk.force_dispatch("nonsense/merged")
     with pytest.raises(ValueError, match="expected a strategy"):
         fk.force_dispatch("cpp/sideways")
+
+
+def d_call(x, w, b, core, fs) -> Call:
+    return Call.describe("linear", x=x, weight=w, bias=b, core=core, factors=fs, strategy="auto")
+
+
+def test_cheap_calls_are_timed_as_means_of_back_to_back_runs(monkeypatch):
+    """Rounds of a call whose verification runs take 50 us repeat it to fill MIN_SAMPLE_S (at most
+    MAX_REPS runs per sample); a 5 ms call is timed run by run."""
+    for first_s, want in ((50e-6, min(at.MAX_REPS, math.ceil(at.MIN_SAMPLE_S / 50e-6))), (5e-3, 1)):
+        at.clear_autotune_cache(disk=True)
+        reps_seen: list[int] = []
+
+        def timed(self, c, p, reps=1, first_s=first_s):
+            reps_seen.append(reps)
+            return self.run(c, p), first_s
+
+        monkeypatch.setattr(at._Measurement, "timed", timed)
+        monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "1000")
+        x, w, b, core, fs = _linear()
+        fk.flora_linear(x, w, b, core, fs, 0.7)
+        (d,) = fk.dispatch_report()
+        assert d.source == "measured"
+        rounds = reps_seen[len(at.candidates(d_call(x, w, b, core, fs), 'auto')) - 1:]  # after one verification run each
+        assert set(reps_seen[:-len(rounds)]) == {1} and rounds and set(rounds) == {want}, reps_seen
