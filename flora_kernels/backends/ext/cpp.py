@@ -9,6 +9,7 @@ the extension's seeded mask either way."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -35,7 +36,7 @@ SMALL_EXTRA = 1 << 20
 def fold_macs(weight: Tensor, core: Tensor) -> int:
     """Forward multiply-adds of the input fold of core (r_out, r_in, *rk) for a conv weight
     (C_out, C_in/g, *k): the kernel-mode fold (r_out r_in taps prod(rk)), then U_in's (r_out C_in/g r_in taps)."""
-    c_in, taps = weight.shape[1], weight[0, 0].numel()
+    c_in, taps = weight.shape[1], math.prod(weight.shape[2:])
     return taps * (core.numel() + core.shape[0] * core.shape[1] * c_in)
 
 
@@ -46,7 +47,7 @@ def folded_form(x: Tensor, weight: Tensor, core: Tensor, groups: int) -> bool:
     r_out for the shrink and the core conv; input pixels bound the output ones)."""
     if fold_macs(weight, core) > SMALL_FOLD:
         return False
-    c_in, taps, r_out, r_in = weight.shape[1], weight[0, 0].numel(), core.shape[0], core.shape[1]
+    c_in, taps, r_out, r_in = weight.shape[1], math.prod(weight.shape[2:]), core.shape[0], core.shape[1]
     extra = c_in * taps * r_out - c_in * r_in - r_in * taps * r_out
     return (x.numel() // x.shape[1]) * groups * extra <= SMALL_EXTRA
 
