@@ -34,7 +34,9 @@ one clock (``_Clock``: the calling thread's CPU time on CPU with one torch threa
 on a GPU, else wall time), forward plus backward when the call needs gradients. The
 verification runs are cold (first runs at these shapes): their times (at dropout 0, the call's
 own work when it has none) only prune (a candidate slower than ``PRUNE_RATIO`` times the fastest
-is not timed; its first run stands) and size the budget. Then interleaved, rotated rounds of the
+is not timed; its first run stands) and size the budget. Before any run, a strategy the cost model
+predicts ``PLAN_PRUNE`` (4) times slower than the other is left out (not run at all), and the
+oracle is then the reference path in the remaining strategy. Then interleaved, rotated rounds of the
 others at the call's dropout: at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``, stopped when the
 leader is clear (its slowest round beats every other candidate's fastest) or the rounds cost
 ``BUDGET_RUNS`` times the verification runs (a budget proportional to the call's own cost),
@@ -96,6 +98,7 @@ MIN_ROUNDS, MAX_ROUNDS = 2, 7
 BUDGET_RUNS = 1.0  # timing budget after the first round: this many times its summed time
 PRUNE_RATIO = 2.0  # after the first round, candidates slower than this times the fastest stop
 MIN_SAMPLE_S, MAX_REPS = 1e-3, 16  # a timed sample repeats a cheap call up to this long (at most MAX_REPS runs)
+PLAN_PRUNE = 4.0  # a strategy the cost model predicts this many times slower than the other is not run
 POLICIES = ("memory-aware", "speed")
 
 # runner(backend, strategy, tensors, dropout_p) -> output: the op on these tensors (same order
@@ -563,8 +566,12 @@ def _measure(call: Call, cands: list[Candidate], runner: Runner, tensors: Sequen
     ref_b = load_backend("reference")
     if isinstance(ref_b, str):
         raise RuntimeError(f"the reference backend failed to load: {ref_b}")  # noqa: TRY004
-    ref = Candidate(ref_b, "factorized" if call.op in STRATEGY_OPS else None)
     dropped: dict[str, str] = {}
+    cands = _plan_pruned(call, cands, dropped)
+    # the oracle: the reference path, in the strategy the candidates keep (factorized when both)
+    strategies = {c.strategy for c in cands}
+    ref = Candidate(ref_b, None if call.op not in STRATEGY_OPS else
+                    "factorized" if "factorized" in strategies or not strategies else next(iter(strategies)))
     tol = tolerance(call.compute_dtype, call.device_type)
     first: dict[Candidate, float] = {}  # verification runs' times (dropout 0 = the call's work when it has none)
     devices = [torch.device(call.device)] if call.device_type == "cuda" else []
@@ -600,6 +607,27 @@ def _measure(call: Call, cands: list[Candidate], runner: Runner, tensors: Sequen
     med = {c: statistics.median(ts) for c, ts in times.items() if ts}
     best, reason = _winner(times, _cost_model(call, alive))
     return _decision(call, best, "measured", tuple((c.label, med[c]) for c in alive if c in med), dropped, reason)
+
+
+def _plan_pruned(call: Call, cands: list[Candidate], dropped: dict[str, str]) -> list[Candidate]:
+    """``cands`` without the strategy the cost model predicts ``PLAN_PRUNE`` times slower than the
+    other (its first run alone would cost that much; e.g. a depthwise conv's factorized path),
+    each left out with its reason in ``dropped``. One strategy among the candidates: all kept."""
+    if len({c.strategy for c in cands}) < 2:
+        return cands
+    from ..plan import plan_call
+
+    p = plan_call(call.with_strategy("auto"), dispatch_policy())
+    est = {"factorized": p.factorized_s, "merged": p.merged_s}
+    fast = min(est, key=est.__getitem__)
+    slow = max(est, key=est.__getitem__)
+    if not est[fast] > 0 or est[slow] < PLAN_PRUNE * est[fast]:
+        return cands
+    for c in cands:
+        if c.strategy == slow:
+            dropped[c.label] = (f"not measured: the cost model predicts {est[slow] / est[fast]:.1f}x the time of "
+                                f"{fast} (> {PLAN_PRUNE:g}x)")
+    return [c for c in cands if c.strategy != slow]
 
 
 def _time_rounds(m: _Measurement, times: dict[Candidate, list[float]], first: dict[Candidate, float]) -> None:

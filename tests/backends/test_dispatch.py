@@ -599,3 +599,27 @@ def test_cheap_calls_are_timed_as_means_of_back_to_back_runs(monkeypatch):
         assert d.source == "measured"
         rounds = reps_seen[len(at.candidates(d_call(x, w, b, core, fs), 'auto')) - 1:]  # after one verification run each
         assert set(reps_seen[:-len(rounds)]) == {1} and rounds and set(rounds) == {want}, reps_seen
+
+
+def test_a_strategy_the_cost_model_finds_much_slower_is_not_run(monkeypatch):
+    """A depthwise 7x7 conv in training: the cost model predicts factorized several times slower
+    than merged, so no factorized candidate runs (each listed as dropped, with why); the oracle is
+    the reference path's merged strategy, and the decision is measured among the merged ones."""
+    monkeypatch.setenv("FLORA_AUTOTUNE_BUDGET_MS", "1000")
+    layer = fk.FLoRAConv2d(nn.Conv2d(40, 40, 7, padding=3, groups=40), rank=8)
+    x = torch.randn(8, 40, 24, 24, requires_grad=True)
+    p = layer.plan(x)
+    assert p.factorized_s > at.PLAN_PRUNE * p.merged_s  # the premise, from the cost model
+    ran: list[str | None] = []
+    real_run = at._Measurement.run
+
+    def run(self, c, p_, exact=False):
+        ran.append(c.strategy)
+        return real_run(self, c, p_, exact)
+
+    monkeypatch.setattr(at._Measurement, "run", run)
+    layer(x).sum().backward()
+    (d,) = [d for d in fk.dispatch_report() if d.source == "measured"]
+    assert d.strategy == "merged" and set(ran) == {"merged"}
+    dropped = dict(d.dropped)
+    assert any(k.endswith("/factorized") and "cost model predicts" in v for k, v in dropped.items()), dropped
