@@ -378,15 +378,10 @@ class SkipCase(Exception):
 # ---- the run -----------------------------------------------------------------------------------
 def _step(c: ModelCase, x: Tensor, dy: Tensor) -> None:
     """One training step of ``c`` (forward, ``backward(dy)``), its gradients dropped after."""
-    from flora_kernels.backends import autotune
+    from flora_kernels.backends.autotune import use_autotune
 
-    before = autotune._STATE.switch
-    if c.autotune is not None:
-        autotune.set_autotune(c.autotune)
-    try:
+    with use_autotune(c.autotune):
         c.model(x).backward(dy)
-    finally:
-        autotune.set_autotune(before)
     _step_clear(c, [x])
 
 

@@ -197,6 +197,24 @@ def set_autotune(enabled: bool | None) -> None:
     _STATE.switch = enabled
 
 
+@contextlib.contextmanager
+def use_autotune(enabled: bool | None) -> Iterator[None]:
+    """Measured dispatch on or off inside the block (None: as it is); the previous setting after."""
+    before = _STATE.switch
+    if enabled is not None:
+        set_autotune(enabled)
+    try:
+        yield
+    finally:
+        _STATE.switch = before
+
+
+def is_recording() -> bool:
+    """Whether a ``record_dispatch`` block is collecting this thread's decisions (layers then run
+    their calls through the dispatcher, not their bound ops, so that every call is noted)."""
+    return getattr(_STATE.local, "recording", None) is not None
+
+
 def autotune_enabled() -> bool:
     """Whether measured dispatch is on: ``set_autotune``, else ``FLORA_AUTOTUNE`` (default on)."""
     if _STATE.switch is not None:

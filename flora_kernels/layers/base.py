@@ -49,9 +49,6 @@ from ..tucker import clamp_ranks, init_tucker_
 
 MAX_MODES = 5
 SCALE_BUFFER = "flora_scale_"  # + adapter name: the scale as a tensor (hold_scale_as_tensor)
-# record_dispatch's per-thread state: while it records, forward takes the describing path, so
-# that every call's decision is noted (autotune keeps it in _STATE.local.recording).
-_DISPATCH_LOCAL = autotune._STATE.local
 
 
 @dataclass(frozen=True)
@@ -592,7 +589,7 @@ class FLoRALayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self._mixed is not None:
             return self.forward_mixed(x, *self._mixed, *args, **kwargs)
-        if self.binds and not args and not kwargs and getattr(_DISPATCH_LOCAL, "recording", None) is None:
+        if self.binds and not args and not kwargs and not autotune.is_recording():
             if torch.compiler.is_compiling():
                 return self._forward_traced(x)
             op = self._bound.ops.get(self._signature(x))

@@ -623,3 +623,16 @@ def test_a_strategy_the_cost_model_finds_much_slower_is_not_run(monkeypatch):
     assert d.strategy == "merged" and set(ran) == {"merged"}
     dropped = dict(d.dropped)
     assert any(k.endswith("/factorized") and "cost model predicts" in v for k, v in dropped.items()), dropped
+
+
+def test_use_autotune_sets_and_restores():
+    at.set_autotune(True)
+    with at.use_autotune(False):
+        assert not at.autotune_enabled()
+        with at.use_autotune(None):  # None: as it is
+            assert not at.autotune_enabled()
+    assert at.autotune_enabled()
+    with pytest.raises(TypeError, match="expected True, False or None"):
+        with at.use_autotune("yes"):  # type: ignore[arg-type]
+            pass
+    assert at.autotune_enabled()
