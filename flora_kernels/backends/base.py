@@ -283,6 +283,11 @@ class Backend:
             bound[variant] = b
         return bound[variant]
 
+    def made_variant(self, variant: str | None) -> Backend:
+        """The instance ``with_variant(variant)`` returned earlier: a lookup only, so traced code
+        (torch.compile) can take the variant a decision named."""
+        return self if variant is None or variant == self.variant else self._bound[variant]
+
     def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         """The conv the merged strategy runs with ``W + s dW`` (torch's; a backend may give it its own
         backward)."""

@@ -42,7 +42,15 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..backends import autotune
-from ..backends.base import BackendUnavailable, TensorSpec, autocast_dtype, backend_names, resolve_backend_name
+from ..backends.base import (
+    Backend,
+    BackendUnavailable,
+    TensorSpec,
+    autocast_dtype,
+    backend_names,
+    load_backend,
+    resolve_backend_name,
+)
 from ..config import Rank, check_rank
 from ..functional import tucker_reconstruct
 from ..tucker import clamp_ranks, init_tucker_
@@ -748,9 +756,9 @@ class FLoRALayer(nn.Module):
         """``_forward_fused`` in traced code, by the plan (default: ``_forward_fused`` itself)."""
         return self._forward_fused(x, plan[0], plan[1])
 
-    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
-        """(backend name, strategy) of adapter ``name`` for a traced input, outside Dynamo's tracing
-        (types whose ``_traced_fused`` dispatches); default (None, None)."""
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[tuple[str, str | None] | None, str | None]:
+        """((backend name, variant), strategy) of adapter ``name`` for a traced input, outside Dynamo's
+        tracing (types whose ``_traced_fused`` dispatches); default (None, None)."""
         return None, None
 
     def batch_dim(self, x: Tensor) -> int:
@@ -962,6 +970,13 @@ def x_spec(key: tuple) -> TensorSpec:
     shape, stride, dtype, device, requires_grad = key[:5]
     meta = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
     return TensorSpec.of(meta)._replace(device=device, requires_grad=requires_grad)
+
+
+def traced_backend(ref: tuple[str, str | None]) -> Backend:
+    """The backend, bound to its variant, that a traced plan names as (name, variant): lookups only
+    (the decision made the variant's instance)."""
+    b = load_backend(ref[0])
+    return b.made_variant(ref[1])  # type: ignore[union-attr]
 
 
 def traced_key(x: Tensor) -> tuple:

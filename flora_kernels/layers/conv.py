@@ -15,11 +15,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .. import reference
-from ..backends.base import load_backend
 from ..convspec import ConvSpec, conv_nd
 from ..functional import conv, decide_conv, decide_traced_call, plan_conv_call, run_conv
 from ..plan import Plan
-from .base import FLoRALayer, traced_key, x_spec
+from .base import FLoRALayer, traced_backend, traced_key, x_spec
 
 
 class _ChannelFeatures:
@@ -59,7 +58,7 @@ class _FLoRAConvNd(_ChannelFeatures, FLoRALayer):
         unbatched = x.dim() == len(factors) - 1
         xb = x.unsqueeze(0) if unbatched else x
         b, strategy = decide_conv(xb, weight(), bias, core, factors, scale, spec, dropout_p, s.strategy, s.backend)
-        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
+        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = ((b.name, b.variant), strategy)
 
         def op(x: Tensor) -> Tensor:
             if not fresh():
@@ -76,7 +75,7 @@ class _FLoRAConvNd(_ChannelFeatures, FLoRALayer):
         name, p, scale, access, b, strategy = plan[:6]
         core, factors, scale = self._traced_terms(name, scale)
         unbatched = x.dim() == len(factors) - 1
-        y = run_conv(load_backend(b), strategy, x.unsqueeze(0) if unbatched else x, self._traced_weight(access),
+        y = run_conv(traced_backend(b), strategy, x.unsqueeze(0) if unbatched else x, self._traced_weight(access),
                      self.base_layer.bias, core, factors, scale, self.spec, p)
         return y.squeeze(0) if unbatched else y
 
@@ -88,7 +87,7 @@ class _FLoRAConvNd(_ChannelFeatures, FLoRALayer):
                  scale, self.spec, dropout_p, s.strategy, s.backend)
         return y.squeeze(0) if unbatched else y
 
-    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[tuple[str, str | None], str | None]:
         core, factors = self.tensors(name)
         s = self.flora_settings[name]
         xs = x_spec(key)
@@ -96,7 +95,7 @@ class _FLoRAConvNd(_ChannelFeatures, FLoRALayer):
             xs = xs._replace(shape=(1, *xs.shape))
         b, strategy = decide_traced_call("conv", xs, key[-2], self.base_weight(), self.base_layer.bias, core, factors,
                                          self.spec, dropout_p, s.strategy, s.backend)
-        return b.name, strategy
+        return (b.name, b.variant), strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return conv_nd(x, delta, None, self.spec)

@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends.base import load_backend
 from ..functional import decide_linear, decide_traced_call, linear, plan_linear_call, run_linear
 from ..plan import Plan
 from ..reference import linear_delta
-from .base import FLoRALayer, traced_key, x_spec
+from .base import FLoRALayer, traced_backend, traced_key, x_spec
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -85,7 +84,7 @@ class FLoRALinear(FLoRALayer):
         scale, bias = (s.scale if held is None else 1.0), self.base_layer.bias
         fresh, weight = self._weight_reader(name)
         b, strategy = decide_linear(x, weight(), bias, core, factors, scale, dropout_p, s.strategy, s.backend)
-        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = (b.name, strategy)
+        self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = ((b.name, b.variant), strategy)
 
         def op(x: Tensor) -> Tensor:
             if not fresh():
@@ -100,15 +99,15 @@ class FLoRALinear(FLoRALayer):
         core, factors, scale = self._traced_terms(name, scale)
         if self.flora_settings[name].lean_memory:
             return self._base_forward(x) + linear_delta(x, core, factors, scale, p)
-        return run_linear(load_backend(b), strategy, x, self._traced_weight(access), self.base_layer.bias, core,
+        return run_linear(traced_backend(b), strategy, x, self._traced_weight(access), self.base_layer.bias, core,
                           factors, scale, p)
 
-    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[str | None, str | None]:
+    def _decide_traced(self, key: tuple, name: str, dropout_p: float) -> tuple[tuple[str, str | None], str | None]:
         core, factors = self.tensors(name)
         s = self.flora_settings[name]
         b, strategy = decide_traced_call("linear", x_spec(key), key[-2], self.weight_modes(), self.base_layer.bias,
                                          core, factors, None, dropout_p, s.strategy, s.backend)
-        return b.name, strategy
+        return (b.name, b.variant), strategy
 
     def _delta_forward(self, x: Tensor, delta: Tensor, *args, **kwargs) -> Tensor:
         return F.linear(x, delta)

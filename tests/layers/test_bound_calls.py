@@ -325,3 +325,34 @@ def test_compile_no_graph_break_and_change_events():
     assert_rel_close(y3, model(x), 1e-5)
     assert not torch.allclose(y3, y)
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(fk.available_backends().get("cpp") != "ok", reason="cpp backend not built")
+def test_compiled_forward_runs_the_decided_variant(monkeypatch):
+    """The traced plan names the backend's variant, not only the backend: a compiled forward runs
+    the variant the decision chose (here "two" of a cpp backend given two variants)."""
+    from flora_kernels.backends.ext.cpp import CppBackend
+
+    seen: list[str | None] = []
+    real_linear = CppBackend.linear
+
+    def linear(self, *args):
+        seen.append(self.variant)
+        return real_linear(self, *args)
+
+    monkeypatch.setattr(CppBackend, "variants", lambda self, call: ("one", "two"))
+    monkeypatch.setattr(CppBackend, "linear", linear)
+    autotune.force_dispatch("cpp/factorized/two")
+    try:
+        layer = fk.FLoRALinear(nn.Linear(6, 5), rank=2)
+        randomize_(layer)
+        x = torch.randn(3, 6)
+        y = layer(x)  # eager: the decision and its bound op
+        assert seen == ["two"]
+        torch._dynamo.reset()
+        yc = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        assert seen[1:] and set(seen[1:]) == {"two"}, seen
+        assert_rel_close(yc, y, 1e-5)
+    finally:
+        autotune.force_dispatch(None)
+        torch._dynamo.reset()
