@@ -142,9 +142,10 @@ def core_kernel(core: Tensor, factors: Sequence[Tensor], scale: float = 1.0) -> 
 def input_fold(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """The core folded with every factor but the output one, ``A = core x_1 U_1 ... x_{N-1} U_{N-1}``:
     (r_0, I_1, ..., I_{N-1}), the kernel of a conv from the input channels to r_0 (LoRA's A for
-    a conv). Two GEMMs whatever N: U_1 against the core's mode-1 unfolding, then the Kronecker
-    product of the kernel-mode factors against the kernel modes. Differentiable; few autograd
-    nodes (it runs on every training call). The result is a transposed view."""
+    a conv). At most two GEMMs whatever N: U_1 against the core's mode-1 unfolding, then (N > 2)
+    the Kronecker product of the kernel-mode factors against the kernel modes. Differentiable;
+    few autograd nodes (it runs on every training call). ``factors[0]`` is not read. The result
+    is a transposed view."""
     r0, r1 = core.shape[0], core.shape[1]
     t = factors[1] @ core.transpose(0, 1).reshape(r1, -1)  # (I_1, r_0 * prod(r_k))
     if core.dim() > 2:
