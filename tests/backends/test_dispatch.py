@@ -587,7 +587,7 @@ def test_cheap_calls_are_timed_as_means_of_back_to_back_runs(monkeypatch):
         at.clear_autotune_cache(disk=True)
         reps_seen: list[int] = []
 
-        def timed(self, c, p, reps=1, first_s=first_s):
+        def timed(self, c, p, reps=1, first_s=first_s, reps_seen=reps_seen):
             reps_seen.append(reps)
             return self.run(c, p), first_s
 
@@ -632,7 +632,6 @@ def test_use_autotune_sets_and_restores():
         with at.use_autotune(None):  # None: as it is
             assert not at.autotune_enabled()
     assert at.autotune_enabled()
-    with pytest.raises(TypeError, match="expected True, False or None"):
-        with at.use_autotune("yes"):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(TypeError, match="expected True, False or None"), at.use_autotune("yes"):  # type: ignore[arg-type]
+        pass
     assert at.autotune_enabled()

@@ -83,7 +83,7 @@ def test_cpp_conv_both_forms_match_reference(c_in, rank, hw, folded, groups):
             if t.requires_grad:
                 t.normal_()
     layers["reference"].load_state_dict(layers["cpp"].state_dict())
-    core, factors = layers["cpp"].tensors("default")
+    core, _ = layers["cpp"].tensors("default")
     x = torch.randn(2, c_in, *hw)
     assert folded_form(x, base.weight, core, groups) == folded
     outs = {}
