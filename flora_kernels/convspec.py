@@ -116,6 +116,11 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> T
     return _CONV[spec.dims](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
 
 
+def pointwise_conv(x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:
+    """A 1x1 conv (stride 1, no padding) of x (N, C_in, *spatial) by weight (C_out, C_in / groups, 1, ...)."""
+    return _CONV[x.dim() - 2](x, weight, None, 1, 0, 1, groups)
+
+
 def _explicit_pad(spec: ConvSpec) -> tuple[tuple[int, ...], str]:
     """F.pad's arguments for the spec's padding (last dim first) and mode."""
     flat = tuple(p for lo_hi in reversed(spec.pads) for p in lo_hi)

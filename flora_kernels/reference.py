@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .convspec import ConvSpec, conv_nd
+from .convspec import ConvSpec, conv_nd, pointwise_conv
 from .tucker import core_kernel, input_fold
-
-_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
 def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -106,9 +104,9 @@ def conv_factorized(
     Autograd keeps dropout(x) and the r_out-channel activation, as LoRA's two convs do. The fold
     costs a few tiny GEMMs per call, independent of the batch.
     """
-    dt = x.dtype
-    a = input_fold(in_dtype(core, dt), [in_dtype(f, dt) for f in factors])  # (r_out, C_in/g, *k)
-    return conv_folded(x, _dropout(x, dropout_p), weight, bias, a, in_dtype(factors[0], dt), scale, spec)
+    fs = [in_dtype(f, x.dtype) for f in factors]
+    a = input_fold(in_dtype(core, x.dtype), fs)  # (r_out, C_in/g, *k)
+    return conv_folded(x, _dropout(x, dropout_p), weight, bias, a, fs[0], scale, spec)
 
 
 def conv_folded(
@@ -121,7 +119,7 @@ def conv_folded(
     g, d = spec.groups, spec.dims
     h = conv_nd(xa, a.repeat(g, *(1,) * (d + 1)) if g > 1 else a, None, spec)
     y = conv_nd(x, weight, bias, spec)
-    return y.add_(_CONVS[d - 1](h, u_out.view(*u_out.shape, *(1,) * d), None, 1, 0, 1, g), alpha=scale)
+    return y.add_(pointwise_conv(h, u_out.view(*u_out.shape, *(1,) * d), g), alpha=scale)
 
 
 def embedding_factorized(

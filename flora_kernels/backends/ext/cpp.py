@@ -33,21 +33,16 @@ SMALL_FOLD = 1 << 16
 SMALL_EXTRA = 1 << 20
 
 
-def fold_macs(weight: Tensor, core: Tensor) -> int:
-    """Forward multiply-adds of the input fold of core (r_out, r_in, *rk) for a conv weight
-    (C_out, C_in/g, *k): the kernel-mode fold (r_out r_in taps prod(rk)), then U_in's (r_out C_in/g r_in taps)."""
-    c_in, taps = weight.shape[1], math.prod(weight.shape[2:])
-    return taps * (core.numel() + core.shape[0] * core.shape[1] * c_in)
-
-
 def folded_form(x: Tensor, weight: Tensor, core: Tensor, groups: int) -> bool:
-    """Whether the conv of x (N, C_in, *sp) runs in the folded form: a fold of at most ``SMALL_FOLD``
-    multiply-adds, and at most ``SMALL_EXTRA`` more on the activations than the projection form
-    (per input pixel and group: C_in/g taps r_out for conv(x, A), against C_in/g r_in + r_in taps
-    r_out for the shrink and the core conv; input pixels bound the output ones)."""
-    if fold_macs(weight, core) > SMALL_FOLD:
-        return False
+    """Whether the conv of x (N, C_in, *sp) by weight (C_out, C_in/g, *k) runs in the folded form.
+    The fold of core (r_out, r_in, *rk) must take at most ``SMALL_FOLD`` forward multiply-adds (the
+    kernel modes, r_out r_in taps prod(rk), then U_in's, r_out C_in/g r_in taps), and the folded form
+    at most ``SMALL_EXTRA`` more on the activations than the projection form (per input pixel and
+    group: C_in/g taps r_out for conv(x, A), against C_in/g r_in + r_in taps r_out for the shrink
+    and the core conv; input pixels bound the output ones)."""
     c_in, taps, r_out, r_in = weight.shape[1], math.prod(weight.shape[2:]), core.shape[0], core.shape[1]
+    if taps * (core.numel() + r_out * r_in * c_in) > SMALL_FOLD:
+        return False
     extra = c_in * taps * r_out - c_in * r_in - r_in * taps * r_out
     return (x.numel() // x.shape[1]) * groups * extra <= SMALL_EXTRA
 
