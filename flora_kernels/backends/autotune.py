@@ -587,9 +587,8 @@ def _measure(call: Call, cands: list[Candidate], runner: Runner, tensors: Sequen
     dropped: dict[str, str] = {}
     cands = _plan_pruned(call, cands, dropped)
     # the oracle: the reference path, in the strategy the candidates keep (factorized when both)
-    strategies = {c.strategy for c in cands}
-    ref = Candidate(ref_b, None if call.op not in STRATEGY_OPS else
-                    "factorized" if "factorized" in strategies or not strategies else next(iter(strategies)))
+    kept = {c.strategy for c in cands}
+    ref = Candidate(ref_b, None if call.op not in STRATEGY_OPS else "factorized" if "factorized" in kept else "merged")
     tol = tolerance(call.compute_dtype, call.device_type)
     first: dict[Candidate, float] = {}  # verification runs' times (dropout 0 = the call's work when it has none)
     devices = [torch.device(call.device)] if call.device_type == "cuda" else []
