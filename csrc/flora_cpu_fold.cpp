@@ -1,5 +1,6 @@
-// The input fold of a conv adapter on CPU (flora::input_fold, flora::input_fold_backward; schemas in
-// flora_ops.cpp):
+// The folded conv form on CPU: the input fold of a conv adapter (flora::input_fold,
+// flora::input_fold_backward) and the whole folded conv as one op (flora::conv_folded); schemas in
+// flora_ops.cpp. The fold:
 //
 //   A[o, c, k] = sum_{i, p} u_in[c, i] core[o, i, p] KK[k, p],   KK = K_2 (x) K_3 (x) ... (Kronecker)
 //
@@ -17,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <c10/core/SymBool.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -91,19 +93,39 @@ std::vector<acc_t> kron_t(const std::vector<const scalar_t*>& kp, const FoldDims
   return kk;
 }
 
-// T[(o r1 + i) K + k] = sum_p core[(o r1 + i) P + p] KK[k, p]: the core folded with the kernel factors.
+// y[0..n) += a * x[0..n): the loops below are axpys over a contiguous row (vectorized by the compiler).
+template <typename acc_t>
+inline void axpy(int64_t n, acc_t a, const acc_t* __restrict x, acc_t* __restrict y) {
+  for (int64_t e = 0; e < n; ++e) y[e] += a * x[e];
+}
+
+// out[c * rows + r] = in[r * cols + c] (cast to out_t): an (rows, cols) matrix transposed.
+template <typename out_t, typename in_t>
+void transpose(const in_t* __restrict in, int64_t rows, int64_t cols, out_t* __restrict out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = static_cast<out_t>(in[r * cols + c]);
+}
+
+// The fold's operands in the loops' layouts (acc_t): coreT[o][p][i] = core[o, i, p]; kkt[p][k] (kron_t);
+// tt[o][k][i] = T[o, i, k] = sum_p core[o, i, p] KK[k, p] (the core folded with the kernel factors);
+// ut[i][c] = u_in[c, i].
+template <typename acc_t>
+struct FoldOperands {
+  std::vector<acc_t> coret, kkt, tt, ut;
+};
+
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> fold_kernel(const scalar_t* core, const std::vector<acc_t>& kkt, const FoldDims& f) {
-  std::vector<acc_t> t(f.r0 * f.r1 * f.K, acc_t(0));
-  for (int64_t oi = 0; oi < f.r0 * f.r1; ++oi) {
-    acc_t* __restrict to = t.data() + oi * f.K;
-    for (int64_t p = 0; p < f.P; ++p) {
-      const acc_t g = static_cast<acc_t>(core[oi * f.P + p]);
-      const acc_t* __restrict kr = kkt.data() + p * f.K;
-      for (int64_t k = 0; k < f.K; ++k) to[k] += g * kr[k];
-    }
+FoldOperands<acc_t> fold_operands(const scalar_t* core, const scalar_t* u, std::vector<acc_t> kkt, const FoldDims& f) {
+  FoldOperands<acc_t> op{std::vector<acc_t>(f.r0 * f.P * f.r1), std::move(kkt),
+                         std::vector<acc_t>(f.r0 * f.K * f.r1, acc_t(0)), std::vector<acc_t>(f.r1 * f.i1)};
+  for (int64_t o = 0; o < f.r0; ++o) {
+    transpose(core + o * f.r1 * f.P, f.r1, f.P, op.coret.data() + o * f.P * f.r1);
+    for (int64_t k = 0; k < f.K; ++k)
+      for (int64_t p = 0; p < f.P; ++p)
+        axpy(f.r1, op.kkt[p * f.K + k], op.coret.data() + (o * f.P + p) * f.r1, op.tt.data() + (o * f.K + k) * f.r1);
   }
-  return t;
+  transpose(u, f.i1, f.r1, op.ut.data());
+  return op;
 }
 
 std::vector<Tensor> contiguous_all(at::TensorList ks) {
@@ -123,22 +145,20 @@ Tensor input_fold_cpu(const Tensor& core_, const Tensor& u_in_, at::TensorList k
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> kp;
     for (const auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
-    const std::vector<acc_t> kkt = kron_t<scalar_t, acc_t>(kp, f, digit_table(f.K, f.ksz), digit_table(f.P, f.rsz));
-    const std::vector<acc_t> t = fold_kernel<scalar_t, acc_t>(core.data_ptr<scalar_t>(), kkt, f);
-    const scalar_t* u = u_in.data_ptr<scalar_t>();
+    const auto op = fold_operands<scalar_t, acc_t>(core.data_ptr<scalar_t>(), u_in.data_ptr<scalar_t>(),
+                                                   kron_t<scalar_t, acc_t>(kp, f, digit_table(f.K, f.ksz),
+                                                                           digit_table(f.P, f.rsz)),
+                                                   f);
+    // At[o][k][c] = sum_i T[o, i, k] u_in[c, i], then A[o, c, k] = At[o][k][c]
+    std::vector<acc_t> at(f.K * f.i1);
     scalar_t* a = out.data_ptr<scalar_t>();
-    std::vector<acc_t> row(f.K);
     for (int64_t o = 0; o < f.r0; ++o) {
-      for (int64_t c = 0; c < f.i1; ++c) {
-        std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t i = 0; i < f.r1; ++i) {
-          const acc_t w = static_cast<acc_t>(u[c * f.r1 + i]);
-          const acc_t* tr = t.data() + (o * f.r1 + i) * f.K;
-          for (int64_t k = 0; k < f.K; ++k) row[k] += w * tr[k];
-        }
-        scalar_t* ar = a + (o * f.i1 + c) * f.K;
-        for (int64_t k = 0; k < f.K; ++k) ar[k] = static_cast<scalar_t>(row[k]);
+      std::fill(at.begin(), at.end(), acc_t(0));
+      for (int64_t k = 0; k < f.K; ++k) {
+        const acc_t* tr = op.tt.data() + (o * f.K + k) * f.r1;
+        for (int64_t i = 0; i < f.r1; ++i) axpy(f.i1, tr[i], op.ut.data() + i * f.i1, at.data() + k * f.i1);
       }
+      transpose(at.data(), f.K, f.i1, a + o * f.i1 * f.K);
     }
   });
   return out;
@@ -161,48 +181,44 @@ std::vector<Tensor> input_fold_backward_cpu(const Tensor& grad_, const Tensor& c
     std::vector<const scalar_t*> kp;
     for (const auto& k : ks) kp.push_back(k.data_ptr<scalar_t>());
     const std::vector<int64_t> ka = digit_table(f.K, f.ksz), qp = digit_table(f.P, f.rsz);
-    const std::vector<acc_t> kkt = kron_t<scalar_t, acc_t>(kp, f, ka, qp);
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* cr = core.data_ptr<scalar_t>();
     const scalar_t* u = u_in.data_ptr<scalar_t>();
-    const std::vector<acc_t> t = fold_kernel<scalar_t, acc_t>(cr, kkt, f);
-    // dT[o, i, k] = sum_c u[c, i] g[o, c, k];  du[c, i] = sum_{o, k} g[o, c, k] T[o, i, k]
-    std::vector<acc_t> dt(f.r0 * f.r1 * f.K, acc_t(0)), dua(f.i1 * f.r1, acc_t(0));
+    const auto op = fold_operands<scalar_t, acc_t>(core.data_ptr<scalar_t>(), u, kron_t<scalar_t, acc_t>(kp, f, ka, qp), f);
+    std::vector<acc_t> uc(f.i1 * f.r1);  // u_in in acc_t, (I_1, r_1)
+    for (int64_t e = 0; e < f.i1 * f.r1; ++e) uc[e] = static_cast<acc_t>(u[e]);
+    // With Gt[o][k][c] = grad[o, c, k]:  dTt[o][k][i] = sum_c Gt[o][k][c] u_in[c, i];
+    // du[c, i] = sum_{o, k} grad[o, c, k] T[o, i, k]
+    std::vector<acc_t> gt(f.K * f.i1), dtt(f.r0 * f.K * f.r1, acc_t(0)), dua(f.i1 * f.r1, acc_t(0));
     for (int64_t o = 0; o < f.r0; ++o) {
-      for (int64_t c = 0; c < f.i1; ++c) {
-        const scalar_t* gr = g + (o * f.i1 + c) * f.K;
-        for (int64_t i = 0; i < f.r1; ++i) {
-          const acc_t w = static_cast<acc_t>(u[c * f.r1 + i]);
-          acc_t* dtr = dt.data() + (o * f.r1 + i) * f.K;
-          const acc_t* tr = t.data() + (o * f.r1 + i) * f.K;
-          acc_t s = 0;
-          for (int64_t k = 0; k < f.K; ++k) {
-            const acc_t gv = static_cast<acc_t>(gr[k]);
-            dtr[k] += w * gv;
-            s += gv * tr[k];
-          }
-          dua[c * f.r1 + i] += s;
+      transpose(g + o * f.i1 * f.K, f.i1, f.K, gt.data());
+      for (int64_t k = 0; k < f.K; ++k) {
+        const acc_t* gr = gt.data() + k * f.i1;
+        const acc_t* tr = op.tt.data() + (o * f.K + k) * f.r1;
+        acc_t* dr = dtt.data() + (o * f.K + k) * f.r1;
+        for (int64_t c = 0; c < f.i1; ++c) {
+          axpy(f.r1, gr[c], uc.data() + c * f.r1, dr);
+          axpy(f.r1, gr[c], tr, dua.data() + c * f.r1);
         }
       }
     }
     scalar_t* dup = du.data_ptr<scalar_t>();
     for (int64_t e = 0; e < f.i1 * f.r1; ++e) dup[e] = static_cast<scalar_t>(dua[e]);
-    // dcore[o, i, p] = sum_k dT[o, i, k] KK[k, p];  dKKt[p, k] = sum_{o, i} core[o, i, p] dT[o, i, k]
-    std::vector<acc_t> dkkt(f.P * f.K, acc_t(0));
+    // dcoreT[o][p][i] = sum_k KK[k, p] dTt[o][k][i];  dKKt[p, k] = sum_{o, i} core[o, i, p] dT[o, i, k]
+    std::vector<acc_t> dct(f.P * f.r1), dkkt(f.P * f.K, acc_t(0));
     scalar_t* dc = dcore.data_ptr<scalar_t>();
-    for (int64_t oi = 0; oi < f.r0 * f.r1; ++oi) {
-      const acc_t* __restrict dtr = dt.data() + oi * f.K;
+    for (int64_t o = 0; o < f.r0; ++o) {
+      std::fill(dct.begin(), dct.end(), acc_t(0));
       for (int64_t p = 0; p < f.P; ++p) {
-        const acc_t* __restrict kr = kkt.data() + p * f.K;
-        acc_t* __restrict dr = dkkt.data() + p * f.K;
-        const acc_t gc = static_cast<acc_t>(cr[oi * f.P + p]);
-        acc_t s = 0;
+        const acc_t* cr = op.coret.data() + (o * f.P + p) * f.r1;
         for (int64_t k = 0; k < f.K; ++k) {
-          s += dtr[k] * kr[k];
-          dr[k] += gc * dtr[k];
+          const acc_t* dr = dtt.data() + (o * f.K + k) * f.r1;
+          axpy(f.r1, op.kkt[p * f.K + k], dr, dct.data() + p * f.r1);
+          acc_t s = 0;
+          for (int64_t i = 0; i < f.r1; ++i) s += cr[i] * dr[i];
+          dkkt[p * f.K + k] += s;
         }
-        dc[oi * f.P + p] = static_cast<scalar_t>(s);
       }
+      transpose(dct.data(), f.P, f.r1, dc + o * f.r1 * f.P);
     }
     // dK_j[a, q] = sum over (k, p) with digit_j(k) = a, digit_j(p) = q of dKK[k, p] prod_{m != j} K_m[.., ..]
     const int64_t d = static_cast<int64_t>(ks.size());
@@ -262,13 +278,367 @@ Tensor input_fold_autograd(const Tensor& core, const Tensor& u_in, at::TensorLis
   return InputFoldFn::apply(core, u_in, kernel);
 }
 
+
+// ---- flora::conv_folded -------------------------------------------------------------------------------------
+//
+//   out = conv(x, W) + b + s U_out . conv(xa, A),   A = input_fold(core, u_in, kernel) (r_0, C_in/g, *k),
+//
+// A shared by the groups, U_out (C_out, r_0) applied per group (group j's rows with group j's r_0 channels),
+// xa the adapter's input (dropout applied) or absent (x itself). Without xa the base conv and the adapter's run
+// as one conv of x by [W_j; A] per group (the bias on the base rows). One autograd node (ConvFoldedFn): the
+// forward op (conv_folded_forward) also returns A and h = conv(xa, A) for the backward op
+// (conv_folded_backward), which computes only the gradients asked for: dx through the concatenated weight (one
+// conv backward), the base weight's gradient only when it trains (its adapter rows then give dA too),
+// otherwise dA from the adapter's rows alone. So the whole adapted conv is one op each way from Python.
+
+struct FoldedGeom {
+  int64_t d, g, co, cg, r;
+  at::MemoryFormat layout;  // x's suggested memory format: its gradients' layout
+};
+
+FoldedGeom check_folded(const Tensor& x, const std::optional<Tensor>& xa, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& core, const Tensor& u_out, const Tensor& u_in,
+                        at::TensorList kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups) {
+  const int64_t d = static_cast<int64_t>(kernel.size());
+  check_tensor(weight, "weight");
+  check_tensor(u_out, "u_out");
+  TORCH_CHECK(weight.dim() == 2 + d, "weight: expected ", 2 + d, " dims (C_out, C_in/groups, one per kernel factor), ",
+              "got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() == weight.dim(), "x: expected a batched ", d, "-D conv input of ", weight.dim(),
+              " dims (N, C_in, *spatial), got ", x.dim(), " dims");
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "groups: expected an int >= 1 dividing C_out=",
+              weight.size(0), ", got ", groups);
+  TORCH_CHECK(x.size(1) == weight.size(1) * groups, "x: expected ", weight.size(1) * groups, " channels (C_in/groups=",
+              weight.size(1), " x groups=", groups, "), got ", x.size(1));
+  check_like(x, weight, "x", "weight");
+  check_like(core, weight, "core", "weight");
+  check_like(u_out, weight, "u_out", "weight");
+  check_dim(u_out, 2, "u_out", "(C_out, r_0)");
+  TORCH_CHECK(u_out.size(0) == weight.size(0) && u_out.size(1) == core.size(0), "u_out: expected shape (",
+              weight.size(0), ", ", core.size(0), ") (C_out of weight, r_0 of core), got ", u_out.sizes());
+  TORCH_CHECK(u_in.dim() == 2 && u_in.size(0) == weight.size(1), "u_in: expected shape (", weight.size(1),
+              ", r_1) (C_in/groups of weight), got ", u_in.sizes());
+  for (int64_t j = 0; j < d; ++j)
+    TORCH_CHECK(kernel[j].dim() == 2 && kernel[j].size(0) == weight.size(2 + j), "kernel factor ", j,
+                ": expected shape (", weight.size(2 + j), ", r) (kernel dim ", j, " of weight), got ", kernel[j].sizes());
+  for (const auto& [v, name] : {std::pair{stride, "stride"}, {padding, "padding"}, {dilation, "dilation"}})
+    TORCH_CHECK(static_cast<int64_t>(v.size()) == d, name, ": expected ", d, " values, got ", v.size());
+  if (bias.has_value()) {
+    check_like(*bias, weight, "bias", "weight");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias: expected shape (", weight.size(0),
+                "), got ", bias->sizes());
+  }
+  if (xa.has_value())
+    TORCH_CHECK(xa->sizes() == x.sizes() && xa->scalar_type() == x.scalar_type(), "xa: expected the shape and dtype of x ",
+                x.sizes(), " ", x.scalar_type(), ", got ", xa->sizes(), " ", xa->scalar_type());
+  return FoldedGeom{d, groups, weight.size(0), weight.size(0) / groups, core.size(0), x.suggest_memory_format()};
+}
+
+// Whether t (N, C, *sp) (or a weight (C_out, C_in/g, *k)) keeps its channels innermost in memory (channels_last,
+// or a 1-D conv's (N, L, C) order). The new activations here are channels-innermost when x or the weight is
+// (torch's rule for its conv output), else contiguous; for one group the 1x1 convs by u (C_out, r_0) then run as
+// GEMMs over the pixel rows.
+bool channels_inner(const Tensor& t) { return t.dim() > 2 && t.stride(1) == 1 && !t.is_contiguous(); }
+
+// t in that layout (a copy where it is not)
+Tensor in_layout(const Tensor& t, bool inner) { return inner ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous(); }
+
+// a copy of t in its own storage, in that layout
+Tensor fresh_in_layout(const Tensor& t, bool inner) {
+  if (!inner) return at::empty(t.sizes(), t.options()).copy_(t);
+  return at::empty(t.movedim(1, -1).sizes(), t.options()).movedim(-1, 1).copy_(t);
+}
+
+// cat_j [W_j; A]: (g (C_out/g + r_0), C_in/g, *k), in the layout of W (torch's conv output follows it too)
+Tensor concat_weight(const Tensor& weight, const Tensor& a, const FoldedGeom& f) {
+  Tensor w;
+  if (f.g == 1) {
+    w = at::cat({weight, a});
+  } else {
+    std::vector<int64_t> per_group{f.g, f.r};
+    per_group.insert(per_group.end(), a.sizes().begin() + 1, a.sizes().end());
+    w = at::cat({weight.unflatten(0, {f.g, f.cg}), a.expand(per_group)}, 1).flatten(0, 1);
+  }
+  return channels_inner(weight) ? in_layout(w, true) : w;
+}
+
+// A repeated per group: (g r_0, C_in/g, *k)
+Tensor repeat_groups(const Tensor& a, const FoldedGeom& f) {
+  if (f.g == 1) return a;
+  std::vector<int64_t> reps(a.dim(), 1);
+  reps[0] = f.g;
+  return a.repeat(reps);
+}
+
+// (base rows, adapter rows) of an activation t (N, g (C_out/g + r_0), *sp): (N, C_out, *sp), (N, g r_0, *sp)
+std::pair<Tensor, Tensor> split_rows(const Tensor& t, const FoldedGeom& f) {
+  if (f.g == 1) return {t.narrow(1, 0, f.cg), t.narrow(1, f.cg, f.r)};
+  const Tensor parts = t.unflatten(1, {f.g, f.cg + f.r});
+  return {parts.narrow(2, 0, f.cg).flatten(1, 2), parts.narrow(2, f.cg, f.r).flatten(1, 2)};
+}
+
+Tensor as_rows(const Tensor& t) { return t.movedim(1, -1).reshape({-1, t.size(1)}); }
+
+// (N * P, channels) rows back to (N, channels, *sp) like `like` (channels-last strides)
+Tensor from_rows(const Tensor& rows, const Tensor& like, int64_t channels) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  shape.erase(shape.begin() + 1);
+  shape.push_back(channels);
+  return rows.view(shape).movedim(-1, 1);
+}
+
+// y + su . h (+ bias): y (N, C_out, *sp), h (N, g r_0, *sp), su (C_out, r_0), bias (C_out); the result
+// channels-innermost where `inner`, else contiguous
+Tensor expand_add(const Tensor& y, const Tensor& h, const Tensor& su, const std::optional<Tensor>& bias,
+                  const FoldedGeom& f, bool inner) {
+  Tensor out;
+  if (f.g == 1 && inner) {
+    out = from_rows(bias.has_value() ? at::addmm(as_rows(y), as_rows(h), su.t()).add_(*bias)
+                                     : at::addmm(as_rows(y), as_rows(h), su.t()),
+                    y, f.co);
+    return out;
+  }
+  if (f.g == 1 && y.size(0) == 1) {
+    out = at::addmm(y.reshape({f.co, -1}), su, h.reshape({f.r, -1})).view(y.sizes());
+  } else if (f.g == 1) {
+    out = at::baddbmm(y.flatten(2), su.expand({y.size(0), f.co, f.r}), h.flatten(2)).view(y.sizes());
+  } else {
+    std::vector<int64_t> one_by_one(y.dim(), 1), ones(f.d, 1), zeros(f.d, 0);
+    one_by_one[0] = f.co;
+    one_by_one[1] = f.r;
+    out = at::convolution(h, su.view(one_by_one), std::nullopt, ones, zeros, ones, false, zeros, f.g)
+              .add_(y);
+    out = in_layout(out, inner);
+  }
+  if (bias.has_value()) {
+    std::vector<int64_t> per_channel(y.dim(), 1);
+    per_channel[1] = f.co;
+    out.add_(bias->view(per_channel));
+  }
+  return out;
+}
+
+// (dh, dsu) of expand_add for the output gradient grad (N, C_out, *sp), each where asked
+std::pair<Tensor, Tensor> expand_add_backward(const Tensor& grad, const Tensor& h, const Tensor& su, const FoldedGeom& f,
+                                              bool need_h, bool need_u) {
+  Tensor dh, dsu;
+  if (f.g == 1 && channels_inner(h)) {
+    const Tensor gr = as_rows(grad);
+    if (need_h) dh = from_rows(at::mm(gr, su), h, f.r);
+    if (need_u) dsu = at::mm(gr.t(), as_rows(h));
+  } else if (f.g == 1) {
+    if (grad.size(0) == 1) {
+      const Tensor g2 = grad.reshape({f.co, -1}), h2 = h.reshape({f.r, -1});
+      if (need_h) dh = at::mm(su.t(), g2).view(h.sizes());
+      if (need_u) dsu = at::mm(g2, h2.t());
+    } else {
+      const Tensor g3 = grad.flatten(2), h3 = h.flatten(2);  // (N, C_out, P), (N, r_0, P)
+      if (need_h) dh = at::bmm(su.t().expand({grad.size(0), f.r, f.co}), g3).view(h.sizes());
+      if (need_u) dsu = at::bmm(g3, h3.transpose(1, 2)).sum(0);
+    }
+  } else {
+    std::vector<int64_t> one_by_one(h.dim(), 1), ones(f.d, 1), zeros(f.d, 0);
+    one_by_one[0] = f.co;
+    one_by_one[1] = f.r;
+    auto [gh, gu, unused] = at::convolution_backward(grad, h, su.view(one_by_one), std::nullopt, ones, zeros, ones,
+                                                     false, zeros, f.g, {need_h, need_u, false});
+    dh = gh;
+    if (need_u) dsu = gu.view({f.co, f.r});
+  }
+  return {dh, dsu};
+}
+
+// (out, A, h): the output (in the layout of torch's conv output) and what the backward needs (h in that
+// layout where `keep`; else h may be a view of a larger buffer)
+std::tuple<Tensor, Tensor, Tensor> folded_forward(
+    const Tensor& x, const std::optional<Tensor>& xa, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& core, const Tensor& u_out, const Tensor& u_in, at::TensorList kernel, double scale,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool keep) {
+  const FoldedGeom f =
+      check_folded(x, xa, weight, bias, core, u_out, u_in, kernel, stride, padding, dilation, groups);
+  const Tensor a = input_fold_cpu(core, u_in, kernel);
+  const std::vector<int64_t> zeros(f.d, 0);
+  Tensor y, h;
+  const bool inner = channels_inner(x) || channels_inner(weight);
+  if (!xa.has_value()) {
+    std::tie(y, h) = split_rows(
+        at::convolution(x, concat_weight(weight, a, f), std::nullopt, stride, padding, dilation, false, zeros, f.g), f);
+  } else {
+    y = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, zeros, f.g);
+    h = at::convolution(*xa, repeat_groups(a, f), std::nullopt, stride, padding, dilation, false, zeros, f.g);
+  }
+  if (keep)  // its own storage (the concatenated conv's h is a view of that conv's output), in the layout
+    h = h.is_contiguous() && h.storage_offset() == 0 && !inner && xa.has_value() ? h : fresh_in_layout(h, inner);
+  return {expand_add(y, h, scale == 1.0 ? u_out : u_out * scale, bias, f, inner), a, h};
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_folded_forward_cpu(
+    const Tensor& x, const std::optional<Tensor>& xa, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& core, const Tensor& u_out, const Tensor& u_in, at::TensorList kernel, double scale,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return folded_forward(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups, true);
+}
+
+Tensor conv_folded_cpu(const Tensor& x, const std::optional<Tensor>& xa, const Tensor& weight,
+                       const std::optional<Tensor>& bias, const Tensor& core, const Tensor& u_out, const Tensor& u_in,
+                       at::TensorList kernel, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups) {
+  return std::get<0>(
+      folded_forward(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups, false));
+}
+
+// mask: dx, dxa, dweight, dbias, du_out, the fold's (dcore, du_in, dkernel...); each undefined (the fold's: an
+// empty list) where not asked.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> conv_folded_backward_cpu(
+    const Tensor& grad, const Tensor& x, const std::optional<Tensor>& xa, const Tensor& weight, const Tensor& core,
+    const Tensor& u_out, const Tensor& u_in, at::TensorList kernel, const Tensor& a, const Tensor& h, double scale,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 6> mask) {
+  const FoldedGeom f =
+      check_folded(x, xa, weight, std::nullopt, core, u_out, u_in, kernel, stride, padding, dilation, groups);
+  TORCH_CHECK(grad.dim() == x.dim() && grad.size(0) == x.size(0) && grad.size(1) == f.co, "grad: expected shape (",
+              x.size(0), ", ", f.co, ", *out spatial), got ", grad.sizes());
+  const std::vector<int64_t> zeros(f.d, 0);
+  const auto [need_x, need_xa, need_w, need_b, need_u, need_fold] = mask;
+  const Tensor su = scale == 1.0 ? u_out : u_out * scale;
+  auto [dh, dsu] = expand_add_backward(grad, h, su, f, need_fold || (xa.has_value() ? need_xa : need_x), need_u);
+  Tensor dx, dxa, dw, da, db, du;
+  if (!xa.has_value()) {
+    if (need_x || need_w) {  // through [W_j; A]: the adapter rows' gradient is dh (zero when not asked)
+      const Tensor dboth =
+          f.g == 1 ? at::cat({grad, dh.defined() ? dh : at::zeros_like(h)}, 1)
+                   : at::cat({grad.unflatten(1, {f.g, f.cg}), (dh.defined() ? dh : at::zeros_like(h)).unflatten(1, {f.g, f.r})}, 2)
+                         .flatten(1, 2);
+      auto [gx, gw, unused] = at::convolution_backward(dboth, x, concat_weight(weight, a, f), std::nullopt, stride,
+                                                       padding, dilation, false, zeros, f.g, {need_x, need_w, false});
+      dx = gx;
+      if (need_w) {
+        const auto rows = gw.unflatten(0, {f.g, f.cg + f.r}).split_with_sizes({f.cg, f.r}, 1);
+        dw = rows[0].flatten(0, 1).contiguous();
+        if (need_fold) da = rows[1].sum(0);
+      }
+    }
+  } else if (need_x || need_w) {
+    auto [gx, gw, unused] = at::convolution_backward(grad, x, weight, std::nullopt, stride, padding, dilation, false,
+                                                     zeros, f.g, {need_x, need_w, false});
+    dx = gx;
+    dw = gw;
+  }
+  if ((need_fold && !da.defined()) || (xa.has_value() && need_xa)) {
+    auto [gxa, ga, unused] =
+        at::convolution_backward(dh, xa.has_value() ? *xa : x, repeat_groups(a, f), std::nullopt, stride, padding,
+                                 dilation, false, zeros, f.g, {xa.has_value() && need_xa, need_fold, false});
+    dxa = gxa;
+    if (need_fold) da = f.g == 1 ? ga : ga.unflatten(0, {f.g, f.r}).sum(0);
+  }
+  if (need_b) {
+    std::vector<int64_t> dims{0};
+    for (int64_t i = 2; i < grad.dim(); ++i) dims.push_back(i);
+    db = grad.sum(dims);
+  }
+  if (need_u) du = scale == 1.0 ? dsu : dsu * scale;
+  std::vector<Tensor> dfold;
+  if (need_fold) dfold = input_fold_backward_cpu(da.contiguous(), core, u_in, kernel);
+  if (dx.defined()) dx = dx.contiguous(f.layout);
+  if (dxa.defined()) dxa = dxa.contiguous(f.layout);
+  if (dw.defined()) dw = dw.contiguous();
+  return {dx, dxa, dw, db, du, dfold};
+}
+
+class ConvFoldedFn : public torch::autograd::Function<ConvFoldedFn> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& xa,
+                        const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& core,
+                        const Tensor& u_out, const Tensor& u_in, at::TensorList kernel, double scale,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flora::conv_folded_forward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(
+                             const Tensor&, const std::optional<Tensor>&, const Tensor&, const std::optional<Tensor>&,
+                             const Tensor&, const Tensor&, const Tensor&, at::TensorList, double, at::IntArrayRef,
+                             at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    auto [out, a, h] = op.call(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
+    std::vector<Tensor> saved{x, xa.value_or(Tensor()), weight, core, u_out, u_in, a, h};
+    saved.insert(saved.end(), kernel.begin(), kernel.end());
+    ctx->save_for_backward(saved);
+    bool fold = core.requires_grad() || u_in.requires_grad();
+    for (const auto& k : kernel) fold = fold || k.requires_grad();
+    ctx->saved_data["mask"] = std::vector<bool>{x.requires_grad(), xa.has_value() && xa->requires_grad(),
+                                                weight.requires_grad(), bias.has_value() && bias->requires_grad(),
+                                                u_out.requires_grad(), fold};
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flora::conv_folded_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>(
+                             const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, at::TensorList, const Tensor&, const Tensor&, double,
+                             at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 6>)>();
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<Tensor> kernel(saved.begin() + 8, saved.end());
+    const auto m = ctx->saved_data["mask"].toBoolList();
+    const std::array<bool, 6> mask{m[0], m[1], m[2], m[3], m[4], m[5]};
+    const std::optional<Tensor> xa = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
+    auto [dx, dxa, dw, db, du, dfold] =
+        op.call(grads[0], saved[0], xa, saved[2], saved[3], saved[4], saved[5], kernel, saved[6], saved[7],
+                ctx->saved_data["scale"].toDouble(), ctx->saved_data["stride"].toIntVector(),
+                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
+                ctx->saved_data["groups"].toInt(), mask);
+    // one gradient per forward argument: x, xa, weight, bias, core, u_out, u_in, kernel..., then the
+    // non-tensor arguments
+    torch::autograd::variable_list out{dx, dxa, dw, db, mask[5] ? dfold[0] : Tensor(), du,
+                                       mask[5] ? dfold[1] : Tensor()};
+    for (size_t j = 0; j < kernel.size(); ++j) out.push_back(mask[5] ? dfold[2 + j] : Tensor());
+    out.resize(out.size() + 5);
+    return out;
+  }
+};
+
+Tensor conv_folded_autograd(const Tensor& x, const std::optional<Tensor>& xa, const Tensor& weight,
+                            const std::optional<Tensor>& bias, const Tensor& core, const Tensor& u_out,
+                            const Tensor& u_in, at::TensorList kernel, double scale, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    grad = x.requires_grad() || weight.requires_grad() || core.requires_grad() || u_out.requires_grad() ||
+           u_in.requires_grad() || (xa.has_value() && xa->requires_grad()) || (bias.has_value() && bias->requires_grad());
+    for (const auto& k : kernel) grad = grad || k.requires_grad();
+  }
+  if (grad)
+    return ConvFoldedFn::apply(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
+  at::AutoDispatchBelowADInplaceOrView guard;  // no backward: the forward alone
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::conv_folded", "")
+                       .typed<Tensor(const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                                     const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                                     at::TensorList, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                     int64_t)>();
+  return op.call(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("input_fold", &input_fold_cpu);
   m.impl("input_fold_backward", &input_fold_backward_cpu);
+  m.impl("conv_folded", &conv_folded_cpu);
+  m.impl("conv_folded_forward", &conv_folded_forward_cpu);
+  m.impl("conv_folded_backward", &conv_folded_backward_cpu);
 }
 
-TORCH_LIBRARY_IMPL(flora, Autograd, m) { m.impl("input_fold", &input_fold_autograd); }
+TORCH_LIBRARY_IMPL(flora, Autograd, m) {
+  m.impl("input_fold", &input_fold_autograd);
+  m.impl("conv_folded", &conv_folded_autograd);
+}
 
 }  // namespace flora

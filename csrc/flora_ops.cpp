@@ -31,10 +31,18 @@
 //   input_fold(core (r0, r1, *rk), u_in (I1, r1), kernel [(k_j, rk_j)]) -> A (r0, I1, *k)   (CPU only)
 //       A = core x_1 u_in x_2 kernel[0] ...: the core folded with every factor but the output one
 //   input_fold_backward(grad (r0, I1, *k), core, u_in, kernel) -> [dcore, du_in, dkernel...]  (CPU only)
+//   conv_folded(x, xa?, weight (C_out, C_in/g, *k), bias?, core, u_out (C_out, r0), u_in, kernel, scale, stride,
+//               padding, dilation, groups) -> out  (CPU)
+//       out = conv(x, weight) + bias + scale * u_out . conv(xa or x, input_fold(core, u_in, kernel)) (u_out per
+//       group, the fold shared by the groups); its autograd is one C++ node over the two ops below
+//   conv_folded_forward(same arguments) -> (out, A (r0, C_in/g, *k), h (N, g r0, *out))  (CPU)
+//   conv_folded_backward(grad, x, xa?, weight, core, u_out, u_in, kernel, A, h, scale, stride, padding, dilation,
+//                        groups, mask[6]) -> (dx, dxa, dweight, dbias, du_out, [dcore, du_in, dkernel...])  (CPU)
 #include <Python.h>
 
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 namespace flora {
@@ -59,6 +67,14 @@ TORCH_LIBRARY(flora, m) {
         "int[] padding, int[] dilation, float p, int seed) -> Tensor", tags);
   m.def("input_fold(Tensor core, Tensor u_in, Tensor[] kernel) -> Tensor", tags);
   m.def("input_fold_backward(Tensor grad, Tensor core, Tensor u_in, Tensor[] kernel) -> Tensor[]", tags);
+  const std::string folded_args =
+      "Tensor x, Tensor? xa, Tensor weight, Tensor? bias, Tensor core, Tensor u_out, Tensor u_in, Tensor[] kernel, "
+      "float scale, int[] stride, int[] padding, int[] dilation, int groups";
+  m.def(("conv_folded(" + folded_args + ") -> Tensor").c_str(), tags);
+  m.def(("conv_folded_forward(" + folded_args + ") -> (Tensor, Tensor, Tensor)").c_str(), tags);
+  m.def("conv_folded_backward(Tensor grad, Tensor x, Tensor? xa, Tensor weight, Tensor core, Tensor u_out, "
+        "Tensor u_in, Tensor[] kernel, Tensor a, Tensor h, float scale, int[] stride, int[] padding, int[] dilation, "
+        "int groups, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])", tags);
   m.def("depthwise_conv2d_weight_grad(Tensor x, Tensor dy, int[] kernel, int[] stride, int[] padding, "
         "int[] dilation) -> Tensor", tags);
 }

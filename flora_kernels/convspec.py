@@ -108,12 +108,18 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> T
         x: (N, C_in, *spatial).
         weight: (C_out, C_in / groups, *kernel).
     """
+    x, padding = conv_input(x, spec)
+    return _CONV[spec.dims](x, weight, bias, spec.stride, padding, spec.dilation, spec.groups)
+
+
+def conv_input(x: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple[int, ...]]:
+    """(input, padding) that give the spec's conv of x with F.convNd's zero padding: x and the spec's
+    symmetric zero padding, or x padded explicitly (any mode, asymmetric) and no padding."""
     sym = spec.symmetric_zero_padding
     if sym is not None:
-        return _CONV[spec.dims](x, weight, bias, spec.stride, sym, spec.dilation, spec.groups)
+        return x, sym
     flat, mode = _explicit_pad(spec)
-    x = F.pad(x, flat, mode=mode)
-    return _CONV[spec.dims](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    return F.pad(x, flat, mode=mode), (0,) * spec.dims
 
 
 def pointwise_conv(x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:

@@ -25,7 +25,7 @@ Every function is differentiable with respect to every tensor argument.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from torch import Tensor
@@ -117,6 +117,17 @@ def run_conv(
     if strategy == "merged":
         return _merged.conv(b, x, weight, bias, core, factors, scale, spec, dropout_p)
     return b.conv(x, weight, bias, core, factors, scale, spec, dropout_p)  # type: ignore[attr-defined]
+
+
+def bind_conv(
+    b: Backend, strategy: str | None, x: Tensor, weight: Tensor, core: Tensor, factors: Sequence[Tensor], scale: float,
+    spec: ConvSpec, dropout_p: float,
+) -> Callable[[Tensor, Tensor, Tensor | None, Tensor, Sequence[Tensor]], Tensor]:
+    """``run_conv`` for every input of x's signature, as ``op(x, weight, bias, core, factors)`` (what
+    a layer binds: the backend decides once what depends only on the signature, ``Backend.conv_op``)."""
+    if strategy == "merged":
+        return lambda x, w, bias, c, fs: _merged.conv(b, x, w, bias, c, fs, scale, spec, dropout_p)
+    return b.conv_op(x, weight, core, factors, scale, spec, dropout_p)
 
 
 def decide_linear(

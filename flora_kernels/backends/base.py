@@ -288,6 +288,15 @@ class Backend:
         (torch.compile) can take the variant a decision named."""
         return self if variant is None or variant == self.variant else self._bound[variant]
 
+    def conv_op(
+        self, x: Tensor, weight: Tensor, core: Tensor, factors: Sequence[Tensor], scale: float, spec: ConvSpec,
+        dropout_p: float,
+    ) -> Callable[[Tensor, Tensor, Tensor | None, Tensor, Sequence[Tensor]], Tensor]:
+        """Its factorized ``conv`` for every input of x's signature (shape, strides, dtype, grad mode,
+        autocast) with these settings, as ``op(x, weight, bias, core, factors)``: a layer binds it
+        once, so what depends only on the signature is decided here, not per call. Default: ``conv``."""
+        return lambda x, w, b, c, fs: self.conv(x, w, b, c, fs, scale, spec, dropout_p)  # type: ignore[attr-defined]
+
     def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         """The conv the merged strategy runs with ``W + s dW`` (torch's; a backend may give it its own
         backward)."""

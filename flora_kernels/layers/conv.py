@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from .. import reference
 from ..convspec import ConvSpec, conv_nd
-from ..functional import conv, decide_conv, decide_traced_call, plan_conv_call, run_conv
+from ..functional import bind_conv, conv, decide_conv, decide_traced_call, plan_conv_call, run_conv
 from ..plan import Plan
 from .base import FLoRALayer, traced_backend, traced_key, x_spec
 
@@ -59,15 +59,15 @@ class _FLoRAConvNd(_ChannelFeatures, FLoRALayer):
         xb = x.unsqueeze(0) if unbatched else x
         b, strategy = decide_conv(xb, weight(), bias, core, factors, scale, spec, dropout_p, s.strategy, s.backend)
         self._bound.decisions[(*traced_key(x), torch.is_grad_enabled(), self.training)] = ((b.name, b.variant), strategy)
+        run = bind_conv(b, strategy, xb, weight(), core, factors, scale, spec, dropout_p)
 
         def op(x: Tensor) -> Tensor:
             if not fresh():
                 return self._rebind(x)
             c = core if held is None else core * held
             if unbatched:
-                return run_conv(b, strategy, x.unsqueeze(0), weight(), bias, c, factors, scale, spec,
-                                dropout_p).squeeze(0)
-            return run_conv(b, strategy, x, weight(), bias, c, factors, scale, spec, dropout_p)
+                return run(x.unsqueeze(0), weight(), bias, c, factors).squeeze(0)
+            return run(x, weight(), bias, c, factors)
 
         return op
 

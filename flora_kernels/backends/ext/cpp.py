@@ -2,21 +2,23 @@
 
 Its factorized conv takes one of two forms (``folded_form``): where the call is small (the
 host-bound regime, where op count is the cost: a small input fold, and little extra arithmetic on
-the activations) the folded form of the reference (``reference.conv_folded``) with the fold as one
-op each way (``flora::input_fold``); otherwise the extension's projection form
-(``ExtBackend._conv``), which does fewer multiply-adds per pixel when C_in >> rank. Dropout uses
-the extension's seeded mask either way."""
+the activations) the folded form of the reference (``reference.conv_folded``) as one op each way
+(``flora::conv_folded``, one C++ autograd node: the input fold, and without dropout the base conv and
+the adapter's as one conv); otherwise the extension's projection form (``ExtBackend._conv``), which
+does fewer multiply-adds per pixel when C_in >> rank. Dropout uses the extension's seeded mask either
+way. A layer binds the folded form once per input signature (``conv_op``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from ...convspec import ConvSpec
-from ...reference import conv_folded
+from ...convspec import ConvSpec, conv_input
+from ...reference import in_dtype
 from ...tucker import mode_n_product
+from ..base import autocast_dtype
 from . import depthwise
 from .backend import ExtBackend, new_seed
 from .build import BUILD_HINT
@@ -75,9 +77,34 @@ class CppBackend(ExtBackend):
               spec: ConvSpec, p: float) -> Tensor:
         if not folded_form(x, weight, core, spec.groups):
             return super()._conv(x, weight, bias, core, fs, scale, spec, p)
-        a = flora().input_fold(core, fs[1], list(fs[2:]))  # differentiable: a C++ autograd node
-        xa = x * flora().dropout_mask(x, p, new_seed(p)) if p > 0 else x  # the extension's seeded mask
-        return conv_folded(x, xa, weight, bias, a, fs[0], scale, spec)
+        return self._folded_op(x, weight, core, fs, scale, spec, p)(x, weight, bias, core, fs)
+
+    def conv_op(self, x, weight, core, factors, scale, spec, dropout_p):  # type: ignore[override]
+        if autocast_dtype(x.device.type) is not None or not folded_form(x, weight, core, spec.groups):
+            return super().conv_op(x, weight, core, factors, scale, spec, dropout_p)
+        dt = x.dtype
+        if all(t.dtype == dt for t in (core, *factors)):
+            return self._folded_op(x, weight, core, factors, float(scale), spec, float(dropout_p))
+        run = self._folded_op(x, weight, core, factors, float(scale), spec, float(dropout_p))
+        return lambda x, w, b, c, fs: run(x, w, b, in_dtype(c, dt), [in_dtype(f, dt) for f in fs])
+
+    def _folded_op(self, x: Tensor, weight: Tensor, core: Tensor, fs: Sequence[Tensor], scale: float, spec: ConvSpec,
+                   p: float) -> Callable[[Tensor, Tensor, Tensor | None, Tensor, Sequence[Tensor]], Tensor]:
+        """The folded form (``flora::conv_folded``) for inputs of x's signature, core and factors in
+        x's dtype: ``op(x, weight, bias, core, factors)``."""
+        sym = spec.symmetric_zero_padding
+        stride, dilation, groups = list(spec.stride), list(spec.dilation), spec.groups
+        padding = list(sym) if sym is not None else [0] * spec.dims
+        conv_folded = flora().conv_folded.default
+
+        def op(x: Tensor, w: Tensor, b: Tensor | None, c: Tensor, fs: Sequence[Tensor]) -> Tensor:
+            xa = x * flora().dropout_mask(x, p, new_seed(p)) if p > 0 else None  # the extension's seeded mask
+            if sym is None:
+                x = conv_input(x, spec)[0]
+                xa = None if xa is None else conv_input(xa, spec)[0]
+            return conv_folded(x, xa, w, b, c, fs[0], fs[1], fs[2:], scale, stride, padding, dilation, groups)
+
+        return op
 
     def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
         """Depthwise 2-D convs with the extension's weight gradient (``depthwise``), others torch's."""

@@ -16,6 +16,9 @@ Schemas: csrc/flora_ops.cpp; semantics: docs/kernels/cuda.md. Channel views: an 
     input_fold(core, u_in, kernel) -> A = core x_1 u_in x_2 kernel[0] ... (CPU; tucker.input_fold; its
         autograd is a C++ node, csrc/flora_cpu_fold.cpp)
     input_fold_backward(grad, core, u_in, kernel) -> [dcore, du_in, *dkernel]
+    conv_folded(x, xa?, weight, bias?, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups)
+        -> conv(x, weight) + bias + scale u_out . conv(xa or x, input_fold(...)) (CPU; its autograd is one
+        C++ node over conv_folded_forward -> (out, A, h) and conv_folded_backward, csrc/flora_cpu_fold.cpp)
 
 The fakes are declared here with ``oplib.fake`` and registered by ``build.load_extension`` once
 the library is loaded.
@@ -35,7 +38,8 @@ OPS = (
     "tucker_reconstruct", "tucker_reconstruct_backward", "adapter_shrink", "adapter_expand_", "adapter_expand",
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
-    "adapter_conv_expand_", "adapter_conv_shrink_grad_input_", "input_fold", "input_fold_backward",
+    "adapter_conv_expand_", "adapter_conv_shrink_grad_input_", "input_fold", "input_fold_backward", "conv_folded",
+    "conv_folded_forward", "conv_folded_backward",
 )
 
 
@@ -157,6 +161,57 @@ def _(core, u_in, kernel):
 def _(grad, core, u_in, kernel):
     _same_device(grad, core, u_in, *kernel)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u_in, *kernel)]
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """x.suggest_memory_format() (channels_last / _3d for such a layout, else contiguous)."""
+    return torch._prims_common.suggest_memory_format(x)
+
+
+def _channels_inner(t: Tensor) -> bool:
+    """csrc/flora_cpu_fold.cpp channels_inner: t's channels (dim 1) innermost in memory."""
+    return t.dim() > 2 and t.stride(1) == 1 and not t.is_contiguous()
+
+
+def _folded_out(x, weight, core, stride, padding, dilation, groups) -> tuple[Tensor, Tensor, Tensor]:
+    """Fakes of conv_folded_forward's (out, A, h): the conv's output size, channels innermost when x or
+    the weight has them so, else contiguous."""
+    _same_device(x, weight, core)
+    d, r = weight.dim() - 2, core.shape[0]
+    torch._check(x.dim() == d + 2, lambda: f"conv_folded: expected x with {d + 2} dims, got {x.dim()}")
+    sp = [(n + 2 * p - dl * (k - 1) - 1) // s + 1
+          for n, k, s, p, dl in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    inner = _channels_inner(x) or _channels_inner(weight)
+
+    def act(c: int) -> Tensor:
+        if inner:
+            return x.new_empty((x.shape[0], *sp, c)).movedim(-1, 1)
+        return x.new_empty((x.shape[0], c, *sp))
+
+    return act(weight.shape[0]), weight.new_empty((r, *weight.shape[1:])), act(groups * r)
+
+
+@fake("flora::conv_folded")
+def _(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups):
+    return _folded_out(x, weight, core, stride, padding, dilation, groups)[0]
+
+
+@fake("flora::conv_folded_forward")
+def _(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups):
+    return _folded_out(x, weight, core, stride, padding, dilation, groups)
+
+
+@fake("flora::conv_folded_backward")
+def _(grad, x, xa, weight, core, u_out, u_in, kernel, a, h, scale, stride, padding, dilation, groups, mask):
+    _same_device(grad, x, xa, weight, core)
+    fmt = _memory_format(x)
+    dx, dxa = (torch.empty_like(t, memory_format=fmt) if t is not None and m else None
+               for t, m in ((x, mask[0]), (xa, mask[1])))
+    dw, du = (torch.empty_like(t, memory_format=torch.contiguous_format) if m else None
+              for t, m in ((weight, mask[2]), (u_out, mask[4])))
+    db = weight.new_empty((weight.shape[0],)) if mask[3] else None
+    dfold = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u_in, *kernel)] if mask[5] else []
+    return dx, dxa, dw, db, du, dfold
 
 
 @fake("flora::depthwise_conv2d_weight_grad")

@@ -149,7 +149,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 def test_conv_channels_last_matches_reference(case):
     """Channels-innermost x and weight: the kernels read x, write y (the base conv's output) and
     accumulate into dx (the base conv's input gradient) through their strides; output and every
-    gradient match the reference, and y keeps torch's layout (channels_last), never copied."""
+    gradient match the reference, and y keeps the channels innermost."""
     dtype = torch.float64
     xs, cout, k, g, geo, ranks = case
     x = _channels_last(torch.randn(*xs, dtype=dtype))
@@ -162,7 +162,9 @@ def test_conv_channels_last_matches_reference(case):
 
     _compare(fn, [x, w, b, core, *factors], dtype)
     y, y_ref = fn("cpp", x, w, b, core, *factors), fn("reference", x, w, b, core, *factors)
-    assert y.stride() == y_ref.stride()  # torch's conv output layout, the adapter added in place
+    # torch's conv output layout (the projection form adds the adapter in place), or channels innermost like x
+    # (the folded form, flora::conv_folded: torch's rule, which its CPU 3-D and grouped kernels do not keep)
+    assert y.stride() == y_ref.stride() or y.movedim(1, -1).is_contiguous()
 
 
 def test_conv_fp32_and_unbatched():
