@@ -392,13 +392,12 @@ Tensor from_rows(const Tensor& rows, const Tensor& like, int64_t channels) {
 // channels-innermost where `inner`, else contiguous
 Tensor expand_add(const Tensor& y, const Tensor& h, const Tensor& su, const std::optional<Tensor>& bias,
                   const FoldedGeom& f, bool inner) {
-  Tensor out;
   if (f.g == 1 && inner) {
-    out = from_rows(bias.has_value() ? at::addmm(as_rows(y), as_rows(h), su.t()).add_(*bias)
-                                     : at::addmm(as_rows(y), as_rows(h), su.t()),
-                    y, f.co);
-    return out;
+    Tensor rows = at::addmm(as_rows(y), as_rows(h), su.t());
+    if (bias.has_value()) rows.add_(*bias);
+    return from_rows(rows, y, f.co);
   }
+  Tensor out;
   if (f.g == 1 && y.size(0) == 1) {
     out = at::addmm(y.reshape({f.co, -1}), su, h.reshape({f.r, -1})).view(y.sizes());
   } else if (f.g == 1) {
