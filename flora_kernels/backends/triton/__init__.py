@@ -2,15 +2,17 @@
 docs/kernels/triton.md). One module per op family: ``reconstruct``, ``linear``, ``conv``, with the
 skinny channel GEMMs they share in ``channel_gemm``.
 
-Importing this package never fails for want of triton: without it the backend reports why in
-``unavailable_reason`` and its kernel modules stay unimported. (The registry imports this
-package at first use, so TRITON_INTERPRET=1 only has to be set before that.)
+Importing this package never fails for want of triton: without it, or without a CUDA GPU and
+the interpreter, the backend reports why in ``unavailable_reason`` and imports neither triton nor
+its kernel modules (they cost a model's first step ~0.1 s of CPU). The
+registry imports this package at first use, so TRITON_INTERPRET=1 only has to be set before that.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -18,23 +20,37 @@ from torch import Tensor
 from ...convspec import ConvSpec
 from ..base import Backend, Call
 
-try:
-    import triton  # noqa: F401
-
-    _IMPORT_ERROR: str | None = None
-except Exception as e:  # noqa: BLE001 - any failure to import triton makes the backend unavailable
-    _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
-
-if _IMPORT_ERROR is None:
-    from . import conv as _conv
-    from . import linear as _linear
-    from . import reconstruct as _reconstruct
-    from ._common import MAX_RANK as _MAX_RANK
-    from .conv_igemm import unsupported_reason as _igemm_reason
-
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_KERNELS: list[SimpleNamespace] = []
+
+
+def _kernels() -> SimpleNamespace:
+    """The kernel modules: imported with this package where the backend can run, else at first use
+    (tools.compile_check compiles them without a device)."""
+    if not _KERNELS:
+        from . import _common, conv, conv_igemm, linear, reconstruct
+
+        _KERNELS.append(SimpleNamespace(conv=conv, linear=linear, reconstruct=reconstruct, max_rank=_common.MAX_RANK,
+                                        igemm_reason=conv_igemm.unsupported_reason))
+    return _KERNELS[0]
+
+
+# Why the backend cannot run here, decided once at import: no device (checked first, without
+# importing triton), or triton failing to import.
+_UNAVAILABLE: str | None = (
+    None if torch.cuda.is_available() or _interpret() else "no CUDA GPU and TRITON_INTERPRET is not set"
+)
+if _UNAVAILABLE is None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure to import triton makes the backend unavailable
+        _UNAVAILABLE = f"triton is not importable ({type(e).__name__}: {e})"
+    else:
+        _kernels()
 
 
 _OFF_GPU_DEFAULT = {"linear": "tiled", "conv": "cudnn"}  # the variant auto takes off CUDA
@@ -79,11 +95,7 @@ class TritonBackend(Backend):
     )
 
     def unavailable_reason(self) -> str | None:
-        if _IMPORT_ERROR is not None:
-            return _IMPORT_ERROR
-        if not torch.cuda.is_available() and not _interpret():
-            return "no CUDA GPU and TRITON_INTERPRET is not set"
-        return None
+        return _UNAVAILABLE
 
     def unsupported_reason(self, call: Call) -> str | None:
         for t in call.tensors:
@@ -103,8 +115,8 @@ class TritonBackend(Backend):
             modes, ranks = call.core.dim, tuple(call.core.shape[:2])
         if not 2 <= modes <= 5:
             return f"expected 2 to 5 modes, got {modes}"
-        if max(ranks) > _MAX_RANK:
-            return f"channel ranks {ranks} exceed the kernels' limit of {_MAX_RANK}"
+        if max(ranks) > _kernels().max_rank:
+            return f"channel ranks {ranks} exceed the kernels' limit of {_kernels().max_rank}"
         if call.op in ("linear", "conv"):
             x, weight = call.x, call.weight
             if x.dtype != weight.dtype:
@@ -116,7 +128,7 @@ class TritonBackend(Backend):
     def variants(self, call: Call) -> tuple[str, ...]:
         if call.strategy != "factorized":
             return ()
-        return {"linear": _linear.GEMM_VARIANTS, "conv": _conv.CONV_VARIANTS}.get(call.op, ())
+        return {"linear": _kernels().linear.GEMM_VARIANTS, "conv": _kernels().conv.CONV_VARIANTS}.get(call.op, ())
 
     def variant_reason(self, call: Call, variant: str, auto: bool = False) -> str | None:
         declared = self.variants(call)
@@ -128,7 +140,7 @@ class TritonBackend(Backend):
         if variant == "tma":
             return _tma_reason(call, on_gpu)
         if variant == "igemm":
-            return _igemm_reason(call.x.dim, call.conv, call.weight.shape[1])
+            return _kernels().igemm_reason(call.x.dim, call.conv, call.weight.shape[1])
         return None
 
     def auto_reason(self, call: Call) -> str | None:
@@ -139,22 +151,22 @@ class TritonBackend(Backend):
         return self.unsupported_reason(call)
 
     def reconstruct(self, core: Tensor, factors: Sequence[Tensor], scale: float, base: Tensor | None) -> Tensor:
-        return _reconstruct.reconstruct(core, factors, scale, base)
+        return _kernels().reconstruct.reconstruct(core, factors, scale, base)
 
     def project(self, t: Tensor, factors: Sequence[Tensor]) -> Tensor:
-        return _reconstruct.project(t, factors)
+        return _kernels().reconstruct.project(t, factors)
 
     def linear(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
         scale: float, dropout_p: float,
     ) -> Tensor:
-        return _linear.linear_factorized(x, weight, bias, core, factors, scale, dropout_p, self.variant or "tiled")
+        return _kernels().linear.linear_factorized(x, weight, bias, core, factors, scale, dropout_p, self.variant or "tiled")
 
     def conv(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
         scale: float, spec: ConvSpec, dropout_p: float,
     ) -> Tensor:
-        return _conv.conv_factorized(x, weight, bias, core, factors, scale, spec, dropout_p, self.variant or "cudnn")
+        return _kernels().conv.conv_factorized(x, weight, bias, core, factors, scale, spec, dropout_p, self.variant or "cudnn")
 
 
 __all__ = ["TritonBackend"]

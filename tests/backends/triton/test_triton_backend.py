@@ -44,12 +44,22 @@ def test_unavailable_without_gpu_or_interpreter(monkeypatch):
     from flora_kernels.backends.triton import TritonBackend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    b = TritonBackend()
     x, w, core, fs = _linear(device="cpu")
-    assert "CPU tensors need the Triton interpreter" in b.unsupported_reason(
+    assert "CPU tensors need the Triton interpreter" in TritonBackend().unsupported_reason(
         Call.describe("linear", x=x, weight=w, core=core, factors=fs, strategy="factorized"))
-    if not torch.cuda.is_available():
-        assert "no CUDA GPU and TRITON_INTERPRET is not set" in b.unavailable_reason()
+    if torch.cuda.is_available():
+        return
+    # decided when the backend loads, without importing its kernel modules (a model's first step would pay)
+    code = ("import sys, torch, flora_kernels as fk\n"
+            "x = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+            "fk.inject_flora(x, fk.FLoRAConfig(rank=2))\n"
+            "x(torch.randn(2, 8)).sum().backward()\n"
+            "print(fk.available_backends()['triton'], 'flora_kernels.backends.triton.linear' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("no CUDA GPU and TRITON_INTERPRET is not set False"), out.stdout
 
 
 @needs_triton
