@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "extra block, frozen / PEFT LoRA / FLoRA, with graph breaks and recompiles (about 2-3 min of CPU)")
     c.add_argument("--compile-blocks", type=_int_list, default=[8, 16],
                    help="--compile: block counts (default: 8,16; the figure is per extra block between the extremes)")
+    c.add_argument("--compile-rounds", type=int, default=1,
+                   help="--compile: cold compiles per provider and block count, medians reported (default 1; one "
+                   "varies by up to 2x on a shared machine: 3 or more for a figure to compare)")
     c.add_argument("--memory", action="store_true",
                    help="memory case: tensors saved for backward (and the GPU peak) in one training step of a tiny "
                    "Llama, timm resnet18 and vit_tiny: frozen, full, PEFT LoRA, FLoRA per strategy, FLoRA lean")
@@ -320,7 +323,7 @@ def _run_compile(args: argparse.Namespace) -> tuple[str, dict]:
     from . import compile_case
 
     providers = args.providers or list(compile_case.PROVIDERS)
-    doc = compile_case.run(args.compile_blocks, providers, args.rank, args.seed, _log(args))
+    doc = compile_case.run(args.compile_blocks, providers, args.rank, args.seed, _log(args), args.compile_rounds)
     return compile_case.markdown(doc), doc
 
 

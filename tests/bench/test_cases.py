@@ -108,11 +108,13 @@ def test_memory_llama_frozen_has_a_backward():
 
 def test_compile_case_one_block():
     pytest.importorskip("transformers")
-    doc = compile_case.run(blocks=(1,), providers=["flora-auto"], rank=4)
+    doc = compile_case.run(blocks=(1,), providers=["flora-auto"], rank=4, rounds=2)
     assert [(r["provider"], r["blocks"]) for r in doc["rows"]] == [("frozen", 1), ("flora-auto", 1)]  # frozen: always
     for r in doc["rows"]:
         assert r["first_step_cpu_s"] > 0 and r["first_step_wall_s"] > 0 and r["frames_first_step"] >= 1
         assert r["graph_breaks"] >= 0 and r["recompiles"] >= 0
+        samples = r["first_step_cpu_s_samples"]  # one cold compile per round, the row their median
+        assert len(samples) == 2 and r["first_step_cpu_s"] == pytest.approx(sum(samples) / 2)
     assert doc["per_block"] == {}  # one block count: no per-block figure
     assert "| flora-auto | 1 |" in compile_case.markdown(doc)
 
@@ -129,8 +131,10 @@ def test_compile_per_block_figures():
 
 def test_cli_case_flags(tmp_path, capsys):
     a = cli.build_parser().parse_args(["--host", "--compile", "--compile-blocks", "2,4", "--memory",
-                                       "--memory-models", "llama", "--host-layers", "6", "--clock", "thread"])
+                                       "--memory-models", "llama", "--host-layers", "6", "--clock", "thread",
+                                       "--compile-rounds", "3"])
     assert a.host and a.compile and a.memory and a.compile_blocks == [2, 4] and a.memory_models == ["llama"]
+    assert a.compile_rounds == 3
     cfg = cli.host_config(a)
     assert (cfg.layers, cfg.clock, cfg.rounds) == (6, "thread", hostpath.HostConfig().rounds)
     assert cli.host_config(a, quick=True).rounds == hostpath.QUICK.rounds
