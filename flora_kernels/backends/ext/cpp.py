@@ -83,9 +83,9 @@ class CppBackend(ExtBackend):
         if autocast_dtype(x.device.type) is not None or not folded_form(x, weight, core, spec.groups):
             return super().conv_op(x, weight, core, factors, scale, spec, dropout_p)
         dt = x.dtype
-        if all(t.dtype == dt for t in (core, *factors)):
-            return self._folded_op(x, weight, core, factors, float(scale), spec, float(dropout_p))
         run = self._folded_op(x, weight, core, factors, float(scale), spec, float(dropout_p))
+        if all(t.dtype == dt for t in (core, *factors)):
+            return run
         return lambda x, w, b, c, fs: run(x, w, b, in_dtype(c, dt), [in_dtype(f, dt) for f in fs])
 
     def _folded_op(self, x: Tensor, weight: Tensor, core: Tensor, fs: Sequence[Tensor], scale: float, spec: ConvSpec,
