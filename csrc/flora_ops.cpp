@@ -38,6 +38,13 @@
 //   conv_folded_forward(same arguments) -> (out, A (r0, C_in/g, *k), h (N, g r0, *out))  (CPU)
 //   conv_folded_backward(grad, x, xa?, weight, core, u_out, u_in, kernel, A, h, scale, stride, padding, dilation,
 //                        groups, mask[6]) -> (dx, dxa, dweight, dbias, du_out, [dcore, du_in, dkernel...])  (CPU)
+//   linear_factorized(x (..., in), weight (out, in), bias?, core (r_out, r_in), u_out (out, r_out), u_in (in, r_in),
+//                     scale, p, seed) -> y (..., out)
+//       y = x W^T + bias + (dropout(x) u_in) (scale u_out core)^T (flora_linear.cpp; CPU and CUDA); its autograd
+//       is one C++ node over the two ops below
+//   linear_factorized_forward(same arguments) -> (y, S = dropout(x) u_in (M, r_in))
+//   linear_factorized_backward(grad (..., out), x?, weight, S, core, u_out, u_in, scale, p, seed, mask[6])
+//       -> (dx, dweight, dbias, dcore, du_out, du_in), each undefined where its mask entry is false
 #include <Python.h>
 
 #include <torch/library.h>
@@ -75,6 +82,13 @@ TORCH_LIBRARY(flora, m) {
   m.def("conv_folded_backward(Tensor grad, Tensor x, Tensor? xa, Tensor weight, Tensor core, Tensor u_out, "
         "Tensor u_in, Tensor[] kernel, Tensor a, Tensor h, float scale, int[] stride, int[] padding, int[] dilation, "
         "int groups, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])", tags);
+  const std::string linear_args =
+      "Tensor x, Tensor weight, Tensor? bias, Tensor core, Tensor u_out, Tensor u_in, float scale, float p, int seed";
+  m.def(("linear_factorized(" + linear_args + ") -> Tensor").c_str(), tags);
+  m.def(("linear_factorized_forward(" + linear_args + ") -> (Tensor, Tensor)").c_str(), tags);
+  m.def("linear_factorized_backward(Tensor grad, Tensor? x, Tensor weight, Tensor s, Tensor core, Tensor u_out, "
+        "Tensor u_in, float scale, float p, int seed, bool[6] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags);
   m.def("depthwise_conv2d_weight_grad(Tensor x, Tensor dy, int[] kernel, int[] stride, int[] padding, "
         "int[] dilation) -> Tensor", tags);
 }

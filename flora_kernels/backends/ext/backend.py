@@ -14,7 +14,7 @@ from ...reference import in_dtype
 from ...tucker import core_kernel
 from ..base import Backend, Call, TensorSpec, autocast_dtype
 from .build import load_extension
-from .ops import BaseConvShrink, ConvFused, Expand, LinearFactorized, Reconstruct
+from .ops import BaseConvShrink, ConvFused, Expand, Reconstruct, flora
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -129,13 +129,8 @@ class ExtBackend(Backend):
                 return self.linear(x.to(ac), weight.to(ac), None if bias is None else bias.to(ac), core, factors,
                                    scale, dropout_p)
         dt = x.dtype
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = LinearFactorized.apply(
-            x2, weight, bias, core.to(dt), factors[0].to(dt), factors[1].to(dt), float(scale), float(dropout_p),
-            new_seed(dropout_p),
-        )
-        return y.reshape(*lead, weight.shape[0])
+        return flora().linear_factorized(x, weight, bias, in_dtype(core, dt), in_dtype(factors[0], dt),
+                                         in_dtype(factors[1], dt), float(scale), float(dropout_p), new_seed(dropout_p))
 
     def conv(self, x, weight, bias, core, factors, scale, spec: ConvSpec, dropout_p):  # type: ignore[override]
         ac = autocast_dtype(x.device.type)

@@ -12,7 +12,8 @@ import sys
 
 # Paths relative to the repository root.
 # op schemas + module; CPU kernels
-CPU_SOURCES = ("csrc/flora_ops.cpp", "csrc/flora_cpu.cpp", "csrc/flora_cpu_depthwise.cpp", "csrc/flora_cpu_fold.cpp")
+CPU_SOURCES = ("csrc/flora_ops.cpp", "csrc/flora_cpu.cpp", "csrc/flora_cpu_depthwise.cpp", "csrc/flora_cpu_fold.cpp",
+               "csrc/flora_linear.cpp")
 CUDA_SOURCES = ("csrc/flora_cuda.cu", "csrc/flora_cuda_binding.cpp")  # CUDA kernels; their torch binding
 INCLUDE_DIRS = ("csrc",)
 CXX_FLAGS = ("-O3", "-std=c++20")

@@ -19,6 +19,9 @@ Schemas: csrc/flora_ops.cpp; semantics: docs/kernels/cuda.md. Channel views: an 
     conv_folded(x, xa?, weight, bias?, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups)
         -> conv(x, weight) + bias + scale u_out . conv(xa or x, input_fold(...)) (CPU; its autograd is one
         C++ node over conv_folded_forward -> (out, A, h) and conv_folded_backward, csrc/flora_cpu_fold.cpp)
+    linear_factorized(x (..., in), weight, bias?, core, u_out, u_in, scale, p, seed)
+        -> x W^T + bias + (dropout(x) U_in) (scale U_out core)^T (CPU and CUDA; its autograd is one C++ node
+        over linear_factorized_forward -> (y, S) and linear_factorized_backward, csrc/flora_linear.cpp)
 
 The fakes are declared here with ``oplib.fake`` and registered by ``build.load_extension`` once
 the library is loaded.
@@ -39,7 +42,8 @@ OPS = (
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
     "adapter_conv_expand_", "adapter_conv_shrink_grad_input_", "input_fold", "input_fold_backward", "conv_folded",
-    "conv_folded_forward", "conv_folded_backward",
+    "conv_folded_forward", "conv_folded_backward", "linear_factorized", "linear_factorized_forward",
+    "linear_factorized_backward",
 )
 
 
@@ -214,6 +218,34 @@ def _(grad, x, xa, weight, core, u_out, u_in, kernel, a, h, scale, stride, paddi
     return dx, dxa, dw, db, du, dfold
 
 
+def _linear_out(x, weight, core, u_out, u_in) -> tuple[Tensor, Tensor]:
+    """Fakes of linear_factorized_forward's (y (..., out), S (M, r_in)), both contiguous."""
+    _same_device(x, weight, core, u_out, u_in)
+    torch._check(x.dim() >= 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+                 lambda: f"linear_factorized: expected x (..., {weight.shape[1]}), got {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((x.numel() // x.shape[-1], u_in.shape[1]))
+
+
+@fake("flora::linear_factorized")
+def _(x, weight, bias, core, u_out, u_in, scale, p, seed):
+    return _linear_out(x, weight, core, u_out, u_in)[0]
+
+
+@fake("flora::linear_factorized_forward")
+def _(x, weight, bias, core, u_out, u_in, scale, p, seed):
+    return _linear_out(x, weight, core, u_out, u_in)
+
+
+@fake("flora::linear_factorized_backward")
+def _(grad, x, weight, s, core, u_out, u_in, scale, p, seed, mask):
+    _same_device(grad, x, weight, s, core)
+    dx = grad.new_empty((*grad.shape[:-1], weight.shape[1])) if mask[0] else None
+    db = weight.new_empty((weight.shape[0],)) if mask[2] else None
+    dw, dcore, du_out, du_in = (torch.empty_like(t, memory_format=torch.contiguous_format) if m else None
+                                for t, m in ((weight, mask[1]), (core, mask[3]), (u_out, mask[4]), (u_in, mask[5])))
+    return dx, dw, db, dcore, du_out, du_in
+
+
 @fake("flora::depthwise_conv2d_weight_grad")
 def _(x, dy, kernel, stride, padding, dilation):
     _same_device(x, dy)
@@ -264,59 +296,6 @@ class Project(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             _, du0, du1 = flora().tucker_reconstruct_backward(t, g, u0, u1, 1.0)
         return dt, du0, du1, None
-
-
-class LinearFactorized(torch.autograd.Function):
-    """y = x W^T + b + S B^T, S = dropout(x) U_in, B = scale * U_out G; x (M, in) contiguous.
-
-    The adapter sits inside the base GEMM's accumulate: y = b + S B^T is written first (one pass
-    over y, y never read), then the base GEMM adds x W^T into it with beta = 1 (``addmm_``: cuBLAS
-    on CUDA, BLAS on CPU); the backward likewise writes dx = mask * (dS U_in^T) first and adds dy W.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, core, u_out, u_in, scale, p, seed):
-        b = (u_out @ core) * scale
-        s = flora().adapter_shrink(x, u_in, 1, p, seed)
-        y = flora().adapter_expand(s, b, 1, 1.0, bias)
-        y.addmm_(x, weight.t())
-        ctx.scale, ctx.p, ctx.seed = scale, p, seed
-        # Saved: x only where a gradient reads it (U_in's, W's), S, and the parameters; B (out, r_in)
-        # is recomputed in backward (it would be saved memory PEFT's LoRA does not pay).
-        need_xs = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
-        ctx.save_for_backward(x if need_xs else None, weight, s, core, u_out, u_in)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, s, core, u_out, u_in = ctx.saved_tensors
-        b = (u_out @ core) * ctx.scale
-        need_x, need_w, need_b, need_core, need_uo, need_ui = ctx.needs_input_grad[:6]
-        ops = flora()
-        dy = dy.contiguous()
-        dx = dw = dbias = dcore = du_out = du_in = None
-        need_ds, need_db = need_x or need_ui, need_core or need_uo
-        if need_ds and need_db:
-            ds, db = ops.adapter_linear_grad(dy, s, b)  # dS = dy B, dB = dy^T S: one read of dy
-        else:
-            ds = ops.adapter_expand_grad_input(dy, b, 1, 1.0) if need_ds else None
-            db = ops.adapter_factor_grad(dy, s, 1, False, 1.0, 0.0, 0) if need_db else None  # (out, r_in)
-        if need_x:
-            dx = ops.adapter_shrink_grad_input(ds, u_in, 1, ctx.p, ctx.seed)
-            dx.addmm_(dy, weight)
-        if need_w:
-            dw = dy.t() @ x
-        if need_b:
-            dbias = dy.sum(0)
-        if need_db:
-            if need_core:
-                dcore = (u_out.t() @ db) * ctx.scale
-            if need_uo:
-                du_out = (db @ core.t()) * ctx.scale
-        if need_ui:
-            du_in = ops.adapter_factor_grad(x, ds, 1, False, 1.0, ctx.p, ctx.seed)
-        return dx, dw, dbias, dcore, du_out, du_in, None, None, None
 
 
 class BaseConvShrink(torch.autograd.Function):

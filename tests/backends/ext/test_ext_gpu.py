@@ -207,6 +207,16 @@ def _op_cases(dtype, device, channels_last):
     dy, s, b = rnd(3000, 264), rnd(3000, 16), rnd(264, 16)
     cases += [(f"linear_grad[{k}]", lambda k=k: ops.adapter_linear_grad(dy.to(device), s.to(device), b.to(device))[k])
               for k in range(2)]
+    lin = [rnd(*sh) for sh in ((3, 700, 96), (130, 96), (130,), (8, 6), (130, 8), (96, 6), (3, 700, 130))]
+
+    def linear_factorized(k, device=device):
+        x, w, bias, core, u_out, u_in, g = (t.to(device) for t in lin)
+        y, s = ops.linear_factorized_forward(x, w, bias, core, u_out, u_in, 0.5, 0.3, 7)
+        if k < 0:
+            return y
+        return ops.linear_factorized_backward(g, x, w, s, core, u_out, u_in, 0.5, 0.3, 7, [True] * 6)[k]
+
+    cases += [(f"linear_factorized[{k}]", lambda k=k: linear_factorized(k)) for k in range(-1, 6)]
     for r0, r1, t, i0, i1 in [(16, 16, 1, 700, 520), (4, 5, 9, 24, 16)]:
         core, u0, u1, base = rnd(r0, r1, t), rnd(i0, r0), rnd(i1, r1), rnd(i0, i1, t)
         grad = rnd(i0, i1, t)
@@ -251,6 +261,9 @@ def test_cuda_opcheck(cuda_ok):
         ops.adapter_linear_grad: (torch.randn(7, 8, device="cuda"), torch.randn(7, 3, device="cuda"),
                                   torch.randn(8, 3, device="cuda")),
         ops.dropout_mask: (x, 0.3, 11),
+        ops.linear_factorized_forward: (torch.randn(2, 3, 6, device="cuda"), torch.randn(8, 6, device="cuda"), None,
+                                        torch.randn(2, 3, device="cuda"), u_out, u_in.new_empty(6, 3).normal_(), 0.5,
+                                        0.2, 5),
     }
     for op, args in samples.items():
         torch.library.opcheck(op, args)
