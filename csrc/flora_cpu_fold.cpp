@@ -625,6 +625,171 @@ Tensor conv_folded_autograd(const Tensor& x, const std::optional<Tensor>& xa, co
   return op.call(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
 }
 
+
+// ---- flora::conv_merged ------------------------------------------------------------------------------------
+//
+//   out = conv(x, W + s U_out . A) + b,   A = input_fold(core, u_in, kernel) (r_0, C_in/g, *k)
+//
+// The merged strategy on CPU: the reconstruct W + s dW as the fold and one GEMM (dW = U_out . A: the core with
+// every factor, U_out last), then the conv. Backward: the conv's input and weight gradients (dW_eff; for a
+// depthwise 2-D conv by flora::depthwise_conv2d_weight_grad, which beats ATen's there), the base weight's
+// gradient being dW_eff itself, and the adapter's by projecting dW_eff back: dU_out = s dW_eff A^T,
+// dA = s U_out^T dW_eff, then the fold's backward. One C++ autograd node (ConvMergedFn) over
+// conv_merged_forward -> (out, A, W_eff) and conv_merged_backward: the whole merged conv is one op each way.
+
+// W + s U_out . A: (C_out, C_in/g, *k), contiguous
+Tensor merged_weight(const Tensor& weight, const Tensor& u_out, const Tensor& a, double scale) {
+  return at::addmm(weight.reshape({weight.size(0), -1}), u_out, a.reshape({a.size(0), -1}), 1.0, scale)
+      .view(weight.sizes());
+}
+
+// a 2-D conv with one input channel per group: its weight gradient by the extension's depthwise kernel
+bool depthwise(const Tensor& x, const Tensor& weight, const FoldedGeom& f) {
+  return f.d == 2 && weight.size(1) == 1 && f.g == x.size(1) && f.g > 1;
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_merged_forward_cpu(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& core, const Tensor& u_out,
+    const Tensor& u_in, at::TensorList kernel, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  const FoldedGeom f =
+      check_folded(x, std::nullopt, weight, bias, core, u_out, u_in, kernel, stride, padding, dilation, groups);
+  const Tensor a = input_fold_cpu(core, u_in, kernel);
+  const Tensor w = merged_weight(weight, u_out, a, scale);
+  const std::vector<int64_t> zeros(f.d, 0);
+  const Tensor out = at::convolution(x, w, bias, stride, padding, dilation, false, zeros, f.g);
+  return {in_layout(out, channels_inner(x) || channels_inner(weight)), a, w};
+}
+
+Tensor conv_merged_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& core,
+                       const Tensor& u_out, const Tensor& u_in, at::TensorList kernel, double scale,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return std::get<0>(
+      conv_merged_forward_cpu(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups));
+}
+
+// mask: dx, dweight, dbias, du_out, the fold's (dcore, du_in, dkernel...); each undefined (the fold's: an empty
+// list) where not asked. w is the forward's W_eff, a its fold.
+std::tuple<Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> conv_merged_backward_cpu(
+    const Tensor& grad, const Tensor& x, const Tensor& w, const Tensor& core, const Tensor& u_out, const Tensor& u_in,
+    at::TensorList kernel, const Tensor& a, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, std::array<bool, 5> mask) {
+  const FoldedGeom f =
+      check_folded(x, std::nullopt, w, std::nullopt, core, u_out, u_in, kernel, stride, padding, dilation, groups);
+  check_tensor(grad, "grad");
+  check_like(grad, x, "grad", "x");
+  TORCH_CHECK(grad.dim() == x.dim() && grad.size(0) == x.size(0) && grad.size(1) == f.co, "grad: expected shape (",
+              x.size(0), ", ", f.co, ", *out spatial), got ", grad.sizes());
+  TORCH_CHECK(a.dim() == w.dim() && a.size(0) == f.r && a.sizes().slice(1) == w.sizes().slice(1),
+              "a: expected the forward's fold of shape (", f.r, ", ", w.sizes().slice(1), "), got ", a.sizes());
+  const std::vector<int64_t> zeros(f.d, 0);
+  const auto [need_x, need_w, need_b, need_u, need_fold] = mask;
+  const bool need_gw = need_w || need_u || need_fold;
+  Tensor dx, gw, db, du;
+  if (need_gw && depthwise(x, w, f)) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flora::depthwise_conv2d_weight_grad", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                       at::IntArrayRef)>();
+    if (need_x)
+      dx = std::get<0>(at::convolution_backward(grad, x, w, std::nullopt, stride, padding, dilation, false, zeros,
+                                                f.g, {true, false, false}));
+    gw = op.call(x, grad, w.sizes().slice(2), stride, padding, dilation);
+  } else if (need_x || need_gw) {
+    std::tie(dx, gw, std::ignore) = at::convolution_backward(grad, x, w, std::nullopt, stride, padding, dilation, false,
+                                                             zeros, f.g, {need_x, need_gw, false});
+  }
+  if (need_b) {
+    std::vector<int64_t> dims{0};
+    for (int64_t i = 2; i < grad.dim(); ++i) dims.push_back(i);
+    db = grad.sum(dims);
+  }
+  std::vector<Tensor> dfold;
+  if (need_u || need_fold) {
+    const Tensor g2 = gw.reshape({f.co, -1}), a2 = a.reshape({f.r, -1});
+    if (need_u) du = at::mm(g2, a2.t()).mul_(scale);
+    if (need_fold) dfold = input_fold_backward_cpu(at::mm(u_out.t(), g2).mul_(scale).view(a.sizes()), core, u_in, kernel);
+  }
+  if (dx.defined()) dx = dx.contiguous(f.layout);
+  return {dx, need_w ? gw.contiguous() : Tensor(), db, du, dfold};
+}
+
+class ConvMergedFn : public torch::autograd::Function<ConvMergedFn> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& core, const Tensor& u_out,
+                        const Tensor& u_in, at::TensorList kernel, double scale, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flora::conv_merged_forward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                             const Tensor&, at::TensorList, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                             int64_t)>();
+    auto [out, a, w] = op.call(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
+    std::vector<Tensor> saved{x, w, core, u_out, u_in, a};
+    saved.insert(saved.end(), kernel.begin(), kernel.end());
+    ctx->save_for_backward(saved);
+    bool fold = core.requires_grad() || u_in.requires_grad();
+    for (const auto& k : kernel) fold = fold || k.requires_grad();
+    ctx->saved_data["mask"] = std::vector<bool>{x.requires_grad(), weight.requires_grad(),
+                                                bias.has_value() && bias->requires_grad(), u_out.requires_grad(), fold};
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flora::conv_merged_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             at::TensorList, const Tensor&, double, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                             int64_t, std::array<bool, 5>)>();
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<Tensor> kernel(saved.begin() + 6, saved.end());
+    const auto m = ctx->saved_data["mask"].toBoolList();
+    const std::array<bool, 5> mask{m[0], m[1], m[2], m[3], m[4]};
+    auto [dx, dw, db, du, dfold] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], kernel, saved[5],
+                ctx->saved_data["scale"].toDouble(), ctx->saved_data["stride"].toIntVector(),
+                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
+                ctx->saved_data["groups"].toInt(), mask);
+    // one gradient per forward argument: x, weight, bias, core, u_out, u_in, kernel..., then the non-tensor
+    // arguments
+    torch::autograd::variable_list out{dx, dw, db, mask[4] ? dfold[0] : Tensor(), du, mask[4] ? dfold[1] : Tensor()};
+    for (size_t j = 0; j < kernel.size(); ++j) out.push_back(mask[4] ? dfold[2 + j] : Tensor());
+    out.resize(out.size() + 5);
+    return out;
+  }
+};
+
+Tensor conv_merged_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                            const Tensor& core, const Tensor& u_out, const Tensor& u_in, at::TensorList kernel,
+                            double scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    grad = x.requires_grad() || weight.requires_grad() || core.requires_grad() || u_out.requires_grad() ||
+           u_in.requires_grad() || (bias.has_value() && bias->requires_grad());
+    for (const auto& k : kernel) grad = grad || k.requires_grad();
+  }
+  if (grad)
+    return ConvMergedFn::apply(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
+  at::AutoDispatchBelowADInplaceOrView guard;  // no backward: the forward alone
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::conv_merged", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                                     const Tensor&, const Tensor&, at::TensorList, double, at::IntArrayRef,
+                                     at::IntArrayRef, at::IntArrayRef, int64_t)>();
+  return op.call(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
@@ -633,11 +798,15 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("conv_folded", &conv_folded_cpu);
   m.impl("conv_folded_forward", &conv_folded_forward_cpu);
   m.impl("conv_folded_backward", &conv_folded_backward_cpu);
+  m.impl("conv_merged", &conv_merged_cpu);
+  m.impl("conv_merged_forward", &conv_merged_forward_cpu);
+  m.impl("conv_merged_backward", &conv_merged_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(flora, Autograd, m) {
   m.impl("input_fold", &input_fold_autograd);
   m.impl("conv_folded", &conv_folded_autograd);
+  m.impl("conv_merged", &conv_merged_autograd);
 }
 
 }  // namespace flora

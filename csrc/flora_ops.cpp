@@ -38,6 +38,13 @@
 //   conv_folded_forward(same arguments) -> (out, A (r0, C_in/g, *k), h (N, g r0, *out))  (CPU)
 //   conv_folded_backward(grad, x, xa?, weight, core, u_out, u_in, kernel, A, h, scale, stride, padding, dilation,
 //                        groups, mask[6]) -> (dx, dxa, dweight, dbias, du_out, [dcore, du_in, dkernel...])  (CPU)
+//   conv_merged(x, weight (C_out, C_in/g, *k), bias?, core, u_out (C_out, r0), u_in, kernel, scale, stride, padding,
+//               dilation, groups) -> out  (CPU)
+//       out = conv(x, weight + scale * u_out . input_fold(core, u_in, kernel)) + bias: the merged strategy; its
+//       autograd is one C++ node over the two ops below
+//   conv_merged_forward(same arguments) -> (out, A (r0, C_in/g, *k), W_eff (C_out, C_in/g, *k))  (CPU)
+//   conv_merged_backward(grad, x, W_eff, core, u_out, u_in, kernel, A, scale, stride, padding, dilation, groups,
+//                        mask[5]) -> (dx, dweight, dbias, du_out, [dcore, du_in, dkernel...])  (CPU)
 //   linear_factorized(x (..., in), weight (out, in), bias?, core (r_out, r_in), u_out (out, r_out), u_in (in, r_in),
 //                     scale, p, seed) -> y (..., out)
 //       y = x W^T + bias + (dropout(x) u_in) (scale u_out core)^T (flora_linear.cpp; CPU and CUDA); its autograd
@@ -82,6 +89,14 @@ TORCH_LIBRARY(flora, m) {
   m.def("conv_folded_backward(Tensor grad, Tensor x, Tensor? xa, Tensor weight, Tensor core, Tensor u_out, "
         "Tensor u_in, Tensor[] kernel, Tensor a, Tensor h, float scale, int[] stride, int[] padding, int[] dilation, "
         "int groups, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])", tags);
+  const std::string merged_args =
+      "Tensor x, Tensor weight, Tensor? bias, Tensor core, Tensor u_out, Tensor u_in, Tensor[] kernel, float scale, "
+      "int[] stride, int[] padding, int[] dilation, int groups";
+  m.def(("conv_merged(" + merged_args + ") -> Tensor").c_str(), tags);
+  m.def(("conv_merged_forward(" + merged_args + ") -> (Tensor, Tensor, Tensor)").c_str(), tags);
+  m.def("conv_merged_backward(Tensor grad, Tensor x, Tensor weight, Tensor core, Tensor u_out, Tensor u_in, "
+        "Tensor[] kernel, Tensor a, float scale, int[] stride, int[] padding, int[] dilation, int groups, "
+        "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])", tags);
   const std::string linear_args =
       "Tensor x, Tensor weight, Tensor? bias, Tensor core, Tensor u_out, Tensor u_in, float scale, float p, int seed";
   m.def(("linear_factorized(" + linear_args + ") -> Tensor").c_str(), tags);

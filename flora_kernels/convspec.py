@@ -112,6 +112,18 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> T
     return _CONV[spec.dims](x, weight, bias, spec.stride, padding, spec.dilation, spec.groups)
 
 
+def canonical_weight(w: Tensor) -> Tensor:
+    """``w`` with row-major strides. Size-1 kernel dims otherwise carry strides that differ between
+    eager and torch.compile's fake tensors, which breaks the compiled conv backward."""
+    want, acc = [], 1
+    for s in reversed(w.shape):
+        want.append(acc)
+        acc *= s
+    if tuple(w.stride()) == tuple(reversed(want)):
+        return w
+    return w.clone(memory_format=torch.contiguous_format)
+
+
 def conv_input(x: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple[int, ...]]:
     """(input, padding) that give the spec's conv of x with F.convNd's zero padding: x and the spec's
     symmetric zero padding, or x padded explicitly (any mode, asymmetric) and no padding."""

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..convspec import ConvSpec, conv_nd
+from ..convspec import ConvSpec, canonical_weight, conv_nd
 
 STRATEGIES = ("factorized", "merged")
 # Ops with a strategy (factorized: the backend's own method; merged: composed over its reconstruct).
@@ -297,10 +297,13 @@ class Backend:
         once, so what depends only on the signature is decided here, not per call. Default: ``conv``."""
         return lambda x, w, b, c, fs: self.conv(x, w, b, c, fs, scale, spec, dropout_p)  # type: ignore[attr-defined]
 
-    def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
-        """The conv the merged strategy runs with ``W + s dW`` (torch's; a backend may give it its own
-        backward)."""
-        return conv_nd(x, weight, bias, spec)
+    def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
+                    scale: float, spec: ConvSpec) -> Tensor:
+        """The merged strategy's conv without dropout, ``conv(x, W + s dW) + b``: x (N, C_in, *sp),
+        weight (C_out, C_in/g, *k) -> (N, C_out, *out). Default: its differentiable ``reconstruct``,
+        then torch's conv (a backend may run the whole as one op)."""
+        w = self.reconstruct(core, factors, scale, weight)  # type: ignore[attr-defined]
+        return conv_nd(x, canonical_weight(w), bias, spec)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
     linear: F.linear(x, W + s dW, b)               conv: convNd(x, W + s dW, b)
     with dropout p > 0: op(x, W, b) + op(dropout(x), s dW)   (the two cannot fold)
 
-``W + s dW`` comes from the backend's differentiable ``reconstruct``; torch's own op (for
-convs, the backend's ``merged_conv``, torch's unless the backend has a faster weight gradient)
-then gives dW_eff = dy^T x in backward, which the reconstruct's backward projects onto the
-core and factors. A backend serves the merged strategy exactly when it serves that reconstruct.
+``W + s dW`` comes from the backend's differentiable ``reconstruct``; torch's own op then gives
+dW_eff = dy^T x in backward, which the reconstruct's backward projects onto the core and factors.
+A conv without dropout is the backend's ``merged_conv``: that composition by default, one op of
+its own where it has one (the cpp backend's ``flora::conv_merged``). A backend serves the merged
+strategy exactly when it serves that reconstruct.
 """
 
 from __future__ import annotations
@@ -17,24 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..convspec import ConvSpec, conv_nd
+from ..convspec import ConvSpec, canonical_weight, conv_nd
 from .base import Backend
 
 
 def _dropout(x: Tensor, p: float) -> Tensor:
     return F.dropout(x, p, training=True)
-
-
-def _canonical(w: Tensor) -> Tensor:
-    """``w`` with row-major strides. Size-1 kernel dims otherwise carry strides that differ between
-    eager and torch.compile's fake tensors, which breaks the compiled conv backward."""
-    want, acc = [], 1
-    for s in reversed(w.shape):
-        want.append(acc)
-        acc *= s
-    if tuple(w.stride()) == tuple(reversed(want)):
-        return w
-    return w.clone(memory_format=torch.contiguous_format)
 
 
 def linear(
@@ -54,6 +43,6 @@ def conv(
 ) -> Tensor:
     """x (N, C_in, *sp), weight (C_out, C_in/g, *k), core (r_out, r_in, *r_k) -> (N, C_out, *out_sp)."""
     if dropout_p > 0:
-        delta = _canonical(b.reconstruct(core, factors, scale, None).to(weight.dtype))  # type: ignore[attr-defined]
+        delta = canonical_weight(b.reconstruct(core, factors, scale, None).to(weight.dtype))  # type: ignore[attr-defined]
         return conv_nd(x, weight, bias, spec) + conv_nd(_dropout(x, dropout_p), delta, None, spec)
-    return b.merged_conv(x, _canonical(b.reconstruct(core, factors, scale, weight)), bias, spec)  # type: ignore[attr-defined]
+    return b.merged_conv(x, weight, bias, core, factors, scale, spec)

@@ -6,7 +6,9 @@ the activations) the folded form of the reference (``reference.conv_folded``) as
 (``flora::conv_folded``, one C++ autograd node: the input fold, and without dropout the base conv and
 the adapter's as one conv); otherwise the extension's projection form (``ExtBackend._conv``), which
 does fewer multiply-adds per pixel when C_in >> rank. Dropout uses the extension's seeded mask either
-way. A layer binds the folded form once per input signature (``conv_op``)."""
+way. A layer binds the folded form once per input signature (``conv_op``). Its merged conv without
+dropout is one op too where the fold is small (``flora::conv_merged``: the fold, W + s U_out A, the
+conv; depthwise 2-D convs take the extension's weight gradient)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from ...convspec import ConvSpec, conv_input
 from ...reference import in_dtype
 from ...tucker import mode_n_product
 from ..base import autocast_dtype
-from . import depthwise
 from .backend import ExtBackend, new_seed
 from .build import BUILD_HINT
 from .ops import Project, flora
@@ -35,16 +36,22 @@ SMALL_FOLD = 1 << 16
 SMALL_EXTRA = 1 << 20
 
 
-def folded_form(x: Tensor, weight: Tensor, core: Tensor, groups: int) -> bool:
-    """Whether the conv of x (N, C_in, *sp) by weight (C_out, C_in/g, *k) runs in the folded form.
-    The fold of core (r_out, r_in, *rk) must take at most ``SMALL_FOLD`` forward multiply-adds (the
-    kernel modes, r_out r_in taps prod(rk), then U_in's, r_out C_in/g r_in taps), and the folded form
-    at most ``SMALL_EXTRA`` more on the activations than the projection form (per input pixel and
-    group: C_in/g taps r_out for conv(x, A), against C_in/g r_in + r_in taps r_out for the shrink
-    and the core conv; input pixels bound the output ones)."""
+def small_fold(weight: Tensor, core: Tensor) -> bool:
+    """Whether the input fold of core (r_out, r_in, *rk) for weight (C_out, C_in/g, *k) takes at most
+    ``SMALL_FOLD`` forward multiply-adds (the kernel modes, r_out r_in taps prod(rk), then U_in's,
+    r_out C_in/g r_in taps): the loops of ``flora::input_fold`` serve it."""
     c_in, taps, r_out, r_in = weight.shape[1], math.prod(weight.shape[2:]), core.shape[0], core.shape[1]
-    if taps * (core.numel() + r_out * r_in * c_in) > SMALL_FOLD:
+    return taps * (core.numel() + r_out * r_in * c_in) <= SMALL_FOLD
+
+
+def folded_form(x: Tensor, weight: Tensor, core: Tensor, groups: int) -> bool:
+    """Whether the conv of x (N, C_in, *sp) by weight (C_out, C_in/g, *k) runs in the folded form: a
+    ``small_fold``, and at most ``SMALL_EXTRA`` more multiply-adds on the activations than the
+    projection form (per input pixel and group: C_in/g taps r_out for conv(x, A), against C_in/g r_in
+    + r_in taps r_out for the shrink and the core conv; input pixels bound the output ones)."""
+    if not small_fold(weight, core):
         return False
+    c_in, taps, r_out, r_in = weight.shape[1], math.prod(weight.shape[2:]), core.shape[0], core.shape[1]
     extra = c_in * taps * r_out - c_in * r_in - r_in * taps * r_out
     return (x.numel() // x.shape[1]) * groups * extra <= SMALL_EXTRA
 
@@ -93,8 +100,7 @@ class CppBackend(ExtBackend):
         """The folded form (``flora::conv_folded``) for inputs of x's signature, core and factors in
         x's dtype: ``op(x, weight, bias, core, factors)``."""
         sym = spec.symmetric_zero_padding
-        stride, dilation, groups = list(spec.stride), list(spec.dilation), spec.groups
-        padding = list(sym) if sym is not None else [0] * spec.dims
+        stride, padding, dilation, groups = geometry(spec)
         conv_folded = flora().conv_folded.default
 
         def op(x: Tensor, w: Tensor, b: Tensor | None, c: Tensor, fs: Sequence[Tensor]) -> Tensor:
@@ -106,6 +112,22 @@ class CppBackend(ExtBackend):
 
         return op
 
-    def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
-        """Depthwise 2-D convs with the extension's weight gradient (``depthwise``), others torch's."""
-        return depthwise.conv(x, weight, bias, spec)
+    def merged_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, core: Tensor, factors: Sequence[Tensor],
+                    scale: float, spec: ConvSpec) -> Tensor:
+        """``flora::conv_merged`` (one op each way) for a ``small_fold`` in x's dtype; under autocast
+        or otherwise the default composition."""
+        if autocast_dtype("cpu") is not None or x.dtype != weight.dtype or not small_fold(weight, core):
+            return super().merged_conv(x, weight, bias, core, factors, scale, spec)
+        dt = x.dtype
+        if spec.symmetric_zero_padding is None:
+            x = conv_input(x, spec)[0]
+        fs = [in_dtype(f, dt) for f in factors]
+        return flora().conv_merged(x, weight, bias, in_dtype(core, dt), fs[0], fs[1], fs[2:], float(scale),
+                                   *geometry(spec))
+
+
+def geometry(spec: ConvSpec) -> tuple[list[int], list[int], list[int], int]:
+    """(stride, padding, dilation, groups) of the folded ops for ``spec``: the symmetric zero padding,
+    or none where ``conv_input`` pads x explicitly."""
+    sym = spec.symmetric_zero_padding
+    return list(spec.stride), list(sym) if sym is not None else [0] * spec.dims, list(spec.dilation), spec.groups

@@ -19,6 +19,9 @@ Schemas: csrc/flora_ops.cpp; semantics: docs/kernels/cuda.md. Channel views: an 
     conv_folded(x, xa?, weight, bias?, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups)
         -> conv(x, weight) + bias + scale u_out . conv(xa or x, input_fold(...)) (CPU; its autograd is one
         C++ node over conv_folded_forward -> (out, A, h) and conv_folded_backward, csrc/flora_cpu_fold.cpp)
+    conv_merged(x, weight, bias?, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups)
+        -> conv(x, weight + scale u_out . input_fold(...)) + bias (CPU; the merged strategy; its autograd is one
+        C++ node over conv_merged_forward -> (out, A, W_eff) and conv_merged_backward, csrc/flora_cpu_fold.cpp)
     linear_factorized(x (..., in), weight, bias?, core, u_out, u_in, scale, p, seed)
         -> x W^T + bias + (dropout(x) U_in) (scale U_out core)^T (CPU and CUDA; its autograd is one C++ node
         over linear_factorized_forward -> (y, S) and linear_factorized_backward, csrc/flora_linear.cpp)
@@ -42,7 +45,8 @@ OPS = (
     "adapter_expand_grad_input", "adapter_shrink_grad_input", "adapter_shrink_grad_input_",
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
     "adapter_conv_expand_", "adapter_conv_shrink_grad_input_", "input_fold", "input_fold_backward", "conv_folded",
-    "conv_folded_forward", "conv_folded_backward", "linear_factorized", "linear_factorized_forward",
+    "conv_folded_forward", "conv_folded_backward", "conv_merged", "conv_merged_forward", "conv_merged_backward",
+    "linear_factorized", "linear_factorized_forward",
     "linear_factorized_backward",
 )
 
@@ -217,6 +221,27 @@ def _(grad, x, xa, weight, core, u_out, u_in, kernel, a, h, scale, stride, paddi
     dfold = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u_in, *kernel)] if mask[5] else []
     return dx, dxa, dw, db, du, dfold
 
+
+@fake("flora::conv_merged")
+def _(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups):
+    return _folded_out(x, weight, core, stride, padding, dilation, groups)[0]
+
+
+@fake("flora::conv_merged_forward")
+def _(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups):
+    out, a, _ = _folded_out(x, weight, core, stride, padding, dilation, groups)
+    return out, a, torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@fake("flora::conv_merged_backward")
+def _(grad, x, weight, core, u_out, u_in, kernel, a, scale, stride, padding, dilation, groups, mask):
+    _same_device(grad, x, weight, core)
+    dx = torch.empty_like(x, memory_format=_memory_format(x)) if mask[0] else None
+    dw, du = (torch.empty_like(t, memory_format=torch.contiguous_format) if m else None
+              for t, m in ((weight, mask[1]), (u_out, mask[3])))
+    db = weight.new_empty((weight.shape[0],)) if mask[2] else None
+    dfold = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u_in, *kernel)] if mask[4] else []
+    return dx, dw, db, du, dfold
 
 def _linear_out(x, weight, core, u_out, u_in) -> tuple[Tensor, Tensor]:
     """Fakes of linear_factorized_forward's (y (..., out), S (M, r_in)), both contiguous."""

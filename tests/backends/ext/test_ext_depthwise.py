@@ -1,6 +1,6 @@
-"""``flora::depthwise_conv2d_weight_grad`` (CPU) and the cpp backend's merged depthwise conv built
-on it: the op against ATen's weight gradient over odd geometries, layouts and dtypes; bad input;
-opcheck; the FLoRA layer's output and every gradient against the reference path; torch.compile.
+"""``flora::depthwise_conv2d_weight_grad`` (CPU; the weight gradient ``flora::conv_merged`` takes for
+depthwise convs, tested with it in test_ext_conv_merged.py): the op against ATen's weight gradient
+over odd geometries, layouts and dtypes; bad input; opcheck.
 
 Skipped when the extension is not built (``pip install --no-build-isolation -e .``).
 """
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-import flora_kernels as fk
-from flora_kernels.backends.ext import depthwise, load_extension
-from flora_kernels.convspec import ConvSpec
+from flora_kernels.backends.ext import load_extension
 
 _REASON = load_extension()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"extension not built: {_REASON}")
@@ -80,74 +77,3 @@ def test_weight_grad_bad_input():
 def test_weight_grad_opcheck():
     x, dy = _inputs(GEOMETRIES[1], torch.float32, "strided")
     torch.library.opcheck(torch.ops.flora.depthwise_conv2d_weight_grad, (x, dy, [5, 3], [2, 1], [2, 0], [1, 2]))
-
-
-def _layer(conv: nn.Conv2d, strategy: str, backend: str, seed: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    layer = fk.FLoRAConv2d(conv, rank=(3, 1, 2, 3), scale=0.7, strategy=strategy, backend=backend)
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad:
-                p.normal_()
-    return layer
-
-
-@pytest.mark.parametrize("multiplier,stride,dilation,layout", [
-    (1, 1, 1, "contiguous"), (2, 2, 1, "contiguous"), (1, 1, 2, "channels_last"), (1, 2, 1, "channels_last"),
-])
-def test_merged_depthwise_layer_matches_reference(multiplier, stride, dilation, layout, monkeypatch):
-    """Output and every gradient (x, core, each factor) of the cpp merged path (which runs the op)
-    against the reference factorized path, in float64."""
-    seen = []
-    real = depthwise.eligible
-    monkeypatch.setattr(depthwise, "eligible", lambda *a: seen.append(real(*a)) or seen[-1])
-    torch.manual_seed(0)
-    conv = nn.Conv2d(6, 6 * multiplier, (5, 3), stride=stride, padding=2, dilation=dilation, groups=6).double()
-    conv.weight.requires_grad_(False)
-    x = torch.randn(2, 6, 9, 8, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    results = []
-    for strategy, backend in (("merged", "cpp"), ("factorized", "reference")):
-        layer = _layer(conv, strategy, backend)
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
-        params = [p for p in layer.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(y, [xi, *params], dy)
-        results.append((y, grads))
-    (y1, g1), (y2, g2) = results
-    assert seen == [True]  # the cpp merged path ran the extension's weight gradient
-    torch.testing.assert_close(y1, y2)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_depthwise_conv_gradcheck():
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    spec = ConvSpec.make((3, 3), stride=(2, 1), padding=1, dilation=1, groups=3)
-    assert depthwise.eligible(x, w, spec)
-    torch.autograd.gradcheck(lambda x, w, b: depthwise.conv(x, w, b, spec), (x, w, b))
-
-
-def test_not_eligible_falls_back_to_torch():
-    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3, requires_grad=True)
-    assert not depthwise.eligible(x, w, ConvSpec.make((3, 3), padding="same", groups=2))  # not depthwise
-    assert not depthwise.eligible(x, w, ConvSpec.make((3, 3), padding=1, groups=4, padding_mode="reflect"))
-    assert not depthwise.eligible(x, w.detach(), ConvSpec.make((3, 3), padding=1, groups=4))  # no weight grad
-
-
-def test_merged_depthwise_compiles():
-    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
-    conv.weight.requires_grad_(False)
-    layer = _layer(conv, "merged", "cpp")
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    eager = layer(x)
-    (dx_eager,) = torch.autograd.grad(eager.sum(), x)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    (dx,) = torch.autograd.grad(y.sum(), x)
-    torch.testing.assert_close(y, eager)
-    torch.testing.assert_close(dx, dx_eager)
