@@ -19,7 +19,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "flora_checks.h"  // is_supported_float
 
@@ -30,65 +35,88 @@ struct DwGeom {
   int64_t N, C, M, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// [lo, hi) of the output positions o whose input position o*s - p + off lies in [0, size).
-inline void valid_range(int64_t size, int64_t out, int64_t s, int64_t p, int64_t off, int64_t& lo, int64_t& hi) {
-  const int64_t a = p - off;  // o*s >= a
-  lo = a <= 0 ? 0 : (a + s - 1) / s;
-  const int64_t b = size - 1 + p - off;  // o*s <= b
-  hi = b < 0 ? 0 : std::min<int64_t>(out, b / s + 1);
-  hi = std::max(hi, lo);
+// Channels per block: a block's partial sums for one tap stay in registers (two AVX2 vectors of floats).
+constexpr int64_t kVec = 16;
+
+// acc[j * kVec + q] += sum_{wo < Wo} y[wo, q] x[wo * sw + j * dw, q] for each tap column j < kw: one output row
+// of dy (y: kVec channels, consecutive wo `ystep` apart) against one input row of x (padded by pw both sides:
+// every column it reads exists, `xstep` apart).
+template <typename A>
+void row_taps(const A* y, const A* x, A* acc, int64_t Wo, int64_t kw, int64_t sw, int64_t dw, int64_t ystep,
+              int64_t xstep) {
+  for (int64_t j = 0; j < kw; ++j) {
+    A r[kVec] = {};
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      const A* yv = y + wo * ystep;
+      const A* xv = x + (wo * sw + j * dw) * xstep;
+      for (int64_t q = 0; q < kVec; ++q) r[q] += yv[q] * xv[q];
+    }
+    for (int64_t q = 0; q < kVec; ++q) acc[j * kVec + q] += r[q];
+  }
 }
 
-template <typename T>
-void dw_channels(const T* x, const T* dy, T* out, const DwGeom& g, const int64_t* xs, const int64_t* ys) {
-  using acc_t = at::opmath_type<T>;
-  constexpr int64_t kVec = 16;
-  const int64_t taps = g.kh * g.kw, C_out = g.C * g.M;
-  // blocks of 16 to 64 channels, enough of them for every thread (ConvNeXt's 40 channels: 3)
-  const int64_t per_thread = (C_out + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t kBlock = std::clamp<int64_t>((per_thread + kVec - 1) / kVec * kVec, kVec, 64);
-  const int64_t nblk = (C_out + kBlock - 1) / kBlock;
-  at::parallel_for(0, nblk, 1, [&](int64_t bb, int64_t be) {
-    std::vector<acc_t> acc(taps * kBlock);
+#if defined(__x86_64__) && defined(__GNUC__)
+// row_taps for float with AVX2 + FMA (the file is built for baseline x86-64; this function is compiled for
+// AVX2 and called only where the CPU has it)
+__attribute__((target("avx2,fma"))) void row_taps_avx2(const float* y, const float* x, float* acc, int64_t Wo,
+                                                        int64_t kw, int64_t sw, int64_t dw, int64_t ystep,
+                                                        int64_t xstep) {
+  for (int64_t j = 0; j < kw; ++j) {
+    __m256 r0 = _mm256_setzero_ps(), r1 = _mm256_setzero_ps();
+    const float* xj = x + j * dw * xstep;
+    for (int64_t wo = 0; wo < Wo; ++wo) {
+      const float* yv = y + wo * ystep;
+      const float* xv = xj + wo * sw * xstep;
+      r0 = _mm256_fmadd_ps(_mm256_loadu_ps(yv), _mm256_loadu_ps(xv), r0);
+      r1 = _mm256_fmadd_ps(_mm256_loadu_ps(yv + 8), _mm256_loadu_ps(xv + 8), r1);
+    }
+    _mm256_storeu_ps(acc + j * kVec, _mm256_add_ps(_mm256_loadu_ps(acc + j * kVec), r0));
+    _mm256_storeu_ps(acc + j * kVec + 8, _mm256_add_ps(_mm256_loadu_ps(acc + j * kVec + 8), r1));
+  }
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+// xp (N, H, W + 2 pw, Cp), yp (N, Ho, Wo, Cp): x and dy channels innermost in the op math type A, x
+// widened to C_out channels (channel co reads x's co / M), W padded with zeros, channels with zeros up to
+// Cp (a multiple of kVec): every block of kVec channels takes the same unmasked loop. out: (C_out, taps).
+template <typename A, typename T>
+void dw_blocks(const A* xp, const A* yp, T* out, const DwGeom& g, int64_t Cp) {
+  const int64_t taps = g.kh * g.kw, C_out = g.C * g.M, Wp = g.W + 2 * g.pw;
+  at::parallel_for(0, Cp / kVec, 1, [&](int64_t bb, int64_t be) {
+    std::vector<A> acc(taps * kVec);
+    std::vector<double> total(taps * kVec);
     for (int64_t blk = bb; blk < be; ++blk) {
-      const int64_t c0 = blk * kBlock, nc = std::min(kBlock, C_out - c0);
-      std::vector<double> total(taps * nc, 0.0);
+      const int64_t c0 = blk * kVec, nc = std::min(kVec, C_out - c0);
+      std::fill(total.begin(), total.end(), 0.0);
       for (int64_t n = 0; n < g.N; ++n) {
         for (int64_t ho = 0; ho < g.Ho; ++ho) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));  // one output row in acc_t, then into double
-          const T* yrow = dy + n * ys[0] + ho * ys[2] + c0;
+          std::fill(acc.begin(), acc.end(), A(0));  // one output row in A, then into double
+          const A* y = yp + ((n * g.Ho + ho) * g.Wo) * Cp + c0;
           for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t hi = ho * g.sh - g.ph + i * g.dh;
             if (hi < 0 || hi >= g.H) continue;
-            const T* xrow = x + n * xs[0] + hi * xs[2];
-            for (int64_t j = 0; j < g.kw; ++j) {
-              int64_t lo, up;
-              valid_range(g.W, g.Wo, g.sw, g.pw, j * g.dw, lo, up);
-              acc_t* a = acc.data() + (i * g.kw + j) * kBlock;
-              for (int64_t c = 0; c < nc; c += kVec) {
-                const int64_t w = std::min(kVec, nc - c);
-                acc_t r[kVec] = {};  // kVec channels over the row: stays in registers
-                for (int64_t wo = lo; wo < up; ++wo) {
-                  const T* yv = yrow + wo * ys[3] + c;
-                  const T* xv = xrow + (wo * g.sw - g.pw + j * g.dw) * xs[3];
-                  if (g.M == 1 && w == kVec) {
-                    xv += c0 + c;
-                    for (int64_t q = 0; q < kVec; ++q) r[q] += static_cast<acc_t>(yv[q]) * static_cast<acc_t>(xv[q]);
-                  } else {
-                    for (int64_t q = 0; q < w; ++q)
-                      r[q] += static_cast<acc_t>(yv[q]) * static_cast<acc_t>(xv[(c0 + c + q) / g.M]);
-                  }
-                }
-                for (int64_t q = 0; q < w; ++q) a[c + q] += r[q];
+            const A* x = xp + ((n * g.H + hi) * Wp) * Cp + c0;
+            A* a = acc.data() + i * g.kw * kVec;
+#if defined(__x86_64__) && defined(__GNUC__)
+            if constexpr (std::is_same_v<A, float>) {
+              if (has_avx2()) {
+                row_taps_avx2(y, x, a, g.Wo, g.kw, g.sw, g.dw, Cp, Cp);
+                continue;
               }
             }
+#endif
+            row_taps(y, x, a, g.Wo, g.kw, g.sw, g.dw, Cp, Cp);
           }
-          for (int64_t t = 0; t < taps; ++t)
-            for (int64_t c = 0; c < nc; ++c) total[t * nc + c] += static_cast<double>(acc[t * kBlock + c]);
+          for (int64_t e = 0; e < taps * kVec; ++e) total[e] += static_cast<double>(acc[e]);
         }
       }
       for (int64_t c = 0; c < nc; ++c)
-        for (int64_t t = 0; t < taps; ++t) out[(c0 + c) * taps + t] = static_cast<T>(total[t * nc + c]);
+        for (int64_t t = 0; t < taps; ++t) out[(c0 + c) * taps + t] = static_cast<T>(total[t * kVec + c]);
     }
   });
 }
@@ -122,14 +150,18 @@ at::Tensor depthwise_conv2d_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   auto out = at::empty({C_out, 1, kernel[0], kernel[1]}, x.options());
   if (out.numel() == 0) return out;
   if (N == 0 || g.Ho == 0 || g.Wo == 0) return out.zero_();
-  // The kernel walks channels innermost: x and dy channels_last (other layouts are copied once).
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor yc = dy.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t xs[4] = {xc.stride(0), xc.stride(1), xc.stride(2), xc.stride(3)};
-  const int64_t ys[4] = {yc.stride(0), yc.stride(1), yc.stride(2), yc.stride(3)};
+  // The kernel walks channels innermost over zero-padded copies in the op math type (one pass over x and dy)
+  const int64_t Cp = (C_out + kVec - 1) / kVec * kVec;
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xw = g.M == 1 ? x : x.repeat_interleave(g.M, 1);
+  at::Tensor xp = at::zeros({N, g.H, g.W + 2 * g.pw, Cp}, x.options().dtype(acc_type));
+  xp.narrow(2, g.pw, g.W).narrow(3, 0, C_out).copy_(xw.permute({0, 2, 3, 1}));
+  at::Tensor yp = at::zeros({N, g.Ho, g.Wo, Cp}, x.options().dtype(acc_type));
+  yp.narrow(3, 0, C_out).copy_(dy.permute({0, 2, 3, 1}));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d_weight_grad", [&] {
-    dw_channels<scalar_t>(xc.const_data_ptr<scalar_t>(), yc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                          g, xs, ys);
+    using acc_t = at::opmath_type<scalar_t>;
+    dw_blocks<acc_t, scalar_t>(xp.const_data_ptr<acc_t>(), yp.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+                               g, Cp);
   });
   return out;
 }
