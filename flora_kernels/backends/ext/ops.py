@@ -46,8 +46,7 @@ OPS = (
     "adapter_factor_grad", "adapter_linear_grad", "dropout_mask", "depthwise_conv2d_weight_grad",
     "adapter_conv_expand_", "adapter_conv_shrink_grad_input_", "input_fold", "input_fold_backward", "conv_folded",
     "conv_folded_forward", "conv_folded_backward", "conv_merged", "conv_merged_forward", "conv_merged_backward",
-    "linear_factorized", "linear_factorized_forward",
-    "linear_factorized_backward",
+    "linear_factorized", "linear_factorized_forward", "linear_factorized_backward",
 )
 
 
@@ -242,6 +241,7 @@ def _(grad, x, weight, core, u_out, u_in, kernel, a, scale, stride, padding, dil
     db = weight.new_empty((weight.shape[0],)) if mask[2] else None
     dfold = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (core, u_in, *kernel)] if mask[4] else []
     return dx, dw, db, du, dfold
+
 
 def _linear_out(x, weight, core, u_out, u_in) -> tuple[Tensor, Tensor]:
     """Fakes of linear_factorized_forward's (y (..., out), S (M, r_in)), both contiguous."""
