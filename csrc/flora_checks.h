@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -36,6 +37,13 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* what) {
   TORCH_CHECK(t.dim() == dim, name, ": expected a ", dim, "-D tensor ", what, ", got shape ", t.sizes());
+}
+
+// The C++ autograd nodes' backward is first-order: under create_graph=True (grad mode on during backward)
+// their backward ops, which have no autograd of their own, would give silently wrong second derivatives.
+inline void check_first_order(const char* op) {
+  TORCH_CHECK(!c10::GradMode::is_enabled(), op, ": expected a first-order backward, got create_graph=True: double "
+              "backward through the extension's ops is not supported (backend=\"reference\" supports it)");
 }
 
 inline void check_dropout(double p) {

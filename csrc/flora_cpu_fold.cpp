@@ -265,6 +265,7 @@ class InputFoldFn : public torch::autograd::Function<InputFoldFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_first_order("flora::input_fold");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flora::input_fold_backward", "")
                          .typed<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, at::TensorList)>();
@@ -577,6 +578,7 @@ class ConvFoldedFn : public torch::autograd::Function<ConvFoldedFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_first_order("flora::conv_folded");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flora::conv_folded_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>(
@@ -745,6 +747,7 @@ class ConvMergedFn : public torch::autograd::Function<ConvMergedFn> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_first_order("flora::conv_merged");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flora::conv_merged_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>>(

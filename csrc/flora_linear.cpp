@@ -199,6 +199,7 @@ class LinearFactorizedFn : public torch::autograd::Function<LinearFactorizedFn> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    check_first_order("flora::linear_factorized");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flora::linear_factorized_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(

@@ -247,3 +247,21 @@ def test_compiled_layer_graph_is_the_op_alone():
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         assert f"flora.{op}.default" in targets, targets
         assert not any("convolution" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("op", ["conv_merged", "conv_folded", "input_fold"])
+def test_double_backward_raises_a_clear_error(op):
+    """The C++ nodes' backward is first-order: create_graph=True raises instead of giving wrong second
+    derivatives."""
+    t = _tensors(CASES[0], torch.float64)
+    for n in ("x", "core"):
+        t[n].requires_grad_()
+    if op == "conv_merged":
+        y = _run(t, CASES[0], 0.5)
+    elif op == "conv_folded":
+        y = torch.ops.flora.conv_folded(t["x"], None, t["weight"], t["bias"], t["core"], t["u_out"], t["u_in"],
+                                        t["kernel"], 0.5, *_geometry(CASES[0]))
+    else:
+        y = torch.ops.flora.input_fold(t["core"], t["u_in"], t["kernel"])
+    with pytest.raises(RuntimeError, match=f"flora::{op}: expected a first-order backward"):
+        torch.autograd.grad(y.pow(2).sum(), t["core"], create_graph=True)

@@ -186,3 +186,11 @@ def test_compiled_layer_graph_is_the_op_alone():
         targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         assert f"flora.{op}.default" in targets, targets
         assert not any(t.startswith(("aten.mm", "aten.addmm", "aten.bmm", "aten.matmul")) for t in targets), targets
+
+
+def test_double_backward_raises_a_clear_error():
+    """The backward is first-order: create_graph=True raises instead of giving wrong second derivatives."""
+    x, w, b, core, u_out, u_in = (t.requires_grad_() for t in _tensors(((2, 3), 5, 4, (2, 3))))
+    y = torch.ops.flora.linear_factorized(x, w, b, core, u_out, u_in, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="flora::linear_factorized: expected a first-order backward"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
