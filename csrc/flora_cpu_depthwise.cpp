@@ -87,6 +87,12 @@ bool has_avx2() {
 template <typename A, typename T>
 void dw_blocks(const A* xp, const A* yp, T* out, const DwGeom& g, int64_t Cp) {
   const int64_t taps = g.kh * g.kw, C_out = g.C * g.M, Wp = g.W + 2 * g.pw;
+  auto row = &row_taps<A>;  // AVX2 + FMA for float where the CPU has it
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<A, float>) {
+    if (has_avx2()) row = &row_taps_avx2;
+  }
+#endif
   at::parallel_for(0, Cp / kVec, 1, [&](int64_t bb, int64_t be) {
     std::vector<A> acc(taps * kVec);
     std::vector<double> total(taps * kVec);
@@ -101,16 +107,7 @@ void dw_blocks(const A* xp, const A* yp, T* out, const DwGeom& g, int64_t Cp) {
             const int64_t hi = ho * g.sh - g.ph + i * g.dh;
             if (hi < 0 || hi >= g.H) continue;
             const A* x = xp + ((n * g.H + hi) * Wp) * Cp + c0;
-            A* a = acc.data() + i * g.kw * kVec;
-#if defined(__x86_64__) && defined(__GNUC__)
-            if constexpr (std::is_same_v<A, float>) {
-              if (has_avx2()) {
-                row_taps_avx2(y, x, a, g.Wo, g.kw, g.sw, g.dw, Cp, Cp);
-                continue;
-              }
-            }
-#endif
-            row_taps(y, x, a, g.Wo, g.kw, g.sw, g.dw, Cp, Cp);
+            row(y, x, acc.data() + i * g.kw * kVec, g.Wo, g.kw, g.sw, g.dw, Cp, Cp);
           }
           for (int64_t e = 0; e < taps * kVec; ++e) total[e] += static_cast<double>(acc[e]);
         }

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <vector>
 
 #include "flora_checks.h"  // check_tensor, check_like, check_dim
@@ -546,6 +547,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>> conv_fol
   return {dx, dxa, dw, db, du, dfold};
 }
 
+// ---- what the two conv nodes (ConvFoldedFn, ConvMergedFn) share ------------------------------------------------
+
+bool requires_grad(const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); }
+
+// whether the fold's inputs (core, u_in, the kernel factors) need gradients
+bool fold_requires_grad(const Tensor& core, const Tensor& u_in, at::TensorList kernel) {
+  return core.requires_grad() || u_in.requires_grad() ||
+         std::any_of(kernel.begin(), kernel.end(), [](const Tensor& k) { return k.requires_grad(); });
+}
+
+// whether autograd records a call whose inputs need these gradients
+bool records(std::initializer_list<bool> needs) {
+  return at::GradMode::is_enabled() && std::any_of(needs.begin(), needs.end(), [](bool b) { return b; });
+}
+
+// the scale and conv geometry, kept in an autograd context for the backward
+struct ConvArgs {
+  double scale;
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+
+  static void save(torch::autograd::AutogradContext* ctx, double scale, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+  }
+
+  static ConvArgs load(torch::autograd::AutogradContext* ctx) {
+    return {ctx->saved_data["scale"].toDouble(), ctx->saved_data["stride"].toIntVector(),
+            ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
+            ctx->saved_data["groups"].toInt()};
+  }
+};
+
+// appends the gradients of core, u_out, u_in and the kernel factors (the fold's from dfold = [dcore, du_in,
+// dkernel...] when it was asked), then none for the five non-tensor arguments (scale ... groups)
+void append_adapter_grads(torch::autograd::variable_list& out, const Tensor& du_out, const std::vector<Tensor>& dfold,
+                          bool fold, size_t n_kernel) {
+  out.push_back(fold ? dfold[0] : Tensor());
+  out.push_back(du_out);
+  for (size_t j = 0; j < 1 + n_kernel; ++j) out.push_back(fold ? dfold[1 + j] : Tensor());
+  out.resize(out.size() + 5);
+}
+
 class ConvFoldedFn : public torch::autograd::Function<ConvFoldedFn> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& xa,
@@ -563,16 +611,10 @@ class ConvFoldedFn : public torch::autograd::Function<ConvFoldedFn> {
     std::vector<Tensor> saved{x, xa.value_or(Tensor()), weight, core, u_out, u_in, a, h};
     saved.insert(saved.end(), kernel.begin(), kernel.end());
     ctx->save_for_backward(saved);
-    bool fold = core.requires_grad() || u_in.requires_grad();
-    for (const auto& k : kernel) fold = fold || k.requires_grad();
-    ctx->saved_data["mask"] = std::vector<bool>{x.requires_grad(), xa.has_value() && xa->requires_grad(),
-                                                weight.requires_grad(), bias.has_value() && bias->requires_grad(),
-                                                u_out.requires_grad(), fold};
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["mask"] = std::vector<bool>{x.requires_grad(), requires_grad(xa), weight.requires_grad(),
+                                                requires_grad(bias), u_out.requires_grad(),
+                                                fold_requires_grad(core, u_in, kernel)};
+    ConvArgs::save(ctx, scale, stride, padding, dilation, groups);
     return out;
   }
 
@@ -590,17 +632,13 @@ class ConvFoldedFn : public torch::autograd::Function<ConvFoldedFn> {
     const auto m = ctx->saved_data["mask"].toBoolList();
     const std::array<bool, 6> mask{m[0], m[1], m[2], m[3], m[4], m[5]};
     const std::optional<Tensor> xa = saved[1].defined() ? std::optional<Tensor>(saved[1]) : std::nullopt;
-    auto [dx, dxa, dw, db, du, dfold] =
-        op.call(grads[0], saved[0], xa, saved[2], saved[3], saved[4], saved[5], kernel, saved[6], saved[7],
-                ctx->saved_data["scale"].toDouble(), ctx->saved_data["stride"].toIntVector(),
-                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                ctx->saved_data["groups"].toInt(), mask);
-    // one gradient per forward argument: x, xa, weight, bias, core, u_out, u_in, kernel..., then the
-    // non-tensor arguments
-    torch::autograd::variable_list out{dx, dxa, dw, db, mask[5] ? dfold[0] : Tensor(), du,
-                                       mask[5] ? dfold[1] : Tensor()};
-    for (size_t j = 0; j < kernel.size(); ++j) out.push_back(mask[5] ? dfold[2 + j] : Tensor());
-    out.resize(out.size() + 5);
+    const ConvArgs c = ConvArgs::load(ctx);
+    auto [dx, dxa, dw, db, du, dfold] = op.call(grads[0], saved[0], xa, saved[2], saved[3], saved[4], saved[5], kernel,
+                                                saved[6], saved[7], c.scale, c.stride, c.padding, c.dilation,
+                                                c.groups, mask);
+    // one gradient per forward argument: x, xa, weight, bias, core, u_out, u_in, kernel..., scale ... groups
+    torch::autograd::variable_list out{dx, dxa, dw, db};
+    append_adapter_grads(out, du, dfold, mask[5], kernel.size());
     return out;
   }
 };
@@ -609,13 +647,8 @@ Tensor conv_folded_autograd(const Tensor& x, const std::optional<Tensor>& xa, co
                             const std::optional<Tensor>& bias, const Tensor& core, const Tensor& u_out,
                             const Tensor& u_in, at::TensorList kernel, double scale, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  bool grad = false;
-  if (at::GradMode::is_enabled()) {
-    grad = x.requires_grad() || weight.requires_grad() || core.requires_grad() || u_out.requires_grad() ||
-           u_in.requires_grad() || (xa.has_value() && xa->requires_grad()) || (bias.has_value() && bias->requires_grad());
-    for (const auto& k : kernel) grad = grad || k.requires_grad();
-  }
-  if (grad)
+  if (records({x.requires_grad(), requires_grad(xa), weight.requires_grad(), requires_grad(bias),
+               u_out.requires_grad(), fold_requires_grad(core, u_in, kernel)}))
     return ConvFoldedFn::apply(x, xa, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
   at::AutoDispatchBelowADInplaceOrView guard;  // no backward: the forward alone
   static auto op = c10::Dispatcher::singleton()
@@ -733,15 +766,9 @@ class ConvMergedFn : public torch::autograd::Function<ConvMergedFn> {
     std::vector<Tensor> saved{x, w, core, u_out, u_in, a};
     saved.insert(saved.end(), kernel.begin(), kernel.end());
     ctx->save_for_backward(saved);
-    bool fold = core.requires_grad() || u_in.requires_grad();
-    for (const auto& k : kernel) fold = fold || k.requires_grad();
-    ctx->saved_data["mask"] = std::vector<bool>{x.requires_grad(), weight.requires_grad(),
-                                                bias.has_value() && bias->requires_grad(), u_out.requires_grad(), fold};
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["mask"] = std::vector<bool>{x.requires_grad(), weight.requires_grad(), requires_grad(bias),
+                                                u_out.requires_grad(), fold_requires_grad(core, u_in, kernel)};
+    ConvArgs::save(ctx, scale, stride, padding, dilation, groups);
     return out;
   }
 
@@ -758,16 +785,12 @@ class ConvMergedFn : public torch::autograd::Function<ConvMergedFn> {
     const std::vector<Tensor> kernel(saved.begin() + 6, saved.end());
     const auto m = ctx->saved_data["mask"].toBoolList();
     const std::array<bool, 5> mask{m[0], m[1], m[2], m[3], m[4]};
-    auto [dx, dw, db, du, dfold] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], kernel, saved[5],
-                ctx->saved_data["scale"].toDouble(), ctx->saved_data["stride"].toIntVector(),
-                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                ctx->saved_data["groups"].toInt(), mask);
-    // one gradient per forward argument: x, weight, bias, core, u_out, u_in, kernel..., then the non-tensor
-    // arguments
-    torch::autograd::variable_list out{dx, dw, db, mask[4] ? dfold[0] : Tensor(), du, mask[4] ? dfold[1] : Tensor()};
-    for (size_t j = 0; j < kernel.size(); ++j) out.push_back(mask[4] ? dfold[2 + j] : Tensor());
-    out.resize(out.size() + 5);
+    const ConvArgs c = ConvArgs::load(ctx);
+    auto [dx, dw, db, du, dfold] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], kernel, saved[5],
+                                           c.scale, c.stride, c.padding, c.dilation, c.groups, mask);
+    // one gradient per forward argument: x, weight, bias, core, u_out, u_in, kernel..., scale ... groups
+    torch::autograd::variable_list out{dx, dw, db};
+    append_adapter_grads(out, du, dfold, mask[4], kernel.size());
     return out;
   }
 };
@@ -776,13 +799,8 @@ Tensor conv_merged_autograd(const Tensor& x, const Tensor& weight, const std::op
                             const Tensor& core, const Tensor& u_out, const Tensor& u_in, at::TensorList kernel,
                             double scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                             int64_t groups) {
-  bool grad = false;
-  if (at::GradMode::is_enabled()) {
-    grad = x.requires_grad() || weight.requires_grad() || core.requires_grad() || u_out.requires_grad() ||
-           u_in.requires_grad() || (bias.has_value() && bias->requires_grad());
-    for (const auto& k : kernel) grad = grad || k.requires_grad();
-  }
-  if (grad)
+  if (records({x.requires_grad(), weight.requires_grad(), requires_grad(bias), u_out.requires_grad(),
+               fold_requires_grad(core, u_in, kernel)}))
     return ConvMergedFn::apply(x, weight, bias, core, u_out, u_in, kernel, scale, stride, padding, dilation, groups);
   at::AutoDispatchBelowADInplaceOrView guard;  // no backward: the forward alone
   static auto op = c10::Dispatcher::singleton()
